@@ -1,0 +1,77 @@
+"""Fused LM-head + cross-entropy, computed in chunks of tokens.
+
+The full ``(tokens, vocab)`` logits never exist: each chunk computes its logits, its loss and - when
+a gradient is wanted - its softmax gradient right away (``softmax - onehot``), then folds that into
+the gradients of the hidden states and of the head weight. Same FLOPs as ``lm_head`` + ``F.cross_entropy``
+but one pass over each logit block instead of four (logits, log-softmax, its backward, NLL backward),
+and memory bounded by ``chunk_size × vocab`` (the idea of Liger's FusedLinearCrossEntropy and of
+Apple's cut-cross-entropy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int):
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid_all = targets != ignore_index
+        acc_dtype = _at_least_fp32(hidden).dtype
+        n_valid = valid_all.sum().clamp(min=1).to(acc_dtype)
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
+            valid = valid_all[start : start + chunk_size]
+            logits = _at_least_fp32(h @ weight.t())
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(t.shape[0], device=t.device)
+            safe_t = t.clamp(min=0)
+            target_logit = logits[rows, safe_t]
+            total += ((lse - target_logit) * valid).sum()
+            if want_grad:
+                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                grad_logits[rows, safe_t] -= 1.0
+                grad_logits.mul_((valid.to(acc_dtype) / n_valid).unsqueeze(1))
+                grad_hidden[start : start + chunk_size] = grad_logits.to(hidden.dtype) @ weight
+                grad_weight.addmm_(grad_logits.t(), _at_least_fp32(h))
+        if want_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (``ignore_index`` rows skipped).
+
+    ``hidden`` (..., d), ``weight`` (vocab, d), ``targets`` (...). Differentiable in ``hidden`` and ``weight``.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} must agree on leading dims"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    return _LinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_size)
