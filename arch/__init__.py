@@ -1,0 +1,28 @@
+"""Model architecture: config, attention blocks, decoder, KV cache and KV-bytes accounting.
+Depends on torch and :mod:`kvforge.kernels` only."""
+
+from .cache import DenseLayerCache, KVCache, KVView, RingLayerCache
+from .config import LayerSpec, ModelConfig, RopeScaling
+from .generate import generate, sample_next
+from .kv_bytes import describe_layers, kv_bytes_per_token, kv_cache_bytes, mha_equivalent, parse_dtype
+from .model import CausalLM, Decoder, DecoderLayer
+
+__all__ = [
+    "CausalLM",
+    "Decoder",
+    "DecoderLayer",
+    "DenseLayerCache",
+    "KVCache",
+    "KVView",
+    "LayerSpec",
+    "ModelConfig",
+    "RingLayerCache",
+    "RopeScaling",
+    "describe_layers",
+    "generate",
+    "kv_bytes_per_token",
+    "kv_cache_bytes",
+    "mha_equivalent",
+    "parse_dtype",
+    "sample_next",
+]

@@ -1,0 +1,72 @@
+"""Multi-head, grouped-query and multi-query attention: one module, ``n_kv_heads`` = n_heads / g / 1.
+
+Parameter names follow HF Llama/Qwen (``q_proj, k_proj, v_proj, o_proj``, optional ``q_norm``/``k_norm``
+for Qwen3 and q/k/v biases for Qwen2). A layer with ``kv_from`` has no ``k_proj``/``v_proj``: it
+attends over the K/V its source layer produced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvforge.kernels import attention
+
+from .cache import KVView, LayerCache
+from .config import LayerSpec, ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class GQAAttention(nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, spec.n_kv_heads, config.head_dim
+        self.window = spec.window
+        self.owns_kv = spec.kv_from is None
+        self.scale = self.head_dim**-0.5
+        self.backend = config.attention_backend
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=bias)
+        if self.owns_kv:
+            self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm and self.owns_kv else None
+
+    def cache_features(self) -> list[tuple[int, ...]]:
+        """Per-position shapes this layer caches: K and V, ``(n_kv_heads, head_dim)`` each."""
+        return [(self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)]
+
+    def forward(
+        self,
+        x_btd: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None,
+        start: int,
+        shared: KVView | None,
+    ) -> tuple[torch.Tensor, KVView]:
+        batch, seq, _ = x_btd.shape
+        cos, sin = rope
+        q_bthd = self.q_proj(x_btd).view(batch, seq, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_bthd = self.q_norm(q_bthd)
+        q_bthd = apply_rope(q_bthd, cos, sin)
+        if shared is not None:
+            kv = shared
+        else:
+            k_bthd = self.k_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
+            v_bthd = self.v_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
+            if self.k_norm is not None:
+                k_bthd = self.k_norm(k_bthd)
+            k_bthd = apply_rope(k_bthd, cos, sin)
+            if cache is None:
+                kv = KVView((k_bthd, v_bthd), causal=True, window=self.window)
+            else:
+                kv = cache.append((k_bthd, v_bthd), start, self.window)
+        k_all, v_all = kv.streams
+        out = attention(
+            q_bthd, k_all, v_all, causal=kv.causal, window=kv.window, scale=self.scale, backend=self.backend
+        )
+        return self.o_proj(out.reshape(batch, seq, -1)), kv

@@ -1,0 +1,129 @@
+"""Explicit KV cache: one preallocated entry per layer, aliases for layers that share K/V.
+
+An entry stores one or more *streams* per position (GQA: K and V; MLA: the latent with the rotary
+key appended, ``kv_lora_rank + rope`` wide). Global layers keep every position; a sliding-window
+layer keeps a ring buffer of ``W`` positions, so its bytes stop growing at ``W`` tokens.
+``nbytes()`` is measured from the allocated tensors and must equal
+:func:`kvforge.arch.kv_bytes.kv_cache_bytes` - the byte count is part of the contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVView:
+    """What a layer attends over after appending its new tokens: per-stream tensors
+    ``(batch, k_len, *feature)`` and how queries (aligned to the end) may see them."""
+
+    streams: tuple[torch.Tensor, ...]
+    causal: bool = True
+    window: int | None = None
+
+
+class DenseLayerCache:
+    """Every position up to ``max_len``; appending is a slice write, reading a prefix view (no copy)."""
+
+    def __init__(self, batch: int, max_len: int, features: list[tuple[int, ...]], dtype, device) -> None:
+        self.buffers = tuple(
+            torch.zeros(batch, max_len, *shape, dtype=dtype, device=device) for shape in features
+        )
+        self.slots = max_len
+
+    def append(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
+        end = start + new[0].shape[1]
+        for buffer, values in zip(self.buffers, new):
+            buffer[:, start:end] = values
+        return KVView(tuple(buffer[:, :end] for buffer in self.buffers), causal=True, window=window)
+
+
+class RingLayerCache:
+    """The last ``window`` positions in a ring buffer: position ``p`` lives in slot ``p % window``.
+
+    Decoding one token writes it and attends over the ring as is (attention does not care about key
+    order; every slot then holds a position inside the window). A block of several tokens first
+    reads the old window in order, attends over ``old + new`` with a causal window mask, then keeps
+    the last ``window`` new positions - writing first would overwrite keys the block still needs.
+    """
+
+    def __init__(self, batch: int, window: int, features: list[tuple[int, ...]], dtype, device) -> None:
+        self.buffers = tuple(
+            torch.zeros(batch, window, *shape, dtype=dtype, device=device) for shape in features
+        )
+        self.slots = window
+
+    def append(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
+        size = self.slots
+        n_new = new[0].shape[1]
+        if n_new == 1:
+            slot = start % size
+            for buffer, values in zip(self.buffers, new):
+                buffer[:, slot] = values[:, 0]
+            filled = min(start + 1, size)  # before the ring wraps, slots 0..start hold positions 0..start
+            return KVView(tuple(buffer[:, :filled] for buffer in self.buffers), causal=False, window=None)
+        n_old = min(start, size)
+        device = self.buffers[0].device
+        old_slots = torch.arange(start - n_old, start, device=device) % size
+        streams = tuple(
+            torch.cat((buffer.index_select(1, old_slots), values), dim=1) if n_old else values
+            for buffer, values in zip(self.buffers, new)
+        )
+        kept = min(n_new, size)
+        new_slots = torch.arange(start + n_new - kept, start + n_new, device=device) % size
+        for buffer, values in zip(self.buffers, new):
+            buffer.index_copy_(1, new_slots, values[:, n_new - kept :])
+        return KVView(streams, causal=True, window=window)
+
+
+LayerCache = DenseLayerCache | RingLayerCache
+
+
+class KVCache:
+    """Per-layer cache entries for one batch of sequences decoded in lockstep.
+
+    Built by ``model.new_cache(batch, max_len, dtype)``; passed to ``model(input_ids, cache=cache)``,
+    which appends the new tokens of every layer and then advances ``length``.
+    """
+
+    def __init__(self, entries: list[LayerCache], owners: list[int], max_len: int) -> None:
+        self.entries = entries  # entries[i] is the cache of layer i (shared layers alias their source)
+        self.owners = owners  # owners[i]: index of the layer that writes entries[i]
+        self.max_len = max_len
+        self.length = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, layer: int) -> LayerCache:
+        return self.entries[layer]
+
+    def check_room(self, n_new: int) -> None:
+        if self.length + n_new > self.max_len:
+            raise ValueError(
+                f"KV cache is full: {self.length} cached + {n_new} new tokens > max_len={self.max_len}; "
+                "create the cache with a larger max_len"
+            )
+
+    def advance(self, n_new: int) -> None:
+        self.length += n_new
+
+    def nbytes(self) -> int:
+        """Bytes actually allocated by the cache tensors (aliased entries counted once)."""
+        return sum(self.layer_nbytes(layer) for layer in range(len(self.entries)))
+
+    def layer_nbytes(self, layer: int) -> int:
+        """Bytes that layer ``layer`` owns (0 for a layer reading another layer's K/V)."""
+        if self.owners[layer] != layer:
+            return 0
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.entries[layer].buffers)
+
+
+def allocate_layer_cache(
+    batch: int, max_len: int, window: int | None, features: list[tuple[int, ...]], dtype, device
+) -> LayerCache:
+    if window is not None and window < max_len:
+        return RingLayerCache(batch, window, features, dtype, device)
+    return DenseLayerCache(batch, max_len, features, dtype, device)

@@ -1,0 +1,327 @@
+"""Model configuration: model-wide sizes plus one :class:`LayerSpec` per layer.
+
+The per-layer list is usually tiled from a short ``pattern`` (``[{window: 1024}] * 3 + [{}]`` for
+3 local : 1 global, ``[{}, {kv_from: -1}]`` for cross-layer sharing with factor 2) and validated
+once, here, with errors that name the layer, the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+AttentionForm = Literal["gqa", "mla"]
+ATTENTION_FORMS = ("gqa", "mla")
+ROPE_TYPES = ("linear", "llama3", "yarn")
+
+
+@dataclass
+class LayerSpec:
+    """How one decoder layer attends and what it caches.
+
+    Args:
+        attention: ``"gqa"`` (MHA, GQA and MQA: ``n_kv_heads`` = n_heads, n_heads/g, 1) or ``"mla"``
+            (DeepSeek-V2/V3 multi-head latent attention).
+        n_kv_heads: K/V heads of a ``gqa`` layer; ``None`` takes the model's ``n_kv_heads``.
+        window: ``None`` = global attention; ``W`` = sliding window of ``W`` tokens (itself included),
+            cached in a ring buffer of ``W`` positions.
+        kv_from: index of an earlier layer whose K/V (or latent) this layer reads instead of
+            computing and caching its own. Negative values count back from this layer (``-1`` = the
+            previous one) and are resolved to absolute indices.
+    """
+
+    attention: AttentionForm = "gqa"
+    n_kv_heads: int | None = None
+    window: int | None = None
+    kv_from: int | None = None
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling as Llama-3 (``llama3``), DeepSeek/Qwen (``yarn``) or linear
+    interpolation (``linear``) checkpoints use; field names follow transformers' ``rope_parameters``."""
+
+    type: Literal["linear", "llama3", "yarn"]
+    factor: float
+    original_max_seq_len: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only language model whose layers may mix attention forms.
+
+    Architecture fields are exported with the model; ``attention_backend`` and ``mla_absorb`` are
+    runtime choices (how to compute, not what is computed).
+    """
+
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    init_std: float = 0.02
+    # MLA sizes (DeepSeek names); required when any layer is "mla".
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    # kvforge generalisations of MLA used by lossless conversion; stock DeepseekV3 needs 1 and True.
+    mla_rope_heads: int = 1
+    mla_latent_norm: bool = True
+    mla_rope_theta: float | None = None
+    # Per-layer forms: `layers` explicitly, or `pattern` tiled over n_layers, or all default GQA.
+    pattern: list[LayerSpec] | None = None
+    layers: list[LayerSpec] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # Runtime options.
+    attention_backend: str = "auto"
+    mla_absorb: Literal["auto", "always", "never"] = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self.pattern = _as_specs(self.pattern)
+        self.layers = _as_specs(self.layers)
+        _check_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"ModelConfig.head_dim: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "set head_dim explicitly"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = _default_ffn_dim(self.d_model)
+        _check_positive(
+            self, ("head_dim", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps", "mla_rope_heads")
+        )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+                f"(allowed: {_divisors(self.n_heads)})"
+            )
+        self.layers = self._resolve_layers()
+        self._validate_layers()
+        if any(spec.attention == "mla" for spec in self.layers):
+            self._validate_mla()
+        if self.rope_scaling is not None:
+            _validate_rope_scaling(self.rope_scaling)
+
+    # ----------------------------------------------------------------------------------------------
+    def _resolve_layers(self) -> list[LayerSpec]:
+        if self.layers is not None:
+            if len(self.layers) != self.n_layers:
+                raise ValueError(
+                    f"ModelConfig.layers has {len(self.layers)} entries but n_layers={self.n_layers}; "
+                    "give one LayerSpec per layer (or use `pattern`)"
+                )
+            source = self.layers
+        elif self.pattern:
+            if self.n_layers % len(self.pattern):
+                raise ValueError(
+                    f"ModelConfig.pattern has {len(self.pattern)} entries, which does not divide "
+                    f"n_layers={self.n_layers}; use a pattern whose length divides n_layers or list `layers`"
+                )
+            source = self.pattern * (self.n_layers // len(self.pattern))
+        else:
+            source = [LayerSpec()] * self.n_layers
+        layers = []
+        for index, spec in enumerate(source):
+            spec = dataclasses.replace(spec)
+            if spec.kv_from is not None and spec.kv_from < 0:
+                spec.kv_from = index + spec.kv_from
+            layers.append(spec)
+        return layers
+
+    def _validate_layers(self) -> None:
+        for index, spec in enumerate(self.layers):
+            where = f"ModelConfig.layers[{index}]"
+            if spec.attention not in ATTENTION_FORMS:
+                raise ValueError(
+                    f"{where}.attention={spec.attention!r}: allowed values are {list(ATTENTION_FORMS)}"
+                )
+            if spec.window is not None and (not isinstance(spec.window, int) or spec.window <= 0):
+                raise ValueError(
+                    f"{where}.window={spec.window!r}: must be a positive number of tokens or None (global)"
+                )
+            if spec.attention == "mla":
+                if spec.n_kv_heads is not None:
+                    raise ValueError(
+                        f"{where}.n_kv_heads={spec.n_kv_heads}: only gqa layers have K/V heads; an mla layer caches a "
+                        "latent (set kv_lora_rank instead)"
+                    )
+            elif spec.kv_from is None:
+                if spec.n_kv_heads is None:
+                    spec.n_kv_heads = self.n_kv_heads
+                if spec.n_kv_heads <= 0 or self.n_heads % spec.n_kv_heads:
+                    raise ValueError(
+                        f"{where}.n_kv_heads={spec.n_kv_heads}: must divide n_heads={self.n_heads} "
+                        f"(allowed: {_divisors(self.n_heads)})"
+                    )
+            if spec.kv_from is not None:
+                self._validate_kv_from(index, spec)
+
+    def _validate_kv_from(self, index: int, spec: LayerSpec) -> None:
+        where = f"ModelConfig.layers[{index}].kv_from={spec.kv_from}"
+        if not 0 <= spec.kv_from < index:
+            raise ValueError(
+                f"{where}: must name an earlier layer (0..{index - 1}) or count back with a negative offset; "
+                "a layer cannot read its own or a later layer's K/V"
+                if index
+                else f"{where}: layer 0 has no earlier layer to read K/V from"
+            )
+        source = self.layers[spec.kv_from]
+        if source.kv_from is not None:
+            raise ValueError(
+                f"{where}: layer {spec.kv_from} itself reads K/V from layer {source.kv_from}; point at the layer "
+                f"that owns the K/V (kv_from={source.kv_from})"
+            )
+        if source.attention != spec.attention:
+            raise ValueError(
+                f"{where}: layer {spec.kv_from} is {source.attention!r} but this layer is {spec.attention!r}; "
+                "K/V can only be shared between layers of the same attention form"
+            )
+        if source.window != spec.window:
+            raise ValueError(
+                f"{where}: layer {spec.kv_from} has window={source.window} but this layer has window={spec.window}; "
+                "a layer that reads another's K/V attends over the same span"
+            )
+        if spec.attention == "gqa":
+            if spec.n_kv_heads is not None and spec.n_kv_heads != source.n_kv_heads:
+                raise ValueError(
+                    f"ModelConfig.layers[{index}].n_kv_heads={spec.n_kv_heads}: this layer reads layer "
+                    f"{spec.kv_from}'s K/V, which has n_kv_heads={source.n_kv_heads}"
+                )
+            spec.n_kv_heads = source.n_kv_heads
+
+    def _validate_mla(self) -> None:
+        missing = [name for name in ("kv_lora_rank", "qk_rope_head_dim") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"ModelConfig.{missing[0]} is required when a layer uses attention='mla' "
+                f"(missing: {', '.join(missing)}; DeepSeek-V3 uses kv_lora_rank=512, qk_rope_head_dim=64)"
+            )
+        if self.qk_nope_head_dim is None:
+            self.qk_nope_head_dim = self.head_dim
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        _check_positive(self, ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"))
+        if self.q_lora_rank is not None:
+            _check_positive(self, ("q_lora_rank",))
+        if self.qk_nope_head_dim < 0:
+            raise ValueError(f"ModelConfig.qk_nope_head_dim={self.qk_nope_head_dim}: must be >= 0")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.qk_rope_head_dim={self.qk_rope_head_dim}: must be even (RoPE rotates pairs of dims)"
+            )
+        if self.n_heads % self.mla_rope_heads:
+            raise ValueError(
+                f"ModelConfig.mla_rope_heads={self.mla_rope_heads} must divide n_heads={self.n_heads} "
+                f"(allowed: {_divisors(self.n_heads)}; 1 = DeepSeek's rotary key shared by all heads)"
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width of MLA layers (nope + rope part)."""
+        return (self.qk_nope_head_dim or 0) + (self.qk_rope_head_dim or 0)
+
+    @property
+    def forms(self) -> set[str]:
+        return {spec.attention for spec in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form; the resolved ``layers`` take precedence over ``pattern`` when read back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with ``changes`` applied (``pattern``/``layers`` re-resolved)."""
+        data = self.to_dict()
+        data.update(changes)
+        if "pattern" in changes and "layers" not in changes:
+            data["layers"] = None
+        return ModelConfig.from_dict(data)
+
+
+def _as_specs(specs: list[LayerSpec | dict] | None) -> list[LayerSpec] | None:
+    if specs is None:
+        return None
+    out = []
+    for index, spec in enumerate(specs):
+        if isinstance(spec, LayerSpec):
+            out.append(spec)
+        elif isinstance(spec, dict):
+            allowed = {f.name for f in dataclasses.fields(LayerSpec)}
+            unknown = sorted(set(spec) - allowed)
+            if unknown:
+                raise ValueError(
+                    f"LayerSpec #{index}: unknown field(s) {unknown}; allowed are {sorted(allowed)}"
+                )
+            out.append(LayerSpec(**spec))
+        else:
+            raise ValueError(f"LayerSpec #{index}: expected a LayerSpec or a dict, got {type(spec).__name__}")
+    return out
+
+
+def _check_positive(config: ModelConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None or value <= 0:
+            raise ValueError(f"ModelConfig.{name}={value!r}: must be positive")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _default_ffn_dim(d_model: int, multiple_of: int = 256) -> int:
+    """SwiGLU width ~ 8/3 · d_model rounded up to a multiple (the Llama recipe)."""
+    hidden = int(2 * (4 * d_model) / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _validate_rope_scaling(scaling: RopeScaling) -> None:
+    if scaling.type not in ROPE_TYPES:
+        raise ValueError(
+            f"ModelConfig.rope_scaling.type={scaling.type!r}: allowed values are {list(ROPE_TYPES)}"
+        )
+    if scaling.factor is None or scaling.factor <= 0:
+        raise ValueError(f"ModelConfig.rope_scaling.factor={scaling.factor!r}: must be positive")
+    if scaling.type in ("llama3", "yarn") and not scaling.original_max_seq_len:
+        raise ValueError(
+            f"ModelConfig.rope_scaling.original_max_seq_len is required for type={scaling.type!r} "
+            "(the context length the model was pre-trained with)"
+        )

@@ -1,0 +1,110 @@
+"""Analytic KV-cache size from the config alone (DESIGN.md's table), independent of the cache code:
+tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
+
+| layer form    | values cached per token per layer          |
+|---------------|--------------------------------------------|
+| gqa, global   | 2 · n_kv_heads · head_dim                  |
+| gqa, window W | the same, for at most W tokens             |
+| mla           | kv_lora_rank + mla_rope_heads · rope dim   |
+| kv_from       | 0 (reads its source layer's entry)         |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import LayerSpec, ModelConfig
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp8": torch.float8_e4m3fn,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: allowed values are {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def layer_kv_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
+    """Values one token adds to this layer's cache (0 for a layer that reads another's K/V)."""
+    if spec.kv_from is not None:
+        return 0
+    if spec.attention == "mla":
+        return config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
+    return 2 * spec.n_kv_heads * config.head_dim
+
+
+def layer_cached_tokens(spec: LayerSpec, seq_len: int) -> int:
+    return min(seq_len, spec.window) if spec.window is not None else seq_len
+
+
+def kv_cache_bytes(
+    config: ModelConfig, seq_len: int, dtype: torch.dtype | str = "bf16", batch: int = 1
+) -> int:
+    """Bytes of a cache holding ``batch`` sequences of ``seq_len`` tokens."""
+    if seq_len <= 0 or batch <= 0:
+        raise ValueError(f"kv_cache_bytes: seq_len={seq_len} and batch={batch} must be positive")
+    item = parse_dtype(dtype).itemsize
+    return (
+        batch
+        * item
+        * sum(
+            layer_kv_values_per_token(config, spec) * layer_cached_tokens(spec, seq_len)
+            for spec in config.layers
+        )
+    )
+
+
+def kv_bytes_per_token(config: ModelConfig, seq_len: int, dtype: torch.dtype | str = "bf16") -> float:
+    """Cache bytes per token of context, averaged over a ``seq_len``-token sequence (all layers)."""
+    return kv_cache_bytes(config, seq_len, dtype) / seq_len
+
+
+def mha_equivalent(config: ModelConfig) -> ModelConfig:
+    """The same width as plain multi-head attention on every layer: the baseline of KV-savings ratios."""
+    return dataclasses.replace(
+        config,
+        n_kv_heads=config.n_heads,
+        pattern=None,
+        layers=[LayerSpec("gqa", config.n_heads) for _ in range(config.n_layers)],
+    )
+
+
+def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str = "bf16") -> list[dict]:
+    """One row per layer: form, window, source, values/token and bytes at ``seq_len``."""
+    item = parse_dtype(dtype).itemsize
+    rows = []
+    for index, spec in enumerate(config.layers):
+        values = layer_kv_values_per_token(config, spec)
+        form = spec.attention if spec.attention == "mla" else _gqa_name(config.n_heads, spec.n_kv_heads)
+        rows.append(
+            {
+                "layer": index,
+                "form": form,
+                "window": spec.window,
+                "kv_from": spec.kv_from,
+                "values_per_token": values,
+                "bytes": values * layer_cached_tokens(spec, seq_len) * item,
+            }
+        )
+    return rows
+
+
+def _gqa_name(n_heads: int, n_kv_heads: int) -> str:
+    if n_kv_heads == n_heads:
+        return "mha"
+    if n_kv_heads == 1:
+        return "mqa"
+    return f"gqa-{n_kv_heads}"

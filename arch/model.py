@@ -1,0 +1,187 @@
+"""The decoder: embeddings, a stack of pre-norm layers whose attention form comes from their
+``LayerSpec``, a final RMSNorm and the LM head. Parameter names are HF Llama/DeepSeek names
+(``model.layers.3.self_attn.q_proj.weight``, ``lm_head.weight``) so import/export is a rename at most."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kvforge.kernels import IGNORE_INDEX, linear_cross_entropy
+
+from .attention_gqa import GQAAttention
+from .attention_mla import MLAAttention
+from .cache import KVCache, KVView, LayerCache, allocate_layer_cache
+from .config import LayerSpec, ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .rope import RotaryEmbedding
+
+ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.spec: LayerSpec = config.layers[index]
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = ATTENTION_CLASSES[self.spec.attention](config, self.spec)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.ffn_dim)
+
+    def forward(
+        self,
+        x_btd: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None,
+        start: int,
+        shared: KVView | None,
+    ) -> tuple[torch.Tensor, KVView]:
+        attn_out, kv = self.self_attn(self.input_layernorm(x_btd), rope, cache, start, shared)
+        h = x_btd + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class Decoder(nn.Module):
+    """HF's ``model.``: embeddings, layers, final norm, and the rotary tables each form needs."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        rotary = {}
+        if "gqa" in config.forms:
+            rotary["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        if "mla" in config.forms:
+            theta = config.mla_rope_theta or config.rope_theta
+            rotary["mla"] = RotaryEmbedding(config.qk_rope_head_dim, theta, config.rope_scaling)
+        self.rotary = nn.ModuleDict(rotary)
+        # Layers whose K/V another layer reads: their view is kept until the forward pass ends.
+        self.kv_sources = {spec.kv_from for spec in config.layers if spec.kv_from is not None}
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        start = 0
+        if cache is not None:
+            cache.check_room(seq)
+            start = cache.length
+        if positions is None:
+            positions = torch.arange(start, start + seq, device=input_ids.device)
+        h = self.embed_tokens(input_ids)
+        ropes = {form: rotary(positions, h.dtype) for form, rotary in self.rotary.items()}
+        views: dict[int, KVView] = {}
+        for layer in self.layers:
+            spec = layer.spec
+            shared = views[spec.kv_from] if spec.kv_from is not None else None
+            entry = cache[layer.index] if cache is not None else None
+            args = (h, ropes[spec.attention], entry, start, shared)
+            if self.gradient_checkpointing and self.training:
+                h, view = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h, view = layer(*args)
+            if layer.index in self.kv_sources:
+                views[layer.index] = view
+        if cache is not None:
+            cache.advance(seq)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. ``forward(input_ids, cache=None, positions=None) -> logits``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ construction
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2/Llama-style init: N(0, init_std), residual output projections scaled by
+        1/sqrt(2·n_layers), norms to one, biases to zero. Also re-derives RoPE tables (meta init)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm | RotaryEmbedding):
+                module.reset_parameters()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.model.embed_tokens.weight.numel()
+        return total
+
+    # ------------------------------------------------------------------ forward / cache
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits ``(batch, seq, vocab)``; ``logits_to_keep=n`` computes only the last ``n`` positions."""
+        hidden = self.model(input_ids, cache=cache, positions=positions)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        chunk_size: int = 1024,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy (``targets`` aligned with ``input_ids``), through the fused
+        chunked head + loss: the full logits tensor is never materialised."""
+        hidden = self.model(input_ids, positions=positions)
+        return linear_cross_entropy(
+            hidden, self.lm_head.weight, targets, ignore_index=ignore_index, chunk_size=chunk_size
+        )
+
+    def new_cache(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """Preallocate a cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        if max_len <= 0 or batch <= 0:
+            raise ValueError(f"new_cache: batch={batch} and max_len={max_len} must be positive")
+        reference = self.model.embed_tokens.weight
+        dtype = dtype or reference.dtype
+        device = device or reference.device
+        entries: list[LayerCache] = []
+        owners: list[int] = []
+        for layer in self.model.layers:
+            spec = layer.spec
+            if spec.kv_from is not None:
+                entries.append(entries[spec.kv_from])
+                owners.append(spec.kv_from)
+                continue
+            features = layer.self_attn.cache_features()
+            entries.append(allocate_layer_cache(batch, max_len, spec.window, features, dtype, device))
+            owners.append(layer.index)
+        return KVCache(entries, owners, max_len)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny configs of every form, and the real checkpoints in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KVFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def tiny_base(**overrides):
+    from kvforge.arch import ModelConfig
+
+    fields = dict(vocab_size=97, d_model=64, n_layers=4, n_heads=8, max_seq_len=64, init_std=0.05)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def tiny_form(form: str, **overrides):
+    from kvforge.arch.forms import with_form
+
+    return with_form(tiny_base(**overrides), form, window=5, kv_lora_rank=24, rope_dim=4)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found (set KVFORGE_SHARED_DATA to the shared/data folder)")
+    return path
