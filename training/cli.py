@@ -1,0 +1,51 @@
+"""The ``kvforge`` console script: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``; heavy
+imports happen inside ``run`` so that ``kvforge --help`` stays instant. Training itself is
+``python train.py fit ...`` (LightningCLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "forms": (
+        "kvforge.training.forms_demo",
+        "build a small model of every attention form and print its KV bytes",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvforge", description="Train, uptrain and convert language models with a small KV cache."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._module.run(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"kvforge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
