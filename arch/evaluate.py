@@ -1,0 +1,86 @@
+"""Language-model loss over a long token stream, cut into windows.
+
+With ``stride=None`` this is the procedure of ``shared/data/README.md``: consecutive non-overlapping
+windows, inputs ``ids[s:s+W]`` and targets ``ids[s+1:s+W+1]`` for s = 0, W, 2W, …, each run from
+position 0, summed NLL divided by the number of predicted tokens. With a ``stride`` < ``window`` the
+windows overlap and only the last ``stride`` targets of each window are scored, so every token after
+the first window is predicted with at least ``window - stride`` tokens of context (the usual
+"sliding-window perplexity").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import CausalLM
+
+
+@dataclass
+class NLLResult:
+    total_nll: float
+    n_predicted: int
+
+    @property
+    def mean(self) -> float:
+        return self.total_nll / self.n_predicted
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean)
+
+
+@torch.no_grad()
+def windowed_nll(
+    model: CausalLM,
+    ids: torch.Tensor,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> NLLResult:
+    """Summed next-token NLL of the 1-D token stream ``ids`` and the number of tokens predicted."""
+    ids = ids.flatten()
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens to predict one, got {ids.numel()}")
+    if window <= 0 or window > model.config.max_seq_len:
+        raise ValueError(f"window={window} must be in 1..max_seq_len={model.config.max_seq_len}")
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise ValueError(f"stride={stride} must be in 1..window={window}")
+    device = model.model.embed_tokens.weight.device
+    n_targets = ids.numel() - 1
+    # (input start, first scored target index within the window)
+    spans = [(0, 0)]
+    while spans[-1][0] + window < n_targets:
+        start = spans[-1][0] + stride
+        spans.append((start, window - stride))
+    total, counted = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for first in range(0, len(spans), batch_size):
+        batch_nll, batch_count = _score(
+            model, ids, spans[first : first + batch_size], window, n_targets, device
+        )
+        total += batch_nll
+        counted += batch_count
+    model.train(was_training)
+    return NLLResult(total, counted)
+
+
+def _score(model, ids, spans, window, n_targets, device) -> tuple[float, int]:
+    """NLL of a group of windows; windows of equal length (all but the last) run as one batch."""
+    total, counted = 0.0, 0
+    lengths = {min(window, n_targets - start) for start, _ in spans}
+    for length in lengths:
+        rows = [(start, skip) for start, skip in spans if min(window, n_targets - start) == length]
+        inputs = torch.stack([ids[s : s + length] for s, _ in rows]).to(device)
+        targets = torch.stack([ids[s + 1 : s + 1 + length] for s, _ in rows]).to(device)
+        logits = model(inputs).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        for row, (_, skip) in enumerate(rows):
+            total += nll[row, skip:].sum().item()
+            counted += length - skip
+    return total, counted

@@ -1,0 +1,13 @@
+"""Checkpoint transforms: pure functions ``(config, state_dict, calibration=None, **options) -> (config, state_dict)``.
+
+``calibration`` is a ``(batch, seq)`` LongTensor of token ids from text that is *not* the evaluation
+text; transforms that need activations run the source model on it. Inputs are never modified.
+"""
+
+from .cla import to_cla
+from .gqa import to_gqa, to_mqa
+from .window import to_window
+
+TRANSFORMS = {"gqa": to_gqa, "mqa": to_mqa, "cla": to_cla, "window": to_window}
+
+__all__ = ["TRANSFORMS", "to_cla", "to_gqa", "to_mqa", "to_window"]

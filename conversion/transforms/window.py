@@ -1,0 +1,30 @@
+"""Sliding windows on chosen layers; the weights do not change."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kvforge.arch import ModelConfig
+
+from .common import StateDict
+
+
+def to_window(
+    config: ModelConfig,
+    state_dict: StateDict,
+    calibration: torch.Tensor | None = None,
+    *,
+    windows: int | list[int | None],
+) -> tuple[ModelConfig, StateDict]:
+    """``windows``: one window for every layer, or a per-layer pattern tiled over the layers
+    (``[1024, 1024, 1024, None]`` = 3 local : 1 global)."""
+    pattern = [windows] if isinstance(windows, int) else list(windows)
+    if not pattern or config.n_layers % len(pattern):
+        raise ValueError(
+            f"to_window: windows pattern of length {len(pattern)} must divide n_layers={config.n_layers}"
+        )
+    tiled = pattern * (config.n_layers // len(pattern))
+    layers = [dataclasses.replace(spec, window=w) for spec, w in zip(config.layers, tiled)]
+    return dataclasses.replace(config, layers=layers, pattern=None), dict(state_dict)
