@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.forms_demo",
         "build a small model of every attention form and print its KV bytes",
     ),
+    "export-ckpt": (
+        "kvforge.training.export_ckpt",
+        "export a training checkpoint (.ckpt or FSDP2 directory) as a Hugging Face model directory",
+    ),
 }
 
 
