@@ -21,7 +21,8 @@ def _tokens(batch: dict) -> int:
 
 
 class TokenThroughput(ThroughputMonitor):
-    """Lightning's ``ThroughputMonitor`` for token blocks: ``train/items_per_sec`` is tokens/s, and
+    """Lightning's ``ThroughputMonitor`` for token blocks: ``train/device/items_per_sec`` is tokens/s per
+    device (``train/items_per_sec`` over all devices when there are several), and
     ``train/device/mfu`` appears where Lightning knows the device's peak FLOPs (GPUs), from
     ``KVForgeLM.flops_per_batch`` (``arch.flops_per_token``)."""
 

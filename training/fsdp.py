@@ -9,12 +9,17 @@ cross-entropy), so it is registered as a forward method: FSDP gathers the root's
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from kvforge.arch import CausalLM
 
 FSDP2_NAME = "fsdp2"
+# A decoder layer returns its K/V views for later layers that share them (cross-layer attention); nothing
+# modifies them in place, which is the case this FSDP2 warning is about.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDecoderLayer\) returned a view tensor")
 
 
 class FSDP2Strategy(ModelParallelStrategy):

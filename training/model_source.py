@@ -109,16 +109,19 @@ def apply_transform(
 def changed_parameters(
     source_config: ModelConfig, source: StateDict, converted_config: ModelConfig, converted: StateDict
 ) -> frozenset[str]:
-    """Parameters the transform created or changed (new name, new shape or new values), plus the
-    attention parameters of every layer whose form changed (e.g. a layer that now reads shared K/V)."""
+    """Parameters the transform created or changed (new name, new shape or new values); for a layer whose
+    form changed but none of whose weights did (a CLA layer that now reads shared K/V), its attention
+    parameters."""
     changed = {
         name
         for name, tensor in converted.items()
         if name not in source or source[name].shape != tensor.shape or not torch.equal(source[name], tensor)
     }
     for index, (before, after) in enumerate(zip(source_config.layers, converted_config.layers)):
-        if dataclasses.asdict(before) != dataclasses.asdict(after):
-            prefix = f"model.layers.{index}.self_attn."
+        prefix = f"model.layers.{index}.self_attn."
+        if dataclasses.asdict(before) != dataclasses.asdict(after) and not any(
+            n.startswith(prefix) for n in changed
+        ):
             changed |= {name for name in converted if name.startswith(prefix)}
     return frozenset(changed)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 from typing import Any
 
 import lightning.pytorch as pl
@@ -95,16 +96,18 @@ class KVForgeLM(pl.LightningModule):
         self.__dict__["teacher"] = None  # unregistered on purpose, see the module docstring
         self.flops_per_batch: int | None = None
         self.save_hyperparameters(
-            {
-                "model": self.config.to_dict(),
-                "init_from": init_from,
-                "convert": convert,
-                "calibration": dataclasses.asdict(calibration) if calibration else None,
-                "distill": dataclasses.asdict(self.distill) if self.distill else None,
-                "optim": dataclasses.asdict(self.optim),
-                "converted_only_steps": converted_only_steps,
-                "parameters_changed_by_conversion": len(self.changed_parameters),
-            }
+            _plain(
+                {
+                    "model": self.config.to_dict(),
+                    "init_from": init_from,
+                    "convert": convert,
+                    "calibration": dataclasses.asdict(calibration) if calibration else None,
+                    "distill": dataclasses.asdict(self.distill) if self.distill else None,
+                    "optim": dataclasses.asdict(self.optim),
+                    "converted_only_steps": converted_only_steps,
+                    "parameters_changed_by_conversion": len(self.changed_parameters),
+                }
+            )
         )
 
     # ------------------------------------------------------------------ model construction
@@ -169,6 +172,7 @@ class KVForgeLM(pl.LightningModule):
             out = distillation_loss(self.model(inputs), teacher_logits, targets, self.distill)
             loss, ce, kl = out["loss"], out["ce"], out["kl"]
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("train/ppl", torch.exp(ce.detach()))
         if kl is not None:
             self.log("train/ce", ce)
@@ -226,3 +230,9 @@ class KVForgeLM(pl.LightningModule):
             / kv_bytes_per_token(mha_equivalent(self.config), seq, "bf16"),
             "train_flops_per_token": flops_per_token(self.config, seq),
         }
+
+
+def _plain(data: dict) -> dict:
+    """JSON types only (tuples become lists): checkpoints must reload with ``weights_only=True`` and
+    loggers write the hyperparameters as YAML."""
+    return json.loads(json.dumps(data))

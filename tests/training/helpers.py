@@ -70,3 +70,59 @@ class LossRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+def tiny_yaml(
+    directory: Path, corpus: Path, cache: Path, form_pattern: str = "[{}]", max_steps: int = 6
+) -> Path:
+    """A train.py config for a tiny from-scratch run on ``corpus``."""
+    path = directory / "tiny.yaml"
+    path.write_text(
+        f"""model:
+  model: {{vocab_size: {VOCAB}, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, max_seq_len: 64,
+          pattern: {form_pattern}}}
+  optim: {{lr: 0.003, warmup_steps: 2}}
+data:
+  train_files: [{corpus}]
+  block_size: 32
+  batch_size: 4
+  val_fraction: 0.1
+  bpe_training_chars: 20000
+  cache_dir: {cache}
+trainer:
+  max_steps: {max_steps}
+  accelerator: cpu
+  val_check_interval: 3
+  limit_val_batches: 2
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+    )
+    return path
+
+
+class RankRecorder(pl.Callback):
+    """Writes ``<directory>/rank<r>.json``: this rank's loss, the loss averaged over ranks for every step,
+    and a checksum of the full (unsharded) weights at the end. For the multi-process tests."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.local: list[float] = []
+        self.mean: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach()
+        self.local.append(loss.item())
+        self.mean.append(trainer.strategy.reduce(loss.clone(), reduce_op="mean").item())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        from kvforge.training.callbacks import full_state_dict
+
+        state = full_state_dict(pl_module.model)
+        checksum = sum(float(t.double().abs().sum()) for t in state.values())
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {"local": self.local, "mean": self.mean, "checksum": checksum, "world": trainer.world_size}
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -111,6 +111,7 @@ class TextDataModule(pl.LightningDataModule):
         self.build(*self._model_requirements(), create=True)
 
     def setup(self, stage: str | None = None) -> None:
+        self.position = DataPosition()  # a new fit starts at the beginning; a resume restores it after this
         if self.train_set is None:
             self.build(*self._model_requirements(), create=False)
 

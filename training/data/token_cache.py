@@ -103,7 +103,9 @@ class _StreamWriter:
     def write(self, batch: list[Piece], out) -> None:
         if not batch:
             return
-        encoded = self.tokenizer([piece.text for piece in batch], add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer([piece.text for piece in batch], add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]
         ids: list[int] = []
         for piece, piece_ids in zip(batch, encoded):
             if self.at_document_start:
