@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.export_ckpt",
         "export a training checkpoint (.ckpt or FSDP2 directory) as a Hugging Face model directory",
     ),
+    "quickstart": (
+        "kvforge.training.quickstart",
+        "uptrain stories260K-mha into GQA-2 with distillation on CPU, evaluate, export, generate",
+    ),
 }
 
 

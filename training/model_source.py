@@ -3,7 +3,8 @@ through a conversion transform (uptraining), plus the frozen teacher for distill
 
 ``convert`` names a transform of ``kvforge.conversion.transforms.TRANSFORMS`` under ``to`` and passes
 every other key as that transform's keyword options, so transforms added to the registry plug in
-without changes here: ``{to: gqa, n_kv_heads: 2}``, ``{to: mla, kv_lora_rank: 32, ...}``.
+without changes here: ``{to: gqa, n_kv_heads: 2}``, ``{to: mla, kv_lora_rank: 32, ...}``. A list of
+them applies them in order: ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ class StartingPoint:
     tokenizer_dir: str | None = None
 
 
+Convert = dict[str, Any] | list[dict[str, Any]]
+
+
 def resolve_starting_point(
     model: ModelConfig | None,
     init_from: str | None,
-    convert: dict[str, Any] | None,
+    convert: Convert | None,
     calibration: CalibrationConfig | None,
     teacher_dir: str | None,
     want_teacher: bool,
@@ -71,7 +75,8 @@ def resolve_starting_point(
     config, state_dict, changed = source.config, source.state_dict, frozenset()
     if convert:
         tokens = calibration_tokens(calibration, init_from) if calibration else None
-        config, state_dict = apply_transform(source.config, source.state_dict, convert, tokens)
+        for step in [convert] if isinstance(convert, dict) else convert:
+            config, state_dict = apply_transform(config, state_dict, step, tokens)
         changed = changed_parameters(source.config, source.state_dict, config, state_dict)
     teacher = None
     if want_teacher:

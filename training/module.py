@@ -29,7 +29,7 @@ from kvforge.arch import (
 
 from .distill import DistillationConfig, distillation_loss
 from .fsdp import apply_fsdp2
-from .model_source import CalibrationConfig, resolve_starting_point
+from .model_source import CalibrationConfig, Convert, resolve_starting_point
 from .optim import OptimizerConfig, build_optimizer
 
 CHECKPOINT_KEY = "kvforge"
@@ -39,7 +39,8 @@ class KVForgeLM(pl.LightningModule):
     """Args:
     model: architecture of a model trained from scratch (exclusive with ``init_from``).
     init_from: HF/kvforge model directory whose weights (and tokenizer) the run starts from.
-    convert: transform applied to ``init_from`` first: ``{to: <TRANSFORMS name>, <its options>}``.
+    convert: transform applied to ``init_from`` first: ``{to: <TRANSFORMS name>, <its options>}``, or a
+        list of them applied in order.
     calibration: text the transform may run the source model on.
     distill: teacher, α, temperature and KL direction; ``None`` or ``alpha: 1`` = plain cross-entropy.
     optim: AdamW and its learning-rate schedule.
@@ -54,7 +55,7 @@ class KVForgeLM(pl.LightningModule):
         self,
         model: ModelConfig | None = None,
         init_from: str | None = None,
-        convert: dict[str, Any] | None = None,
+        convert: Convert | None = None,
         calibration: CalibrationConfig | None = None,
         distill: DistillationConfig | None = None,
         optim: OptimizerConfig | None = None,

@@ -192,3 +192,13 @@ def test_sampler_starts_at_the_data_position():
     assert resumed == full[4:]
     next_pass = list(ResumableSampler(blocks, DataPosition(epoch=3), num_replicas=1, rank=0, seed=3))
     assert next_pass != full and sorted(next_pass) == sorted(full)
+
+
+def test_hub_dataset_offline_fails_with_a_clear_error(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = TextDataModule(
+        dataset="no-such-user/no-such-dataset", tokenizer=tokenizer_dir, block_size=8, cache_dir=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match=r"data\.dataset='no-such-user/no-such-dataset': could not load it"):
+        data.build(tiny_config(vocab_size=512), None)

@@ -175,3 +175,43 @@ def test_loss_is_cross_entropy_without_a_teacher(corpus_and_cache, tmp_path):
     data = tiny_data(*corpus_and_cache)
     trainer(tmp_path, 1, callbacks=[recorder]).fit(module, datamodule=data)
     assert 4.0 < recorder.losses[1] < 7.0  # ≈ ln(320) = 5.77 at initialisation
+
+
+def _final_weights(module):
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+
+def test_gradient_accumulation_matches_the_larger_batch(corpus_and_cache, tmp_path):
+    corpus, cache = corpus_and_cache
+    torch.manual_seed(0)
+    whole = tiny_module(steps=2)
+    trainer(tmp_path / "a", 2).fit(whole, datamodule=tiny_data(corpus, cache, batch_size=4))
+    torch.manual_seed(0)
+    accumulated = tiny_module(steps=2)
+    run = trainer(tmp_path / "b", 2, accumulate_grad_batches=2)
+    run.fit(accumulated, datamodule=tiny_data(corpus, cache, batch_size=2))
+    torch.testing.assert_close(_final_weights(accumulated), _final_weights(whole), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_leaves_the_training_unchanged(corpus_and_cache, tmp_path):
+    losses = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        recorder = LossRecorder()
+        module = tiny_module("mix", steps=3, activation_checkpointing=checkpointing)
+        trainer(tmp_path / str(checkpointing), 3, callbacks=[recorder]).fit(
+            module, datamodule=tiny_data(*corpus_and_cache)
+        )
+        assert module.model.model.gradient_checkpointing is checkpointing
+        losses.append(recorder.losses)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_mixed_compiled_training_lowers_the_loss_on_gpu(corpus_and_cache, tmp_path):
+    recorder = LossRecorder()
+    module = tiny_module(steps=20, compile=True)
+    run = trainer(tmp_path, 20, callbacks=[recorder], accelerator="gpu", precision="bf16-mixed")
+    run.fit(module, datamodule=tiny_data(*corpus_and_cache))
+    assert recorder.losses[20] < recorder.losses[1] - 0.3
