@@ -12,7 +12,9 @@ and the ratio to transformers for the forms Llama can express (mha/gqa/mqa share
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks.common import markdown_table, print_table
 from kvforge.arch import ModelConfig, flops_per_token
 from kvforge.arch.forms import FORMS, with_form
+from kvforge.conversion import save_pretrained
 from kvforge.training.module import KVForgeLM
 from kvforge.training.optim import OptimizerConfig, build_optimizer
 
@@ -97,22 +100,11 @@ class StepTimer(pl.Callback):
         self.end = self._now(trainer)
 
 
-def hf_twin(config: ModelConfig) -> transformers.LlamaForCausalLM:
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.layers[0].n_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    return transformers.LlamaForCausalLM(hf_config)
+def hf_twin(module: KVForgeLM) -> transformers.LlamaForCausalLM:
+    """The same model as stock transformers sees it: exported by kvforge, loaded by ``from_pretrained``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(module.config, module.model.state_dict(), Path(tmp) / "model")
+        return transformers.LlamaForCausalLM.from_pretrained(Path(tmp) / "model", attn_implementation="sdpa")
 
 
 def tokens_per_second(module: pl.LightningModule, args, precision: str, vocab: int) -> float:
@@ -153,8 +145,7 @@ def main() -> None:
         flops = flops_per_token(config, args.seq)
         entries = [("kvforge", ours)]
         if form in LLAMA_FORMS:
-            theirs = hf_twin(config)
-            theirs.load_state_dict(ours.model.state_dict())  # same names, same weights
+            theirs = hf_twin(ours)
             entries.insert(
                 0, ("transformers", HFLlama(torch.compile(theirs) if args.compile else theirs, optim, None))
             )

@@ -126,3 +126,13 @@ class RankRecorder(pl.Callback):
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {"local": self.local, "mean": self.mean, "checksum": checksum, "world": trainer.world_size}
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def cli_args(
+    subcommand: str, config: Path, run_dir: Path, *overrides: str, logger: bool = False
+) -> list[str]:
+    """``train.py`` arguments for a run of ``config`` writing to ``run_dir`` (no logger unless asked)."""
+    args = [subcommand, "--config", str(config), "--trainer.default_root_dir", str(run_dir)]
+    if not logger:
+        args += ["--trainer.logger", "false"]
+    return [*args, *overrides]

@@ -8,7 +8,7 @@ from kvforge.training.data.tokenizer import train_byte_bpe
 from kvforge.training.lightning_cli import KVForgeCLI
 from kvforge.training.module import KVForgeLM
 from tests.conftest import shared_path
-from tests.training.helpers import tiny_config, tiny_corpus, tiny_yaml
+from tests.training.helpers import cli_args, tiny_config, tiny_corpus, tiny_yaml
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +18,7 @@ def corpus_and_cache(tmp_path_factory):
 
 
 def _fit(tmp_path, config, *overrides):
-    run_dir = tmp_path / "run"
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--trainer.logger",
-        "false",
-    ]
-    KVForgeCLI(args=[*args, *overrides])
+    KVForgeCLI(args=cli_args("fit", config, tmp_path / "run", *overrides))
 
 
 def _assert_nothing_trained(tmp_path):

@@ -16,7 +16,7 @@ from kvforge.conversion.transforms import TRANSFORMS
 from kvforge.training.export_ckpt import export_checkpoint
 from kvforge.training.lightning_cli import KVForgeCLI
 from tests.conftest import REPO
-from tests.training.helpers import tiny_corpus, tiny_yaml
+from tests.training.helpers import cli_args, tiny_corpus, tiny_yaml
 
 CPU_CONFIGS = sorted(
     p.name for p in (REPO / "configs" / "pretrain").glob("*.yaml") if not p.name.startswith("gpu")
@@ -105,31 +105,16 @@ def test_print_config_prints_the_resolved_configuration(monkeypatch, capsys):
 
 def test_csv_logger_writes_the_training_metrics(tmp_path, corpus_and_cache):
     config = tiny_yaml(tmp_path, *corpus_and_cache)
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.default_root_dir",
-        str(tmp_path / "run"),
-        "--throughput.window_size",
-        "2",
-    ]
+    csv_logger = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "csv")]
     KVForgeCLI(
-        args=[*args, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "csv")]
+        args=cli_args(
+            "fit", config, tmp_path / "run", "--throughput.window_size", "2", *csv_logger, logger=True
+        )
     )
     (metrics_file,) = (tmp_path / "csv").rglob("metrics.csv")
-    rows = list(csv.DictReader(metrics_file.open()))
-    logged = {key for row in rows for key, value in row.items() if value}
-    expected = {
-        "train/loss",
-        "train/ppl",
-        "train/lr",
-        "train/grad_norm",
-        "val/loss",
-        "val/ppl",
-        "train/device/items_per_sec",
-    }
-    assert expected <= logged
+    logged = {key for row in csv.DictReader(metrics_file.open()) for key, value in row.items() if value}
+    expected = {"train/loss", "train/ppl", "train/lr", "train/grad_norm", "val/loss", "val/ppl"}
+    assert expected | {"train/device/items_per_sec"} <= logged
     (hparams,) = (tmp_path / "csv").rglob("hparams.yaml")
     logged_hparams = yaml.safe_load(hparams.read_text())
     assert logged_hparams["kv_bytes_per_token"] > 0
@@ -142,25 +127,14 @@ def test_wandb_runs_offline_without_an_api_key(tmp_path, corpus_and_cache, monke
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a wandb login
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     config = tiny_yaml(tmp_path, *corpus_and_cache, max_steps=2)
-    KVForgeCLI(args=["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")])
+    KVForgeCLI(args=cli_args("fit", config, tmp_path / "run", logger=True))
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert "logging offline" in caplog.text
 
 
 def test_fit_checkpoints_and_exports_a_model_transformers_loads(tmp_path, corpus_and_cache):
-    config = tiny_yaml(tmp_path, *corpus_and_cache)
     run_dir = tmp_path / "run"
-    KVForgeCLI(
-        args=[
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.default_root_dir",
-            str(run_dir),
-            "--trainer.logger",
-            "false",
-        ]
-    )
+    KVForgeCLI(args=cli_args("fit", tiny_yaml(tmp_path, *corpus_and_cache), run_dir))
     exported = load_pretrained(run_dir / "hf")
     ours = CausalLM(exported.config)
     ours.load_state_dict(exported.state_dict)
@@ -173,16 +147,7 @@ def test_fit_checkpoints_and_exports_a_model_transformers_loads(tmp_path, corpus
 
 
 def test_resume_with_ckpt_path_last_continues_the_run(tmp_path, corpus_and_cache):
-    config = tiny_yaml(tmp_path, *corpus_and_cache, max_steps=3)
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.default_root_dir",
-        str(tmp_path / "run"),
-        "--trainer.logger",
-        "false",
-    ]
+    args = cli_args("fit", tiny_yaml(tmp_path, *corpus_and_cache, max_steps=3), tmp_path / "run")
     KVForgeCLI(args=args)
     cli = KVForgeCLI(args=[*args, "--trainer.max_steps", "5", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 5
@@ -190,17 +155,6 @@ def test_resume_with_ckpt_path_last_continues_the_run(tmp_path, corpus_and_cache
 
 
 def test_validate_subcommand_reports_the_validation_loss(tmp_path, corpus_and_cache):
-    config = tiny_yaml(tmp_path, *corpus_and_cache)
-    cli = KVForgeCLI(
-        args=[
-            "validate",
-            "--config",
-            str(config),
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
-        ]
-    )
+    cli = KVForgeCLI(args=cli_args("validate", tiny_yaml(tmp_path, *corpus_and_cache), tmp_path / "run"))
     assert cli.trainer.callback_metrics["val/loss"] > 0
     assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -48,15 +48,15 @@ def test_a_few_steps_of_pretraining_lower_the_validation_loss(form, corpus_and_c
     assert after < before - 0.3
 
 
+def _stories_data(stories, **options) -> TextDataModule:
+    return TextDataModule(
+        train_files=[str(stories / "stories.txt")], cache_dir=str(stories / "cache"), **options
+    )
+
+
 def _uptrain(stories, tmp_path, convert, steps=30):
     source_dir = str(shared_path("stories260K-mha"))
-    data = TextDataModule(
-        train_files=[str(stories / "stories.txt")],
-        block_size=128,
-        batch_size=8,
-        val_fraction=0.2,
-        cache_dir=str(stories / "cache"),
-    )
+    data = _stories_data(stories, block_size=128, batch_size=8, val_fraction=0.2)
     module = KVForgeLM(
         init_from=source_dir,
         convert=convert,
@@ -103,13 +103,7 @@ def test_converted_only_steps_update_only_the_converted_parameters_first(stories
     assert module.changed_parameters == {
         f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(5) for p in ("k", "v")
     }
-    data = TextDataModule(
-        train_files=[str(stories / "stories.txt")],
-        block_size=64,
-        batch_size=2,
-        val_fraction=0.0,
-        cache_dir=str(stories / "cache"),
-    )
+    data = _stories_data(stories, block_size=64, batch_size=2, val_fraction=0.0)
     snapshots = []
 
     class Snapshot(LossRecorder):
@@ -131,13 +125,7 @@ def test_the_teacher_stays_frozen_and_out_of_the_checkpoint(stories, tmp_path):
         distill=DistillationConfig(alpha=0.0),
         optim=OptimizerConfig(lr=1e-2, warmup_steps=0, total_steps=2),
     )
-    data = TextDataModule(
-        train_files=[str(stories / "stories.txt")],
-        block_size=64,
-        batch_size=2,
-        val_fraction=0.0,
-        cache_dir=str(stories / "cache"),
-    )
+    data = _stories_data(stories, block_size=64, batch_size=2, val_fraction=0.0)
     run = trainer(tmp_path, 2)
     run.fit(module, datamodule=data)
     teacher = module.__dict__["teacher"]
