@@ -35,6 +35,7 @@ VARIANTS = {
     "ce": (None, 0),
     "distill": (0.5, 0),
     "distill-kv-first": (0.5, 100),
+    "kl-only": (0.0, 0),
     "kl-only-kv-first": (0.0, 100),
 }
 
@@ -44,22 +45,30 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--variants", default="ce,distill,distill-kv-first")
-    parser.add_argument("--convert", default="gqa:n_kv_heads=2", help="transform:option=value,...")
+    parser.add_argument(
+        "--convert", default="gqa:n_kv_heads=2", help="transform:option=value,...[+transform:...] (in order)"
+    )
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--block", type=int, default=256, help="tokens per training sequence")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", action="store_true")
     return parser.parse_args()
 
 
-def parse_convert(text: str) -> dict:
-    name, _, options = text.partition(":")
-    convert = {"to": name}
-    for item in filter(None, options.split(",")):
-        key, value = item.split("=")
-        convert[key] = int(value) if value.lstrip("-").isdigit() else value
-    return convert
+def parse_convert(text: str) -> list[dict]:
+    """``gqa:n_kv_heads=4+cla:factor=2`` → ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``."""
+    steps = []
+    for step in text.split("+"):
+        name, _, options = step.partition(":")
+        convert = {"to": name}
+        for item in filter(None, options.split(",")):
+            key, value = item.split("=")
+            convert[key] = int(value) if value.lstrip("-").isdigit() else value
+        steps.append(convert)
+    return steps
 
 
 def uptrain(args, convert, alpha, kv_first, data) -> tuple[float, float]:
@@ -97,8 +106,8 @@ def main() -> None:
     convert = parse_convert(args.convert)
     data = TextDataModule(
         train_files=[str(SHARED / "corpora" / "tinystories_val_prefix.txt")],
-        block_size=256,
-        batch_size=16,
+        block_size=args.block,
+        batch_size=args.batch,
         val_fraction=0.2,
     )
     source = load_pretrained(SHARED / "stories260K-mha")
@@ -132,7 +141,7 @@ def main() -> None:
             ]
         )
     columns = ["run", "steps", "eval loss", "vs source", "train s"]
-    title = f"Uptraining recipe (TARGETS.md), lr {args.lr}, {args.threads} thread(s)"
+    title = f"Uptraining recipe (TARGETS.md), {args.batch}×{args.block} tokens/step, lr {args.lr}"
     print_table(title, columns, rows)
     if args.markdown:
         print(markdown_table(columns, rows))

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from kvforge.arch import (
     CausalLM,
@@ -115,7 +116,7 @@ class KVForgeLM(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        fsdp = self._trainer is not None and hasattr(self.trainer.strategy, "device_mesh")
+        fsdp = self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
         with torch.device("meta") if fsdp else contextlib.nullcontext():
             model = CausalLM(self.config)
         model.model.gradient_checkpointing = self.activation_checkpointing
