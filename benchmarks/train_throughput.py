@@ -136,7 +136,6 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     peak = get_available_flops(device, torch.bfloat16 if precision.startswith("bf16") else torch.float32)
     rows = []
-    baseline = None
     for form in args.forms.split(","):
         config = with_form(base, form, n_kv_heads=base.n_kv_heads, window=max(1, args.seq // 4))
         torch.manual_seed(0)
@@ -156,9 +155,6 @@ def main() -> None:
             rows.append([form, name, f"{ours.model.num_parameters():,}", measured[name], mfu, ""])
         if "transformers" in measured:
             rows[-1][-1] = f"{measured['kvforge'] / measured['transformers']:.2f}×"
-            baseline = baseline or measured["transformers"]
-        elif baseline:
-            rows[-1][-1] = f"{measured['kvforge'] / baseline:.2f}× (vs first Llama row)"
     columns = ["form", "implementation", "parameters", "tokens/s", "MFU", "kvforge / transformers"]
     title = (
         f"Training throughput, {args.shape} shape, {args.batch}×{args.seq} tokens/step, {precision}, "

@@ -121,7 +121,7 @@ def main() -> None:
     rows = [
         ["source (stories260K-mha)", "-", f"{source_loss:.4f}", "0.0 %", "-"],
         [
-            f"{convert} zero-shot",
+            f"{args.convert} zero-shot",
             "-",
             f"{zero_shot:.4f}",
             f"{100 * (zero_shot / source_loss - 1):+.1f} %",

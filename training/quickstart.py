@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     source = KVForgeLM(init_from=str(source_dir))
     source.configure_model()
     student.configure_model()
-    rows = [("stories260K-mha (source)", source.config, windowed_nll(source.model, held_out).mean)]
+    rows = [("source (MHA)", source.config, windowed_nll(source.model, held_out).mean)]
     rows.append(
         (
-            "converted, zero-shot (" + _describe(student.hparams["convert"]) + ")",
+            "converted: " + _describe(student.hparams["convert"]),
             student.config,
             windowed_nll(student.model, held_out).mean,
         )
@@ -92,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
     cli.trainer.fit(student, datamodule=data)
     rows.append(
         (
-            f"after {cli.trainer.global_step} uptraining steps",
+            f"uptrained {cli.trainer.global_step} steps",
             student.config,
             windowed_nll(student.model, held_out).mean,
         )
     )
 
-    table = Table(title="Uptraining stories260K-mha on CPU (loss on held-out TinyStories, 512-token windows)")
-    for column in ("model", "KV bytes/token (bf16)", "loss (nats)", "perplexity"):
+    table = Table(title="stories260K-mha, held-out TinyStories loss (512-token windows)")
+    for column in ("model", "KV bytes/token", "loss (nats)", "perplexity"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, config, loss in rows:
         kv = kv_bytes_per_token(config, config.max_seq_len, "bf16")
