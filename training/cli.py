@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.forms_demo",
         "build a small model of every attention form and print its KV bytes",
     ),
+    "eval": (
+        "kvforge.training.evaluation.command",
+        "perplexity, context curve, passkey retrieval, KV bytes, peak memory and decode speed of models",
+    ),
 }
 
 
