@@ -35,16 +35,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_pareto(models: list[ModelReport], path: Path) -> Path | None:
-    points = [(m.kv_bytes_per_token, m.perplexity[0].nll, m.name) for m in models if m.perplexity]
-    if not points:
-        return None
+def plot_quality_vs_bytes(points: list[tuple[str, float, float]], path: Path, quality_label: str) -> Path:
+    """Scatter of ``(name, kv_bytes_per_token, nll)`` points with their Pareto front."""
     figure = Figure(figsize=(6, 4.5), layout="constrained")
     axes = figure.subplots()
-    axes.scatter([p[0] for p in points], [p[1] for p in points], zorder=3)
-    for x, y, name in points:
+    axes.scatter([p[1] for p in points], [p[2] for p in points], zorder=3)
+    for name, x, y in points:
         axes.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = pareto_front([(x, y) for x, y, _ in points])
+    front = pareto_front([(x, y) for _, x, y in points])
     axes.step(
         [p[0] for p in front],
         [p[1] for p in front],
@@ -53,13 +51,20 @@ def plot_pareto(models: list[ModelReport], path: Path) -> Path | None:
         alpha=0.6,
         label="Pareto front",
     )
-    first = models[0].perplexity[0]
     axes.set_xlabel("KV cache bytes per token (all layers)")
-    axes.set_ylabel(f"NLL, nats/token ({first.corpus}, context {first.context})")
+    axes.set_ylabel(quality_label)
     axes.set_title("Quality versus KV-cache size")
     axes.grid(alpha=0.3)
     axes.legend()
     return _save(figure, path)
+
+
+def plot_pareto(models: list[ModelReport], path: Path) -> Path | None:
+    points = [(m.name, m.kv_bytes_per_token, m.perplexity[0].nll) for m in models if m.perplexity]
+    if not points:
+        return None
+    first = next(m.perplexity[0] for m in models if m.perplexity)
+    return plot_quality_vs_bytes(points, path, f"NLL, nats/token ({first.corpus}, context {first.context})")
 
 
 def plot_nll_vs_context(models: list[ModelReport], path: Path) -> Path | None:
