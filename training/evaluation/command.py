@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--context-stride-fraction", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--passkey-contexts", type=_ints, help="passkey prompt lengths (default: --contexts)")
     parser.add_argument("--passkey-depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--passkey-trials", type=int, default=5)
     parser.add_argument("--passkey-digits", type=int, default=5)
@@ -49,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--passkey-filler", default="classic", help="'classic' or a text file of haystack sentences"
     )
     parser.add_argument(
-        "--passkey-finetune-steps", type=int, default=0, help="fine-tune a copy on the format first"
+        "--passkey-finetune",
+        action="store_true",
+        help="teach a copy of each model the format first (small models)",
     )
     parser.add_argument("--latency-batches", type=_ints, default=[1, 4])
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -82,13 +85,14 @@ def settings_from_args(args: argparse.Namespace):
         context_stride_fraction=args.context_stride_fraction,
         batch_size=args.batch_size,
         passkey=PasskeySettings(
+            contexts=args.passkey_contexts,
             depths=args.passkey_depths,
             trials=args.passkey_trials,
             key_digits=args.passkey_digits,
             seed=args.passkey_seed,
             filler=args.passkey_filler,
         ),
-        passkey_finetune_steps=args.passkey_finetune_steps,
+        passkey_finetune=args.passkey_finetune,
         latency_batches=args.latency_batches,
         decode_steps=args.decode_steps,
         repeats=args.repeats,

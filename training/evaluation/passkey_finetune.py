@@ -1,15 +1,23 @@
 """A short fine-tune that teaches a small model the passkey format.
 
 A 260K-parameter TinyStories model was never trained to retrieve anything, so its zero-shot passkey
-accuracy is 0 at every length and says nothing about its attention form. A few hundred steps on
-generated passkey prompts (loss on the answer tokens only, contexts spread over the whole range
-that will be evaluated) teach it to copy the key (an induction-head pattern); after that, what
-limits retrieval is the attention form - a sliding window shorter than the needle's distance cannot
-see the needle. Evaluation prompts use a different seed from the training prompts.
+accuracy is 0 at every length and says nothing about its attention form. Generated passkey prompts
+(loss on the answer tokens only) teach it to copy the key, an induction-head pattern. The default is
+one stage of 600 steps of 16 prompts of 76-128 tokens (2-3 minutes on 2 busy CPU cores): afterwards
+stories260K retrieves a 5-digit key in most prompts up to ~100 tokens and whenever the needle is
+near the question (measured: 0.71 exact-match over contexts 96/128 x depths 0/0.5/1, from 0.0).
+Longer prompts are much harder for it (8-dimensional heads must single out one position among
+hundreds): prompts up to 512 from the start never learnt in our runs, and a second stage up to 256
+at a lower rate reached only 10-30 % at 192-256 tokens. ``stages`` lets larger models stretch
+further. After the fine-tune, what limits retrieval is the attention form: a sliding
+window shorter than the needle's distance cannot see the needle. Training prompts use their own
+seed, so no evaluation prompt is trained on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,18 +33,36 @@ from .passkey import PasskeyTask
 
 
 @dataclass
+class FinetuneStage:
+    steps: int
+    max_context: int  # prompts of min_context..max_context tokens, in steps of context_step
+    lr: float
+
+
+@dataclass
 class PasskeyFinetuneConfig:
-    steps: int = 600
+    stages: tuple[FinetuneStage, ...] = (FinetuneStage(600, 128, 3e-3),)
     batch_size: int = 16
-    lr: float = 3e-3
+    min_context: int = 76  # a 5-digit stories260K prompt needs 75 tokens before any filler
+    context_step: int = 4
     warmup_steps: int = 30
-    contexts: tuple[int, ...] = (64, 128, 192, 256, 320, 384, 448, 512)
-    seed: int = 1234  # differs from the evaluation seed, so no evaluation prompt is trained on
+    seed: int = 1234  # differs from the evaluation seeds
     progress_bar: bool = False
+
+    @property
+    def steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    def stage_at(self, step: int) -> FinetuneStage:
+        for stage in self.stages:
+            if step < stage.steps:
+                return stage
+            step -= stage.steps
+        return self.stages[-1]
 
 
 class PasskeyStream(IterableDataset):
-    """Endless batches of passkey prompts; each batch shares one context length (no padding)."""
+    """Batches of passkey prompts following the stages; each batch shares one length (no padding)."""
 
     def __init__(self, task: PasskeyTask, config: PasskeyFinetuneConfig) -> None:
         self.task = task
@@ -44,8 +70,10 @@ class PasskeyStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = random.Random(self.config.seed)
+        step = 0
         while True:
-            context = rng.choice(self.config.contexts)
+            stage = self.config.stage_at(step)
+            context = rng.randrange(self.config.min_context, stage.max_context + 1, self.config.context_step)
             rows = [self.task.sample(context, rng.random(), rng) for _ in range(self.config.batch_size)]
             sequences = torch.tensor([row.prompt_ids + row.answer_ids for row in rows])
             targets = torch.full_like(sequences, IGNORE_INDEX)
@@ -53,6 +81,7 @@ class PasskeyStream(IterableDataset):
                 start = len(row.prompt_ids)
                 targets[index, start - 1 : start - 1 + len(row.answer_ids)] = torch.tensor(row.answer_ids)
             yield sequences[:, :-1], targets[:, :-1]
+            step += 1
 
 
 class PasskeyFinetune(L.LightningModule):
@@ -68,9 +97,14 @@ class PasskeyFinetune(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=0.0)
+        base_lr = self.config.stages[0].lr
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=base_lr, weight_decay=0.0)
         warmup = max(1, self.config.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+        def scale(step: int) -> float:
+            return min(1.0, (step + 1) / warmup) * self.config.stage_at(step).lr / base_lr
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -79,23 +113,35 @@ def finetune_passkey(
 ) -> float:
     """Train ``model`` in place on passkey prompts; returns the last training loss."""
     config = config or PasskeyFinetuneConfig()
-    too_long = [c for c in config.contexts if c > model.config.max_seq_len]
-    if too_long:
+    longest = max(stage.max_context for stage in config.stages)
+    if longest > model.config.max_seq_len:
         raise ValueError(
-            f"PasskeyFinetuneConfig.contexts {too_long} exceed the model's max_seq_len={model.config.max_seq_len}"
+            f"PasskeyFinetuneConfig: max_context={longest} exceeds the model's max_seq_len={model.config.max_seq_len}"
         )
-    module = PasskeyFinetune(model, config)
-    trainer = L.Trainer(
-        max_steps=config.steps,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=config.progress_bar,
-        gradient_clip_val=1.0,
-    )
-    model.train()
-    trainer.fit(module, DataLoader(PasskeyStream(task, config), batch_size=None))
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            max_steps=config.steps,
+            accelerator="auto",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=config.progress_bar,
+            gradient_clip_val=1.0,
+        )
+        model.train()
+        trainer.fit(PasskeyFinetune(model, config), DataLoader(PasskeyStream(task, config), batch_size=None))
     model.eval()
     return float(trainer.callback_metrics["passkey_loss"])
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """An evaluation helper, not a training run: keep Lightning's start-up banner out of the report."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

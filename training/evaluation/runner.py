@@ -51,9 +51,10 @@ class EvalSettings:
     )
     batch_size: int = documented("windows (perplexity) or prompts (passkey) per forward pass", 8)
     passkey: PasskeySettings = documented("passkey prompt generation", default_factory=PasskeySettings)
-    passkey_finetune_steps: int = documented(
-        "steps of the passkey fine-tune run on a copy of each model before the passkey task (0 = zero-shot)",
-        0,
+    passkey_finetune: bool = documented(
+        "whether a copy of each model got the staged passkey fine-tune (PasskeyFinetuneConfig defaults, "
+        "600 steps on prompts up to 128 tokens) before the passkey task; false = zero-shot",
+        False,
     )
     latency_batches: list[int] = documented(
         "batch sizes of the memory/latency task", default_factory=lambda: [1, 4]
@@ -162,19 +163,16 @@ def evaluate_model(loaded: EvalModel, settings: EvalSettings) -> ModelReport:
 
 
 def run_passkey(loaded: EvalModel, settings: EvalSettings, contexts: list[int]) -> PasskeyReport:
-    """Passkey accuracy, after a fine-tune of a copy of the model when ``passkey_finetune_steps`` > 0."""
+    """Passkey accuracy, after the passkey fine-tune of a copy of the model when asked."""
     passkey = dataclasses.replace(settings.passkey, contexts=settings.passkey.contexts or contexts)
     for length in passkey.contexts:
         check_context(loaded.model, length, "passkey contexts")
     filler = CLASSIC_FILLER if passkey.filler == "classic" else read_text(Path(passkey.filler))
     task = PasskeyTask(loaded.tokenizer, filler, passkey.key_digits)
     model = loaded.model
-    if settings.passkey_finetune_steps > 0:
-        from .passkey_finetune import PasskeyFinetuneConfig, finetune_passkey
+    if settings.passkey_finetune:
+        from .passkey_finetune import finetune_passkey
 
         model = copy.deepcopy(model)
-        train_contexts = tuple(sorted({*passkey.contexts, 64} & set(range(1, model.config.max_seq_len + 1))))
-        finetune_passkey(
-            model, task, PasskeyFinetuneConfig(steps=settings.passkey_finetune_steps, contexts=train_contexts)
-        )
+        finetune_passkey(model, task)
     return retrieval_accuracy(model, task, passkey, batch_size=settings.batch_size)
