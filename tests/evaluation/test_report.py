@@ -13,6 +13,7 @@ from kvforge.training.evaluation import evaluate_model
 from kvforge.training.evaluation.plots import PLOTS, pareto_front, write_plots
 from kvforge.training.evaluation.report import EvalReport, new_report, write_json
 from kvforge.training.evaluation.schema import schema_markdown, schema_paths
+from tests.conftest import REPO
 from tests.evaluation.helpers import quick_settings, stories260k
 
 
@@ -73,3 +74,8 @@ def test_no_plot_is_written_without_its_data(model_report, tmp_path):
 def test_pareto_front_keeps_models_no_other_beats_on_bytes_and_quality():
     points = [(1280, 1.32), (640, 1.50), (640, 1.40), (320, 2.0), (960, 1.45)]
     assert pareto_front(points) == [(320, 2.0), (640, 1.40), (1280, 1.32)]
+
+
+def test_json_reference_in_docs_is_up_to_date():
+    reference = (REPO / "docs" / "evaluation-json.md").read_text()
+    assert schema_markdown(EvalReport) in reference, "regenerate the table with `kvforge eval --schema`"

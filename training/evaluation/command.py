@@ -10,18 +10,20 @@ from __future__ import annotations
 import argparse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+def _comma_list(cast, what: str):
+    """An argparse type for ``1,2,3``-style lists."""
+
+    def parse(text: str) -> list:
+        try:
+            return [cast(part) for part in text.split(",") if part]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+_ints = _comma_list(int, "integers")
+_floats = _comma_list(float, "numbers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
