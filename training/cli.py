@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.forms_demo",
         "build a small model of every attention form and print its KV bytes",
     ),
+    "generate": (
+        "kvforge.training.generate",
+        "generate text from a model directory (static KV cache, CUDA-graph decode on GPU)",
+    ),
 }
 
 
