@@ -17,7 +17,7 @@ import torch
 
 from .eager import eager_attention
 from .flash import flash_attention, flash_available, flash_unavailable
-from .flex import flex_attention_fn
+from .flex import flex_attention_fn, flex_unavailable
 from .sdpa import SDPA_KERNELS, forced_sdpa, sdpa_attention, sdpa_kernel_unavailable
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -80,7 +80,9 @@ BACKENDS: dict[str, Backend] = {
     "eager": Backend("eager", eager_attention),
     "sdpa": Backend("sdpa", sdpa_attention),
     **{f"sdpa-{kernel}": _sdpa_backend(kernel) for kernel in SDPA_KERNELS},
-    "flex": Backend("flex", flex_attention_fn, native=frozenset({"documents", "kv_lens"})),
+    "flex": Backend(
+        "flex", flex_attention_fn, native=frozenset({"documents", "kv_lens"}), unavailable=flex_unavailable
+    ),
     "flash": Backend(
         "flash",
         flash_attention,

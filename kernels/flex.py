@@ -41,6 +41,13 @@ def _flex_fn(device: torch.device):
     return flex_attention
 
 
+def flex_unavailable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why flex cannot run these inputs (None if it can)."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "backend='flex' has no backward pass on CPU (torch limitation); use backend='sdpa' there"
+    return None
+
+
 def _structural_mask_mod(q_len: int, k_len: int, causal: bool, window: int | None):
     offset = k_len - q_len  # queries align to the end of the keys
 
@@ -134,6 +141,8 @@ def flex_attention_fn(
 ) -> torch.Tensor:
     batch, q_len, n_heads, _ = q.shape
     k_len = k.shape[1]
+    if not torch.is_grad_enabled():  # flex refuses CPU inputs that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     block_mask, score_mod = None, None
     if kv_lens is None:
         if document_ids is not None:
