@@ -49,7 +49,7 @@ class StaticDecoder:
         self.cache = model.new_cache(batch, max_len, dtype=dtype, static=True)
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cuda_graph = cuda_graph
-        self._forward = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
+        self._forward = torch.compile(self._eager_step) if compile else self._eager_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 

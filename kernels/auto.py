@@ -8,7 +8,6 @@ refuses for this shape) is skipped with one log line per reason - never a silent
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -25,9 +24,17 @@ LAST_RESORT = "sdpa"  # runs every call (torch falls back to its math kernel)
 _runtime_failures: dict[tuple, str] = {}
 
 
-@functools.cache
-def load_table(path: Path = TABLE_PATH) -> list[dict]:
+def read_table(path: Path = TABLE_PATH) -> list[dict]:
     return json.loads(Path(path).read_text())["rows"]
+
+
+# Read once at import, so that resolving a backend inside a torch.compile'd model is pure Python
+# over constants (no file access for dynamo to trace).
+_TABLE = read_table()
+
+
+def load_table() -> list[dict]:
+    return _TABLE
 
 
 def device_key(device: torch.device) -> str:

@@ -42,14 +42,15 @@ class Backend:
     installed: Callable[[], bool] = _always_installed  # can it run on this machine at all
 
 
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return TRITON_INSTALLED and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _triton_unavailable(q, k, v) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "backend='triton' needs the triton package (`pip install kvforge[triton]`)"
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"backend='triton' runs on CUDA (or on CPU with TRITON_INTERPRET=1), got {q.device.type!r}"

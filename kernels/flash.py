@@ -9,6 +9,7 @@ FlashAttention-3 (``flash_attn_interface``, Hopper) is preferred when present, e
 from __future__ import annotations
 
 import functools
+import importlib.util
 from types import SimpleNamespace
 
 import torch
@@ -39,14 +40,12 @@ def _flash_module() -> SimpleNamespace:
     )
 
 
+# Checked once, without importing it (a CUDA import is slow; dynamo must not trace it).
+FLASH_INSTALLED = any(importlib.util.find_spec(name) for name in ("flash_attn_interface", "flash_attn"))
+
+
 def flash_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _flash_module()
-    except BackendUnavailable:
-        return False
-    return True
+    return FLASH_INSTALLED and torch.cuda.is_available()
 
 
 def flash_unavailable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
