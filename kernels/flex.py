@@ -18,6 +18,7 @@ import weakref
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from .errors import BackendUnavailable
 from .log import log_once
 
 NEG_INF = float("-inf")
@@ -152,13 +153,18 @@ def flex_attention_fn(
     if kv_lens is not None or mask is not None:
         full_mask = None if mask is None else mask.expand(batch, n_heads, q_len, k_len)
         score_mod = _masking_score_mod(batch, q_len, causal, window, kv_lens, full_mask)
-    out = _flex_fn(q.device)(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        score_mod=score_mod,
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=n_heads != k.shape[2],
-    )
+    try:
+        out = _flex_fn(q.device)(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=n_heads != k.shape[2],
+        )
+    except torch._dynamo.exc.TorchDynamoException as err:  # e.g. head dims its kernel does not support
+        raise BackendUnavailable(
+            f"backend='flex' could not compile for head dims {q.shape[-1]}/{v.shape[-1]}: {str(err).splitlines()[0]}"
+        ) from err
     return out.transpose(1, 2)

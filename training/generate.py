@@ -1,5 +1,6 @@
-"""Generate text from a model directory with the fixed-shape decode loop (static KV cache; the step is
-captured in a CUDA graph on a GPU).
+"""Generate text from a model directory. On a GPU the fixed-shape decode loop runs (static KV cache,
+the step captured once in a CUDA graph and replayed per token); on CPU the dynamic cache, unless
+``--decode static``.
 
     kvforge generate MODEL_DIR --prompt "Once upon a time" [--max-new-tokens 64 --temperature 0.8 --top-k 50]
     kvforge generate MODEL_DIR --ids 1,403,407 --print-ids
@@ -37,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--decode",
-        choices=("static", "dynamic"),
-        default="static",
-        help="static: fixed-shape cache and step (CUDA graph on GPU); dynamic: the growing cache",
+        choices=("auto", "static", "dynamic"),
+        default="auto",
+        help="static: fixed-shape cache and step (CUDA graph on GPU); dynamic: the growing cache; "
+        "auto: static on CUDA, dynamic on CPU (without a graph to replay, attending over the whole "
+        "static buffer only costs time)",
     )
     parser.add_argument("--no-cuda-graph", action="store_true", help="static decode without graph capture")
     parser.add_argument("--compile", action="store_true", help="torch.compile the static decode step")
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     input_ids = torch.tensor([prompt] * args.num_samples, device=device)
     total = input_ids.shape[1] + args.max_new_tokens
     decoder = None
-    if args.decode == "static":
+    mode = args.decode if args.decode != "auto" else ("static" if device.type == "cuda" else "dynamic")
+    if mode == "static":
         cuda_graph = device.type == "cuda" and not args.no_cuda_graph
         decoder = StaticDecoder(model, args.num_samples, total, cuda_graph=cuda_graph, compile=args.compile)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -138,10 +142,11 @@ def run(args: argparse.Namespace) -> int:
             else tokenizer.decode(row, skip_special_tokens=True)
         )
     new_tokens = (tokens.shape[1] - input_ids.shape[1]) * args.num_samples
-    graph = "CUDA graph" if decoder is not None and decoder.cuda_graph else "no CUDA graph"
+    captured = decoder is not None and decoder.cuda_graph
     print(
-        f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:,.1f} tokens/s incl. prefill and "
-        f"first-step capture; {args.decode} decode, {graph}, {device.type}, {str(dtype).removeprefix('torch.')})",
+        f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:,.1f} tokens/s incl. prefill"
+        f"{' and graph capture' if captured else ''}; {mode} decode{', CUDA graph' if captured else ''}, "
+        f"{device.type}, {str(dtype).removeprefix('torch.')})",
         file=sys.stderr,
     )
     return 0
