@@ -5,6 +5,7 @@ reference the cached paths are tested against). All three share one sampling loo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -37,17 +38,23 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class Sampling:
+    """How the next token is chosen (temperature 0 = greedy) and which token ends a row."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_id: int | None = None
+    generator: torch.Generator | None = None
+
+
 def decode_loop(
     first_logits: torch.Tensor,
     next_logits: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     input_ids: torch.Tensor,
     max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | None = None,
-    generator: torch.Generator | None = None,
+    sampling: Sampling,
     eos_check_every: int = 1,
 ) -> torch.Tensor:
     """Sample ``max_new_tokens`` tokens into a preallocated ``(batch, prompt + new)`` tensor.
@@ -59,11 +66,14 @@ def decode_loop(
     batch, prompt_len = input_ids.shape
     tokens = input_ids.new_empty(batch, prompt_len + max_new_tokens)
     tokens[:, :prompt_len] = input_ids
+    eos_token_id = sampling.eos_token_id
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     steps_taken = torch.zeros((), dtype=torch.long, device=input_ids.device)  # before all rows finished
     logits = first_logits
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        next_ids = sample_next(
+            logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.generator
+        )
         if eos_token_id is not None:
             steps_taken += ~finished.all()
             next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
@@ -108,9 +118,7 @@ def generate(
             f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
             f"max_seq_len={model.config.max_seq_len}"
         )
-    sampling = dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator
-    )
+    sampling = Sampling(temperature, top_k, top_p, eos_token_id, generator)
     if decoder is not None or static:
         if not use_cache:
             raise ValueError("static=True / decoder= decode with a cache; use_cache=False contradicts them")
@@ -125,8 +133,8 @@ def generate(
             lambda next_ids, tokens, step: decoder.step(next_ids),
             input_ids,
             max_new_tokens,
+            sampling,
             eos_check_every=EOS_CHECK_EVERY,
-            **sampling,
         )
     if not use_cache:
 
@@ -134,7 +142,7 @@ def generate(
             return model(tokens[:, : prompt_len + step + 1], logits_to_keep=1)[:, -1]
 
         return decode_loop(
-            model(input_ids, logits_to_keep=1)[:, -1], uncached, input_ids, max_new_tokens, **sampling
+            model(input_ids, logits_to_keep=1)[:, -1], uncached, input_ids, max_new_tokens, sampling
         )
     cache = model.new_cache(batch, total, dtype=cache_dtype)
 
@@ -142,4 +150,4 @@ def generate(
         return model(next_ids[:, None], cache=cache, logits_to_keep=1)[:, -1]
 
     first = model(input_ids, cache=cache, logits_to_keep=1)[:, -1]
-    return decode_loop(first, cached, input_ids, max_new_tokens, **sampling)
+    return decode_loop(first, cached, input_ids, max_new_tokens, sampling)

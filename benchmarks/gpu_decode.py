@@ -9,7 +9,8 @@ import gc
 import torch
 
 from benchmarks.common import timed
-from benchmarks.gpu_models import STOCK, Shape, build_kvforge, build_stock, weight_bytes_read_per_step
+from benchmarks.gpu_models import STOCK, Shape, build_kvforge, weight_bytes_read_per_step
+from benchmarks.stock import build_stock
 from kvforge.arch import StaticDecoder, kv_cache_bytes
 
 MEMORY_HEADROOM = 0.85  # of the free GPU memory a cache may take

@@ -9,7 +9,8 @@ import gc
 import torch
 
 from benchmarks.common import timed
-from benchmarks.gpu_models import STOCK, Shape, build_kvforge, build_stock, flops_per_token
+from benchmarks.gpu_models import STOCK, Shape, build_kvforge, flops_per_token
+from benchmarks.stock import build_stock
 
 # Dense bf16 tensor-core peak (H100/H200 SXM), the denominator of GPU.md's MFU figures.
 PEAK_BF16_FLOPS = {"H100": 989.5e12, "H200": 989.5e12}
