@@ -37,11 +37,18 @@ def load_table() -> list[dict]:
     return _TABLE
 
 
+_device_keys: dict[torch.device, str] = {}
+
+
 def device_key(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"sm{major}{minor}"
-    return device.type
+    """``sm90`` for a CUDA device of compute capability 9.0; the device type otherwise."""
+    if device not in _device_keys:
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            _device_keys[device] = f"sm{major}{minor}"
+        else:
+            _device_keys[device] = device.type
+    return _device_keys[device]
 
 
 def dtype_key(dtype: torch.dtype) -> str:
@@ -70,18 +77,36 @@ def attention_case(
     return "causal" if q_len == k_len else "prefix"
 
 
+def _specificity(row: dict, index: int, device: str, dtype: str, case: str) -> tuple:
+    return (row["device"] == device, row["dtype"] == dtype, row["case"] == case, row["min_keys"], -index)
+
+
 def select_row(rows: list[dict], device: str, generic: str, dtype: str, case: str, k_len: int) -> dict | None:
     """The most specific row for a call: the device's own rows before the generic ones (``cuda``,
     ``cpu``), then an exact dtype, then an exact case, then the largest ``min_keys`` ≤ ``k_len``."""
-    ranked = [
-        (row["device"] == device, row["dtype"] == dtype, row["case"] == case, row["min_keys"], -index)
-        for index, row in enumerate(rows)
-        if row["device"] in (device, generic)
-        and row["dtype"] in (dtype, "*")
-        and row["case"] in (case, "*")
-        and row["min_keys"] <= k_len
-    ]
-    return rows[-max(ranked)[-1]] if ranked else None
+    return next(
+        (row for row in _candidates(rows, device, generic, dtype, case) if row["min_keys"] <= k_len), None
+    )
+
+
+# (id(rows), device, generic, dtype, case) -> (rows, matching rows most specific first). The entry holds
+# the rows object itself, so its id cannot be reused by another table while the entry exists.
+_candidates_memo: dict[tuple, tuple[list[dict], list[dict]]] = {}
+
+
+def _candidates(rows: list[dict], device: str, generic: str, dtype: str, case: str) -> list[dict]:
+    key = (id(rows), device, generic, dtype, case)
+    if key not in _candidates_memo:
+        matching = [
+            (_specificity(row, index, device, dtype, case), row)
+            for index, row in enumerate(rows)
+            if row["device"] in (device, generic)
+            and row["dtype"] in (dtype, "*")
+            and row["case"] in (case, "*")
+        ]
+        ranked = [row for _, row in sorted(matching, key=lambda pair: pair[0], reverse=True)]
+        _candidates_memo[key] = (rows, ranked)
+    return _candidates_memo[key][1]
 
 
 def table_order(device: torch.device, dtype: torch.dtype, case: str, k_len: int) -> tuple[list[str], dict]:
@@ -97,7 +122,7 @@ def table_order(device: torch.device, dtype: torch.dtype, case: str, k_len: int)
     row = select_row(rows, key, device.type, dtype_key(dtype), case, k_len)
     if row is None:
         return [LAST_RESORT], {"source": "no matching row"}
-    return list(row["order"]), row
+    return row["order"], row
 
 
 def signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: str) -> tuple:
@@ -111,13 +136,13 @@ def resolve_auto(
     """The first backend of the table's order that can run this call. ``features``: which of
     ``mask``, ``documents``, ``kv_lens`` the call has (those a backend lacks natively become a mask)."""
     order, row = table_order(q.device, q.dtype, case, k.shape[1])
-    sig = signature(q, k, v, case)
+    sig = signature(q, k, v, case) if _runtime_failures else None
     skipped = []
-    for name in dict.fromkeys([*order, LAST_RESORT]):
+    for name in (*order, LAST_RESORT):
         backend = BACKENDS.get(name)
         if backend is None:
             reason = "not a registered backend"
-        elif (name, sig) in _runtime_failures:
+        elif sig is not None and (name, sig) in _runtime_failures:
             reason = f"it failed on a call like this one: {_runtime_failures[name, sig]}"
         elif not backend.takes_mask and ("mask" in features or features - {"mask"} - backend.native):
             reason = f"it cannot apply this call's {'/'.join(sorted(features))} without a dense mask"
@@ -126,7 +151,7 @@ def resolve_auto(
         if reason is None:
             if skipped:
                 log_once(
-                    f"skip-{sig}-{name}",
+                    f"skip-{signature(q, k, v, case)}-{name}",
                     f"attention backend 'auto' ({case}, {q.dtype}, {q.device}): using {name!r} instead of "
                     + "; ".join(f"{skip!r} ({why})" for skip, why in skipped)
                     + f". Table row: {row.get('source')}",
