@@ -76,7 +76,10 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Biases of the projections that read the hidden state (q/k/v; MLA: q_a/kv_a) and of o_proj, apart:
+    # Qwen2 biases q/k/v only, while Llama/Qwen3/DeepSeek `attention_bias=true` biases o_proj too.
     attention_bias: bool = False
+    o_proj_bias: bool = False
     qk_norm: bool = False
     init_std: float = 0.02
     # MLA sizes (DeepSeek names); required when any layer is "mla".
