@@ -62,6 +62,7 @@ INTERLEAVED_ROPE = RowPermutation(
 class MLALayers:
     """MLA sizes → one ``LayerSpec("mla")`` per layer with DeepSeek's shared rotary key and latent norm."""
 
+    default_kv_heads: int | None  # the config class default of num_key_value_heads (None: the head count)
     fields: tuple[str, ...] = (
         "layers",
         "pattern",
@@ -79,7 +80,7 @@ class MLALayers:
         for name in MLA_SIZES:
             fields[name] = reader.get(name, int)
         fields["q_lora_rank"] = reader.get("q_lora_rank", int, nullable=True)
-        n_kv = reader.get("num_key_value_heads", int, None, nullable=True)
+        n_kv = reader.get("num_key_value_heads", int, self.default_kv_heads, nullable=True)
         if n_kv not in (None, fields["n_heads"]):
             raise reader.error(
                 f"num_key_value_heads={n_kv} must equal num_attention_heads={fields['n_heads']}: "
@@ -169,7 +170,7 @@ def _notes(config: ModelConfig) -> list[str]:
 def _deepseek(model_type: str, architecture: str, *, max_positions, bos, eos, first_dense, v3) -> StockFamily:
     table = [
         *decoder_keys(max_positions=max_positions, bos=bos, eos=eos),
-        MLALayers(),
+        MLALayers(default_kv_heads=128 if v3 else None),
         SharedBias(),
         DenseMLPOnly(first_dense, mtp_key=v3),
     ]
