@@ -16,6 +16,7 @@ final place and renamed into it: nothing partial is left on failure.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 # Kept literal so that `kvforge --help` does not import torch; a test checks it against FAMILIES.
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from kvforge.conversion import load_pretrained, plan_export, save_pretrained
 
     console = Console(highlight=False)
+    logging.getLogger("kvforge.conversion").setLevel(logging.ERROR)  # the notes are printed below, styled
     pretrained = load_pretrained(src, allow_pickle=args.allow_pickle, progress=True)
     config = pretrained.config
     plan = plan_export(config, None if args.family == "auto" else args.family)

@@ -11,6 +11,7 @@ atomically with its tokenizer files and generation config. Nothing here executes
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 EMBEDDINGS, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,8 +124,10 @@ def save_pretrained(
 
     Tensors keep their dtype unless ``dtype`` is given (floating tensors only). The directory is
     built next to ``out`` and renamed into place: an existing ``out`` is refused unless ``overwrite``,
-    and a failure leaves nothing behind."""
-    chosen = plan_export(config, family).family
+    and a failure leaves nothing behind. What the user should know about the target (a kvforge-typed
+    directory that stock servers will not load, zero biases added, ...) is logged as warnings."""
+    plan = plan_export(config, family)
+    chosen = plan.family
     tensors = dict(state_dict)
     if config.tie_embeddings and EMBEDDINGS in tensors:
         tensors.setdefault(LM_HEAD, tensors[EMBEDDINGS])
@@ -143,6 +147,8 @@ def save_pretrained(
         for name, text in chosen.extra_files().items():
             (tmp / name).write_text(text)
         _copy_tokenizer(tokenizer_from, tmp, hf)
+    for note in plan.notes:
+        log.warning("%s: %s", out, note)
     return Path(out)
 
 

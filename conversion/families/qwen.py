@@ -59,10 +59,21 @@ class Qwen2Biases:
         return None
 
 
+def _window_notes(config: ModelConfig) -> list[str]:
+    sliding = [spec.window is not None for spec in config.layers]
+    if any(sliding) and sliding != sorted(sliding):  # sliding layers are not a suffix
+        return [
+            "the sliding layers are not the last ones: layer_types says which slide (transformers reads it), "
+            "but readers that only know max_window_layers (older transformers and servers) cannot express this"
+        ]
+    return []
+
+
 def _qwen2_notes(config: ModelConfig) -> list[str]:
-    if config.attention_bias:
-        return []
-    return ["Qwen2 always has q/k/v biases: written as zeros (the model computes exactly the same)"]
+    notes = _window_notes(config)
+    if not config.attention_bias:
+        notes.append("Qwen2 always has q/k/v biases: written as zeros (the model computes exactly the same)")
+    return notes
 
 
 QWEN2 = StockFamily(
@@ -90,4 +101,5 @@ QWEN3 = StockFamily(
         SharedBias(),
         Const("qk_norm", True, "Qwen3 always normalises q and k per head"),
     ),
+    notes=_window_notes,
 )

@@ -37,24 +37,6 @@ def edit_config(path, **changes):
     return path
 
 
-def test_unknown_model_type_lists_the_supported_ones(llama_copy):
-    edit_config(llama_copy, model_type="gpt2")
-    with pytest.raises(ValueError, match=r"model_type='gpt2' is not supported.*\['deepseek_v2', .*'qwen3'\]"):
-        load_pretrained(llama_copy)
-
-
-def test_model_type_that_needs_remote_code_is_refused(llama_copy):
-    edit_config(llama_copy, model_type="my_model", auto_map={"AutoModelForCausalLM": "modeling_x.X"})
-    with pytest.raises(ValueError, match=r"needs the checkpoint's own modeling code.*never runs code"):
-        load_pretrained(llama_copy)
-
-
-def test_moe_model_type_is_refused_as_moe(llama_copy):
-    edit_config(llama_copy, model_type="qwen2_moe")
-    with pytest.raises(ValueError, match=r"mixture-of-experts family"):
-        load_pretrained(llama_copy)
-
-
 def test_deepseek_checkpoint_with_moe_layers_is_refused(tmp_path):
     path = save_hf_model("deepseek_v3", tmp_path / "ds")
     edit_config(path, first_k_dense_replace=1)
@@ -135,38 +117,50 @@ def test_shard_symlink_leaving_the_directory_is_refused(llama_copy, tmp_path):
         load_pretrained(llama_copy)
 
 
-def test_config_with_a_missing_required_field_is_a_clear_error(llama_copy):
-    edit_config(llama_copy, hidden_size=...)
-    with pytest.raises(ValueError, match=r"config\.json: missing required key 'hidden_size' \(an integer\)"):
-        load_pretrained(llama_copy)
-
-
-def test_config_with_a_mistyped_field_is_a_clear_error(llama_copy):
-    edit_config(llama_copy, num_hidden_layers="3")
-    with pytest.raises(ValueError, match=r"num_hidden_layers='3' has the wrong type: expected an integer"):
-        load_pretrained(llama_copy)
-
-
-def test_config_describing_an_impossible_model_is_a_clear_error(llama_copy):
-    edit_config(llama_copy, num_key_value_heads=3)
-    with pytest.raises(ValueError, match=r"invalid llama model: .*n_kv_heads=3 must divide n_heads=8"):
-        load_pretrained(llama_copy)
+# (what is wrong, config.json changes, the message that must say so)
+BAD_CONFIGS = [
+    (
+        "unknown-model-type",
+        {"model_type": "gpt2"},
+        r"model_type='gpt2' is not supported.*\['deepseek_v2', .*'qwen3'\]",
+    ),
+    (
+        "needs-remote-code",
+        {"model_type": "my_model", "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}},
+        r"needs the checkpoint's own modeling code.*never runs code",
+    ),
+    ("moe-model-type", {"model_type": "qwen2_moe"}, r"mixture-of-experts family"),
+    (
+        "missing-field",
+        {"hidden_size": ...},
+        r"config\.json: missing required key 'hidden_size' \(an integer\)",
+    ),
+    (
+        "mistyped-field",
+        {"num_hidden_layers": "3"},
+        r"num_hidden_layers='3' has the wrong type: expected an integer",
+    ),
+    (
+        "impossible-model",
+        {"num_key_value_heads": 3},
+        r"invalid llama model: .*n_kv_heads=3 must divide n_heads=8",
+    ),
+    ("activation", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
+    ("quantized", {"quantization_config": {"quant_method": "fp8"}}, r"quantization_config is set"),
+    (
+        "rope-type",
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
+        r"rope_type='dynamic' is not supported",
+    ),
+    ("partial-rope", {"partial_rotary_factor": 0.5}, r"partial_rotary_factor=0\.5 is not supported"),
+    ("mlp-bias", {"mlp_bias": True}, r"mlp_bias=True is not supported"),
+]
 
 
 @pytest.mark.parametrize(
-    ("changes", "match"),
-    [
-        ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
-        ({"quantization_config": {"quant_method": "fp8"}}, r"quantization_config is set"),
-        (
-            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
-            r"rope_type='dynamic' is not supported",
-        ),
-        ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor=0\.5 is not supported"),
-        ({"mlp_bias": True}, r"mlp_bias=True is not supported"),
-    ],
+    ("changes", "match"), [case[1:] for case in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS]
 )
-def test_unsupported_features_are_refused_by_name(llama_copy, changes, match):
+def test_bad_config_is_refused_with_a_message_naming_the_problem(llama_copy, changes, match):
     with pytest.raises(ValueError, match=match):
         load_pretrained(edit_config(llama_copy, **changes))
 

@@ -145,9 +145,24 @@ def test_plan_names_the_zero_biases_qwen2_export_writes():
     assert any("zeros" in note for note in notes)
 
 
+def test_plan_notes_when_sliding_layers_are_not_the_last_ones():
+    assert any(
+        "max_window_layers" in note for note in plan_export(tiny_form("swa")).notes
+    )  # local, local, local, global
+    assert not any(
+        "max_window_layers" in n for n in plan_export(windows(tiny_form("gqa"), [None, None, 5, 5])).notes
+    )
+
+
 def test_plan_warns_that_kvforge_typed_exports_do_not_load_in_stock_servers():
     notes = plan_export(tiny_form("cla")).notes
     assert any("vLLM" in note and "NOT load" in note for note in notes)
+
+
+def test_save_pretrained_logs_a_warning_when_it_writes_kvforge_typed(tmp_path, caplog):
+    config = tiny_form("cla")
+    save_pretrained(config, CausalLM(config).state_dict(), tmp_path / "cla")
+    assert any(r.levelname == "WARNING" and "NOT load" in r.getMessage() for r in caplog.records)
 
 
 def test_named_family_that_cannot_hold_the_model_is_refused_with_the_ones_that_can():
