@@ -4,6 +4,11 @@ GQA/MQA go through ``enable_gqa=True`` (no repeated K/V copies). The causal flag
 ``is_causal`` only when queries and keys have the same length: SDPA aligns ``is_causal`` to the
 top-left corner, which is wrong for a query block that follows cached keys, so that case gets an
 explicit mask.
+
+When V is narrower than Q/K (MLA: qk 192 vs v 128) torch's fused kernels refuse the shapes and SDPA
+falls back to the math path, which materialises the (q_len × k_len) score matrix. Zero-padding the
+narrower side to a common width keeps the fused, memory-linear path (padded V columns produce zero
+output columns, padded Q/K columns add zero to every score; the scale is passed explicitly).
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ def sdpa_attention(
         else:
             keep = causal_window_mask(q_len, k_len, causal=causal, window=window, device=q.device)
             attn_mask = combine(keep, mask)
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    if v_dim < qk_dim:
+        v = F.pad(v, (0, qk_dim - v_dim))
+    elif v_dim > qk_dim:
+        q, k = F.pad(q, (0, v_dim - qk_dim)), F.pad(k, (0, v_dim - qk_dim))
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -43,4 +53,4 @@ def sdpa_attention(
         scale=scale,
         enable_gqa=n_heads != n_kv_heads,
     )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[..., :v_dim]

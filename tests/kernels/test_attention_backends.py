@@ -18,6 +18,8 @@ CASES = [
     (1, 19, 8, 2, 16, 16, None),  # single-token decode
     (1, 19, 8, 2, 16, 16, 4),
     (5, 12, 8, 1, 20, 12, None),  # MLA-absorbed shape: one KV head, V narrower than K
+    (12, 12, 4, 4, 24, 16, None),  # MLA-expanded training shape: V narrower (padded to stay fused)
+    (12, 12, 4, 2, 8, 16, 5),  # V wider than Q/K
 ]
 
 
