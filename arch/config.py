@@ -97,7 +97,7 @@ class ModelConfig:
     pattern: list[LayerSpec] | None = None
     layers: list[LayerSpec] | None = None
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # a list: several end tokens (Llama-3 checkpoints)
     pad_token_id: int | None = None
     # Runtime options.
     attention_backend: str = "auto"

@@ -39,7 +39,7 @@ def count_parameters(config: ModelConfig) -> int:
 def _gqa_params(config: ModelConfig, spec: LayerSpec) -> int:
     d, q_dim, kv_dim = config.d_model, config.n_heads * config.head_dim, spec.n_kv_heads * config.head_dim
     bias = config.attention_bias
-    total = d * q_dim + q_dim * d + (q_dim if bias else 0)
+    total = d * q_dim + q_dim * d + (q_dim if bias else 0) + (d if config.o_proj_bias else 0)
     if spec.kv_from is None:
         total += 2 * (d * kv_dim + (kv_dim if bias else 0))
         total += config.head_dim if config.qk_norm else 0
@@ -59,7 +59,7 @@ def _mla_params(config: ModelConfig, spec: LayerSpec) -> int:
     if spec.kv_from is None:
         total += d * latent + (latent if bias else 0) + (rank if config.mla_latent_norm else 0)
     total += rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
-    return total + heads * config.v_head_dim * d + (d if bias else 0)
+    return total + heads * config.v_head_dim * d + (d if config.o_proj_bias else 0)
 
 
 def activation_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:

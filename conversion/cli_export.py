@@ -66,23 +66,28 @@ def run(args: argparse.Namespace) -> int:
     from kvforge.conversion import load_pretrained, plan_export, save_pretrained
 
     console = Console(highlight=False)
-    logging.getLogger("kvforge.conversion").setLevel(logging.ERROR)  # the notes are printed below, styled
     pretrained = load_pretrained(src, allow_pickle=args.allow_pickle, progress=True)
     config = pretrained.config
     plan = plan_export(config, None if args.family == "auto" else args.family)
     family = plan.family
     console.print(f"Read {src}: {pretrained.family}, {config.n_layers} layers, {config.d_model} wide")
-    out = save_pretrained(
-        config,
-        pretrained.state_dict,
-        args.out,
-        family=family.model_type,
-        tokenizer_from=src,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        progress=True,
-    )
+    logger = logging.getLogger("kvforge.conversion")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the notes are printed below, styled
+    try:
+        out = save_pretrained(
+            config,
+            pretrained.state_dict,
+            args.out,
+            family=family.model_type,
+            tokenizer_from=src,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            progress=True,
+        )
+    finally:
+        logger.setLevel(level)
     console.print(f"Wrote {out} as {family.architecture} (model_type {family.model_type!r})")
     if family.stock:
         console.print(

@@ -12,7 +12,14 @@ from tests.conftest import tiny_form
 
 
 @pytest.mark.parametrize(
-    "variant", [{}, {"tie_embeddings": True}, {"qk_norm": True, "attention_bias": True}, {"q_lora_rank": 12}]
+    "variant",
+    [
+        {},
+        {"tie_embeddings": True},
+        {"qk_norm": True, "attention_bias": True},
+        {"attention_bias": True, "o_proj_bias": True},
+        {"q_lora_rank": 12},
+    ],
 )
 @pytest.mark.parametrize("form", FORMS)
 def test_parameter_count_is_exact(form, variant):
