@@ -177,7 +177,7 @@ def _deepseek(model_type: str, architecture: str, *, max_positions, bos, eos, fi
     if v3:
         table.append(RopeInterleaveKey())
     else:
-        table.append(Fixed("mlp_bias", False, default=False))
+        table.append(Fixed("mlp_bias", False))
 
     def layouts(hf: dict) -> tuple:
         interleaved = bool(hf.get("rope_interleave", True)) if v3 else True

@@ -39,7 +39,7 @@ LLAMA = StockFamily(
         Key("head_dim", "head_dim", int, None, nullable=True),
         GQALayers(NoWindows()),
         SharedBias(),
-        Fixed("mlp_bias", False, default=False),
+        Fixed("mlp_bias", False),
         Const("qk_norm", False, "Llama has no q/k norm"),
     ),
 )

@@ -137,16 +137,15 @@ class Const:
 @dataclass(frozen=True)
 class Fixed:
     """A config.json key whose only supported value is ``value`` (e.g. ``hidden_act: silu``): import
-    refuses anything else, export writes it."""
+    refuses anything else, export writes it. An absent key reads as ``value``, which is also the
+    transformers default of every such key in these families."""
 
     hf: str
     value: Any
-    default: Any = REQUIRED  # what stock transformers assumes when the key is absent
     fields: tuple[str, ...] = ()
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
-        default = self.value if self.default is REQUIRED else self.default
-        value = reader.data.get(self.hf, default)
+        value = reader.data.get(self.hf, self.value)
         if value != self.value:
             raise reader.error(
                 f"{self.hf}={value!r} is not supported: kvforge models have {self.hf}={self.value!r}"
