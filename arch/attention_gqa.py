@@ -31,7 +31,7 @@ class GQAAttention(nn.Module):
         if self.owns_kv:
             self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
             self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm and self.owns_kv else None
 

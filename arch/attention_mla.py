@@ -65,7 +65,7 @@ class MLAAttention(nn.Module):
             )
             self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, MLA_NORM_EPS) if config.mla_latent_norm else None
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d_model, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d_model, bias=config.o_proj_bias)
 
     def cache_features(self) -> list[tuple[int, ...]]:
         """One row per position: the latent followed by the rotary key(s)."""

@@ -7,6 +7,12 @@ from a measured table instead of trusting the default. GQA/MQA go through ``enab
 repeated K/V copies). ``is_causal`` is passed only when queries and keys have the same length: SDPA
 aligns it to the top-left corner, wrong for a query block that follows cached keys, so that case
 gets an explicit mask.
+
+When V is narrower than Q/K (MLA: qk 192 vs v 128) torch's fused kernels refuse the shapes and SDPA
+falls back to the math path, which materialises the (q_len × k_len) score matrix. Zero-padding the
+narrower side to a common width keeps the fused, memory-linear path (padded V columns produce zero
+output columns, padded Q/K columns add zero to every score; the scale is passed explicitly). A single
+query (decode) is not padded: its score row is small, while padding would copy the whole cache.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ def sdpa_attention(
         else:
             keep = causal_window_mask(q_len, k_len, causal=causal, window=window, device=q.device)
             attn_mask = combine(keep, mask)
+    v_dim = v.shape[-1]
+    if q_len > 1:
+        q, k, v = _common_width(q, k, v)
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=n_heads != n_kv_heads)
     if kernel is None:
@@ -62,10 +71,20 @@ def sdpa_attention(
         except RuntimeError as err:  # torch says "No available kernel" and why in its warnings
             raise BackendUnavailable(
                 f"backend='sdpa-{kernel}' cannot run these inputs (device {q.device.type}, {q.dtype}, "
-                f"head_dim {q.shape[-1]}/{v.shape[-1]}, {n_heads}/{n_kv_heads} heads, "
+                f"head_dim {q.shape[-1]}/{v_dim}, {n_heads}/{n_kv_heads} heads, "
                 f"mask={'yes' if attn_mask is not None else 'no'}): {str(err).splitlines()[0]}"
             ) from err
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[..., :v_dim]
+
+
+def _common_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Zero-pad V or Q/K so that all three have the same head dim (see the module docstring)."""
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    if v_dim < qk_dim:
+        v = F.pad(v, (0, qk_dim - v_dim))
+    elif v_dim > qk_dim:
+        q, k = F.pad(q, (0, v_dim - qk_dim)), F.pad(k, (0, v_dim - qk_dim))
+    return q, k, v
 
 
 def forced_sdpa(kernel: str):

@@ -81,11 +81,12 @@ def test_a_skipped_first_choice_is_logged_once(monkeypatch, caplog):
 
 
 def test_a_backend_failing_at_run_time_is_remembered_and_logged_once(monkeypatch, caplog):
-    # torch's CPU flash kernel exists but refuses K/V of different widths: known only when it runs.
+    # torch's CPU flash kernel exists but refuses K/V of different widths for a decode query (which
+    # is not padded to a common width): known only when it runs.
     _use_table(
         monkeypatch, [{"device": "cpu", "dtype": "*", "case": "*", "min_keys": 0, "order": ["sdpa-flash"]}]
     )
-    q, k, v = _qkv(head_dim=8, v_dim=4)
+    q, k, v = _qkv(q_len=1, head_dim=8, v_dim=4)
     with caplog.at_level(logging.WARNING, logger="kvforge.kernels"):
         first = attention(q, k, v)
         second = attention(q, k, v)
