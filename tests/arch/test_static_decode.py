@@ -95,14 +95,23 @@ def test_cuda_graph_on_a_cpu_model_is_a_clear_error():
         StaticDecoder(CausalLM(tiny_form("gqa")), batch=1, max_len=8, cuda_graph=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("form", FORMS)
-def test_captured_decode_step_equals_uncached_generation(form, compile):
+def _captured_generation_equals_uncached(form: str, compile: bool) -> None:
     model = CausalLM(tiny_form(form)).cuda().eval()
     prompt = torch.randint(0, 97, (2, 4), device="cuda")
     expected = generate(model, prompt, 20, use_cache=False)
     decoder = StaticDecoder(model, batch=2, max_len=24, cuda_graph=True, compile=compile)
     assert torch.equal(generate(model, prompt, 20, decoder=decoder), expected)
     assert decoder.graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", FORMS)
+def test_captured_decode_step_equals_uncached_generation(form):
+    _captured_generation_equals_uncached(form, compile=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_and_captured_decode_step_equals_uncached_generation():
+    _captured_generation_equals_uncached("mix", compile=True)  # mix: MLA, windowed GQA, shared K/V
