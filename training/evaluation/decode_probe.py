@@ -1,8 +1,9 @@
 """One timed generation with an explicit KV cache: prefill a prompt, then greedy-decode token by
 token, measuring wall time of each phase, the bytes the cache tensors really occupy, and peak memory.
 
-Phase 2: when the static-cache decode loop of ``kvforge generate`` lands, :func:`run_probe` should
-drive that loop instead of the plain one below, so that the numbers are the ones users get.
+It decodes the way ``kvforge generate --decode auto`` does, so the numbers are the ones users get:
+with a :class:`~kvforge.arch.StaticDecoder` (fixed shapes, one CUDA-graph replay per token) when one
+is given - on CUDA - and with the growing dynamic cache otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.arch import CausalLM, KVCache, sample_next
+from kvforge.arch import CausalLM, KVCache, StaticDecoder, sample_next
 
 
 @dataclass
@@ -60,9 +61,11 @@ def run_probe(
     prompt_ids: torch.Tensor,
     decode_steps: int,
     cache_dtype: torch.dtype | None = None,
+    decoder: StaticDecoder | None = None,
 ) -> ProbeResult:
-    """Prefill ``prompt_ids`` (batch, prompt) into a fresh cache sized to fit exactly, then run
-    ``decode_steps`` greedy steps of one token each; the cache ends holding prompt + steps tokens."""
+    """Prefill ``prompt_ids`` (batch, prompt) into a fresh cache sized to fit exactly (or the
+    ``decoder``'s, reset), then run ``decode_steps`` greedy steps of one token each; the cache ends
+    holding prompt + steps tokens."""
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + decode_steps
     if decode_steps < 1:
@@ -75,18 +78,30 @@ def run_probe(
     device = prompt_ids.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache = model.new_cache(batch, total, dtype=cache_dtype)
+    if decoder is not None:
+        if decoder.cache.max_len != total or decoder.batch != batch:
+            raise ValueError(
+                f"decoder holds {decoder.batch} x {decoder.cache.max_len} tokens; this probe needs {batch} x {total}"
+            )
+        cache, prefill, step = decoder.cache, decoder.prefill, decoder.step
+    else:
+        cache = model.new_cache(batch, total, dtype=cache_dtype)
+
+        def prefill(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids, cache=cache, logits_to_keep=1)[:, -1]
+
+        def step(next_ids: torch.Tensor) -> torch.Tensor:
+            return model(next_ids[:, None], cache=cache, logits_to_keep=1)[:, -1]
+
     _synchronize(device)
     start = time.perf_counter()
-    logits = model(prompt_ids, cache=cache, logits_to_keep=1)[:, -1]
-    generated = [sample_next(logits)]
+    generated = [sample_next(prefill(prompt_ids))]
     _synchronize(device)
     prefill_s = time.perf_counter() - start
     steps = []
     for _ in range(decode_steps):
         start = time.perf_counter()
-        logits = model(generated[-1][:, None], cache=cache, logits_to_keep=1)[:, -1]
-        generated.append(sample_next(logits))
+        generated.append(sample_next(step(generated[-1])))
         _synchronize(device)
         steps.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

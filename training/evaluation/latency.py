@@ -3,7 +3,9 @@
 Each (batch, context) point prefills ``context - decode_steps`` random tokens into a fresh cache and
 then decodes ``decode_steps`` tokens one at a time, so the decode steps run with a nearly full cache
 of ``context`` tokens - the regime where a smaller KV cache pays off. The median over ``repeats``
-runs (after one warm-up) is reported. The same generations also give the memory rows.
+runs (after one warm-up) is reported. On CUDA the decode runs in a :class:`~kvforge.arch.StaticDecoder`
+(one CUDA-graph replay per token, captured during the warm-up), on CPU with the dynamic cache - as
+``kvforge generate --decode auto`` does. The same generations also give the memory rows.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.arch import CausalLM
+from kvforge.arch import CausalLM, StaticDecoder
 from kvforge.training.evaluation.schema import documented
 
 from .decode_probe import run_probe
@@ -28,6 +30,10 @@ class LatencyRow:
     prompt_tokens: int = documented("tokens prefilled per sequence (`context - decode_steps`)")
     decode_steps: int = documented("single-token decode steps timed after the prefill")
     repeats: int = documented("timed generations; the figures are their medians")
+    decode_loop: str = documented(
+        "how the tokens were decoded: 'static+cuda-graph' (fixed-shape cache, one graph replay per token) "
+        "or 'dynamic' (growing cache, eager)"
+    )
     prefill_s: float = documented("seconds to prefill the prompt of every sequence and pick the first token")
     prefill_tokens_per_s: float = documented("batch * prompt_tokens / prefill_s")
     decode_ms_per_step: float = documented(
@@ -59,14 +65,16 @@ def measure_decode(
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    warmup = torch.randint(0, model.config.vocab_size, (1, 8), generator=generator).to(device)
-    run_probe(model, warmup, 2, cache_dtype)
+    static = device.type == "cuda"
     latency, memory = [], []
     for batch in batches:
         for context in contexts:
             prompt_len = context - decode_steps
             prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator)
-            probes = [run_probe(model, prompt.to(device), decode_steps, cache_dtype) for _ in range(repeats)]
+            prompt = prompt.to(device)
+            decoder = StaticDecoder(model, batch, context, dtype=cache_dtype) if static else None
+            run_probe(model, prompt, decode_steps, cache_dtype, decoder)  # warm-up (and graph capture)
+            probes = [run_probe(model, prompt, decode_steps, cache_dtype, decoder) for _ in range(repeats)]
             prefill_s = statistics.median(p.prefill_s for p in probes)
             step_s = statistics.median(p.decode_s_per_token for p in probes)
             latency.append(
@@ -76,6 +84,7 @@ def measure_decode(
                     prompt_tokens=prompt_len,
                     decode_steps=decode_steps,
                     repeats=repeats,
+                    decode_loop="static+cuda-graph" if static else "dynamic",
                     prefill_s=prefill_s,
                     prefill_tokens_per_s=batch * prompt_len / prefill_s,
                     decode_ms_per_step=step_s * 1e3,
