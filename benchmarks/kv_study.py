@@ -39,7 +39,6 @@ documented in phase 2 with the static-cache decode loop.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -169,13 +168,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fingerprint(args: argparse.Namespace, source: ModelConfig) -> str:
-    """What the cached quality numbers depend on; a change invalidates them."""
-    key = json.dumps(
-        [str(args.source.resolve()), str(args.text.resolve()), args.max_tokens, dataclasses.asdict(source)],
-        default=str,
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+# Bump when a measurement's procedure changes: saved numbers of an older procedure are then refused.
+STUDY_VERSION = 1
+
+
+def fingerprint(args: argparse.Namespace) -> str:
+    """What the cached quality numbers depend on (the source's config file, the text, the settings);
+    a change invalidates them."""
+    parts = [
+        STUDY_VERSION,
+        str(args.source.resolve()),
+        (args.source / "config.json").read_text(),
+        hashlib.sha256(args.text.read_bytes()).hexdigest(),
+        args.max_tokens,
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def run_row(name: str, pretrained, data: StudyData, store: ResultStore) -> dict[str, float | None]:
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     split = int(corpus.ids.numel() * 0.8)
     heldout = Corpus(f"{corpus.name}[80%:]", corpus.ids[split:], corpus.ids.numel() - split)
     data = StudyData(corpus, heldout, pretrained.config.max_seq_len, args.repeats)
-    store = ResultStore(args.out / "results.json", fingerprint(args, pretrained.config), args.redo)
+    store = ResultStore(args.out / "results.json", fingerprint(args), args.redo)
     print(f"KV study: {len(rows)} rows, {corpus.ids.numel():,} evaluation tokens, results in {store.path}")
     results = {name: run_row(name, pretrained, data, store) for name in rows}
     mha_bytes = kv_bytes_per_token(mha_equivalent(pretrained.config), data.context, torch.float32)
