@@ -84,3 +84,13 @@ def test_existing_report_is_not_overwritten_without_the_flag(tmp_path, capsys):
     (tmp_path / "eval.json").write_text("{}")
     err = _error(capsys, str(shared_path("stories260K")), "--tasks", "memory", "--out", str(tmp_path))
     assert "eval.json already exists; pass --overwrite" in err
+
+
+def test_only_the_requested_tasks_run(tmp_path):
+    out = tmp_path / "eval"
+    code = _eval(str(shared_path("stories260K")), "--text", str(shared_path(*TINYSTORIES)), "--tasks", "context",
+                 "--out", str(out), "--no-plots", *QUICK)  # fmt: skip
+    assert code == 0
+    (model,) = json.loads((out / "eval.json").read_text())["models"]
+    assert [r["context"] for r in model["perplexity_vs_context"]] == [96, 128]
+    assert (model["perplexity"], model["passkey"], model["memory"], model["latency"]) == ([], None, [], [])

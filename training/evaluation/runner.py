@@ -128,7 +128,9 @@ def evaluate_model(loaded: EvalModel, settings: EvalSettings) -> ModelReport:
         load_corpus(path, loaded.tokenizer, max_tokens=settings.max_tokens, text_field=settings.text_field)
         for path in (settings.corpora if {"perplexity", "context"} & set(settings.tasks) else [])
     ]
-    rows = [perplexity(model, c, context, settings.stride, settings.batch_size) for c in corpora]
+    rows = []
+    if "perplexity" in settings.tasks:
+        rows = [perplexity(model, c, context, settings.stride, settings.batch_size) for c in corpora]
     curve = []
     if "context" in settings.tasks:
         curve = perplexity_vs_context(
