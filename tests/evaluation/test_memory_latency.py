@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvforge.arch import CausalLM, generate, kv_cache_bytes
+from kvforge.arch import CausalLM, StaticDecoder, generate, kv_cache_bytes
 from kvforge.arch.forms import FORMS
 from kvforge.training.evaluation import measure_decode
 from kvforge.training.evaluation.decode_probe import allocated_cache_bytes, run_probe
@@ -72,3 +72,14 @@ def test_bad_latency_settings_are_clear_errors(options, match):
     arguments = dict(batches=[1], contexts=[16], decode_steps=4, repeats=1) | options
     with pytest.raises(ValueError, match=match):
         measure_decode(model, **arguments)
+
+
+def test_probe_through_a_static_decoder_decodes_the_same_tokens():
+    # The path the probe takes on CUDA (there with a CUDA graph), run eagerly on CPU.
+    model = CausalLM(tiny_form("mix")).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+    decoder = StaticDecoder(model, 2, 15, cuda_graph=False)
+    probe = run_probe(model, prompt, decode_steps=6, decoder=decoder)
+    expected = generate(model, prompt, max_new_tokens=7, use_cache=False)[:, 9:]
+    assert torch.equal(probe.generated_ids, expected)
+    assert probe.cache_bytes == kv_cache_bytes(model.config, 15, torch.float32, 2)
