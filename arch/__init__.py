@@ -7,6 +7,7 @@ from .flops import flops_per_token, forward_flops_per_token
 from .generate import generate, sample_next
 from .kv_bytes import describe_layers, kv_bytes_per_token, kv_cache_bytes, mha_equivalent, parse_dtype
 from .model import CausalLM, Decoder, DecoderLayer
+from .static_decode import StaticDecoder
 
 __all__ = [
     "CausalLM",
@@ -19,6 +20,7 @@ __all__ = [
     "ModelConfig",
     "RingLayerCache",
     "RopeScaling",
+    "StaticDecoder",
     "describe_layers",
     "flops_per_token",
     "forward_flops_per_token",
