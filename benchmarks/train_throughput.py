@@ -1,20 +1,18 @@
 """Training tokens/s through Lightning: kvforge's ``KVForgeLM`` (every attention form) against
-``transformers.LlamaForCausalLM`` of the same shape and weights, in the same loop (same Trainer settings,
+the stock transformers model of the same shape and weights (``benchmarks.stock``), in the same loop (same Trainer settings,
 precision, AdamW groups, gradient clipping, batches), measured in one run.
 
     python -m benchmarks.train_throughput                       # CPU: small shape, fp32
     python -m benchmarks.train_throughput --shape 125m --forms mha,gqa,mqa,mla,cla,swa,mix   # GPU: bf16-mixed
 
 Prints tokens/s, MFU (``arch.flops_per_token`` × tokens/s / the device's peak, where Lightning knows it)
-and the ratio to transformers for the forms Llama can express (mha/gqa/mqa share its code path).
+and the ratio to transformers for the forms a stock class expresses (Llama: mha/gqa/mqa; DeepseekV3: mla).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -23,9 +21,9 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import markdown_table, print_table
+from benchmarks.stock import build_stock
 from kvforge.arch import ModelConfig, flops_per_token
 from kvforge.arch.forms import FORMS, with_form
-from kvforge.conversion import save_pretrained
 from kvforge.training.module import KVForgeLM
 from kvforge.training.optim import OptimizerConfig, build_optimizer
 
@@ -35,7 +33,7 @@ SHAPES = {
     # GPT-2-small-sized, as configs/pretrain/gpu-125m-gqa.yaml
     "125m": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048),
 }
-LLAMA_FORMS = ("mha", "gqa", "mqa")
+STOCK_FORMS = ("mha", "gqa", "mqa", "mla")  # Llama, or DeepseekV3 for MLA
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,10 +65,10 @@ class RandomTokens(Dataset):
         return {"input_ids": self.ids[index, :-1], "targets": self.ids[index, 1:]}
 
 
-class HFLlama(pl.LightningModule):
-    """The baseline: stock LlamaForCausalLM (its own loss path) in the same Lightning loop."""
+class StockLM(pl.LightningModule):
+    """The baseline: the stock transformers model (its own loss path) in the same Lightning loop."""
 
-    def __init__(self, model: transformers.LlamaForCausalLM, optim: OptimizerConfig, steps: int) -> None:
+    def __init__(self, model: transformers.PreTrainedModel, optim: OptimizerConfig, steps: int) -> None:
         super().__init__()
         self.model, self.optim, self.steps = model, optim, steps
 
@@ -98,13 +96,6 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.end = self._now(trainer)
-
-
-def hf_twin(module: KVForgeLM) -> transformers.LlamaForCausalLM:
-    """The same model as stock transformers sees it: exported by kvforge, loaded by ``from_pretrained``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(module.config, module.model.state_dict(), Path(tmp) / "model")
-        return transformers.LlamaForCausalLM.from_pretrained(Path(tmp) / "model", attn_implementation="sdpa")
 
 
 def tokens_per_second(module: pl.LightningModule, args, precision: str, vocab: int) -> float:
@@ -143,10 +134,11 @@ def main() -> None:
         ours.configure_model()
         flops = flops_per_token(config, args.seq)
         entries = [("kvforge", ours)]
-        if form in LLAMA_FORMS:
-            theirs = hf_twin(ours)
+        if form in STOCK_FORMS:
+            theirs = build_stock(config)
+            theirs.load_state_dict(ours.model.state_dict())  # the same parameter names: the same weights
             entries.insert(
-                0, ("transformers", HFLlama(torch.compile(theirs) if args.compile else theirs, optim, None))
+                0, ("transformers", StockLM(torch.compile(theirs) if args.compile else theirs, optim, None))
             )
         measured = {}
         for name, module in entries:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .export_ckpt import export_model
+from .export import export_model
 
 
 def _rows(batch: dict) -> int:

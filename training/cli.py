@@ -17,17 +17,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.forms_demo",
         "build a small model of every attention form and print its KV bytes",
     ),
-    "export-ckpt": (
-        "kvforge.training.export_ckpt",
-        "export a training checkpoint (.ckpt or FSDP2 directory) as a Hugging Face model directory",
-    ),
     "quickstart": (
         "kvforge.training.quickstart",
         "uptrain stories260K-mha into GQA-2 with distillation on CPU, evaluate, export, generate",
     ),
     "export": (
-        "kvforge.conversion.cli_export",
-        "write a model directory as a stock Hugging Face class (or kvforge-typed)",
+        "kvforge.training.export",
+        "write a model directory or a training checkpoint as a stock Hugging Face class (or kvforge-typed)",
     ),
     "inspect": (
         "kvforge.conversion.cli_inspect",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 from typing import Any
 
@@ -169,9 +168,10 @@ class KVForgeLM(pl.LightningModule):
             ce = self.model.loss(inputs, targets, **self._document_kwargs(batch))
             loss, kl = ce, None
         else:
+            documents = self._document_kwargs(batch)
             with torch.no_grad():
-                teacher_logits = teacher(inputs)
-            out = distillation_loss(self.model(inputs), teacher_logits, targets, self.distill)
+                teacher_logits = teacher(inputs, **documents)
+            out = distillation_loss(self.model(inputs, **documents), teacher_logits, targets, self.distill)
             loss, ce, kl = out["loss"], out["ce"], out["kl"]
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -187,11 +187,10 @@ class KVForgeLM(pl.LightningModule):
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
         return loss
 
-    def _document_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Packed-document masking, once ``CausalLM.loss`` accepts ``document_ids``."""
-        if "document_ids" in batch and "document_ids" in inspect.signature(CausalLM.loss).parameters:
-            return {"document_ids": batch["document_ids"]}
-        return {}
+    @staticmethod
+    def _document_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Packed-document masking: the data module leaves ``document_ids`` out where no block needs it."""
+        return {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

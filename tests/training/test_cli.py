@@ -13,7 +13,7 @@ import yaml
 from kvforge.arch import CausalLM
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.transforms import TRANSFORMS
-from kvforge.training.export_ckpt import export_checkpoint
+from kvforge.training.cli import main
 from kvforge.training.lightning_cli import KVForgeCLI
 from tests.conftest import REPO
 from tests.training.helpers import cli_args, tiny_corpus, tiny_yaml
@@ -142,7 +142,9 @@ def test_fit_checkpoints_and_exports_a_model_transformers_loads(tmp_path, corpus
     tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "hf")
     ids = torch.tensor([tokenizer("To be, or not to be")["input_ids"]])
     torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids), rtol=1e-4, atol=1e-4)
-    again = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "again")
+    assert main(["export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "again")]) == 0
+    again = tmp_path / "again"
+    assert (again / "tokenizer.json").is_file()
     assert (again / "model.safetensors").read_bytes() == (run_dir / "hf" / "model.safetensors").read_bytes()
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvforge.conversion import load_pretrained
-from kvforge.training.export_ckpt import export_checkpoint
+from kvforge.training.export import export_checkpoint
 from kvforge.training.lightning_cli import KVForgeCLI
 from tests.conftest import REPO, shared_path
 

@@ -3,7 +3,7 @@ freeze, the frozen teacher, packed-document ids, and errors before training star
 
 from __future__ import annotations
 
-import inspect
+import functools
 
 import pytest
 import torch
@@ -144,18 +144,42 @@ def test_the_teacher_stays_frozen_and_out_of_the_checkpoint(stories, tmp_path):
     assert saved and all(name.startswith("model.") for name in saved)
 
 
-def test_document_ids_reach_the_loss_once_the_model_accepts_them(monkeypatch, corpus_and_cache, tmp_path):
+def _documents_corpus(directory):
+    text = shared_path("corpora", "tinyshakespeare.txt").read_text(encoding="utf-8")[:8_000]
+    path = directory / "docs.txt"
+    path.write_text(text.replace("\n\n", "<doc>"), encoding="utf-8")  # one document per speech
+    return path
+
+
+@pytest.mark.parametrize("masking", [True, False])
+def test_document_ids_reach_the_loss_only_with_document_masking(
+    masking, monkeypatch, corpus_and_cache, tmp_path
+):
     seen = []
     original = CausalLM.loss
 
-    def loss_with_documents(self, input_ids, targets, positions=None, document_ids=None, **kwargs):
+    @functools.wraps(original)
+    def spy(self, *args, document_ids=None, **kwargs):
         seen.append(document_ids)
-        return original(self, input_ids, targets, positions, **kwargs)
+        return original(self, *args, document_ids=document_ids, **kwargs)
 
-    assert "document_ids" not in inspect.signature(original).parameters or pytest.skip("already supported")
-    monkeypatch.setattr(CausalLM, "loss", loss_with_documents)
-    trainer(tmp_path, 1).fit(tiny_module(steps=4), datamodule=tiny_data(*corpus_and_cache))
-    assert seen and seen[0] is not None and seen[0].shape == (4, 32)
+    monkeypatch.setattr(CausalLM, "loss", spy)
+    data = tiny_data(
+        _documents_corpus(tmp_path), corpus_and_cache[1], txt_separator="<doc>", document_masking=masking
+    )
+    trainer(tmp_path, 2).fit(tiny_module(steps=4), datamodule=data)
+    if masking:
+        assert all(ids is not None and ids.shape == (4, 32) for ids in seen)
+        assert any(ids.max() > 0 for ids in seen)
+    else:
+        assert seen == [None, None]
+
+
+def test_blocks_of_one_document_need_no_mask(corpus_and_cache, tmp_path):
+    data = tiny_data(*corpus_and_cache)  # one .txt file = one document
+    data.build(tiny_module().config, None)
+    batch = next(iter(data.train_dataloader()))
+    assert "document_ids" not in data.on_before_batch_transfer(batch, 0)
 
 
 def test_loss_is_cross_entropy_without_a_teacher(corpus_and_cache, tmp_path):

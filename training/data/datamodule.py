@@ -49,6 +49,8 @@ class TextDataModule(pl.LightningDataModule):
     batch_size: sequences per step on each device (``val_batch_size`` for validation, default the same).
     val_fraction: share of the training tokens held out when there are no ``val_files``.
     add_bos: put BOS at the start of every document.
+    document_masking: give the model each block's ``document_ids`` so that no token attends across a
+        document boundary and positions restart per document; ``False`` packs without masks (GPT-2 style).
     seed: seed of the data order (the same on every rank).
     num_workers: DataLoader worker processes.
     cache_dir: where tokenized corpora and trained tokenizers are kept.
@@ -70,6 +72,7 @@ class TextDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         val_fraction: float = 0.05,
         add_bos: bool = False,
+        document_masking: bool = True,
         seed: int = 0,
         num_workers: int = 0,
         cache_dir: str = ".cache/kvforge",
@@ -95,6 +98,7 @@ class TextDataModule(pl.LightningDataModule):
         self.block_size, self.batch_size = block_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.val_fraction, self.add_bos, self.seed = val_fraction, add_bos, seed
+        self.document_masking = document_masking
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir)
         self.bpe_training_chars = bpe_training_chars
@@ -137,6 +141,9 @@ class TextDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Blocks that each hold one document need no mask: plain causal attention is the same and faster.
+        if not self.document_masking or not batch["document_ids"].any():
+            batch = {key: value for key, value in batch.items() if key != "document_ids"}
         # Called once per batch a training step consumes (Lightning's fetcher reads one batch ahead, so
         # counting batches *fetched* would overcount).
         if self.trainer is not None and self.trainer.training and self._pass_steps:
