@@ -48,42 +48,45 @@ class RopeStatistics:
 
 @torch.no_grad()
 def rope_statistics(
-    attn: nn.Module, inputs: list[torch.Tensor], freqs: torch.Tensor, rows_per_step: int = 2
+    attn: nn.Module, inputs: list[torch.Tensor], freqs: torch.Tensor, rows_per_step: int = 4
 ) -> RopeStatistics:
-    """Accumulate :class:`RopeStatistics` of a GQA attention module over calibration inputs."""
+    """Accumulate :class:`RopeStatistics` of a GQA attention module over calibration inputs.
+
+    ``|z|² = |q_t|²·|k_s|²``, so ``A = Σ_t |q_t|² e^{iωt} · Σ_s p(t,s)·|k_s|² e^{-iωs}``: one batched
+    matrix product with the attention matrix per chunk, no ``(t, s, pair)`` temporaries."""
     n_heads, n_kv, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q_w = as_pairs(attn.q_proj.weight, n_heads).to(torch.complex64)
-    k_w = as_pairs(attn.k_proj.weight, n_kv).to(torch.complex64)
-    q_b, k_b = _bias_pairs(attn.q_proj, n_heads), _bias_pairs(attn.k_proj, n_kv)
     n_pairs = head_dim // 2
     A = torch.zeros(n_heads, n_pairs, dtype=torch.complex128)
     B = torch.zeros(n_heads, n_pairs, dtype=torch.float64)
+    freqs = freqs.to(torch.float32)
     for chunk in inputs:
         for x in chunk.split(rows_per_step):
-            seq = x.shape[1]
-            delta = torch.arange(seq).unsqueeze(1) - torch.arange(seq).unsqueeze(0)  # t - s
+            batch, seq, _ = x.shape
+            angle = torch.arange(seq, dtype=torch.float32).unsqueeze(-1) * freqs  # (seq, P)
+            q = attn.q_proj(x).view(batch, seq, n_heads, head_dim).transpose(1, 2)  # (b, H, t, dh)
+            k = attn.k_proj(x).view(batch, seq, n_kv, head_dim).transpose(1, 2)
+            k = k.repeat_interleave(n_heads // n_kv, dim=1)
+            cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
+            scores = (_rotate(q, cos, sin) @ _rotate(k, cos, sin).mT) * attn.scale
+            delta = torch.arange(seq).unsqueeze(1) - torch.arange(seq).unsqueeze(0)
             allowed = delta >= 0
             if attn.window is not None:
                 allowed &= delta < attn.window
-            rotation = torch.polar(torch.ones(()), delta.float().unsqueeze(-1) * freqs.float())  # (t, s, P)
-            xc = x.to(torch.complex64)
-            q = torch.einsum("btd,hpd->phbt", xc, q_w) + q_b  # (P, H, b, t)
-            k = torch.einsum("btd,jpd->pjbt", xc, k_w) + k_b
-            k = k.repeat_interleave(n_heads // n_kv, dim=1)
-            scores = sum((_products(q, k, p) * rotation[..., p]).real for p in range(n_pairs)) * attn.scale
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-            for p in range(n_pairs):
-                weighted = probs * _products(q, k, p).abs() ** 2
-                A[:, p] += torch.einsum("hbts,ts->h", weighted.to(torch.complex64), rotation[..., p]).to(
-                    torch.complex128
-                )
-                B[:, p] += weighted.sum((1, 2, 3)).to(torch.float64)
+            q_power = q[..., :n_pairs] ** 2 + q[..., n_pairs:] ** 2  # |q_t|² per pair: (b, H, t, P)
+            k_power = k[..., :n_pairs] ** 2 + k[..., n_pairs:] ** 2
+            mixed = probs @ torch.cat((k_power * angle.cos(), k_power * angle.sin(), k_power), -1)
+            k_cos, k_sin, k_sum = mixed.split(n_pairs, dim=-1)
+            inner = torch.complex(k_cos, -k_sin) * torch.polar(q_power, angle.expand_as(q_power))
+            A += inner.sum((0, 2)).to(torch.complex128)
+            B += (q_power * k_sum).sum((0, 2)).to(torch.float64)
     return RopeStatistics(A, B)
 
 
-def _products(q: torch.Tensor, k: torch.Tensor, pair: int) -> torch.Tensor:
-    """Unrotated pair products ``q_t·conj(k_s)``: ``(H, b, t, s)``."""
-    return q[pair].unsqueeze(-1) * k[pair].conj().unsqueeze(-2)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout (as :func:`kvforge.arch.rope.apply_rope`, heads before seq)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 def weight_scores(attn: nn.Module) -> torch.Tensor:
@@ -139,14 +142,6 @@ def check_exportable(source_freqs: torch.Tensor, pairs: list[int], theta: float)
             f"to_mla: rotary pairs {pairs} (frequencies {kept.tolist()}) are not a progression that "
             f"DeepseekV3 can express with one rope_theta (got {exported.tolist()})"
         )
-
-
-def _bias_pairs(linear: nn.Linear, n_heads: int) -> torch.Tensor | float:
-    if linear.bias is None:
-        return 0.0
-    bias = linear.bias.to(torch.float64).reshape(n_heads, -1)
-    half = bias.shape[1] // 2
-    return torch.complex(bias[:, :half], bias[:, half:]).to(torch.complex64).mT[..., None, None]
 
 
 def describe(pairs: list[int], freqs: torch.Tensor) -> str:
