@@ -6,6 +6,7 @@ from .config import LayerSpec, ModelConfig, RopeScaling
 from .generate import generate, sample_next
 from .kv_bytes import describe_layers, kv_bytes_per_token, kv_cache_bytes, mha_equivalent, parse_dtype
 from .model import CausalLM, Decoder, DecoderLayer
+from .static_decode import StaticDecoder
 
 __all__ = [
     "CausalLM",
@@ -18,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "RingLayerCache",
     "RopeScaling",
+    "StaticDecoder",
     "describe_layers",
     "generate",
     "kv_bytes_per_token",

@@ -31,7 +31,7 @@ class GQAAttention(nn.Module):
         if self.owns_kv:
             self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
             self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm and self.owns_kv else None
 
@@ -44,8 +44,9 @@ class GQAAttention(nn.Module):
         x_btd: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LayerCache | None,
-        start: int,
+        start: int | torch.Tensor,
         shared: KVView | None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVView]:
         batch, seq, _ = x_btd.shape
         cos, sin = rope
@@ -67,6 +68,12 @@ class GQAAttention(nn.Module):
                 kv = cache.append((k_bthd, v_bthd), start, self.window)
         k_all, v_all = kv.streams
         out = attention(
-            q_bthd, k_all, v_all, causal=kv.causal, window=kv.window, scale=self.scale, backend=self.backend
+            q_bthd,
+            k_all,
+            v_all,
+            **kv.attention_kwargs(),
+            scale=self.scale,
+            backend=self.backend,
+            document_ids=document_ids,
         )
         return self.o_proj(out.reshape(batch, seq, -1)), kv

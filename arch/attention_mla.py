@@ -65,7 +65,7 @@ class MLAAttention(nn.Module):
             )
             self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, MLA_NORM_EPS) if config.mla_latent_norm else None
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d_model, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d_model, bias=config.o_proj_bias)
 
     def cache_features(self) -> list[tuple[int, ...]]:
         """One row per position: the latent followed by the rotary key(s)."""
@@ -96,8 +96,9 @@ class MLAAttention(nn.Module):
         x_btd: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LayerCache | None,
-        start: int,
+        start: int | torch.Tensor,
         shared: KVView | None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVView]:
         batch, seq, _ = x_btd.shape
         cos, sin = rope
@@ -113,9 +114,9 @@ class MLAAttention(nn.Module):
             else:
                 kv = cache.append((latent,), start, self.window)
         if self.use_absorbed(seq, cached=cache is not None):
-            out = self.absorbed(q_nope, q_pe, kv)
+            out = self.absorbed(q_nope, q_pe, kv, document_ids)
         else:
-            out = self.expanded(q_nope, q_pe, kv)
+            out = self.expanded(q_nope, q_pe, kv, document_ids)
         return self.o_proj(out.reshape(batch, seq, -1)), kv
 
     def _split_latent(self, latent_bld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +124,9 @@ class MLAAttention(nn.Module):
         c_kv, k_pe = latent_bld.split([self.kv_lora_rank, self.rope_heads * self.rope_dim], dim=-1)
         return c_kv, k_pe.view(batch, length, self.rope_heads, self.rope_dim)
 
-    def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: KVView) -> torch.Tensor:
+    def expanded(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: KVView, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Materialise per-head keys and values from the latent, then ordinary attention."""
         latent = kv.streams[0]
         batch, length, _ = latent.shape
@@ -135,9 +138,19 @@ class MLAAttention(nn.Module):
         k_pe = k_pe.unsqueeze(3).expand(batch, length, self.rope_heads, group, self.rope_dim)
         k = torch.cat((k_nope, k_pe.reshape(batch, length, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        return attention(q, k, v, causal=kv.causal, window=kv.window, scale=self.scale, backend=self.backend)
+        return attention(
+            q,
+            k,
+            v,
+            **kv.attention_kwargs(),
+            scale=self.scale,
+            backend=self.backend,
+            document_ids=document_ids,
+        )
 
-    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: KVView) -> torch.Tensor:
+    def absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: KVView, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention over the cached latent itself: keys are never materialised."""
         latent = kv.streams[0]
         w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -152,6 +165,12 @@ class MLAAttention(nn.Module):
             v = c_kv.unsqueeze(2).expand(-1, -1, self.rope_heads, -1)
             k = torch.cat((v, k_pe), dim=-1)
         out_latent = attention(
-            q, k, v, causal=kv.causal, window=kv.window, scale=self.scale, backend=self.backend
+            q,
+            k,
+            v,
+            **kv.attention_kwargs(),
+            scale=self.scale,
+            backend=self.backend,
+            document_ids=document_ids,
         )
         return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)

@@ -5,6 +5,11 @@ key appended, ``kv_lora_rank + rope`` wide). Global layers keep every position; 
 layer keeps a ring buffer of ``W`` positions, so its bytes stop growing at ``W`` tokens.
 ``nbytes()`` is measured from the allocated tensors and must equal
 :func:`kvforge.arch.kv_bytes.kv_cache_bytes` - the byte count is part of the contract.
+
+A *static* cache (``model.new_cache(..., static=True)``) is the same buffers plus the current
+position as a device tensor: a one-token step then writes at that position and attends over the
+whole buffer with a fill-length mask, so no shape, address or host-side number changes from one
+token to the next and the step can be captured in a CUDA graph (see :mod:`.static_decode`).
 """
 
 from __future__ import annotations
@@ -22,25 +27,60 @@ class KVView:
     streams: tuple[torch.Tensor, ...]
     causal: bool = True
     window: int | None = None
+    kv_lens: torch.Tensor | None = None  # static cache: only slots < kv_lens[b] are filled
+
+    def attention_kwargs(self) -> dict:
+        """How queries may see these keys, as :func:`kvforge.kernels.attention` keywords."""
+        return {"causal": self.causal, "window": self.window, "kv_lens": self.kv_lens}
 
 
-class DenseLayerCache:
+class _LayerBuffers:
+    """Preallocated ``(batch, slots, *feature)`` buffers, one per stream, and the static decode write."""
+
+    ordered = True  # slot order is position order (False for a ring that has wrapped)
+
+    def __init__(self, batch: int, slots: int, features: list[tuple[int, ...]], dtype, device) -> None:
+        self.buffers = tuple(
+            torch.zeros(batch, slots, *shape, dtype=dtype, device=device) for shape in features
+        )
+        self.slots = slots
+
+    def append(self, new: tuple[torch.Tensor, ...], start: int | torch.Tensor, window: int | None) -> KVView:
+        """Write the new positions and return what the layer attends over. ``start`` is the position
+        of the first new token: a host int (prefill, dynamic decode) or, for a static cache's
+        one-token step, a ``(1,)`` device tensor."""
+        if isinstance(start, torch.Tensor):
+            return self.append_at(new, start, window)
+        return self.append_block(new, start, window)
+
+    def append_block(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
+        raise NotImplementedError
+
+    def append_at(self, new: tuple[torch.Tensor, ...], position: torch.Tensor, window: int | None) -> KVView:
+        """One token at the device-side ``position`` (shape ``(1,)``): write slot ``position % slots``
+        and attend over the whole buffer masked by its fill length - fixed shapes, no host sync."""
+        slot = position % self.slots
+        for buffer, values in zip(self.buffers, new):
+            buffer.index_copy_(1, slot, values)
+        kv_lens = (position + 1).clamp(max=self.slots)
+        # A ring holds exactly the window once full (and only in-window positions before): no window mask.
+        return KVView(self.buffers, causal=True, window=window if self.ordered else None, kv_lens=kv_lens)
+
+
+class DenseLayerCache(_LayerBuffers):
     """Every position up to ``max_len``; appending is a slice write, reading a prefix view (no copy)."""
 
     def __init__(self, batch: int, max_len: int, features: list[tuple[int, ...]], dtype, device) -> None:
-        self.buffers = tuple(
-            torch.zeros(batch, max_len, *shape, dtype=dtype, device=device) for shape in features
-        )
-        self.slots = max_len
+        super().__init__(batch, max_len, features, dtype, device)
 
-    def append(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
+    def append_block(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
         end = start + new[0].shape[1]
         for buffer, values in zip(self.buffers, new):
             buffer[:, start:end] = values
         return KVView(tuple(buffer[:, :end] for buffer in self.buffers), causal=True, window=window)
 
 
-class RingLayerCache:
+class RingLayerCache(_LayerBuffers):
     """The last ``window`` positions in a ring buffer: position ``p`` lives in slot ``p % window``.
 
     Decoding one token writes it and attends over the ring as is (attention does not care about key
@@ -49,13 +89,12 @@ class RingLayerCache:
     the last ``window`` new positions - writing first would overwrite keys the block still needs.
     """
 
-    def __init__(self, batch: int, window: int, features: list[tuple[int, ...]], dtype, device) -> None:
-        self.buffers = tuple(
-            torch.zeros(batch, window, *shape, dtype=dtype, device=device) for shape in features
-        )
-        self.slots = window
+    ordered = False
 
-    def append(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
+    def __init__(self, batch: int, window: int, features: list[tuple[int, ...]], dtype, device) -> None:
+        super().__init__(batch, window, features, dtype, device)
+
+    def append_block(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
         size = self.slots
         n_new = new[0].shape[1]
         if n_new == 1:
@@ -88,11 +127,25 @@ class KVCache:
     which appends the new tokens of every layer and then advances ``length``.
     """
 
-    def __init__(self, entries: list[LayerCache], owners: list[int], max_len: int) -> None:
+    def __init__(
+        self, entries: list[LayerCache], owners: list[int], max_len: int, position: torch.Tensor | None = None
+    ) -> None:
         self.entries = entries  # entries[i] is the cache of layer i (shared layers alias their source)
         self.owners = owners  # owners[i]: index of the layer that writes entries[i]
         self.max_len = max_len
         self.length = 0
+        # Static caches: the length again, as a (1,) device tensor that one-token steps read and advance.
+        self.position = position
+
+    @property
+    def static(self) -> bool:
+        return self.position is not None
+
+    def reset(self) -> None:
+        """Forget every cached token (buffers are reused; stale slots are masked by the fill length)."""
+        self.length = 0
+        if self.position is not None:
+            self.position.zero_()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -109,6 +162,8 @@ class KVCache:
 
     def advance(self, n_new: int) -> None:
         self.length += n_new
+        if self.position is not None:
+            self.position.add_(n_new)
 
     def nbytes(self) -> int:
         """Bytes actually allocated by the cache tensors (aliased entries counted once)."""

@@ -15,6 +15,7 @@ from typing import Any, Literal
 AttentionForm = Literal["gqa", "mla"]
 ATTENTION_FORMS = ("gqa", "mla")
 ROPE_TYPES = ("linear", "llama3", "yarn")
+MLA_ABSORB = ("auto", "always", "never")
 
 
 @dataclass
@@ -76,7 +77,10 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Biases of the projections that read the hidden state (q/k/v; MLA: q_a/kv_a) and of o_proj, apart:
+    # Qwen2 biases q/k/v only, while Llama/Qwen3/DeepSeek `attention_bias=true` biases o_proj too.
     attention_bias: bool = False
+    o_proj_bias: bool = False
     qk_norm: bool = False
     init_std: float = 0.02
     # MLA sizes (DeepSeek names); required when any layer is "mla".
@@ -93,7 +97,7 @@ class ModelConfig:
     pattern: list[LayerSpec] | None = None
     layers: list[LayerSpec] | None = None
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # a list: several end tokens (Llama-3 checkpoints)
     pad_token_id: int | None = None
     # Runtime options.
     attention_backend: str = "auto"
@@ -102,9 +106,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
-        self.pattern = _as_specs(self.pattern)
-        self.layers = _as_specs(self.layers)
+            self.rope_scaling = _as_rope_scaling(self.rope_scaling)
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"ModelConfig.rope_scaling={self.rope_scaling!r}: expected a dict like {{type: yarn, factor: 4.0, ...}} or None"
+            )
+        _check_types(self, "ModelConfig")
+        self.pattern = _as_specs(self.pattern, "pattern")
+        self.layers = _as_specs(self.layers, "layers")
         _check_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
         if self.head_dim is None:
             if self.d_model % self.n_heads:
@@ -127,10 +136,18 @@ class ModelConfig:
             )
         self.layers = self._resolve_layers()
         self._validate_layers()
+        if "gqa" in self.forms and self.head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.head_dim={self.head_dim}: must be even for gqa layers (RoPE rotates pairs of dims)"
+            )
         if any(spec.attention == "mla" for spec in self.layers):
             self._validate_mla()
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling)
+        if self.mla_absorb not in MLA_ABSORB:
+            raise ValueError(
+                f"ModelConfig.mla_absorb={self.mla_absorb!r}: allowed values are {list(MLA_ABSORB)}"
+            )
 
     # ----------------------------------------------------------------------------------------------
     def _resolve_layers(self) -> list[LayerSpec]:
@@ -276,23 +293,55 @@ class ModelConfig:
         return ModelConfig.from_dict(data)
 
 
-def _as_specs(specs: list[LayerSpec | dict] | None) -> list[LayerSpec] | None:
+# Field types a config read from JSON/YAML may get wrong; checked before any arithmetic on them.
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(obj: object, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        allowed = [part.strip() for part in str(f.type).split("|")]
+        value = getattr(obj, f.name)
+        if value is None and "None" in allowed:
+            continue
+        scalar = [name for name in allowed if name in _SCALAR_TYPES]
+        if not scalar or len(scalar) != len([a for a in allowed if a != "None"]):
+            continue  # containers, dataclasses and literals are checked where they are used
+        types = tuple(t for name in scalar for t in _SCALAR_TYPES[name])
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, types) or (is_bool and "bool" not in scalar):
+            raise ValueError(f"{where}.{f.name}={value!r}: expected {f.type}, got {type(value).__name__}")
+
+
+def _as_rope_scaling(data: dict) -> RopeScaling:
+    allowed = {f.name for f in dataclasses.fields(RopeScaling)}
+    unknown = sorted(set(data) - allowed)
+    if unknown or "type" not in data or "factor" not in data:
+        raise ValueError(
+            f"ModelConfig.rope_scaling={data!r}: needs 'type' and 'factor'; allowed keys are {sorted(allowed)}"
+        )
+    scaling = RopeScaling(**data)
+    _check_types(scaling, "ModelConfig.rope_scaling")
+    return scaling
+
+
+def _as_specs(specs: list[LayerSpec | dict] | None, name: str) -> list[LayerSpec] | None:
     if specs is None:
         return None
+    if not isinstance(specs, list):
+        raise ValueError(f"ModelConfig.{name}={specs!r}: expected a list of LayerSpec (or dicts)")
     out = []
+    allowed = {f.name for f in dataclasses.fields(LayerSpec)}
     for index, spec in enumerate(specs):
-        if isinstance(spec, LayerSpec):
-            out.append(spec)
-        elif isinstance(spec, dict):
-            allowed = {f.name for f in dataclasses.fields(LayerSpec)}
+        where = f"ModelConfig.{name}[{index}]"
+        if isinstance(spec, dict):
             unknown = sorted(set(spec) - allowed)
             if unknown:
-                raise ValueError(
-                    f"LayerSpec #{index}: unknown field(s) {unknown}; allowed are {sorted(allowed)}"
-                )
-            out.append(LayerSpec(**spec))
-        else:
-            raise ValueError(f"LayerSpec #{index}: expected a LayerSpec or a dict, got {type(spec).__name__}")
+                raise ValueError(f"{where}: unknown field(s) {unknown}; allowed are {sorted(allowed)}")
+            spec = LayerSpec(**spec)
+        elif not isinstance(spec, LayerSpec):
+            raise ValueError(f"{where}={spec!r}: expected a LayerSpec or a dict")
+        _check_types(spec, where)
+        out.append(spec)
     return out
 
 

@@ -1,10 +1,19 @@
-"""Token generation with the explicit KV cache: one prefill, then one token per step."""
+"""Token generation: one prefill, then one token per step, with the dynamic KV cache (default), the
+static fixed-shape cache (``static=True``, CUDA-graph captured on CUDA), or no cache at all (the
+reference the cached paths are tested against). All three share one sampling loop."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .model import CausalLM
+from .static_decode import StaticDecoder
+
+# With a static cache, check "has every row emitted EOS?" (a host sync) only every this many tokens.
+EOS_CHECK_EVERY = 16
 
 
 def sample_next(
@@ -29,6 +38,56 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class Sampling:
+    """How the next token is chosen (temperature 0 = greedy) and which token ends a row."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_id: int | None = None
+    generator: torch.Generator | None = None
+
+
+def decode_loop(
+    first_logits: torch.Tensor,
+    next_logits: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_check_every: int = 1,
+) -> torch.Tensor:
+    """Sample ``max_new_tokens`` tokens into a preallocated ``(batch, prompt + new)`` tensor.
+
+    ``next_logits(next_ids, tokens, step)`` returns the logits after ``next_ids``. Rows that emit
+    ``eos_token_id`` keep emitting it; once every row has, generation stops - checked every
+    ``eos_check_every`` tokens, and the result is trimmed to where checking each token would stop.
+    """
+    batch, prompt_len = input_ids.shape
+    tokens = input_ids.new_empty(batch, prompt_len + max_new_tokens)
+    tokens[:, :prompt_len] = input_ids
+    eos_token_id = sampling.eos_token_id
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    steps_taken = torch.zeros((), dtype=torch.long, device=input_ids.device)  # before all rows finished
+    logits = first_logits
+    for step in range(max_new_tokens):
+        next_ids = sample_next(
+            logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.generator
+        )
+        if eos_token_id is not None:
+            steps_taken += ~finished.all()
+            next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
+            finished |= next_ids == eos_token_id
+        tokens[:, prompt_len + step] = next_ids
+        if step + 1 == max_new_tokens:
+            break
+        if eos_token_id is not None and (step + 1) % eos_check_every == 0 and bool(finished.all()):
+            break
+        logits = next_logits(next_ids, tokens, step)
+    new = max_new_tokens if eos_token_id is None else int(steps_taken)
+    return tokens[:, : prompt_len + new]
+
+
 @torch.no_grad()
 def generate(
     model: CausalLM,
@@ -42,10 +101,14 @@ def generate(
     use_cache: bool = True,
     cache_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    static: bool = False,
+    cuda_graph: bool | None = None,
+    decoder: StaticDecoder | None = None,
 ) -> torch.Tensor:
     """Prompt + continuation ``(batch, prompt + new)``. Rows that emit ``eos_token_id`` keep emitting it;
     generation stops early once every row has. ``use_cache=False`` recomputes the whole prefix each step
-    (the reference that cached decoding is tested against)."""
+    (the reference that cached decoding is tested against). ``static=True`` decodes with fixed shapes
+    (:class:`StaticDecoder`; ``cuda_graph`` as there); pass a ``decoder`` to reuse one (and its graph)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
     batch, prompt_len = input_ids.shape
@@ -55,18 +118,36 @@ def generate(
             f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
             f"max_seq_len={model.config.max_seq_len}"
         )
-    cache = model.new_cache(batch, total, dtype=cache_dtype) if use_cache else None
-    tokens = input_ids
-    step_input = input_ids
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        logits = model(step_input if use_cache else tokens, cache=cache, logits_to_keep=1)[:, -1]
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
-            finished |= next_ids == eos_token_id
-        tokens = torch.cat((tokens, next_ids[:, None]), dim=1)
-        step_input = next_ids[:, None]
-        if eos_token_id is not None and bool(finished.all()):
-            break
-    return tokens
+    sampling = Sampling(temperature, top_k, top_p, eos_token_id, generator)
+    if decoder is not None or static:
+        if not use_cache:
+            raise ValueError("static=True / decoder= decode with a cache; use_cache=False contradicts them")
+        decoder = decoder or StaticDecoder(model, batch, total, dtype=cache_dtype, cuda_graph=cuda_graph)
+        if decoder.cache.max_len < total:
+            raise ValueError(
+                f"decoder holds {decoder.cache.max_len} tokens per row, prompt + max_new_tokens needs {total}"
+            )
+        first = decoder.prefill(input_ids)
+        return decode_loop(
+            first,
+            lambda next_ids, tokens, step: decoder.step(next_ids),
+            input_ids,
+            max_new_tokens,
+            sampling,
+            eos_check_every=EOS_CHECK_EVERY,
+        )
+    if not use_cache:
+
+        def uncached(next_ids, tokens, step):
+            return model(tokens[:, : prompt_len + step + 1], logits_to_keep=1)[:, -1]
+
+        return decode_loop(
+            model(input_ids, logits_to_keep=1)[:, -1], uncached, input_ids, max_new_tokens, sampling
+        )
+    cache = model.new_cache(batch, total, dtype=cache_dtype)
+
+    def cached(next_ids, tokens, step):
+        return model(next_ids[:, None], cache=cache, logits_to_keep=1)[:, -1]
+
+    first = model(input_ids, cache=cache, logits_to_keep=1)[:, -1]
+    return decode_loop(first, cached, input_ids, max_new_tokens, sampling)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kvforge.kernels import IGNORE_INDEX, linear_cross_entropy
+from kvforge.kernels import IGNORE_INDEX, document_positions, linear_cross_entropy
 
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
@@ -37,10 +37,11 @@ class DecoderLayer(nn.Module):
         x_btd: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LayerCache | None,
-        start: int,
+        start: int | torch.Tensor,
         shared: KVView | None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVView]:
-        attn_out, kv = self.self_attn(self.input_layernorm(x_btd), rope, cache, start, shared)
+        attn_out, kv = self.self_attn(self.input_layernorm(x_btd), rope, cache, start, shared, document_ids)
         h = x_btd + attn_out
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
@@ -66,15 +67,28 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         seq = input_ids.shape[1]
-        start = 0
+        start: int | torch.Tensor = 0
+        if document_ids is not None:
+            if cache is not None or positions is not None:
+                raise ValueError(
+                    "document_ids (packed documents, positions restart per document) cannot be combined "
+                    "with a cache or explicit positions"
+                )
+            positions = document_positions(document_ids)
         if cache is not None:
             cache.check_room(seq)
-            start = cache.length
+            # A static cache decodes one token at its device-side position: nothing here reads a host
+            # number that changes per token, so the step can be replayed from a CUDA graph.
+            start = cache.position if cache.static and seq == 1 else cache.length
         if positions is None:
-            positions = torch.arange(start, start + seq, device=input_ids.device)
+            positions = torch.arange(seq, device=input_ids.device) + start
         h = self.embed_tokens(input_ids)
         ropes = {form: rotary(positions, h.dtype) for form, rotary in self.rotary.items()}
         views: dict[int, KVView] = {}
@@ -82,7 +96,7 @@ class Decoder(nn.Module):
             spec = layer.spec
             shared = views[spec.kv_from] if spec.kv_from is not None else None
             entry = cache[layer.index] if cache is not None else None
-            args = (h, ropes[spec.attention], entry, start, shared)
+            args = (h, ropes[spec.attention], entry, start, shared, document_ids)
             if self.gradient_checkpointing and self.training:
                 h, view = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -138,9 +152,12 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(batch, seq, vocab)``; ``logits_to_keep=n`` computes only the last ``n`` positions."""
-        hidden = self.model(input_ids, cache=cache, positions=positions)
+        """Logits ``(batch, seq, vocab)``; ``logits_to_keep=n`` computes only the last ``n`` positions.
+        ``document_ids`` ``(batch, seq)``: a packed block - positions restart at each document and no
+        token attends across a boundary (see :mod:`kvforge.kernels.documents`)."""
+        hidden = self.model(input_ids, cache=cache, positions=positions, document_ids=document_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
@@ -152,10 +169,13 @@ class CausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
         chunk_size: int = 1024,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy (``targets`` aligned with ``input_ids``), through the fused
-        chunked head + loss: the full logits tensor is never materialised."""
-        hidden = self.model(input_ids, positions=positions)
+        chunked head + loss: the full logits tensor is never materialised. With ``document_ids`` the
+        block is packed documents (see :meth:`forward`); a document's last target (the next
+        document's first token) is the caller's to keep or set to ``ignore_index``."""
+        hidden = self.model(input_ids, positions=positions, document_ids=document_ids)
         return linear_cross_entropy(
             hidden, self.lm_head.weight, targets, ignore_index=ignore_index, chunk_size=chunk_size
         )
@@ -166,8 +186,10 @@ class CausalLM(nn.Module):
         max_len: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        static: bool = False,
     ) -> KVCache:
-        """Preallocate a cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        """Preallocate a cache for ``batch`` sequences of up to ``max_len`` tokens. ``static=True``
+        keeps the position on the device too, for fixed-shape (CUDA-graph) decode steps."""
         if max_len <= 0 or batch <= 0:
             raise ValueError(f"new_cache: batch={batch} and max_len={max_len} must be positive")
         reference = self.model.embed_tokens.weight
@@ -184,4 +206,5 @@ class CausalLM(nn.Module):
             features = layer.self_attn.cache_features()
             entries.append(allocate_layer_cache(batch, max_len, spec.window, features, dtype, device))
             owners.append(layer.index)
-        return KVCache(entries, owners, max_len)
+        position = torch.zeros(1, dtype=torch.long, device=device) if static else None
+        return KVCache(entries, owners, max_len, position)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +34,8 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
         table.add_column(column, justify="right" if column != columns[0] else "left")
     for row in rows:
         table.add_row(*(f"{cell:,.2f}" if isinstance(cell, float) else str(cell) for cell in row))
-    Console().print(table)
+    # Piped into a log or a README: wide enough for every column instead of rich's 80-column default.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def markdown_table(columns: list[str], rows: list[list[object]]) -> str:

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from benchmarks.common import markdown_table, print_table, timed
+from benchmarks.stock import build_stock
 from kvforge.arch import CausalLM, ModelConfig, generate
 
 
@@ -52,20 +53,7 @@ def build_pair(args: argparse.Namespace) -> tuple[CausalLM, transformers.LlamaFo
         max_seq_len=max_len,
     )
     ours = CausalLM(config)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.d_model,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max_len,
-        rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    theirs = transformers.LlamaForCausalLM(hf_config)
+    theirs = build_stock(config)
     theirs.load_state_dict(ours.state_dict())  # same names, same weights
     return ours, theirs
 

@@ -1,6 +1,18 @@
 """Hugging Face import/export and checkpoint transforms (pure ``(config, state_dict)`` functions)."""
 
 from .atomic import atomic_directory, atomic_file
-from .pretrained import Pretrained, load_pretrained, save_pretrained
+from .families import FAMILIES, ExportPlan, plan_export
+from .pretrained import Pretrained, check_tensors, load_config, load_pretrained, save_pretrained
 
-__all__ = ["Pretrained", "atomic_directory", "atomic_file", "load_pretrained", "save_pretrained"]
+__all__ = [
+    "FAMILIES",
+    "ExportPlan",
+    "Pretrained",
+    "atomic_directory",
+    "atomic_file",
+    "check_tensors",
+    "load_config",
+    "load_pretrained",
+    "plan_export",
+    "save_pretrained",
+]

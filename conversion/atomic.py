@@ -14,6 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _publish_permissions(path: Path, directory: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; give the result the modes a plain mkdir/open would
+    (0777/0666 less the umask) so exports and checkpoints stay readable on shared clusters."""
+    umask = _umask()
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path``, on error it is removed."""
@@ -23,6 +36,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        _publish_permissions(tmp, directory=True)
         yield tmp
         _fsync_tree(tmp)
         if path.exists():
@@ -46,6 +60,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        _publish_permissions(tmp, directory=False)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -1,31 +1,44 @@
 """Read and write Hugging Face model directories as ``(ModelConfig, state_dict)``.
 
-This first version covers the Llama family only; the per-family import/export tables
-(Mistral, Qwen2, Qwen3, DeepSeek-V2/V3 and the kvforge-typed directory) extend it.
-Weights are read with safetensors only; nothing here ever executes code from a checkpoint.
+Import reads config.json through the family table of its ``model_type`` (see
+:mod:`kvforge.conversion.families`), the weights with safetensors (pickle only on request, via
+``torch.load(weights_only=True)``), undoes the family's tensor layout where it differs from kvforge's,
+and checks every tensor name and shape against the model the config describes. Export goes the
+other way into a stock class when one can hold the model (else a kvforge-typed directory), written
+atomically with its tokenizer files and generation config. Nothing here executes checkpoint code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from kvforge.arch import ModelConfig
+from kvforge.arch import CausalLM, ModelConfig, parse_dtype
 
 from .atomic import atomic_directory
+from .families import Family, family_of, plan_export
+from .families.schema import ConfigReader
+from .weights import read_weights, write_weights
 
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
+EMBEDDINGS, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,42 +52,59 @@ class Pretrained:
     hf_config: dict = field(default_factory=dict)
 
 
-def load_pretrained(path: str | Path) -> Pretrained:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_config(path: str | Path) -> tuple[ModelConfig, Family, dict]:
+    """The model a directory describes, without reading its weights: (config, family, raw config.json)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: no config.json")
-    hf = json.loads(config_file.read_text())
-    model_type = hf.get("model_type")
-    if model_type != "llama":
-        raise ValueError(
-            f"{config_file}: model_type={model_type!r} is not supported yet (supported: ['llama'])"
-        )
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors")
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
-    config = ModelConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads"),
-        head_dim=hf.get("head_dim"),
-        ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf["max_position_embeddings"],
-        rope_theta=rope["rope_theta"],
-        norm_eps=hf["rms_norm_eps"],
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=hf.get("attention_bias", False),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
-    )
-    state_dict = load_file(weights)
-    if config.tie_embeddings:
-        state_dict.setdefault("lm_head.weight", state_dict["model.embed_tokens.weight"])
-    return Pretrained(config, state_dict, "llama", path, hf)
+    hf = _read_json(config_file)
+    reader = ConfigReader(hf, config_file)
+    family = family_of(reader)
+    return family.read_config(reader), family, hf
+
+
+def load_pretrained(path: str | Path, *, allow_pickle: bool = False, progress: bool = False) -> Pretrained:
+    """Import an HF (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) or kvforge-typed directory."""
+    path = Path(path)
+    config, family, hf = load_config(path)
+    tensors = read_weights(path, allow_pickle=allow_pickle, progress=progress)
+    family.to_kvforge(tensors, config, hf)
+    if config.tie_embeddings and EMBEDDINGS in tensors:
+        tensors[LM_HEAD] = tensors[EMBEDDINGS]  # transformers ties (and ignores a stored lm_head) too
+    check_tensors(config, tensors, str(path))
+    return Pretrained(config, tensors, family.model_type, path, hf)
+
+
+def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor the model needs is there with the right shape, and nothing else."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in CausalLM(config).state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{name} {tuple(tensors[name].shape)} (config implies {shape})"
+        for name, shape in expected.items()
+        if name in tensors and tuple(tensors[name].shape) != shape
+    ]
+    problems = []
+    for label, names in (
+        ("missing tensors", missing),
+        ("unexpected tensors", unexpected),
+        ("wrong shapes", wrong),
+    ):
+        if names:
+            shown = ", ".join(names[:6]) + (f", … ({len(names)} in all)" if len(names) > 6 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{where}: the weights do not match the config - " + "; ".join(problems))
 
 
 def save_pretrained(
@@ -82,44 +112,59 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor],
     out: str | Path,
     *,
+    family: str | None = None,
     tokenizer_from: str | Path | None = None,
     overwrite: bool = False,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+    progress: bool = False,
 ) -> Path:
-    if any(spec.attention != "gqa" or spec.kv_from is not None or spec.window for spec in config.layers):
-        raise ValueError("save_pretrained: only all-global GQA/MHA/MQA models export yet (as Llama)")
-    if len({spec.n_kv_heads for spec in config.layers}) != 1:
-        raise ValueError("save_pretrained: Llama needs the same n_kv_heads on every layer")
-    hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.layers[0].n_kv_heads,
-        "head_dim": config.head_dim,
-        "intermediate_size": config.ffn_dim,
-        "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
-        "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": config.attention_bias,
-        "mlp_bias": False,
-        "hidden_act": "silu",
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "torch_dtype": str(next(iter(state_dict.values())).dtype).removeprefix("torch."),
-    }
-    tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
+    """Export to ``out`` as ``family`` (None: the simplest stock class that holds the model, else a
+    kvforge-typed directory; :func:`~kvforge.conversion.families.plan_export` says which and why).
+
+    Tensors keep their dtype unless ``dtype`` is given (floating tensors only). The directory is
+    built next to ``out`` and renamed into place: an existing ``out`` is refused unless ``overwrite``,
+    and a failure leaves nothing behind. What the user should know about the target (a kvforge-typed
+    directory that stock servers will not load, zero biases added, ...) is logged as warnings."""
+    plan = plan_export(config, family)
+    chosen = plan.family
+    tensors = dict(state_dict)
+    if config.tie_embeddings and EMBEDDINGS in tensors:
+        tensors.setdefault(LM_HEAD, tensors[EMBEDDINGS])
+    check_tensors(config, tensors, "save_pretrained(state_dict)")
     if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
+        tensors.pop(LM_HEAD)  # transformers re-ties it on load; safetensors refuses shared tensors
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    hf = chosen.write_config(config)
+    chosen.to_hf(tensors, config, hf)
+    stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    hf["dtype"] = hf["torch_dtype"] = str(stored).removeprefix("torch.")
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_weights(tensors, tmp, max_shard_size=max_shard_size, progress=progress)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).is_file():
-                    shutil.copy2(Path(tokenizer_from) / name, tmp / name)
+        for name, text in chosen.extra_files().items():
+            (tmp / name).write_text(text)
+        _copy_tokenizer(tokenizer_from, tmp, hf)
+    for note in plan.notes:
+        log.warning("%s: %s", out, note)
     return Path(out)
+
+
+def _copy_tokenizer(source: str | Path | None, tmp: Path, hf: dict) -> None:
+    """Tokenizer files and generation_config.json travel with the weights; without a source
+    generation config, write the minimal one transformers derives from the model config."""
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copy2(Path(source) / name, tmp / name)
+    if not (tmp / "generation_config.json").exists():
+        ids = {
+            key: hf[key]
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if hf.get(key) is not None
+        }
+        (tmp / "generation_config.json").write_text(
+            json.dumps({**ids, "_from_model_config": True}, indent=2) + "\n"
+        )

@@ -9,7 +9,8 @@ from .attention import (
     resolve_backend,
 )
 from .cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from .masks import causal_window_mask
+from .documents import document_mask, document_positions
+from .masks import causal_window_mask, length_mask
 
 __all__ = [
     "BACKENDS",
@@ -18,6 +19,9 @@ __all__ = [
     "attention",
     "available_backends",
     "causal_window_mask",
+    "document_mask",
+    "document_positions",
+    "length_mask",
     "linear_cross_entropy",
     "register_backend",
     "resolve_backend",

@@ -4,66 +4,66 @@ Tensors are ``(batch, seq, heads, dim)``; K/V may have fewer heads than Q (GQA/M
 divides ``n_heads``, query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``) and V may have
 a different head dim than Q/K (MLA's absorbed decode). Queries align to the end of the keys, see
 :mod:`kvforge.kernels.masks`.
+
+Backends: ``eager`` (reference), ``sdpa`` (torch's choice of kernel) and ``sdpa-cudnn`` /
+``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-math`` (one forced kernel), ``flex`` (FlexAttention block
+masks), ``flash`` (flash-attn), ``triton`` (split-KV decode), and ``auto`` (see :mod:`.auto`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from .eager import eager_attention
-from .flash import BackendUnavailable, flash_attention, flash_available
-from .sdpa import sdpa_attention
-
-AttentionFn = Callable[..., torch.Tensor]
-
-BACKENDS: dict[str, AttentionFn] = {
-    "eager": eager_attention,
-    "sdpa": sdpa_attention,
-    "flash": flash_attention,
-}
+from .auto import LAST_RESORT, attention_case, note_runtime_failure, resolve_auto
+from .backends import BACKENDS, AttentionFn, Backend, available_backends, register_backend
+from .documents import check_document_ids, document_mask
+from .errors import BackendUnavailable
+from .masks import combine, length_mask
 
 
-def register_backend(name: str, fn: AttentionFn) -> None:
-    """Add a backend with the signature ``fn(q, k, v, *, causal, window, scale, mask)``."""
-    BACKENDS[name] = fn
+def _features(mask, document_ids, kv_lens) -> frozenset[str]:
+    given = {"mask": mask, "documents": document_ids, "kv_lens": kv_lens}
+    return frozenset(name for name, value in given.items() if value is not None)
 
 
-def available_backends() -> list[str]:
-    names = ["auto", "eager", "sdpa"]
-    if flash_available():
-        names.append("flash")
-    return names + [name for name in BACKENDS if name not in names and name != "flash"]
-
-
-def resolve_backend(backend: str, q: torch.Tensor, mask: torch.Tensor | None) -> str:
+def resolve_backend(
+    backend: str,
+    q: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    document_ids: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | None = None,
+) -> str:
+    """The backend name a call would run on (``auto`` resolved)."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {['auto', *BACKENDS]}")
         return backend
-    if mask is None and q.device.type == "cuda" and q.dtype != torch.float32 and flash_available():
-        return "flash"
-    return "sdpa"
+    k = q if k is None else k
+    v = k if v is None else v
+    return resolve_auto(
+        q, k, v, _case(q, k, causal, window, mask, document_ids), _features(mask, document_ids, kv_lens)
+    )
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = True,
-    window: int | None = None,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Scaled dot-product attention; returns ``(batch, q_len, n_heads, v_head_dim)``.
+def _case(q, k, causal, window, mask, document_ids) -> str:
+    return attention_case(
+        q.shape[1],
+        k.shape[1],
+        causal=causal,
+        window=window,
+        has_mask=mask is not None,
+        has_documents=document_ids is not None,
+    )
 
-    ``window`` W: a query at position p sees keys in ``(p - W, p]``. ``mask`` (bool, broadcastable to
-    ``(batch, n_heads, q_len, k_len)``, True = may attend) is ANDed with ``causal``/``window``.
-    """
+
+def _validate(q, k, v, causal, window, document_ids, kv_lens) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be (batch, seq, heads, dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -79,14 +79,97 @@ def attention(
         )
     if window is not None and (window <= 0 or not causal):
         raise ValueError(f"window={window} must be a positive int and needs causal=True")
+    if document_ids is not None:
+        check_document_ids(document_ids, q.shape[1], k.shape[1], q.shape[0])
+    if kv_lens is not None:
+        if document_ids is not None:
+            raise ValueError("kv_lens (a static cache) and document_ids (packed training) do not combine")
+        if kv_lens.dim() != 1 or kv_lens.shape[0] not in (1, q.shape[0]):
+            raise ValueError(f"kv_lens must be (batch,) or (1,); got {tuple(kv_lens.shape)}")
+
+
+def _run(
+    backend: Backend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    window: int | None,
+    scale: float,
+    mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    kv_lens: torch.Tensor | None,
+) -> torch.Tensor:
+    """Lower what ``backend`` does not handle natively to a boolean mask, then call it."""
+    native: dict[str, torch.Tensor] = {}
+    if document_ids is not None:
+        if "documents" in backend.native:
+            native["document_ids"] = document_ids
+        else:
+            mask = combine(document_mask(document_ids), mask)
+    if kv_lens is not None:
+        if "kv_lens" in backend.native:
+            native["kv_lens"] = kv_lens
+        else:  # the length mask already aligns queries to the last filled key and applies the window
+            mask = combine(length_mask(kv_lens, q.shape[1], k.shape[1], causal=causal, window=window), mask)
+            causal, window = False, None
+    if mask is not None and not backend.takes_mask:
+        raise BackendUnavailable(
+            f"backend={backend.name!r} takes no explicit mask (this call has one); use 'sdpa' or 'flex'"
+        )
+    reason = backend.unavailable(q, k, v)
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    return backend.fn(q, k, v, causal=causal, window=window, scale=scale, mask=mask, **native)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    document_ids: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention; returns ``(batch, q_len, n_heads, v_head_dim)``.
+
+    ``window`` W: a query at position p sees keys in ``(p - W, p]``. ``mask`` (bool, broadcastable to
+    ``(batch, n_heads, q_len, k_len)``, True = may attend) is ANDed with ``causal``/``window``.
+    ``document_ids`` ``(batch, seq)``: packed documents (see :mod:`.documents`); no query sees a key
+    of another document. ``kv_lens`` ``(batch,)`` or ``(1,)``: only the first ``kv_lens[b]`` key slots
+    are filled (a static cache buffer); queries then align to the last *filled* key.
+    An explicitly named backend that cannot run the call raises :class:`BackendUnavailable`; ``auto``
+    never does (it falls back, saying so once).
+    """
+    _validate(q, k, v, causal, window, document_ids, kv_lens)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    name = resolve_backend(backend, q, mask)
-    return BACKENDS[name](q, k, v, causal=causal, window=window, scale=scale, mask=mask)
+    kwargs = dict(
+        causal=causal, window=window, scale=scale, mask=mask, document_ids=document_ids, kv_lens=kv_lens
+    )
+    if backend != "auto":
+        return _run(BACKENDS[resolve_backend(backend, q)], q, k, v, **kwargs)
+    case = _case(q, k, causal, window, mask, document_ids)
+    features = _features(mask, document_ids, kv_lens)
+    while True:
+        name = resolve_auto(q, k, v, case, features)
+        try:
+            return _run(BACKENDS[name], q, k, v, **kwargs)
+        except BackendUnavailable as err:
+            if name == LAST_RESORT:
+                raise
+            note_runtime_failure(name, q, k, v, case, err)
 
 
 __all__ = [
     "BACKENDS",
+    "AttentionFn",
     "BackendUnavailable",
     "attention",
     "available_backends",

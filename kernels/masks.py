@@ -25,6 +25,23 @@ def causal_window_mask(
     return keep
 
 
+def length_mask(
+    kv_lens: torch.Tensor, q_len: int, k_len: int, *, causal: bool, window: int | None
+) -> torch.Tensor:
+    """``(batch, 1, q_len, k_len)`` keep-mask over a fixed-size key buffer of which only the first
+    ``kv_lens[b]`` slots are filled (a static cache). Queries align to the end of the *filled* keys:
+    query ``i`` sits at position ``kv_lens[b] - q_len + i``. ``kv_lens`` is ``(batch,)`` or ``(1,)``."""
+    k_pos = torch.arange(k_len, device=kv_lens.device).view(1, 1, 1, k_len)
+    filled = kv_lens.view(-1, 1, 1, 1)
+    keep = k_pos < filled
+    q_pos = filled - q_len + torch.arange(q_len, device=kv_lens.device).view(1, 1, q_len, 1)
+    if causal:
+        keep = keep & (k_pos <= q_pos)
+    if window is not None:
+        keep = keep & (k_pos > q_pos - window)
+    return keep
+
+
 def needs_mask(q_len: int, k_len: int, *, causal: bool, window: int | None) -> bool:
     """False when causal/window hide nothing: a single last query over keys it can all see."""
     if not causal and window is None:

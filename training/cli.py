@@ -17,6 +17,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.forms_demo",
         "build a small model of every attention form and print its KV bytes",
     ),
+    "export": (
+        "kvforge.conversion.cli_export",
+        "write a model directory as a stock Hugging Face class (or kvforge-typed)",
+    ),
+    "inspect": (
+        "kvforge.conversion.cli_inspect",
+        "per-layer attention forms, parameters and KV-cache bytes of a model directory",
+    ),
+    "generate": (
+        "kvforge.training.generate",
+        "generate text from a model directory (static KV cache, CUDA-graph decode on GPU)",
+    ),
+    "eval": (
+        "kvforge.training.evaluation.command",
+        "perplexity, context curve, passkey retrieval, KV bytes, peak memory and decode speed of models",
+    ),
 }
 
 

@@ -48,7 +48,7 @@ MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4)
         ({"vocab_size": 0}, r"vocab_size=0"),
         ({"rope_scaling": {"type": "ntk", "factor": 2.0}}, r"rope_scaling\.type='ntk'"),
         ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, r"original_max_seq_len is required"),
-        ({"pattern": [{"windw": 3}]}, r"unknown field\(s\) \['windw'\]"),
+        ({"pattern": [{"windw": 3}]}, r"pattern\[0\]: unknown field\(s\) \[.windw.\]"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(fields, match):

@@ -1,0 +1,99 @@
+"""Write a model directory as a stock Hugging Face class, or as a kvforge-typed directory.
+
+    kvforge export SRC OUT [--family auto] [--dtype bf16] [--overwrite]
+
+SRC is a Hugging Face directory (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) or a kvforge-typed
+one. With --family auto the model goes to the simplest stock class that holds it: Llama (GQA/MHA/MQA,
+global attention), Mistral (one window on every layer), Qwen3 (q/k norm), Qwen2 (per-layer windows,
+q/k/v biases), DeepSeek-V3 (MLA). Those load with transformers' AutoModelForCausalLM (no remote code),
+vLLM and SGLang. Anything else (cross-layer K/V sharing, mixed MLA/GQA layers, different windows per
+layer, kvforge's MLA generalisations) is written kvforge-typed: it loads only with
+trust_remote_code=True where kvforge is installed, and stock servers will NOT load it; the command
+says so. Tokenizer files and generation_config.json are copied from SRC. OUT is built next to its
+final place and renamed into it: nothing partial is left on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+# Kept literal so that `kvforge --help` does not import torch; a test checks it against FAMILIES.
+FAMILY_CHOICES = ("auto", "deepseek_v2", "deepseek_v3", "kvforge", "llama", "mistral", "qwen2", "qwen3")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="model directory to read (HF or kvforge-typed)")
+    parser.add_argument("out", metavar="OUT", help="directory to write; must not exist unless --overwrite")
+    parser.add_argument(
+        "--family",
+        default="auto",
+        choices=FAMILY_CHOICES,
+        help="target family (default auto: the simplest stock class that holds the model, else kvforge-typed); "
+        "a named family that cannot hold the model is an error that lists the ones that can",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="store floating-point tensors in this dtype (default: keep the dtype SRC has)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle weights (pytorch_model.bin) with torch.load(weights_only=True); off by default",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file before the weights are split into shards (default 5GB)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    if src.suffix == ".ckpt" or src.is_file():
+        raise ValueError(
+            f"{src} is a file (a Lightning .ckpt?): exporting training checkpoints is not supported yet - it needs "
+            "the training package's checkpoint-to-ModelConfig support. Export the HF or kvforge directory instead."
+        )
+    if Path(args.out).exists() and not args.overwrite:  # fail before the (possibly long) read
+        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
+    from rich.console import Console
+
+    from kvforge.conversion import load_pretrained, plan_export, save_pretrained
+
+    console = Console(highlight=False)
+    pretrained = load_pretrained(src, allow_pickle=args.allow_pickle, progress=True)
+    config = pretrained.config
+    plan = plan_export(config, None if args.family == "auto" else args.family)
+    family = plan.family
+    console.print(f"Read {src}: {pretrained.family}, {config.n_layers} layers, {config.d_model} wide")
+    logger = logging.getLogger("kvforge.conversion")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the notes are printed below, styled
+    try:
+        out = save_pretrained(
+            config,
+            pretrained.state_dict,
+            args.out,
+            family=family.model_type,
+            tokenizer_from=src,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            progress=True,
+        )
+    finally:
+        logger.setLevel(level)
+    console.print(f"Wrote {out} as {family.architecture} (model_type {family.model_type!r})")
+    if family.stock:
+        console.print(
+            "Stock class: loads with transformers AutoModelForCausalLM (no remote code), vLLM and SGLang."
+        )
+    for note in plan.notes:
+        style = "bold yellow" if family.stock else "bold red"
+        console.print(f"[{style}]{'note' if family.stock else 'WARNING'}:[/] {note}")
+    return 0

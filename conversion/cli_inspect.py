@@ -1,0 +1,94 @@
+"""Show what a model directory holds: per-layer attention forms, parameters and KV-cache bytes.
+
+    kvforge inspect DIR [--seq-len 4096] [--dtype bf16] [--json]
+
+Reads only config.json (no weights), for HF (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) and
+kvforge-typed directories. Per layer: the form (mha, gqa-N, mqa, mla), its sliding window, the layer
+whose K/V it reads (cross-layer sharing), values cached per token and the layer's cache bytes at
+--seq-len tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
+layer keeps) and the ratio to the same model with plain multi-head attention on every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", metavar="DIR", help="model directory (HF or kvforge-typed)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="context length for the KV-cache figures (default: the model's max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--dtype", default="bf16", help="cache element type for the byte counts: fp32, bf16, fp16 or fp8"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def summarize(path: str, seq_len: int | None, dtype: str) -> dict:
+    """The inspect report as plain data (what --json prints)."""
+    import torch
+
+    from kvforge.arch import CausalLM, describe_layers, kv_bytes_per_token, mha_equivalent
+    from kvforge.conversion import load_config
+
+    config, family, _ = load_config(path)
+    seq_len = seq_len or config.max_seq_len
+    if seq_len <= 0:
+        raise ValueError(f"--seq-len={seq_len}: must be a positive number of tokens")
+    with torch.device("meta"):
+        parameters = CausalLM(config).num_parameters()
+    per_token = kv_bytes_per_token(config, seq_len, dtype)
+    mha_per_token = kv_bytes_per_token(mha_equivalent(config), seq_len, dtype)
+    return {
+        "path": str(path),
+        "model_type": family.model_type,
+        "architecture": family.architecture,
+        "stock": family.stock,
+        "parameters": parameters,
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "kv_bytes_per_token": per_token,
+        "mha_kv_bytes_per_token": mha_per_token,
+        "kv_ratio_vs_mha": per_token / mha_per_token,
+        "layers": describe_layers(config, seq_len, dtype),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    report = summarize(args.dir, args.seq_len, args.dtype)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table(title=f"{report['path']}: {report['architecture']} ({report['model_type']})")
+    for column in ("layer", "form", "window", "K/V from", "values/token", f"KV bytes @ {report['seq_len']}"):
+        table.add_column(column, justify="right" if column not in ("form", "K/V from") else "left")
+    for row in report["layers"]:
+        table.add_row(
+            str(row["layer"]),
+            row["form"],
+            str(row["window"]) if row["window"] is not None else "global",
+            f"shared from layer {row['kv_from']}" if row["kv_from"] is not None else "own",
+            f"{row['values_per_token']:,}",
+            f"{row['bytes']:,}",
+        )
+    console.print(table)
+    console.print(
+        f"parameters {report['parameters']:,} · KV cache {report['kv_bytes_per_token']:,.1f} bytes/token "
+        f"({report['dtype']}, {report['seq_len']} tokens) · MHA equivalent {report['mha_kv_bytes_per_token']:,.1f} "
+        f"· ratio {report['kv_ratio_vs_mha']:.3f}"
+    )
+    if not report["stock"]:
+        console.print(
+            "[bold red]kvforge-typed:[/] loads with trust_remote_code=True where kvforge is installed; "
+            "stock transformers, vLLM and SGLang will not load it"
+        )
+    return 0

@@ -1,0 +1,110 @@
+"""A family = one table used in both directions, plus the tensor layout changes it needs.
+
+``read_config`` runs every table entry's ``read`` (config.json → ModelConfig fields), ``write_config``
+every entry's ``write`` (ModelConfig → config.json), ``why_not`` asks every entry whether it can hold
+the config. Parameter names are the same on both sides (kvforge uses the HF names); the few layouts
+that differ are :class:`TensorLayout` objects whose export direction is the inverse of their import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from kvforge.arch import ModelConfig
+
+from .schema import Codec, ConfigReader
+
+StateDict = dict[str, torch.Tensor]
+
+# Keys that mean the tensors are not plain floating-point weights kvforge can run.
+REFUSED_KEYS = {
+    "quantization_config": "quantized checkpoints are not supported; export an unquantized (bf16/fp16/fp32) copy",
+}
+
+
+class TensorLayout(Protocol):
+    """A difference between how a family stores some tensors and how kvforge does."""
+
+    def to_kvforge(self, tensors: StateDict, config: ModelConfig) -> None: ...
+
+    def to_hf(self, tensors: StateDict, config: ModelConfig) -> None: ...
+
+
+@dataclass(frozen=True)
+class RowPermutation:
+    """Reorders dim 0 of the tensors whose names end with ``suffixes``; export applies the inverse
+    order (``argsort``), so the two directions cannot drift apart."""
+
+    suffixes: tuple[str, ...]
+    rows: Callable[[ModelConfig, str, int], torch.Tensor]  # (config, name, n_rows) -> permutation
+
+    def _apply(self, tensors: StateDict, config: ModelConfig, inverse: bool) -> None:
+        for name in [n for n in tensors if n.endswith(self.suffixes)]:
+            order = self.rows(config, name, tensors[name].shape[0])
+            tensors[name] = tensors[name][torch.argsort(order) if inverse else order]
+
+    def to_kvforge(self, tensors: StateDict, config: ModelConfig) -> None:
+        self._apply(tensors, config, inverse=False)
+
+    def to_hf(self, tensors: StateDict, config: ModelConfig) -> None:
+        self._apply(tensors, config, inverse=True)
+
+
+@dataclass(frozen=True)
+class StockFamily:
+    """A stock transformers class: AutoModelForCausalLM, vLLM and SGLang load it without remote code."""
+
+    model_type: str
+    architecture: str
+    table: Sequence[Codec]
+    layouts: Callable[[dict[str, Any]], Sequence[TensorLayout]] = lambda hf: ()
+    notes: Callable[[ModelConfig], list[str]] = lambda config: []
+    stock: bool = field(default=True, init=False)
+
+    @property
+    def fields(self) -> set[str]:
+        """ModelConfig fields this family's table decides (tests check none is forgotten)."""
+        return {name for entry in self.table for name in entry.fields}
+
+    def read_config(self, reader: ConfigReader) -> ModelConfig:
+        for key, why in REFUSED_KEYS.items():
+            if reader.data.get(key):
+                raise reader.error(f"{key} is set: {why}")
+        fields: dict[str, Any] = {}
+        for entry in self.table:
+            entry.read(reader, fields)
+        try:
+            return ModelConfig(**fields)
+        except ValueError as err:
+            raise reader.error(f"describes an invalid {self.model_type} model: {err}") from None
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        for entry in self.table:
+            problem = entry.why_not(config)
+            if problem:
+                return problem
+        return None
+
+    def write_config(self, config: ModelConfig) -> dict[str, Any]:
+        problem = self.why_not(config)
+        if problem:
+            raise ValueError(f"cannot export as {self.model_type}: {problem}")
+        hf: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+        for entry in self.table:
+            entry.write(config, hf)
+        return hf
+
+    def extra_files(self) -> dict[str, str]:
+        return {}
+
+    def to_kvforge(self, tensors: StateDict, config: ModelConfig, hf: dict[str, Any]) -> None:
+        for layout in self.layouts(hf):
+            layout.to_kvforge(tensors, config)
+
+    def to_hf(self, tensors: StateDict, config: ModelConfig, hf: dict[str, Any]) -> None:
+        for layout in self.layouts(hf):
+            layout.to_hf(tensors, config)

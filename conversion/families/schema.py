@@ -1,0 +1,193 @@
+"""The vocabulary of the family tables: typed config.json keys and the reader that checks them.
+
+A :class:`Key` ties one config.json key to one :class:`~kvforge.arch.ModelConfig` field with the same
+meaning in both directions; import reads it (type-checked, with the default stock transformers uses
+when the key is absent) and export writes the field back under the same key. :class:`Const` states
+what a family implies about a field (Qwen3: ``qk_norm`` is always on); export refuses a config
+whose field differs. Anything richer (per-layer windows, RoPE, MLA sizes) is a codec object with the
+same three methods: ``read``, ``write`` and ``why_not``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvforge.arch import ModelConfig
+
+REQUIRED: Any = object()  # marks a key without a default: absent means the config is unusable
+
+KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
+
+
+class ConfigReader:
+    """Typed access to one config.json; every error names the file, the key and what is allowed."""
+
+    def __init__(self, data: dict[str, Any], source: str | Path) -> None:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        self.data = data
+        self.source = str(source)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def error(self, message: str) -> ValueError:
+        return ValueError(f"{self.source}: {message}")
+
+    def get(self, key: str, kind: type, default: Any = REQUIRED, nullable: bool = False) -> Any:
+        if key not in self.data:
+            if default is REQUIRED:
+                raise self.error(f"missing required key {key!r} ({KIND_NAMES[kind]})")
+            return default
+        value = self.data[key]
+        if value is None and nullable:
+            return None
+        if not _is_kind(value, kind):
+            allowed = KIND_NAMES[kind] + (" or null" if nullable else "")
+            raise self.error(f"{key}={value!r} has the wrong type: expected {allowed}")
+        return float(value) if kind is float else value
+
+    def token_ids(self, key: str, default: Any) -> int | list[int] | None:
+        """bos/eos/pad ids: an id, a list of ids (Llama-3's several EOS tokens) or null."""
+        value = self.data.get(key, default)
+        if value is None or _is_kind(value, int):
+            return value
+        if isinstance(value, list) and value and all(_is_kind(v, int) for v in value):
+            return list(value)
+        raise self.error(f"{key}={value!r} has the wrong type: expected a token id, a list of ids or null")
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+@dataclass(frozen=True)
+class Key:
+    """config.json ``hf`` ↔ ``ModelConfig.<field>``, the same value both ways."""
+
+    hf: str
+    field: str
+    kind: type
+    default: Any = REQUIRED
+    nullable: bool = False
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (self.field,)
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        fields[self.field] = reader.get(self.hf, self.kind, self.default, self.nullable)
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
+        hf[self.hf] = getattr(config, self.field)
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
+class TokenKey(Key):
+    """A bos/eos/pad id key (an id, a list of ids or null)."""
+
+    kind: type = int
+    nullable: bool = True
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        fields[self.field] = reader.token_ids(self.hf, self.default)
+
+
+@dataclass(frozen=True)
+class Const:
+    """This family always has ``ModelConfig.<field> == value`` (no config.json key carries it)."""
+
+    field: str
+    value: Any
+    reason: str
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (self.field,)
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        fields[self.field] = self.value
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
+        pass
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        value = getattr(config, self.field)
+        if value != self.value:
+            return f"{self.field}={value!r} but {self.reason} (needs {self.field}={self.value!r})"
+        return None
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A config.json key whose only supported value is ``value`` (e.g. ``hidden_act: silu``): import
+    refuses anything else, export writes it. An absent key reads as ``value``, which is also the
+    transformers default of every such key in these families."""
+
+    hf: str
+    value: Any
+    fields: tuple[str, ...] = ()
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        value = reader.data.get(self.hf, self.value)
+        if value != self.value:
+            raise reader.error(
+                f"{self.hf}={value!r} is not supported: kvforge models have {self.hf}={self.value!r}"
+            )
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
+        hf[self.hf] = self.value
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        return None
+
+
+class Codec(Protocol):
+    """One entry of a family table: how some config.json keys and ModelConfig fields correspond."""
+
+    fields: tuple[str, ...]
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None: ...
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None: ...
+
+    def why_not(self, config: ModelConfig) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class SharedBias:
+    """Llama/Qwen3/DeepSeek: one flag biases the input projections *and* ``o_proj``."""
+
+    hf: str = "attention_bias"
+    default: bool = False
+    fields: tuple[str, ...] = ("attention_bias", "o_proj_bias")
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        fields["attention_bias"] = fields["o_proj_bias"] = reader.get(self.hf, bool, self.default)
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
+        hf[self.hf] = config.attention_bias
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        if config.attention_bias != config.o_proj_bias:
+            return (
+                f"attention_bias={config.attention_bias} but o_proj_bias={config.o_proj_bias}; "
+                f"this family's `{self.hf}` biases both or neither"
+            )
+        return None

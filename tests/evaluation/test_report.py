@@ -1,0 +1,81 @@
+"""The report: a JSON file with exactly the documented fields, and non-empty PNG plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import matplotlib.image
+import pytest
+import torch
+
+from kvforge.training.evaluation import evaluate_model
+from kvforge.training.evaluation.plots import PLOTS, pareto_front, write_plots
+from kvforge.training.evaluation.report import EvalReport, new_report, write_json
+from kvforge.training.evaluation.schema import schema_markdown, schema_paths
+from tests.conftest import REPO
+from tests.evaluation.helpers import quick_settings, stories260k
+
+
+@pytest.fixture(scope="module")
+def model_report():
+    torch.manual_seed(0)
+    return evaluate_model(stories260k(), quick_settings())
+
+
+def _json_paths(value: dict, prefix: str, documented: set[str]) -> set[str]:
+    """Paths of a JSON object in schema notation, descending where the schema documents sub-fields."""
+    paths = set()
+    for key, item in value.items():
+        path = f"{prefix}{key}"
+        paths.add(path)
+        if isinstance(item, dict) and any(p.startswith(f"{path}.") for p in documented):
+            paths |= _json_paths(item, f"{path}.", documented)
+        if isinstance(item, list) and any(p.startswith(f"{path}[].") for p in documented):
+            for element in item:
+                paths |= _json_paths(element, f"{path}[].", documented)
+    return paths
+
+
+def test_json_has_every_documented_field_and_nothing_else(model_report, tmp_path):
+    report = new_report(quick_settings(), [model_report], torch.device("cpu"))
+    data = json.loads(write_json(report, tmp_path / "eval.json").read_text())
+    documented = set(schema_paths(EvalReport))
+    assert _json_paths(data, "", documented) == documented
+
+
+def test_every_json_field_has_a_description():
+    undocumented = [path for path, text in schema_paths(EvalReport).items() if not text.strip()]
+    assert undocumented == []
+    assert "| `models[].passkey.cells[].accuracy` |" in schema_markdown(EvalReport)
+
+
+def test_plots_are_written_and_non_empty(model_report, tmp_path):
+    smaller = dataclasses.replace(
+        model_report, name="half-kv", kv_bytes_per_token=model_report.kv_bytes_per_token / 2
+    )
+    written = write_plots([model_report, smaller], tmp_path)
+    assert sorted(written) == sorted(PLOTS)
+    for path in written.values():
+        with open(path, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 100 and width > 100
+
+
+def test_no_plot_is_written_without_its_data(model_report, tmp_path):
+    bare = dataclasses.replace(
+        model_report, perplexity=[], perplexity_vs_context=[], passkey=None, latency=[]
+    )
+    assert write_plots([bare], tmp_path) == {}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pareto_front_keeps_models_no_other_beats_on_bytes_and_quality():
+    points = [(1280, 1.32), (640, 1.50), (640, 1.40), (320, 2.0), (960, 1.45)]
+    assert pareto_front(points) == [(320, 2.0), (640, 1.40), (1280, 1.32)]
+
+
+def test_json_reference_in_docs_is_up_to_date():
+    reference = (REPO / "docs" / "evaluation-json.md").read_text()
+    assert schema_markdown(EvalReport) in reference, "regenerate the table with `kvforge eval --schema`"
