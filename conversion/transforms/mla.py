@@ -135,7 +135,9 @@ def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLA
         v_head_dim=config.head_dim,
         mla_rope_heads=1 if deepseek else config.layers[0].n_kv_heads,
         mla_latent_norm=deepseek,
-        mla_rope_theta=plan.theta,
+        # Every layer is MLA now: rope_theta only drives the kept pairs (DeepseekV3 reads rope_theta).
+        rope_theta=plan.theta,
+        mla_rope_theta=None,
     )
 
 
