@@ -6,8 +6,9 @@ text; transforms that need activations run the source model on it. Inputs are ne
 
 from .cla import to_cla
 from .gqa import to_gqa, to_mqa
+from .mla import to_mla
 from .window import to_window
 
-TRANSFORMS = {"gqa": to_gqa, "mqa": to_mqa, "cla": to_cla, "window": to_window}
+TRANSFORMS = {"gqa": to_gqa, "mqa": to_mqa, "mla": to_mla, "cla": to_cla, "window": to_window}
 
-__all__ = ["TRANSFORMS", "to_cla", "to_gqa", "to_mqa", "to_window"]
+__all__ = ["TRANSFORMS", "to_cla", "to_gqa", "to_mla", "to_mqa", "to_window"]
