@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 quickstart: setup
-	$(BIN)/kvforge forms
+	$(BIN)/kvforge quickstart
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

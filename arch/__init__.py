@@ -3,6 +3,7 @@ Depends on torch and :mod:`kvforge.kernels` only."""
 
 from .cache import DenseLayerCache, KVCache, KVView, RingLayerCache
 from .config import LayerSpec, ModelConfig, RopeScaling
+from .flops import flops_per_token, forward_flops_per_token
 from .generate import generate, sample_next
 from .kv_bytes import describe_layers, kv_bytes_per_token, kv_cache_bytes, mha_equivalent, parse_dtype
 from .model import CausalLM, Decoder, DecoderLayer
@@ -21,6 +22,8 @@ __all__ = [
     "RopeScaling",
     "StaticDecoder",
     "describe_layers",
+    "flops_per_token",
+    "forward_flops_per_token",
     "generate",
     "kv_bytes_per_token",
     "kv_cache_bytes",

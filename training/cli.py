@@ -17,9 +17,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.forms_demo",
         "build a small model of every attention form and print its KV bytes",
     ),
+    "quickstart": (
+        "kvforge.training.quickstart",
+        "uptrain stories260K-mha into GQA-2 with distillation on CPU, evaluate, export, generate",
+    ),
     "export": (
-        "kvforge.conversion.cli_export",
-        "write a model directory as a stock Hugging Face class (or kvforge-typed)",
+        "kvforge.training.export",
+        "write a model directory or a training checkpoint as a stock Hugging Face class (or kvforge-typed)",
     ),
     "convert": (
         "kvforge.conversion.cli_convert",

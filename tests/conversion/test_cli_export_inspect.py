@@ -55,11 +55,11 @@ def test_export_refuses_an_existing_output_before_reading(cla_dir, tmp_path, cap
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_export_of_a_lightning_checkpoint_names_the_missing_support(tmp_path, capsys):
+def test_export_of_an_unreadable_checkpoint_file_is_a_clear_error(tmp_path, capsys):
     checkpoint = tmp_path / "last.ckpt"
-    checkpoint.write_bytes(b"not read")
+    checkpoint.write_bytes(b"not a checkpoint")
     assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 2
-    assert "exporting training checkpoints is not supported yet" in capsys.readouterr().err
+    assert "is not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_export_to_a_family_that_cannot_hold_the_model_is_an_error(cla_dir, tmp_path, capsys):

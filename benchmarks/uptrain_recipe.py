@@ -1,0 +1,151 @@
+"""TARGETS.md's uptraining recipe through kvforge's training stack (KVForgeLM + TextDataModule + Lightning):
+
+    stories260K-mha → a transform (default GQA with 2 K/V heads, = 4→2 from stories260K), then
+    300 optimizer steps of 16 × 256 tokens on the first 80 % of tinystories_val_prefix.txt's tokens,
+    AdamW with warmup + cosine; loss on the last 20 % (512-token windows, no BOS; source 1.6651).
+
+    python benchmarks/uptrain_recipe.py [--variants ce,distill,distill-kv-first] [--steps 300] [--markdown]
+
+Prints the zero-shot loss after conversion and the loss after each variant, relative to the source
+and to TARGETS' baselines (mean-pool + CE 2.4028, mean-pool + ½CE + ½KL 2.3747; target ≤ 1.6818).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import markdown_table, print_table
+from kvforge.arch import CausalLM
+from kvforge.arch.evaluate import windowed_nll
+from kvforge.conversion import load_pretrained
+from kvforge.training.data import TextDataModule
+from kvforge.training.distill import DistillationConfig
+from kvforge.training.module import KVForgeLM
+from kvforge.training.optim import OptimizerConfig
+
+SHARED = Path(os.environ.get("KVFORGE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SOURCE_LOSS = 1.6651
+# name -> (distillation alpha or None, steps training only the converted parameters)
+VARIANTS = {
+    "ce": (None, 0),
+    "distill": (0.5, 0),
+    "distill-kv-first": (0.5, 100),
+    "kl-only": (0.0, 0),
+    "kl-only-kv-first": (0.0, 100),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", default="ce,distill,distill-kv-first")
+    parser.add_argument(
+        "--convert", default="gqa:n_kv_heads=2", help="transform:option=value,...[+transform:...] (in order)"
+    )
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--block", type=int, default=256, help="tokens per training sequence")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--markdown", action="store_true")
+    return parser.parse_args()
+
+
+def parse_convert(text: str) -> list[dict]:
+    """``gqa:n_kv_heads=4+cla:factor=2`` → ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``."""
+    steps = []
+    for step in text.split("+"):
+        name, _, options = step.partition(":")
+        convert = {"to": name}
+        for item in filter(None, options.split(",")):
+            key, value = item.split("=")
+            convert[key] = int(value) if value.lstrip("-").isdigit() else value
+        steps.append(convert)
+    return steps
+
+
+def uptrain(args, convert, alpha, kv_first, data) -> tuple[float, float]:
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    distill = DistillationConfig(alpha=alpha) if alpha is not None else None
+    optim = OptimizerConfig(lr=args.lr, warmup_steps=args.warmup, weight_decay=0.0, min_lr_ratio=0.1)
+    module = KVForgeLM(
+        init_from=str(SHARED / "stories260K-mha"),
+        convert=convert,
+        distill=distill,
+        optim=optim,
+        converted_only_steps=kv_first,
+    )
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    return windowed_nll(module.model, data.val_tokens(), window=512).mean, seconds
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    convert = parse_convert(args.convert)
+    data = TextDataModule(
+        train_files=[str(SHARED / "corpora" / "tinystories_val_prefix.txt")],
+        block_size=args.block,
+        batch_size=args.batch,
+        val_fraction=0.2,
+    )
+    source = load_pretrained(SHARED / "stories260K-mha")
+    data.build(source.config, str(SHARED / "stories260K-mha"))
+    probe = KVForgeLM(init_from=str(SHARED / "stories260K-mha"), convert=convert)
+    probe.configure_model()
+    zero_shot = windowed_nll(probe.model, data.val_tokens()).mean
+    reference = CausalLM(source.config)
+    reference.load_state_dict(source.state_dict)
+    source_loss = windowed_nll(reference, data.val_tokens()).mean
+    rows = [
+        ["source (stories260K-mha)", "-", f"{source_loss:.4f}", "0.0 %", "-"],
+        [
+            f"{args.convert} zero-shot",
+            "-",
+            f"{zero_shot:.4f}",
+            f"{100 * (zero_shot / source_loss - 1):+.1f} %",
+            "-",
+        ],
+    ]
+    for name in args.variants.split(","):
+        alpha, kv_first = VARIANTS[name]
+        loss, seconds = uptrain(args, convert, alpha, kv_first, data)
+        rows.append(
+            [
+                name,
+                f"{args.steps}",
+                f"{loss:.4f}",
+                f"{100 * (loss / source_loss - 1):+.1f} %",
+                f"{seconds:.0f}",
+            ]
+        )
+    columns = ["run", "steps", "eval loss", "vs source", "train s"]
+    title = f"Uptraining recipe (TARGETS.md), {args.batch}×{args.block} tokens/step, lr {args.lr}"
+    print_table(title, columns, rows)
+    if args.markdown:
+        print(markdown_table(columns, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""``TextDataModule``: text in, packed fixed-length token blocks out, with a resumable data order.
+
+1. ``prepare_data`` (one process per node): pick the tokenizer (``data.tokenizer``, else the model's
+   ``init_from`` directory, else a byte-level BPE trained on the training text), then tokenize the
+   corpus into the memory-mapped cache (see ``token_cache``), unless an entry for the same data bytes,
+   tokenizer and settings already exists.
+2. ``setup`` (every process): open the cached streams and cut them into blocks. Without ``val_files``
+   the validation set is the *tail* ``val_fraction`` of the training stream (contiguous, so no block
+   of validation text sits next to a training block of the same passage).
+3. Loaders: a seeded per-epoch shuffle sharded over data-parallel ranks; every step gets full batches
+   (an incomplete last batch of an epoch is skipped, and reshuffled into the next epoch).
+
+Exact resume: the checkpoint stores the data position (the pass in progress and how many of its samples
+the training steps consumed, counted as they are consumed) and every new iterator starts there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .blocks import DataPosition, PackedBlocks, ResumableSampler
+from .documents import fingerprint, iter_hub_pieces, iter_pieces, resolve_files
+from .token_cache import TokenStream, cache_key, load_stream, tokenize_to_cache
+from .tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint, train_byte_bpe
+
+# The data position is restored through this DataModule's state_dict (see the module docstring), which
+# Lightning's "dataloader is not resumable" check cannot see.
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Args:
+    train_files: text files (``.txt``, ``.jsonl``, ``.parquet``), globs, or saved ``datasets`` directories.
+    val_files: held-out files; when absent the tail ``val_fraction`` of the training tokens is held out.
+    dataset: a Hugging Face hub dataset name (needs network or the local hub cache), instead of files.
+    dataset_config, dataset_split: its configuration and split (also the split of a saved DatasetDict).
+    text_field: the text column of JSON lines / Parquet / datasets rows.
+    txt_separator: splits ``.txt`` files into documents; ``None`` = one document per file.
+    tokenizer: tokenizer directory or name; default the model's ``init_from`` directory, else a new BPE.
+    block_size: tokens per training sequence (at most the model's ``max_seq_len``).
+    batch_size: sequences per step on each device (``val_batch_size`` for validation, default the same).
+    val_fraction: share of the training tokens held out when there are no ``val_files``.
+    add_bos: put BOS at the start of every document.
+    document_masking: give the model each block's ``document_ids`` so that no token attends across a
+        document boundary and positions restart per document; ``False`` packs without masks (GPT-2 style).
+    seed: seed of the data order (the same on every rank).
+    num_workers: DataLoader worker processes.
+    cache_dir: where tokenized corpora and trained tokenizers are kept.
+    bpe_training_chars: characters of training text a new BPE is fitted on (its start).
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        dataset_split: str = "train",
+        text_field: str = "text",
+        txt_separator: str | None = None,
+        tokenizer: str | None = None,
+        block_size: int = 256,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        val_fraction: float = 0.05,
+        add_bos: bool = False,
+        document_masking: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str = ".cache/kvforge",
+        bpe_training_chars: int = 50_000_000,
+    ) -> None:
+        super().__init__()
+        if not train_files and not dataset:
+            raise ValueError(
+                "data: give train_files (local files / dataset directories) or dataset (a hub name)"
+            )
+        if train_files and dataset:
+            raise ValueError("data: give either train_files or dataset, not both")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if value <= 0:
+                raise ValueError(f"data.{name}={value}: must be positive")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        self.train_paths = resolve_files(list(train_files), "train_files") if train_files else []
+        self.val_paths = resolve_files(list(val_files), "val_files") if val_files else []
+        self.dataset, self.dataset_config, self.dataset_split = dataset, dataset_config, dataset_split
+        self.text_field, self.txt_separator = text_field, txt_separator
+        self.tokenizer_name = tokenizer
+        self.block_size, self.batch_size = block_size, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_fraction, self.add_bos, self.seed = val_fraction, add_bos, seed
+        self.document_masking = document_masking
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir)
+        self.bpe_training_chars = bpe_training_chars
+        self.tokenizer = None
+        self.tokenizer_dir: Path | None = None
+        self.train_set: PackedBlocks | None = None
+        self.val_set: PackedBlocks | None = None
+        self.position = DataPosition()
+        self._world, self._pass_steps = 1, 0
+        self._fingerprints: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        self.build(*self._model_requirements(), create=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.position = DataPosition()  # a new fit starts at the beginning; a resume restores it after this
+        if self.train_set is None:
+            self.build(*self._model_requirements(), create=False)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        shard = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None:
+            shard = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or shard
+        if len(self.train_set) < self.batch_size * shard["num_replicas"]:
+            raise ValueError(
+                f"data: {len(self.train_set)} training blocks of {self.block_size} tokens cannot fill one batch of "
+                f"{self.batch_size} on each of {shard['num_replicas']} devices; lower data.batch_size or "
+                "data.block_size, or add text"
+            )
+        sampler = ResumableSampler(self.train_set, self.position, seed=self.seed, **shard)
+        self._world, self._pass_steps = shard["num_replicas"], len(sampler) // self.batch_size
+        return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        assert self.val_set is not None, "call setup() first"
+        if len(self.val_set) == 0:  # val_fraction 0 and no val_files: no validation
+            return []
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Blocks that each hold one document need no mask: plain causal attention is the same and faster.
+        if not self.document_masking or not batch["document_ids"].any():
+            batch = {key: value for key, value in batch.items() if key != "document_ids"}
+        # Called once per batch a training step consumes (Lightning's fetcher reads one batch ahead, so
+        # counting batches *fetched* would overcount).
+        if self.trainer is not None and self.trainer.training and self._pass_steps:
+            position = self.position
+            position.samples_consumed += self.batch_size * self._world
+            if position.samples_consumed >= self._pass_steps * self.batch_size * self._world:
+                position.epoch, position.samples_consumed = position.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self.position) if self._pass_steps else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self.position = DataPosition(**state_dict)
+
+    # ------------------------------------------------------------------ building
+    def check(self, vocab_size: int, max_seq_len: int, tokenizer_source: str | None) -> None:
+        """Cheap checks against the model, run before any process is launched or any text is read."""
+        if self.block_size > max_seq_len:
+            raise ValueError(
+                f"data.block_size={self.block_size} exceeds the model's max_seq_len={max_seq_len} "
+                "(its position range); lower data.block_size"
+            )
+        source = self._tokenizer_source(tokenizer_source)
+        if source is not None:
+            self._check_vocab(load_tokenizer(source), vocab_size, source)
+
+    def build(self, config, tokenizer_source: str | None, *, create: bool = True) -> None:
+        """Load (``create``: first build) the tokenizer and the token caches, then cut the blocks."""
+        self.check(config.vocab_size, config.max_seq_len, tokenizer_source)
+        self.tokenizer, self.tokenizer_dir = self._resolve_tokenizer(
+            tokenizer_source, config.vocab_size, create
+        )
+        train = self._stream("train", self.train_paths, create)
+        if self.val_paths:
+            val = self._stream("val", self.val_paths, create)
+            self.train_set = PackedBlocks(train, 0, len(train), self.block_size)
+            self.val_set = PackedBlocks(val, 0, len(val), self.block_size)
+        else:
+            split = int(len(train) * (1 - self.val_fraction))
+            self.train_set = PackedBlocks(train, 0, split, self.block_size)
+            self.val_set = PackedBlocks(train, split, len(train), self.block_size)
+        where = "train_files" if self.train_paths else "dataset"
+        if len(self.train_set) == 0:
+            raise ValueError(
+                f"data.{where}: {len(train)} tokens make no training block of {self.block_size} + 1 tokens"
+            )
+        if (self.val_fraction > 0 or self.val_paths) and len(self.val_set) == 0:
+            raise ValueError(
+                f"data: the validation text has too few tokens for one block of {self.block_size} + 1; "
+                "raise data.val_fraction or give longer val_files"
+            )
+
+    def val_tokens(self) -> torch.Tensor:
+        """The held-out token stream as one 1-D tensor (for windowed perplexity)."""
+        assert self.val_set is not None, "call setup() first"
+        return torch.from_numpy(
+            self.val_set.stream.tokens[self.val_set.start : self.val_set.end].astype("int64")
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _model_requirements(self) -> tuple:
+        module = self.trainer.lightning_module
+        return module.config, module.tokenizer_source
+
+    def _tokenizer_source(self, model_dir: str | None) -> str | None:
+        if self.tokenizer_name is not None:
+            return self.tokenizer_name
+        if model_dir is not None and has_tokenizer(model_dir):
+            return model_dir
+        return None
+
+    @staticmethod
+    def _check_vocab(tokenizer, vocab_size: int, source) -> None:
+        if len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"tokenizer {source} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
+                "token ids would index past the embedding; use the model's own tokenizer"
+            )
+
+    def _resolve_tokenizer(self, model_dir: str | None, vocab_size: int, create: bool):
+        source = self._tokenizer_source(model_dir)
+        if source is not None:
+            tokenizer = load_tokenizer(source)
+            if Path(source).is_dir():
+                return tokenizer, Path(source)
+            local = self.cache_dir / "tokenizers" / cache_key(tokenizer=tokenizer_fingerprint(tokenizer))
+            if create and not local.exists():
+                tokenizer.save_pretrained(local)
+            return tokenizer, local
+        key = cache_key(
+            kind="bpe", data=self._fingerprint("train"), vocab=vocab_size, chars=self.bpe_training_chars
+        )
+        directory = self.cache_dir / "tokenizers" / key
+        if not has_tokenizer(directory):
+            if not create:
+                raise FileNotFoundError(f"no trained tokenizer in {directory}: run prepare_data() first")
+            train_byte_bpe(self._bpe_texts(), vocab_size, directory)
+        return load_tokenizer(directory), directory
+
+    def _bpe_texts(self):
+        budget = self.bpe_training_chars
+        for piece in self._pieces("train", self.train_paths):
+            if budget <= 0:
+                return
+            yield piece.text[:budget]
+            budget -= len(piece.text)
+
+    def _fingerprint(self, split: str) -> str:
+        if split not in self._fingerprints:
+            paths = self.train_paths if split == "train" else self.val_paths
+            if paths:
+                self._fingerprints[split] = fingerprint(paths)
+            else:
+                self._fingerprints[split] = f"hub:{self.dataset}/{self.dataset_config}/{self.dataset_split}"
+        return self._fingerprints[split]
+
+    def _pieces(self, split: str, paths: list[Path]):
+        if paths:
+            return iter_pieces(
+                paths, text_field=self.text_field, txt_separator=self.txt_separator, split=self.dataset_split
+            )
+        return iter_hub_pieces(self.dataset, self.dataset_config, self.dataset_split, self.text_field)
+
+    def _stream(self, split: str, paths: list[Path], create: bool) -> TokenStream:
+        key = cache_key(
+            data=self._fingerprint(split),
+            tokenizer=tokenizer_fingerprint(self.tokenizer),
+            text_field=self.text_field,
+            txt_separator=self.txt_separator,
+            add_bos=self.add_bos,
+            split=self.dataset_split,
+        )
+        directory = self.cache_dir / "tokens" / key
+        stream = load_stream(directory)
+        if stream is None:
+            if not create:
+                raise FileNotFoundError(f"no tokenized cache in {directory}: run prepare_data() first")
+            what = "train_files" if split == "train" else "val_files"
+            stream = tokenize_to_cache(
+                self._pieces(split, paths), self.tokenizer, directory, add_bos=self.add_bos, what=what
+            )
+        return stream
+
+    def _loader(self, dataset: PackedBlocks, batch_size: int, **options) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **options,
+        )

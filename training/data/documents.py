@@ -1,0 +1,184 @@
+"""Where training text comes from: local files, a saved ``datasets`` directory, or a hub dataset.
+
+Everything streams: files are read in pieces, Parquet by record batch, datasets by batch, so a corpus
+never has to fit in memory.
+
+What a *document* is (EOS goes between documents):
+- ``.txt``: the whole file, unless ``txt_separator`` is set (e.g. ``"<|endoftext|>"`` or ``"\\n\\n"``),
+  which splits it. The default keeps a file whole because a blank line separates paragraphs as often
+  as documents (TinyStories), and an EOS between paragraphs would teach the model to stop early.
+- ``.jsonl`` / ``.json`` (JSON lines), ``.parquet``, ``datasets`` directories, hub datasets: one row,
+  its ``text_field``.
+Empty documents are skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+ALLOWED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+# A long .txt document is handed to the tokenizer in pieces cut at line ends (never mid-line).
+TEXT_PIECE_CHARS = 1 << 22
+ROW_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A span of text; ``ends_document`` is False while the same document continues in the next piece."""
+
+    text: str
+    ends_document: bool = True
+
+
+def is_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")
+    )
+
+
+def resolve_files(patterns: list[str], field: str) -> list[Path]:
+    """Expand paths and globs; every entry must match something readable."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not Path(matches[0]).exists():
+            raise FileNotFoundError(f"data.{field}: {pattern!r} does not exist (matched no file)")
+        for match in map(Path, matches):
+            if match.is_dir() and not is_dataset_dir(match):
+                raise ValueError(
+                    f"data.{field}: {match} is a directory but not a saved `datasets` dataset "
+                    "(no dataset_info.json / dataset_dict.json); list its files or a glob instead"
+                )
+            if match.is_file() and match.suffix not in ALLOWED_SUFFIXES:
+                raise ValueError(
+                    f"data.{field}: {match} has suffix {match.suffix!r}; allowed are {list(ALLOWED_SUFFIXES)} "
+                    "or a `datasets` directory"
+                )
+            paths.append(match)
+    return paths
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """SHA-256 over the bytes of every file (recursively for dataset directories), in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            with open(file, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def iter_pieces(
+    paths: list[Path], *, text_field: str = "text", txt_separator: str | None = None, split: str = "train"
+) -> Iterator[Piece]:
+    for path in paths:
+        if path.is_dir():
+            yield from _dataset_dir(path, text_field, split)
+        elif path.suffix in TEXT_SUFFIXES:
+            yield from _text_file(path, txt_separator)
+        elif path.suffix in JSON_SUFFIXES:
+            yield from _json_lines(path, text_field)
+        else:
+            yield from _parquet(path, text_field)
+
+
+def iter_hub_pieces(name: str, config: str | None, split: str, text_field: str) -> Iterator[Piece]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # the hub raises many types; the message is what matters
+        raise ValueError(
+            f"data.dataset={name!r}: could not load it from the Hugging Face hub ({err}); offline runs "
+            "(HF_DATASETS_OFFLINE=1) need local files, a saved dataset directory, or the hub cache"
+        ) from err
+    for row in rows:
+        yield from _row_piece(row, text_field, f"{name}[{split}]")
+
+
+def _text_file(path: Path, separator: str | None) -> Iterator[Piece]:
+    with open(path, encoding="utf-8-sig") as handle:  # universal newlines; a BOM is not text
+        if separator is None:
+            pending, emitted = "", False
+            while chunk := handle.read(TEXT_PIECE_CHARS):
+                if len(pending) >= TEXT_PIECE_CHARS and (cut := pending.rfind("\n") + 1):
+                    yield Piece(pending[:cut], ends_document=False)
+                    pending, emitted = pending[cut:], True
+                pending += chunk
+            if emitted or pending.strip():
+                yield Piece(pending, ends_document=True)
+            return
+        pending = ""
+        while chunk := handle.read(TEXT_PIECE_CHARS):
+            *documents, pending = (pending + chunk).split(separator)
+            for document in documents:
+                if document.strip():
+                    yield Piece(document)
+        if pending.strip():
+            yield Piece(pending)
+
+
+def _json_lines(path: Path, text_field: str) -> Iterator[Piece]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON object per line ({err})") from err
+            yield from _row_piece(row, text_field, f"{path}:{number}")
+
+
+def _parquet(path: Path, text_field: str) -> Iterator[Piece]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise ValueError(
+            f"{path}: no column data.text_field={text_field!r}; columns are {parquet.schema_arrow.names}"
+        )
+    for batch in parquet.iter_batches(batch_size=ROW_BATCH, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if text and text.strip():
+                yield Piece(text)
+
+
+def _dataset_dir(path: Path, text_field: str, split: str) -> Iterator[Piece]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{path}: no split data.dataset_split={split!r}; splits are {list(loaded)}")
+        loaded = loaded[split]
+    if text_field not in loaded.column_names:
+        raise ValueError(
+            f"{path}: no column data.text_field={text_field!r}; columns are {loaded.column_names}"
+        )
+    for batch in loaded.select_columns([text_field]).iter(batch_size=ROW_BATCH):
+        for text in batch[text_field]:
+            if text and text.strip():
+                yield Piece(text)
+
+
+def _row_piece(row: object, text_field: str, where: str) -> Iterator[Piece]:
+    if not isinstance(row, dict) or text_field not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where}: no data.text_field={text_field!r} (the row has {keys})")
+    text = row[text_field]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: data.text_field={text_field!r} holds {type(text).__name__}, not text")
+    if text.strip():
+        yield Piece(text)

@@ -1,0 +1,102 @@
+"""``train.py``: LightningCLI around :class:`KVForgeLM` and :class:`TextDataModule`.
+
+    python train.py fit --config configs/pretrain/gqa.yaml [--trainer.devices 2 --trainer.strategy ddp]
+    python train.py fit --config configs/uptrain/gqa2.yaml --ckpt_path last     # resume
+    python train.py validate --config ... --ckpt_path runs/<name>/checkpoints/last.ckpt
+    python train.py fit --config ... --print_config                             # the resolved config
+
+Every field is a command-line override (``--model.optim.lr 1e-3``); unknown keys are errors. Each run
+has a name (``--name``, default the config file's name) and one directory, ``runs/<name>/``, holding its
+logs, ``checkpoints/`` (so ``--ckpt_path last`` finds them) and the exported ``hf/`` model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from .callbacks import HFExport, TokenThroughput
+from .data import TextDataModule
+from .module import KVForgeLM
+
+RUNS_DIR = Path("runs")
+
+
+def default_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "kvforge.training.loggers.WandbLogger"},
+    "precision": default_precision(),
+    "gradient_clip_val": 1.0,
+    "log_every_n_steps": 10,
+}
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Besides writing ``config.yaml`` into the log directory, log the whole resolved configuration and
+    the architecture's figures (parameters, KV bytes/token, FLOPs/token) as the run's hyperparameters."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
+        trainer.logger.log_hyperparams({"config": config, **pl_module.architecture_summary()})
+
+
+class KVForgeCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        super().__init__(
+            KVForgeLM,
+            TextDataModule,
+            save_config_callback=LogConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--name",
+            type=str | None,
+            default=None,
+            help="run name; runs/<name>/ holds its outputs (default: config stem)",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
+        parser.add_lightning_class_args(HFExport, "export")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        sources = config.get("config") or []
+        name = config.name or (Path(str(sources[-1])).stem if sources else "kvforge")
+        config.name = name
+        run_dir = Path(config.trainer.default_root_dir or RUNS_DIR / name)
+        config.trainer.default_root_dir = str(run_dir)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        logger = config.trainer.logger
+        if hasattr(logger, "class_path") and logger.class_path.endswith(".WandbLogger"):
+            logger.init_args.name = logger.init_args.get("name") or name
+            if logger.init_args.get("save_dir") in (None, "runs"):
+                logger.init_args.save_dir = str(run_dir)
+
+    def before_fit(self) -> None:
+        """Check the data against the model in this process, before any worker process starts."""
+        self.datamodule.check(
+            self.model.config.vocab_size, self.model.config.max_seq_len, self.model.tokenizer_source
+        )
+
+
+def main(args=None) -> None:
+    KVForgeCLI(args=args)

@@ -1,0 +1,150 @@
+"""Where a run's weights start: a fresh ``ModelConfig``, or a checkpoint directory optionally passed
+through a conversion transform (uptraining), plus the frozen teacher for distillation.
+
+``convert`` names a transform of ``kvforge.conversion.transforms.TRANSFORMS`` under ``to`` and passes
+every other key as that transform's keyword options, so transforms added to the registry plug in
+without changes here: ``{to: gqa, n_kv_heads: 2}``, ``{to: mla, kv_lora_rank: 32, ...}``. A list of
+them applies them in order: ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvforge.arch import ModelConfig
+from kvforge.conversion import Pretrained, load_pretrained
+from kvforge.conversion.transforms import TRANSFORMS
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class CalibrationConfig:
+    """Text a transform may run the source model on to choose its new weights. It must not be the
+    evaluation text. The first ``n_sequences · seq_len`` tokens of ``files`` (tokenized with the
+    source model's tokenizer, one stream) are cut into ``n_sequences`` rows."""
+
+    files: list[str]
+    n_sequences: int = 32
+    seq_len: int = 256
+
+
+@dataclass
+class StartingPoint:
+    """What :class:`KVForgeLM` builds its model(s) from."""
+
+    config: ModelConfig
+    state_dict: StateDict | None = None  # None = random init
+    teacher: Pretrained | None = None
+    changed: frozenset[str] = frozenset()  # parameters the transform created or changed
+    tokenizer_dir: str | None = None
+
+
+Convert = dict[str, Any] | list[dict[str, Any]]
+
+
+def resolve_starting_point(
+    model: ModelConfig | None,
+    init_from: str | None,
+    convert: Convert | None,
+    calibration: CalibrationConfig | None,
+    teacher_dir: str | None,
+    want_teacher: bool,
+) -> StartingPoint:
+    if (model is None) == (init_from is None):
+        raise ValueError(
+            "give exactly one of model (a ModelConfig: train from scratch) and init_from (a model directory: "
+            f"uptrain); got model={'set' if model is not None else None}, init_from={init_from!r}"
+        )
+    if model is not None:
+        if convert:
+            raise ValueError("model.convert needs model.init_from: a transform converts existing weights")
+        if want_teacher and teacher_dir is None:
+            raise ValueError("distillation from scratch needs distill.teacher (a model directory)")
+        teacher = load_pretrained(teacher_dir) if want_teacher else None
+        return StartingPoint(model, teacher=teacher)
+    if not Path(init_from).is_dir():
+        raise FileNotFoundError(f"model.init_from={init_from!r} is not a directory")
+    source = load_pretrained(init_from)
+    config, state_dict, changed = source.config, source.state_dict, frozenset()
+    if convert:
+        tokens = calibration_tokens(calibration, init_from) if calibration else None
+        for step in [convert] if isinstance(convert, dict) else convert:
+            config, state_dict = apply_transform(config, state_dict, step, tokens)
+        changed = changed_parameters(source.config, source.state_dict, config, state_dict)
+    teacher = None
+    if want_teacher:
+        teacher = load_pretrained(teacher_dir) if teacher_dir else source
+        if teacher.config.vocab_size != config.vocab_size:
+            raise ValueError(
+                f"distill.teacher has vocab_size={teacher.config.vocab_size} but the student has "
+                f"{config.vocab_size}: the KL compares next-token distributions over one vocabulary"
+            )
+    return StartingPoint(config, state_dict, teacher, changed, init_from)
+
+
+def apply_transform(
+    config: ModelConfig, state_dict: StateDict, convert: dict[str, Any], calibration: torch.Tensor | None
+) -> tuple[ModelConfig, StateDict]:
+    options = dict(convert)
+    name = options.pop("to", None)
+    if name not in TRANSFORMS:
+        raise ValueError(f"model.convert.to={name!r}: allowed values are {sorted(TRANSFORMS)}")
+    transform = TRANSFORMS[name]
+    parameters = inspect.signature(transform).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    allowed = sorted(n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown and not accepts_any:
+        raise ValueError(
+            f"model.convert: option(s) {unknown} unknown to transform {name!r}; allowed are {allowed}"
+        )
+    try:
+        return transform(config, state_dict, calibration, **options)
+    except TypeError as err:  # e.g. a required option is missing
+        raise ValueError(f"model.convert ({name!r}): {err}; its options are {allowed}") from err
+
+
+def changed_parameters(
+    source_config: ModelConfig, source: StateDict, converted_config: ModelConfig, converted: StateDict
+) -> frozenset[str]:
+    """Parameters the transform created or changed (new name, new shape or new values); for a layer whose
+    form changed but none of whose weights did (a CLA layer that now reads shared K/V), its attention
+    parameters."""
+    changed = {
+        name
+        for name, tensor in converted.items()
+        if name not in source or source[name].shape != tensor.shape or not torch.equal(source[name], tensor)
+    }
+    for index, (before, after) in enumerate(zip(source_config.layers, converted_config.layers)):
+        prefix = f"model.layers.{index}.self_attn."
+        if dataclasses.asdict(before) != dataclasses.asdict(after) and not any(
+            n.startswith(prefix) for n in changed
+        ):
+            changed |= {name for name in converted if name.startswith(prefix)}
+    return frozenset(changed)
+
+
+def calibration_tokens(calibration: CalibrationConfig, tokenizer_dir: str) -> torch.Tensor:
+    from kvforge.training.data.documents import iter_pieces, resolve_files
+    from kvforge.training.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    wanted = calibration.n_sequences * calibration.seq_len
+    ids: list[int] = []
+    for piece in iter_pieces(resolve_files(calibration.files, "calibration.files")):
+        ids.extend(tokenizer(piece.text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= wanted:
+            break
+    if len(ids) < wanted:
+        raise ValueError(
+            f"model.calibration: {calibration.files} hold {len(ids)} tokens, fewer than n_sequences · seq_len = "
+            f"{wanted}; lower them or add text"
+        )
+    return torch.tensor(ids[:wanted]).view(calibration.n_sequences, calibration.seq_len)
