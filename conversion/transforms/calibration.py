@@ -123,8 +123,31 @@ def load_calibration_ids(
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     text = path.read_text(encoding="utf-8-sig")
     # Tokenize a prefix only: ~8 characters per token is generous for any English BPE/unigram vocab.
-    ids = tokenizer(text[: 8 * n_tokens + 1024], add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text[: 8 * n_tokens + 1024], add_special_tokens=False, verbose=False)["input_ids"]
     rows = min(len(ids), n_tokens) // seq_len
     if rows == 0:
         raise ValueError(f"calibration text {path} has {len(ids)} tokens, fewer than seq_len={seq_len}")
     return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+@torch.no_grad()
+def sample_calibration_ids(
+    config: ModelConfig, state_dict: StateDict, n_tokens: int = 16384, seq_len: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """Calibration text written by the source model itself: ``n_tokens // seq_len`` sequences sampled
+    at temperature 1 from BOS (BOS dropped). No corpus is read, so it cannot overlap an evaluation text."""
+    if config.bos_token_id is None:
+        raise ValueError("self-generated calibration starts from BOS, but the model has no bos_token_id")
+    if not 0 < seq_len < config.max_seq_len or n_tokens < seq_len:
+        raise ValueError(
+            f"self-generated calibration: seq_len={seq_len} must be in 1..max_seq_len-1={config.max_seq_len - 1} "
+            f"(BOS comes first) and n_tokens={n_tokens} at least seq_len"
+        )
+    from kvforge.arch import generate
+
+    model = build_model(config, state_dict)
+    rows = n_tokens // seq_len
+    start = torch.full((rows, 1), config.bos_token_id, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    ids = generate(model, start, seq_len, temperature=1.0, generator=generator)
+    return ids[:, 1:]

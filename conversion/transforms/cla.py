@@ -35,30 +35,25 @@ INITS = ("fit", "first", "mean")
 KV_LEAVES = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight")
 
 
-def to_cla(
-    config: ModelConfig,
-    state_dict: StateDict,
-    calibration: torch.Tensor | None = None,
-    *,
-    factor: int = 2,
-    init: str = "fit",
-    offset: int = 0,
-    sequential: bool = True,
-    refine_steps: int = 0,
-    progress: bool = False,
-) -> tuple[ModelConfig, StateDict]:
+def cla_layout(
+    config: ModelConfig, *, factor: int = 2, init: str = "fit", offset: int = 0
+) -> tuple[ModelConfig, list[list[int]]]:
+    """The target config of :func:`to_cla` and its groups of layers (validates the options)."""
     check_gqa_source(config, "to_cla")
     if isinstance(factor, bool) or not isinstance(factor, int) or not 2 <= factor <= config.n_layers:
         raise ValueError(f"to_cla: factor={factor} must be in 2..n_layers={config.n_layers}")
     if init not in INITS:
         raise ValueError(f"to_cla: init={init!r}: allowed values are {list(INITS)}")
-    if not isinstance(offset, int) or not 0 <= offset <= config.n_layers - 2:
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= config.n_layers - 2:
         raise ValueError(f"to_cla: offset={offset} must be in 0..n_layers-2={config.n_layers - 2}")
-    groups = [
+    if init == "fit" and config.qk_norm:
+        raise ValueError(
+            "to_cla: init='fit' needs keys that are linear in the input; with qk_norm use init='first'"
+        )
+    groups = [[index] for index in range(offset)] + [
         list(range(start, min(start + factor, config.n_layers)))
         for start in range(offset, config.n_layers, factor)
     ]
-    groups = [[index] for index in range(offset)] + groups
     layers = [dataclasses.replace(spec) for spec in config.layers]
     for group in groups:
         if any(config.layers[i].kv_from is not None for i in group):
@@ -71,18 +66,29 @@ def to_cla(
                 )
         for member in group[1:]:
             layers[member] = dataclasses.replace(layers[member], kv_from=group[0], n_kv_heads=None)
-    new_config = dataclasses.replace(config, layers=layers, pattern=None)
+    return dataclasses.replace(config, layers=layers, pattern=None), groups
+
+
+def to_cla(
+    config: ModelConfig,
+    state_dict: StateDict,
+    calibration: torch.Tensor | None = None,
+    *,
+    factor: int = 2,
+    init: str = "fit",
+    offset: int = 0,
+    sequential: bool = True,
+    refine_steps: int = 0,
+    progress: bool = False,
+) -> tuple[ModelConfig, StateDict]:
+    new_config, groups = cla_layout(config, factor=factor, init=init, offset=offset)
     if init != "fit":
         return new_config, _copy_or_average(config, state_dict, groups, init)
-    if config.qk_norm:
-        raise ValueError(
-            "to_cla: init='fit' needs keys that are linear in the input; with qk_norm use init='first'"
-        )
     calibration = check_calibration(calibration, config, "to_cla")
 
     def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
         if len(contexts) == 1:  # a layer that keeps its own K/V
-            weights = {name: t for name, t in contexts[0].source.state_dict().items()}
+            weights = dict(contexts[0].source.state_dict())
             return [new_attention(new_config, contexts[0].index, weights)]
         return _fit_group(config, new_config, contexts)
 

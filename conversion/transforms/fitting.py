@@ -71,7 +71,7 @@ def relative_error(units: list[FitUnit]) -> float:
 
 
 @torch.no_grad()
-def refit_output_projection(units: list[FitUnit], ridge: float = 1e-9) -> None:
+def refit_output_projection(units: list[FitUnit], ridge: float = 1e-3) -> None:
     """Least-squares ``o_proj`` of every unit for the attention pattern its module computes now."""
     for index, unit in enumerate(units):
         o_proj: nn.Linear = unit.module.o_proj
@@ -92,7 +92,15 @@ def refit_output_projection(units: list[FitUnit], ridge: float = 1e-9) -> None:
                 rhs += features.mT @ target
         finally:
             hook.remove()
-        lhs += ridge * lhs.diagonal().mean().clamp_min(1e-30) * torch.eye(n_in, dtype=lhs.dtype)
+        # Ridge towards the closed-form o_proj (not towards zero): where the calibration data does not
+        # pin a direction down (heads reading one K/V attend alike), keep the merge's answer instead
+        # of large cancelling weights.
+        strength = ridge * lhs.diagonal().mean().clamp_min(1e-30)
+        lhs += strength * torch.eye(n_in, dtype=lhs.dtype)
+        prior = o_proj.weight.detach().to(torch.float64)
+        if o_proj.bias is not None:
+            prior = torch.cat((prior, o_proj.bias.detach().to(torch.float64).unsqueeze(-1)), dim=1)
+        rhs += strength * prior.mT
         solution = torch.linalg.solve(lhs, rhs).mT.to(o_proj.weight.dtype)
         o_proj.weight.copy_(solution[:, : o_proj.in_features])
         if o_proj.bias is not None:

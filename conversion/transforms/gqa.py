@@ -29,19 +29,8 @@ from .whitening import head_targets, layer_whitening, rows_with_bias, split_bias
 METHODS = ("aligned", "mean")
 
 
-def to_gqa(
-    config: ModelConfig,
-    state_dict: StateDict,
-    calibration: torch.Tensor | None = None,
-    *,
-    n_kv_heads: int,
-    method: str = "aligned",
-    sequential: bool = True,
-    refine_steps: int = 0,
-    progress: bool = False,
-) -> tuple[ModelConfig, StateDict]:
-    """``n_kv_heads`` K/V heads on every layer. ``calibration``: ``(batch, seq)`` ids of text that is
-    not the evaluation text (``aligned`` also works without, from the weights alone)."""
+def gqa_config(config: ModelConfig, *, n_kv_heads: int, method: str = "aligned") -> ModelConfig:
+    """The target config of :func:`to_gqa` (validates the options; no weights needed)."""
     check_gqa_source(config, "to_gqa")
     if method not in METHODS:
         raise ValueError(f"to_gqa: method={method!r}: allowed values are {list(METHODS)}")
@@ -61,17 +50,38 @@ def to_gqa(
                 f"to_gqa: layer {index} has n_kv_heads={spec.n_kv_heads}; n_kv_heads={n_kv_heads} would add heads "
                 "(allowed: at most the current count)"
             )
-    calibration = check_calibration(calibration, config, "to_gqa")
-    layers = [dataclasses.replace(spec, n_kv_heads=n_kv_heads) for spec in config.layers]
-    new_config = dataclasses.replace(config, n_kv_heads=n_kv_heads, layers=layers, pattern=None)
-    if method == "mean":
-        return new_config, _mean_pool_all(config, state_dict, n_kv_heads)
-    if config.qk_norm:
+        if method == "mean" and spec.kv_from is None and spec.n_kv_heads % n_kv_heads:
+            raise ValueError(
+                f"to_gqa: layer {index} has n_kv_heads={spec.n_kv_heads}, which n_kv_heads={n_kv_heads} "
+                "does not divide; mean-pooling needs whole groups of heads (method='aligned' does not)"
+            )
+    if method == "aligned" and config.qk_norm:
         raise ValueError(
             "to_gqa: method='aligned' needs keys that are linear in the input; with qk_norm use method='mean'"
         )
-    if any(spec.kv_from is not None for spec in config.layers):
+    if method == "aligned" and any(spec.kv_from is not None for spec in config.layers):
         raise ValueError("to_gqa: method='aligned' needs unshared layers; apply to_gqa before to_cla")
+    layers = [dataclasses.replace(spec, n_kv_heads=n_kv_heads) for spec in config.layers]
+    return dataclasses.replace(config, n_kv_heads=n_kv_heads, layers=layers, pattern=None)
+
+
+def to_gqa(
+    config: ModelConfig,
+    state_dict: StateDict,
+    calibration: torch.Tensor | None = None,
+    *,
+    n_kv_heads: int,
+    method: str = "aligned",
+    sequential: bool = True,
+    refine_steps: int = 0,
+    progress: bool = False,
+) -> tuple[ModelConfig, StateDict]:
+    """``n_kv_heads`` K/V heads on every layer. ``calibration``: ``(batch, seq)`` ids of text that is
+    not the evaluation text (``aligned`` also works without, from the weights alone)."""
+    new_config = gqa_config(config, n_kv_heads=n_kv_heads, method=method)
+    calibration = check_calibration(calibration, config, "to_gqa")
+    if method == "mean":
+        return new_config, _mean_pool_all(config, state_dict, n_kv_heads)
     if all(spec.n_kv_heads == n_kv_heads for spec in config.layers):
         return new_config, copy_state_dict(state_dict)
 
@@ -123,11 +133,6 @@ def _mean_pool_all(config: ModelConfig, state_dict: StateDict, n_kv_heads: int) 
     for index, spec in enumerate(config.layers):
         if spec.kv_from is not None:
             continue
-        if spec.n_kv_heads % n_kv_heads:
-            raise ValueError(
-                f"to_gqa: layer {index} has n_kv_heads={spec.n_kv_heads}, which n_kv_heads={n_kv_heads} "
-                "does not divide; pooling needs whole groups of heads"
-            )
         group = spec.n_kv_heads // n_kv_heads
         for name in ("k_proj", "v_proj"):
             for leaf in ("weight", "bias"):

@@ -44,7 +44,7 @@ def _spread(latent: torch.Tensor) -> float:
 
 def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
     """``latent``: ``(tokens, r)`` calibration latents (float64). ``flatten=False`` keeps the basis."""
-    latent = latent[:MAX_TOKENS].to(torch.float64)
+    latent = latent[:MAX_TOKENS].detach().to(torch.float64)
     rank = latent.shape[1]
     eye = torch.eye(rank, dtype=torch.float64)
     basis = basis_inv = eye

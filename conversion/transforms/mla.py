@@ -29,7 +29,7 @@ norm): the bound the tests check.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +37,7 @@ from kvforge.arch import LayerSpec, ModelConfig
 
 from .calibration import LayerStream, build_model, check_calibration
 from .common import StateDict, check_gqa_source
-from .latent_norm import fit_latent_norm
+from .latent_norm import LatentNorm, fit_latent_norm
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import merge_keys
 from .mla_rope import (
@@ -56,14 +56,83 @@ LAYOUTS = ("deepseek", "kvforge")
 
 
 @dataclass
+class MLAReport:
+    """What :func:`to_mla` chose and what the DeepseekV3 layout costs, per layer."""
+
+    pairs: list[int] = field(default_factory=list)  # kept rotary source pairs
+    theta: float = 0.0  # the exported rope_theta
+    rotary_residual: dict[int, float] = field(
+        default_factory=dict
+    )  # shared-key error / key energy (kept pairs)
+    latent_norm: dict[int, LatentNorm] = field(default_factory=dict)  # rms spread before/after calibration
+
+
+@dataclass
 class MLAPlan:
     pairs: list[int]  # kept rotary source pairs; slot p of the rotary key holds pair pairs[p]
     theta: float
     layout: str
     statistics: dict[int, RopeStatistics]
+    rotary_residual: bool = True  # carry what the shared rotary key misses in the latent
+    flatten_norm: bool = True  # calibrate the latent basis for kv_a_layernorm (else only its weight)
+    report: MLAReport | None = None
+
+    @property
+    def carries_residual(self) -> bool:
+        return self.layout == "deepseek" and self.rotary_residual
 
     def free_pairs(self, n_pairs: int) -> list[int]:
         return [pair for pair in range(n_pairs) if pair not in self.pairs]
+
+
+def check_mla_options(
+    config: ModelConfig,
+    *,
+    kv_lora_rank: int,
+    rope_dims: int,
+    rope_selection: str = "contribution",
+    layout: str = "deepseek",
+    rotary_residual: bool = True,
+    flatten_norm: bool = True,
+) -> None:
+    """Validate :func:`to_mla`'s options against the source config (no weights needed)."""
+    _check_source(config)
+    if layout not in LAYOUTS:
+        raise ValueError(f"to_mla: layout={layout!r}: allowed values are {list(LAYOUTS)}")
+    if rope_selection not in STRATEGIES:
+        raise ValueError(f"to_mla: rope_selection={rope_selection!r}: allowed values are {list(STRATEGIES)}")
+    head_dim = config.head_dim
+    if (
+        isinstance(rope_dims, bool)
+        or not isinstance(rope_dims, int)
+        or not 2 <= rope_dims <= head_dim
+        or rope_dims % 2
+    ):
+        raise ValueError(
+            f"to_mla: rope_dims={rope_dims} must be an even number of rotary dims in 2..head_dim={head_dim}"
+        )
+    n_kv = {spec.n_kv_heads for spec in config.layers}
+    if layout == "kvforge" and len(n_kv) != 1:
+        raise ValueError(
+            f"to_mla: layout='kvforge' needs the same n_kv_heads on every layer (got {sorted(n_kv)})"
+        )
+    max_rank = max_latent_rank(config, rope_dims, layout, rotary_residual)
+    if (
+        isinstance(kv_lora_rank, bool)
+        or not isinstance(kv_lora_rank, int)
+        or not 1 <= kv_lora_rank <= max_rank
+    ):
+        raise ValueError(
+            f"to_mla: kv_lora_rank={kv_lora_rank} must be in 1..{max_rank}: the latent cannot exceed d_model="
+            f"{config.d_model} nor the position-free key + value dims of the {max(n_kv)} K/V heads it replaces"
+        )
+
+
+def max_latent_rank(config: ModelConfig, rope_dims: int, layout: str, rotary_residual: bool = True) -> int:
+    """Largest useful ``kv_lora_rank``: beyond it the latent has nothing left to hold."""
+    nope_dims = config.head_dim if layout == "deepseek" and rotary_residual else config.head_dim - rope_dims
+    n_kv = max(spec.n_kv_heads for spec in config.layers)
+    return min(config.d_model, n_kv * (config.head_dim + nope_dims))
 
 
 def to_mla(
@@ -75,43 +144,37 @@ def to_mla(
     rope_dims: int,
     rope_selection: str = "contribution",
     layout: str = "deepseek",
+    rotary_residual: bool = True,
+    flatten_norm: bool = True,
     sequential: bool = True,
     refine_steps: int = 0,
     progress: bool = False,
+    report: MLAReport | None = None,
 ) -> tuple[ModelConfig, StateDict]:
     """Every layer becomes MLA with a ``kv_lora_rank`` latent and ``rope_dims`` rotary dims per
     rotary key (DeepSeek's ``qk_rope_head_dim``); cached floats per token and layer:
-    ``kv_lora_rank + rope_dims`` (``deepseek``) or ``kv_lora_rank + n_kv_heads·rope_dims`` (``kvforge``)."""
-    _check_source(config)
-    if layout not in LAYOUTS:
-        raise ValueError(f"to_mla: layout={layout!r}: allowed values are {list(LAYOUTS)}")
-    if rope_selection not in STRATEGIES:
-        raise ValueError(f"to_mla: rope_selection={rope_selection!r}: allowed values are {list(STRATEGIES)}")
-    head_dim, n_pairs = config.head_dim, config.head_dim // 2
-    if not isinstance(rope_dims, int) or rope_dims < 2 or rope_dims > head_dim or rope_dims % 2:
-        raise ValueError(
-            f"to_mla: rope_dims={rope_dims} must be an even number of rotary dims in 2..head_dim={head_dim}"
-        )
-    n_kv = {spec.n_kv_heads for spec in config.layers}
-    if layout == "kvforge" and len(n_kv) != 1:
-        raise ValueError(
-            f"to_mla: layout='kvforge' needs the same n_kv_heads on every layer (got {sorted(n_kv)})"
-        )
-    nope_dims = head_dim if layout == "deepseek" else head_dim - rope_dims
-    max_rank = min(config.d_model, max(n_kv) * (head_dim + nope_dims))
-    if not isinstance(kv_lora_rank, int) or not 1 <= kv_lora_rank <= max_rank:
-        raise ValueError(
-            f"to_mla: kv_lora_rank={kv_lora_rank} must be in 1..{max_rank} (min of d_model={config.d_model} and "
-            f"the {max(n_kv)} K/V heads' position-free key + value dims)"
-        )
+    ``kv_lora_rank + rope_dims`` (``deepseek``) or ``kv_lora_rank + n_kv_heads·rope_dims`` (``kvforge``).
+
+    ``rotary_residual=False`` drops what the shared rotary key misses instead of carrying it in the
+    latent; ``flatten_norm=False`` only fits ``kv_a_layernorm``'s weight (both are ablations).
+    ``report`` (an :class:`MLAReport`) receives the chosen pairs and the per-layer residual errors."""
+    check_mla_options(
+        config,
+        kv_lora_rank=kv_lora_rank,
+        rope_dims=rope_dims,
+        rope_selection=rope_selection,
+        layout=layout,
+        rotary_residual=rotary_residual,
+    )
     calibration = check_calibration(calibration, config, "to_mla")
     statistics = _rope_statistics(config, state_dict, calibration) if calibration is not None else {}
-    freqs = pair_frequencies(config)
     scores = _pair_scores(config, state_dict, statistics)
-    pairs = select_pairs(n_pairs, rope_dims // 2, rope_selection, scores)
-    theta = exported_theta(config.rope_theta, head_dim, pairs)
-    check_exportable(freqs, pairs, theta)
-    plan = MLAPlan(pairs, theta, layout, statistics)
+    pairs = select_pairs(config.head_dim // 2, rope_dims // 2, rope_selection, scores)
+    theta = exported_theta(config.rope_theta, config.head_dim, pairs)
+    check_exportable(pair_frequencies(config), pairs, theta)
+    if report is not None:
+        report.pairs, report.theta = pairs, theta
+    plan = MLAPlan(pairs, theta, layout, statistics, rotary_residual, flatten_norm, report)
     new_config = mla_config(config, kv_lora_rank, rope_dims, plan)
 
     def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
@@ -131,7 +194,7 @@ def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLA
         kv_lora_rank=kv_lora_rank,
         q_lora_rank=None,
         qk_rope_head_dim=rope_dims,
-        qk_nope_head_dim=config.head_dim if deepseek else config.head_dim - rope_dims,
+        qk_nope_head_dim=config.head_dim if plan.carries_residual else config.head_dim - rope_dims,
         v_head_dim=config.head_dim,
         mla_rope_heads=1 if deepseek else config.layers[0].n_kv_heads,
         mla_latent_norm=deepseek,
@@ -177,14 +240,7 @@ def _pair_scores(config: ModelConfig, state_dict: StateDict, statistics: dict) -
     return sum(weight_scores(layer.self_attn).sum(0) for layer in model.model.layers)
 
 
-def _mla_layer(
-    config: ModelConfig,
-    new_config: ModelConfig,
-    plan: MLAPlan,
-    ctx: LayerContext,
-    flatten_norm: bool = True,
-    report: dict | None = None,
-):
+def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx: LayerContext):
     attn = ctx.source
     n_heads, head_dim = config.n_heads, config.head_dim
     kept, free = plan.pairs, plan.free_pairs(head_dim // 2)
@@ -197,20 +253,24 @@ def _mla_layer(
     )
 
     # 1. rotary part
+    nope_pairs, nope_keys = free, targets.key[:, free]
     if plan.layout == "deepseek":
         kept_targets = dataclasses.replace(
             targets, key=targets.key[:, kept], key_weight=targets.key_weight[:, kept]
         )
-        key, alpha, _ = merge_keys(kept_targets, range(n_heads))
+        key, alpha, error = merge_keys(kept_targets, range(n_heads))
         k_pe = from_pairs(whitening.rows_from_white(key).unsqueeze(0))
-        # What the shared key misses of each head's kept pairs goes to the position-free part.
-        residual = targets.key[:, kept] - alpha.unsqueeze(-1) * key
-        nope_pairs = free + kept
-        nope_keys = torch.cat((targets.key[:, free], residual), dim=1)
+        if plan.report is not None:
+            plan.report.rotary_residual[ctx.index] = error / max(
+                kept_targets.key_energy(range(n_heads)), 1e-30
+            )
+        if plan.carries_residual:  # what the shared key misses of each head's kept pairs
+            nope_pairs = free + kept
+            residual = targets.key[:, kept] - alpha.unsqueeze(-1) * key
+            nope_keys = torch.cat((nope_keys, residual), dim=1)
     else:
         k_pe = from_pairs(as_pairs(attn.k_proj.weight, attn.n_kv_heads)[:, kept])
         alpha = torch.ones(n_heads, len(kept), dtype=torch.complex128)
-        nope_pairs, nope_keys = free, targets.key[:, free]
     q_pe = from_pairs(q_pairs[:, kept] * alpha.conj().unsqueeze(-1)).reshape(
         n_heads, 2 * len(kept), config.d_model
     )
@@ -235,11 +295,11 @@ def _mla_layer(
     weights = {}
     if new_config.mla_latent_norm:
         latent = flat_inputs(ctx.inputs, False) @ latent_rows.mT if ctx.inputs is not None else None
-        norm = fit_latent_norm(latent, flatten=flatten_norm) if latent is not None else None
+        norm = fit_latent_norm(latent, flatten=plan.flatten_norm) if latent is not None else None
         if norm is not None:
             latent_rows, kv_b = norm.basis @ latent_rows, kv_b @ norm.basis_inv @ norm.readout
-            if report is not None:
-                report[ctx.index] = norm
+            if plan.report is not None:
+                plan.report.latent_norm[ctx.index] = norm
         rho = norm.weight if norm is not None else 1.0
         weights["kv_a_layernorm.weight"] = torch.full((basis.shape[0],), rho, dtype=torch.float64)
 

@@ -11,6 +11,34 @@ from kvforge.arch import ModelConfig
 from .common import StateDict
 
 
+def window_config(config: ModelConfig, *, windows: int | list[int | None]) -> ModelConfig:
+    """``windows``: one window for every layer, or a per-layer pattern tiled over the layers
+    (``[1024, 1024, 1024, None]`` = 3 local : 1 global; ``None`` = global)."""
+    pattern = [windows] if isinstance(windows, int) else list(windows)
+    if not pattern or config.n_layers % len(pattern):
+        raise ValueError(
+            f"to_window: windows pattern of length {len(pattern)} must divide n_layers={config.n_layers}"
+        )
+    for window in pattern:
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= config.max_seq_len
+        ):
+            raise ValueError(
+                f"to_window: window={window!r} must be None (global) or a number of tokens in "
+                f"1..max_seq_len={config.max_seq_len}"
+            )
+    tiled = pattern * (config.n_layers // len(pattern))
+    for index, (spec, window) in enumerate(zip(config.layers, tiled)):
+        source = config.layers[spec.kv_from] if spec.kv_from is not None else None
+        if source is not None and tiled[spec.kv_from] != window:
+            raise ValueError(
+                f"to_window: layer {index} reads layer {spec.kv_from}'s K/V, so both need the same window "
+                f"(got {window} and {tiled[spec.kv_from]})"
+            )
+    layers = [dataclasses.replace(spec, window=w) for spec, w in zip(config.layers, tiled)]
+    return dataclasses.replace(config, layers=layers, pattern=None)
+
+
 def to_window(
     config: ModelConfig,
     state_dict: StateDict,
@@ -18,13 +46,5 @@ def to_window(
     *,
     windows: int | list[int | None],
 ) -> tuple[ModelConfig, StateDict]:
-    """``windows``: one window for every layer, or a per-layer pattern tiled over the layers
-    (``[1024, 1024, 1024, None]`` = 3 local : 1 global)."""
-    pattern = [windows] if isinstance(windows, int) else list(windows)
-    if not pattern or config.n_layers % len(pattern):
-        raise ValueError(
-            f"to_window: windows pattern of length {len(pattern)} must divide n_layers={config.n_layers}"
-        )
-    tiled = pattern * (config.n_layers // len(pattern))
-    layers = [dataclasses.replace(spec, window=w) for spec, w in zip(config.layers, tiled)]
-    return dataclasses.replace(config, layers=layers, pattern=None), dict(state_dict)
+    """:func:`window_config` on the config; the weights are returned as they are (a new dict)."""
+    return window_config(config, windows=windows), dict(state_dict)
