@@ -179,13 +179,16 @@ MEASUREMENTS: dict[str, tuple[Callable[[RowModels, StudyData], float | None], bo
 
 
 class ResultStore:
-    """OUT/results.json: ``{"fingerprint": ..., "rows": {row: {measurement: value}}}``, rewritten
-    atomically after every measurement so an interrupted run loses at most the one in progress."""
+    """OUT/results.json: ``{"fingerprint": ..., "rows": {row: {measurement: value}}, "built_from": {row:
+    its model.convert}}``, rewritten atomically after every measurement so an interrupted run loses at
+    most the one in progress. A row whose definition changed since its numbers were saved is measured
+    again; other settings (text, budget) are the fingerprint's, and a mismatch refuses the file."""
 
     def __init__(self, path: Path, fingerprint: str, redo: bool) -> None:
         self.path = path
         self.fingerprint = fingerprint
         self.rows: dict[str, dict[str, float]] = {}
+        self.built_from: dict[str, list] = {}
         if path.is_file() and not redo:
             saved = json.loads(path.read_text())
             if saved.get("fingerprint") != fingerprint:
@@ -193,15 +196,23 @@ class ResultStore:
                     f"{path} holds results measured with other settings ({saved.get('fingerprint')} != "
                     f"{fingerprint}); pass --redo to start again or choose another --out"
                 )
-            self.rows = saved["rows"]
+            self.rows, self.built_from = saved["rows"], saved.get("built_from", {})
+
+    def use_row(self, row: str, built_from: list) -> None:
+        """Forget the row's saved numbers if they were measured on another definition of it."""
+        if row in self.rows and self.built_from.get(row) != built_from:
+            print(f"  {row}: its definition changed since {self.path} was written; measuring it again")
+            del self.rows[row]
+        self.built_from[row] = built_from
 
     def get(self, row: str, measurement: str) -> float | None:
         return self.rows.get(row, {}).get(measurement)
 
     def put(self, row: str, measurement: str, value: float) -> None:
         self.rows.setdefault(row, {})[measurement] = value
+        saved = {"fingerprint": self.fingerprint, "rows": self.rows, "built_from": self.built_from}
         with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=2) + "\n")
+            tmp.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -286,6 +297,7 @@ def fingerprint(args: argparse.Namespace) -> str:
 def run_row(name: str, data: StudyData, store: ResultStore) -> dict[str, float | None]:
     """Every measurement of one row: cached ones read back, the others computed (models built once)."""
     models = RowModels(name, data)
+    store.use_row(name, json.loads(json.dumps(models.row.convert)))  # as JSON reads it back
     values: dict[str, float | None] = {}
     for measurement, (measure, cached) in MEASUREMENTS.items():
         saved = store.get(name, measurement) if cached else None

@@ -86,3 +86,15 @@ def test_results_measured_with_another_budget_are_not_mixed_in(tmp_path):
     _study(tmp_path, "--rows", "gqa-4")
     with pytest.raises(ValueError, match=r"holds results measured with other settings.*--redo"):
         _study(tmp_path, "--rows", "gqa-4", "--lr", "0.002")
+
+
+def test_a_row_whose_definition_changed_is_measured_again(tmp_path, counted, monkeypatch):
+    _study(tmp_path, "--rows", "gqa-4,swa-64", "--steps", "0")
+    counted.clear()
+    changed = kv_study.Row("window 32 on every layer", ({"to": "window", "windows": 32},), uptrain=False)
+    monkeypatch.setitem(kv_study.ROWS, "swa-64", changed)
+    results = _study(tmp_path, "--rows", "gqa-4,swa-64", "--steps", "0")
+    assert counted["zero_shot_nll"] == 1  # swa-64 only
+    assert results["swa-64"]["kv_bytes_per_token"] == pytest.approx(
+        results["gqa-4"]["kv_bytes_per_token"] / 16
+    )
