@@ -58,49 +58,18 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import markdown_table, print_table
+from benchmarks.kv_study_report import recovery_table, table, write_plots
+from benchmarks.kv_study_rows import ROWS
 from benchmarks.uptrain_recipe import Uptraining, calibration_text, converted_model, uptrain
 from kvforge.arch import CausalLM, kv_bytes_per_token, mha_equivalent
 from kvforge.conversion import atomic_file, load_pretrained
 from kvforge.training.data import TextDataModule
 from kvforge.training.evaluation import Corpus, load_corpus, measure_decode, perplexity
 from kvforge.training.evaluation.loading import load_tokenizer
-from kvforge.training.evaluation.plots import plot_decode_by_row, plot_quality_vs_bytes, plot_uptraining
 from kvforge.training.model_source import CalibrationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-
-
-@dataclass(frozen=True)
-class Row:
-    built_by: str
-    convert: tuple[dict, ...]  # model.convert steps, applied in order; () = the source itself
-    uptrain: bool = True
-
-
-def _gqa(n_kv_heads: int, method: str = "aligned") -> dict:
-    return {"to": "gqa", "n_kv_heads": n_kv_heads, "method": method}
-
-
-ROWS: dict[str, Row] = {
-    # Uptrained too, as the control: the budget also adapts the source to this text's formatting.
-    "mha": Row("source (8 KV heads)", ()),
-    "gqa-4": Row("mean-pool to 4 KV heads (exact)", (_gqa(4, "mean"),), uptrain=False),
-    "gqa-2-mean": Row("mean-pool to 2 KV heads (TARGETS baseline)", (_gqa(2, "mean"),)),
-    "gqa-2": Row("to_gqa aligned, 2 KV heads", (_gqa(2),)),
-    "mqa": Row("to_gqa aligned, 1 KV head", (_gqa(1),)),
-    # A shared rotary key over the whole head_dim (8) and a smaller latent zero-shot beat latent 30 + one
-    # rotary pair (1.85 vs 4.25) and latent 14 + one pair (2.92 vs 4.28) at equal bytes.
-    "mla-1/4": Row("to_mla latent 24 + rope 8", ({"to": "mla", "kv_lora_rank": 24, "rope_dims": 8},)),
-    "mla-1/8": Row("to_mla latent 8 + rope 8", ({"to": "mla", "kv_lora_rank": 8, "rope_dims": 8},)),
-    "cla-2": Row("to_gqa 4 heads + to_cla 2 (fit)", (_gqa(4), {"to": "cla", "factor": 2, "init": "fit"})),
-    "swa-64": Row("window 64 on every layer", ({"to": "window", "windows": 64},), uptrain=False),
-    "swa-hybrid": Row(
-        "window 64 on layers 0-3, layer 4 global", ({"to": "window", "windows": [64] * 4 + [None]},)
-    ),
-}
-# TARGETS.md "Uptraining recovery": the largest allowed held-out loss increase over the source, in %.
-TARGET_INCREASE_PERCENT = {"gqa-2": 1.0, "mla-1/4": 2.0, "cla-2": 3.0}
 
 
 @dataclass
@@ -311,109 +280,6 @@ def run_row(name: str, data: StudyData, store: ResultStore) -> dict[str, float |
             store.put(name, measurement, values[measurement])
         print(f"  {name}: {measurement} = {values[measurement]:.4f}", flush=True)
     return values
-
-
-def _cell(value: float | None, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
-
-
-def _ratio(value: float | None, baseline: float | None) -> float | None:
-    return value / baseline if value is not None and baseline else None
-
-
-def table(
-    results: dict[str, dict[str, float | None]], mha_bytes: float
-) -> tuple[list[str], list[list[object]]]:
-    columns = [
-        "row",
-        "built by",
-        "KV bytes/token",
-        "vs MHA",
-        "zero-shot NLL",
-        "held-out NLL",
-        "uptrained CE",
-        "uptrained distill",
-        "decode tok/s",
-        "decode vs MHA",
-    ]
-    baseline = results.get("mha", {}).get("decode_tokens_per_s")
-    rows = []
-    for name, values in results.items():
-        speed = values["decode_tokens_per_s"]
-        speed_ratio = _ratio(speed, baseline)
-        rows.append(
-            [
-                name,
-                ROWS[name].built_by,
-                _cell(values["kv_bytes_per_token"], ",.0f"),
-                _cell(_ratio(values["kv_bytes_per_token"], mha_bytes), ".3f"),
-                _cell(values["zero_shot_nll"], ".4f"),
-                _cell(values["heldout_nll"], ".4f"),
-                _cell(values["uptrained_ce_nll"], ".4f"),
-                _cell(values["uptrained_distill_nll"], ".4f"),
-                _cell(speed, ",.0f"),
-                _cell(speed_ratio, ".2f") + ("×" if speed_ratio is not None else ""),
-            ]
-        )
-    return columns, rows
-
-
-def recovery_table(
-    results: dict[str, dict[str, float | None]], source_nll: float
-) -> tuple[list[str], list[list[object]]]:
-    """Uptrained rows against the source's held-out loss and TARGETS.md's recovery targets."""
-    columns = ["row", "zero-shot", "CE", "distill", "best vs source", "target", "met"]
-
-    def percent(value: float | None) -> str:
-        return "–" if value is None else f"{100 * (value / source_nll - 1):+.1f} %"
-
-    rows = []
-    for name, values in results.items():
-        if not ROWS[name].uptrain or values["uptrained_distill_nll"] is None:
-            continue
-        trained = [v for v in (values["uptrained_ce_nll"], values["uptrained_distill_nll"]) if v is not None]
-        best = min(trained)
-        target = TARGET_INCREASE_PERCENT.get(name)
-        met = "–" if target is None else ("yes" if best <= source_nll * (1 + target / 100) else "no")
-        rows.append(
-            [
-                name,
-                f"{_cell(values['heldout_nll'], '.4f')} ({percent(values['heldout_nll'])})",
-                f"{_cell(values['uptrained_ce_nll'], '.4f')} ({percent(values['uptrained_ce_nll'])})",
-                f"{values['uptrained_distill_nll']:.4f} ({percent(values['uptrained_distill_nll'])})",
-                percent(best),
-                "–" if target is None else f"≤ +{target:.1f} % ({source_nll * (1 + target / 100):.4f})",
-                met,
-            ]
-        )
-    return columns, rows
-
-
-def write_plots(results: dict[str, dict[str, float | None]], out: Path, corpus: str) -> list[Path]:
-    done = {n: v for n, v in results.items() if v["heldout_nll"] is not None}
-    final = [
-        (n, v["kv_bytes_per_token"], v["uptrained_distill_nll"] or v["heldout_nll"]) for n, v in done.items()
-    ]
-    paths = [
-        plot_quality_vs_bytes(
-            final, out / "pareto.png", f"held-out NLL after uptraining, nats/token ({corpus}[80%:])"
-        )
-    ]
-    trained = {n: v for n, v in done.items() if v["uptrained_distill_nll"] is not None}
-    if trained:
-        paths.append(
-            plot_uptraining(
-                {
-                    n: (v["heldout_nll"], v["uptrained_ce_nll"], v["uptrained_distill_nll"])
-                    for n, v in trained.items()
-                },
-                done["mha"]["heldout_nll"] if "mha" in done else None,
-                out / "uptraining.png",
-            )
-        )
-    speeds = {n: (v["kv_bytes_per_token"], v["decode_tokens_per_s"]) for n, v in done.items()}
-    paths.append(plot_decode_by_row(speeds, out / "decode_speed.png"))
-    return paths
 
 
 def load_study_data(args: argparse.Namespace, pretrained) -> StudyData:

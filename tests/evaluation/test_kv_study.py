@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import kv_study
+from benchmarks.kv_study_rows import Row
 from tests.conftest import shared_path
 
 # Toy sizes: a few hundred evaluation tokens, one optimizer step of 2 x 32 tokens, 2 calibration rows.
@@ -91,7 +92,7 @@ def test_results_measured_with_another_budget_are_not_mixed_in(tmp_path):
 def test_a_row_whose_definition_changed_is_measured_again(tmp_path, counted, monkeypatch):
     _study(tmp_path, "--rows", "gqa-4,swa-64", "--steps", "0")
     counted.clear()
-    changed = kv_study.Row("window 32 on every layer", ({"to": "window", "windows": 32},), uptrain=False)
+    changed = Row("window 32 on every layer", ({"to": "window", "windows": 32},), uptrain=False)
     monkeypatch.setitem(kv_study.ROWS, "swa-64", changed)
     results = _study(tmp_path, "--rows", "gqa-4,swa-64", "--steps", "0")
     assert counted["zero_shot_nll"] == 1  # swa-64 only
