@@ -12,18 +12,19 @@ Every row is the uptraining's own starting point: ``KVForgeLM(init_from=source, 
 (the path ``train.py`` takes), so zero-shot and uptrained numbers describe the same converted weights.
 Calibration text = the corpus's first 32 × 256 tokens, inside the training 80 %.
 
-| row        | built by (``model.convert``)                                                  | uptrained |
-|------------|-------------------------------------------------------------------------------|-----------|
-| mha        | the source, stories260K-mha (8 KV heads); uptrained as the control            | yes       |
-| gqa-4      | mean-pool 8 -> 4 KV heads: exact here, the source's heads are pairs            | no        |
-| gqa-2-mean | mean-pool 8 -> 2 KV heads: TARGETS.md's baseline, re-measured in the same run  | yes       |
-| gqa-2      | to_gqa aligned merge to 2 KV heads, calibrated                                | yes       |
-| mqa        | to_gqa aligned merge to 1 KV head, calibrated                                 | yes       |
-| mla-1/4    | to_mla, latent 24 + shared rotary key 8 = 32 values/token/layer, DeepseekV3   | yes       |
-| mla-1/8    | to_mla, latent 8 + shared rotary key 8 = 16 values/token/layer, DeepseekV3    | yes       |
-| cla-2      | gqa-4, then to_cla factor 2 (init=fit): layers 1, 3 read layers 0, 2's K/V     | yes       |
-| swa-64     | a 64-token sliding window on every layer (no weight change)                   | no        |
-| swa-hybrid | 64-token windows on layers 0-3, layer 4 global                                | yes       |
+| row         | built by (``model.convert``)                                                 | uptrained |
+|-------------|------------------------------------------------------------------------------|-----------|
+| mha         | the source, stories260K-mha (8 KV heads)                                     | no        |
+| gqa-2       | to_gqa aligned merge to 2 KV heads, calibrated                               | yes       |
+| mla-1/4     | to_mla, latent 24 + shared rotary key 8 = 32 values/token/layer, DeepseekV3  | yes       |
+| cla-2       | to_gqa to 4 KV heads (exact here), then to_cla factor 2 (init=fit)           | yes       |
+| mqa         | to_gqa aligned merge to 1 KV head, calibrated                                | yes       |
+| mla-1/8     | to_mla, latent 8 + shared rotary key 8 = 16 values/token/layer, DeepseekV3   | yes       |
+| swa-hybrid  | 64-token windows on layers 0-3, layer 4 global                               | yes       |
+| gqa-4       | mean-pool 8 -> 4 KV heads: exact here, the source's heads are pairs           | no        |
+| swa-64      | a 64-token sliding window on every layer (no weight change)                  | no        |
+| gqa-2-mean  | mean-pool 8 -> 2 KV heads: TARGETS.md's baseline (only with ``--rows``)       | yes       |
+| mha-control | the source through the same budget (only with ``--rows``)                    | yes       |
 
 | measurement             | meaning                                                                       |
 |-------------------------|-------------------------------------------------------------------------------|
@@ -59,7 +60,7 @@ import torch
 
 from benchmarks.common import markdown_table, print_table
 from benchmarks.kv_study_report import recovery_table, table, write_plots
-from benchmarks.kv_study_rows import ROWS
+from benchmarks.kv_study_rows import DEFAULT_ROWS, ROWS
 from benchmarks.uptrain_recipe import Uptraining, calibration_text, converted_model, uptrain
 from kvforge.arch import CausalLM, kv_bytes_per_token, mha_equivalent
 from kvforge.conversion import atomic_file, load_pretrained
@@ -191,7 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, default=SHARED / "stories260K-mha")
     parser.add_argument("--text", type=Path, default=SHARED / "corpora" / "tinystories_val_prefix.txt")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "kv_study")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
+    parser.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated rows, of {list(ROWS)}"
+    )
     parser.add_argument(
         "--max-tokens", type=int, help="score only the first N tokens of each evaluation stream (quick runs)"
     )
