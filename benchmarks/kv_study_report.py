@@ -83,17 +83,15 @@ def recovery_table(results: Results, source_nll: float) -> tuple[list[str], list
 
 
 def write_plots(results: Results, out: Path, corpus: str) -> list[Path]:
+    """pareto.png compares uptrained rows only (the same budget for all, the source's own control
+    included when measured): a zero-shot point next to them would mix two procedures."""
     done = {n: v for n, v in results.items() if v["heldout_nll"] is not None}
-    final = [
-        (n, v["kv_bytes_per_token"], v["uptrained_distill_nll"] or v["heldout_nll"]) for n, v in done.items()
-    ]
-    paths = [
-        plot_quality_vs_bytes(
-            final, out / "pareto.png", f"held-out NLL after uptraining, nats/token ({corpus}[80%:])"
-        )
-    ]
     trained = {n: v for n, v in done.items() if v["uptrained_distill_nll"] is not None}
+    paths = []
     if trained:
+        final = [(n, v["kv_bytes_per_token"], v["uptrained_distill_nll"]) for n, v in trained.items()]
+        label = f"{corpus}[80%:] NLL, distilled"
+        paths.append(plot_quality_vs_bytes(final, out / "pareto.png", label))
         paths.append(
             plot_uptraining(
                 {

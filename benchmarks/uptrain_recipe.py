@@ -123,6 +123,7 @@ def uptrain(
     trainer = pl.Trainer(
         max_steps=run.steps,
         accelerator="auto",
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -146,7 +147,7 @@ def converted_model(
     """The uptraining's starting point itself (the same ``KVForgeLM`` conversion path), untrained."""
     module = KVForgeLM(init_from=str(source), convert=convert or None, calibration=calibration)
     module.configure_model()
-    return module.model.eval()
+    return module.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def main() -> None:
