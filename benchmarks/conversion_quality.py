@@ -6,7 +6,9 @@
 Every row converts the real stories260K checkpoint (8 query heads, 4 K/V heads of 8 dims, 5 layers)
 and scores it with the data README's procedure: ``windowed_nll`` over the WHOLE
 tinystories_val_prefix.txt (AutoTokenizer, no special tokens, 512-token windows, no BOS). The
-calibration text is another corpus (botchan.txt by default), never the evaluation text. Beside
+calibration text is never the evaluation text: by default it is sampled from the source model itself
+(``sample_calibration_ids``, 32 sequences of 511 tokens after BOS, seed 0), or another corpus
+(``--calib botchan.txt``). Beside
 kvforge's loss, each model is exported with ``save_pretrained`` and, when the export is a stock
 class (Llama, DeepseekV3, ...), reloaded with ``transformers.AutoModelForCausalLM`` and scored again
 by the same procedure: both columns must agree. ``floats/tok/layer`` is the cache per token and
@@ -27,6 +29,8 @@ import torch
 from benchmarks.common import markdown_table, print_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Adam steps per layer on the block's reconstruction error after the closed-form fit (FitOptions).
+REFINE = 200
 TARGETS = {"gqa-2": 0.50, "mqa": 1.00, "mla-32": 0.50, "cla-2": 1.00}
 
 
@@ -50,11 +54,22 @@ def rows() -> list[Row]:
         Row("gqa-2", "mean-pool (GQA paper)", lambda c, s, x: to_gqa(c, s, n_kv_heads=2, method="mean")),
         Row("gqa-2", "aligned, weights only", lambda c, s, x: to_gqa(c, s, n_kv_heads=2)),
         Row("gqa-2", "aligned, calibrated", lambda c, s, x: to_gqa(c, s, x, n_kv_heads=2)),
+        Row(
+            "gqa-2",
+            f"aligned, calibrated, refined {REFINE}",
+            lambda c, s, x: to_gqa(c, s, x, n_kv_heads=2, refine_steps=REFINE),
+        ),
         Row("mqa", "mean-pool (GQA paper)", lambda c, s, x: to_mqa(c, s, method="mean")),
         Row("mqa", "aligned, calibrated", lambda c, s, x: to_mqa(c, s, x)),
+        Row(
+            "mqa",
+            f"aligned, calibrated, refined {REFINE}",
+            lambda c, s, x: to_mqa(c, s, x, refine_steps=REFINE),
+        ),
         Row("mla-64", "rank 60 + rope 4, contribution", mla(60, 4)),
         Row("mla-32", "rank 30 + rope 2, contribution", mla(30, 2)),
         Row("mla-32", "rank 28 + rope 4, contribution", mla(28, 4)),
+        Row("mla-32", f"rank 28 + rope 4, contribution, refined {REFINE}", mla(28, 4, refine_steps=REFINE)),
         Row("mla-32", "rank 28 + rope 4, high-frequency", mla(28, 4, "high")),
         Row("mla-32", "rank 28 + rope 4, uniform", mla(28, 4, "uniform")),
         Row("mla-32", "rank 24 + rope 8 (all pairs)", mla(24, 8)),
@@ -62,6 +77,14 @@ def rows() -> list[Row]:
         Row("cla-2", "first layer's K/V", lambda c, s, x: to_cla(c, s, factor=2, init="first")),
         Row("cla-2", "mean of the group", lambda c, s, x: to_cla(c, s, factor=2, init="mean")),
         Row("cla-2", "fit (least squares), calibrated", lambda c, s, x: to_cla(c, s, x, factor=2)),
+        # Same bytes (3 K/V sets for 5 layers), groups [0], [1, 2], [3, 4]: layer 0 keeps its own K/V.
+        Row("cla-2", "first, offset 1", lambda c, s, x: to_cla(c, s, factor=2, init="first", offset=1)),
+        Row("cla-2", "fit, offset 1, calibrated", lambda c, s, x: to_cla(c, s, x, factor=2, offset=1)),
+        Row(
+            "cla-2",
+            f"fit, offset 1, refined {REFINE}",
+            lambda c, s, x: to_cla(c, s, x, factor=2, offset=1, refine_steps=REFINE),
+        ),
         Row("swa-64", "window 64, all layers", lambda c, s, x: to_window(c, s, windows=64)),
         Row(
             "swa-hybrid",
@@ -104,7 +127,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", help="comma list of row names to run (default: all)")
-    parser.add_argument("--calib", default="botchan.txt", help="calibration corpus in shared/data/corpora")
+    parser.add_argument(
+        "--calib",
+        default="self",
+        help="calibration corpus in shared/data/corpora, or 'self' (default): sampled from the source model",
+    )
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--no-export", action="store_true", help="skip the stock-transformers column")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
@@ -117,7 +144,7 @@ def main() -> None:
     from kvforge.arch import CausalLM, kv_bytes_per_token
     from kvforge.arch.evaluate import windowed_nll
     from kvforge.conversion import load_pretrained
-    from kvforge.conversion.transforms import load_calibration_ids
+    from kvforge.conversion.transforms import load_calibration_ids, sample_calibration_ids
 
     logging.getLogger("kvforge.conversion").setLevel(logging.ERROR)
     torch.manual_seed(0)
@@ -126,7 +153,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     text = (DATA / "corpora" / "tinystories_val_prefix.txt").read_text(encoding="utf-8-sig")
     eval_ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    calibration = load_calibration_ids(DATA / "corpora" / args.calib, source_dir, args.calib_tokens, 512)
+    if args.calib == "self":  # 511 tokens after BOS: sequences fit the 512-token context
+        calibration = sample_calibration_ids(source.config, source.state_dict, args.calib_tokens, 511)
+    else:
+        calibration = load_calibration_ids(DATA / "corpora" / args.calib, source_dir, args.calib_tokens, 512)
     wanted = set(args.rows.split(",")) | {"source"} if args.rows else None
 
     columns = [
