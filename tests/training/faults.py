@@ -30,7 +30,11 @@ class FaultInjector(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.losses:
-            record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "loss": outputs["loss"].item()}
+            record = {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "loss": outputs["loss"].item(),
+            }
             with open(self.losses, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if self.kind == "step" and trainer.global_step == self.step:

@@ -89,7 +89,9 @@ def _assert_same_end(run_dir, uninterrupted) -> None:
     ]
 
 
-def test_kill_while_writing_last_ckpt_keeps_the_previous_one_and_resume_matches(config, uninterrupted, tmp_path):
+def test_kill_while_writing_last_ckpt_keeps_the_previous_one_and_resume_matches(
+    config, uninterrupted, tmp_path
+):
     run_dir = tmp_path / "run"
     assert _fit(config, run_dir, fault=f"save:{2 * EVERY}") == -signal.SIGKILL
     partial = list((run_dir / "checkpoints").glob(".last.ckpt.tmp-*"))
