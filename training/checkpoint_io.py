@@ -53,17 +53,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except Exception as err:
-            if "PytorchStreamReader" in str(err):
-                raise ValueError(
-                    f"{path}: not a complete checkpoint, truncated or corrupted ({err})"
-                ) from err
-            if not weights_only or not _is_unpickling_error(err):
+            error = load_error(path, err, weights_only)
+            if error is None:
                 raise
-            raise ValueError(
-                f"{path}: the checkpoint holds objects that torch.load(weights_only=True) refuses to unpickle "
-                f"({err}). Loading it could run code; if you trust its origin, pass --weights_only false "
-                "(Trainer.fit(..., weights_only=False))"
-            ) from err
+            raise error from err
+
+
+def load_error(path, err: Exception, weights_only: bool) -> ValueError | None:
+    """The clear error for a checkpoint ``torch.load`` failed on (None: not one we can explain)."""
+    if "PytorchStreamReader" in str(err):
+        return ValueError(f"{path}: not a complete checkpoint, truncated or corrupted ({err})")
+    if weights_only and _is_unpickling_error(err):
+        return ValueError(
+            f"{path}: the checkpoint holds objects that torch.load(weights_only=True) refuses to unpickle "
+            f"({_unpickler_reason(err)}). Loading it could run code; if you trust its origin, pass --weights_only false "
+            "(Trainer.fit(..., weights_only=False))"
+        )
+    return None
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """torch's message is a page long; its one informative sentence names the refused global."""
+    text = str(err)
+    marker = "WeightsUnpickler error: "
+    if marker in text:
+        return text.split(marker, 1)[1].split(" was not an allowed global")[0].split("\n")[0]
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_unpickling_error(err: Exception) -> bool:

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import HFExport, TokenThroughput
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, load_error
 from .data import TextDataModule
 from .memory_check import MemoryCheck
 from .module import KVForgeLM
@@ -107,6 +107,21 @@ class KVForgeCLI(LightningCLI):
             logger.init_args.name = logger.init_args.get("name") or name
             if logger.init_args.get("save_dir") in (None, "runs"):
                 logger.init_args.save_dir = str(run_dir)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters with ``torch.load(weights_only=True)``
+        before anything else: turn its raw unpickling errors into the clear ones, and honour
+        ``--weights_only false`` (the explicit opt-in) by leaving the load to the Trainer."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None and config.get("weights_only") is False:
+            return
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            error = load_error(config.get("ckpt_path"), err, weights_only=True) if config else None
+            if error is None:
+                raise
+            raise error from err
 
     def instantiate_trainer(self, **kwargs):
         """Crash-safe checkpoint writes unless the user configured a CheckpointIO of their own, and the

@@ -20,7 +20,7 @@ def to_window(
 ) -> tuple[ModelConfig, StateDict]:
     """``windows``: one window for every layer, or a per-layer pattern tiled over the layers
     (``[1024, 1024, 1024, None]`` = 3 local : 1 global)."""
-    pattern = [windows] if isinstance(windows, int) else list(windows)
+    pattern = list(windows) if isinstance(windows, (list, tuple)) else [windows]
     if not pattern or config.n_layers % len(pattern):
         raise ValueError(
             f"to_window: windows pattern of length {len(pattern)} must divide n_layers={config.n_layers}"
