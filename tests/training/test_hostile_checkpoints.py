@@ -9,7 +9,6 @@ import pathlib
 import pytest
 import torch
 
-from kvforge.training.checkpoint_io import AtomicCheckpointIO
 from kvforge.training.cli import main
 from kvforge.training.lightning_cli import KVForgeCLI
 from tests.training.helpers import cli_args, tiny_corpus, tiny_yaml
@@ -64,8 +63,8 @@ def test_resuming_from_a_checkpoint_carrying_code_is_refused(trained, with_code,
 
 def test_weights_only_false_is_the_explicit_opt_in(trained, with_code, tmp_path):
     ckpt, marker = with_code
-    loaded = AtomicCheckpointIO().load_checkpoint(ckpt, weights_only=False)
-    assert marker.exists() and loaded["global_step"] == 1  # the opt-in really unpickles everything
+    cli = _resume(trained[0], tmp_path / "run", ckpt, "--weights_only", "false")
+    assert marker.exists() and cli.trainer.global_step == 2  # it really unpickled everything, then resumed
 
 
 def test_export_of_a_checkpoint_carrying_code_is_refused(with_code, tmp_path, capsys):

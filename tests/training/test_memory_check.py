@@ -79,5 +79,5 @@ def test_estimate_divides_weights_and_optimizer_state_over_fsdp2_ranks():
 
 
 def test_margin_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="memory_margin=1.5"):
+    with pytest.raises(ValueError, match=r"memory_margin=1\.5"):
         MemoryCheck(margin=1.5)
