@@ -39,18 +39,26 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     try:
         _publish_permissions(tmp, directory=True)
         yield tmp
-        _fsync_tree(tmp)
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, trash / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_directory(path.parent)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(tmp: Path, path: Path) -> None:
+    """Publish the finished directory ``tmp`` as ``path``: fsync its files, rename it into place, drop the
+    old one. Two renames (POSIX cannot swap directories atomically): a kill between them leaves the
+    previous version intact under ``.<name>.old-*``."""
+    _publish_permissions(tmp, directory=True)
+    _fsync_tree(tmp)
+    if path.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, trash / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 @contextlib.contextmanager
