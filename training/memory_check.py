@@ -92,10 +92,13 @@ class MemoryCheck(pl.Callback):
         self.margin, self.available_bytes = margin, available_bytes
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.datamodule is None:
-            return
+        data = trainer.datamodule
+        if stage != "fit" or not (hasattr(data, "batch_size") and hasattr(data, "block_size")):
+            return  # the estimate needs the micro-batch shape of kvforge's TextDataModule
         device = trainer.strategy.root_device
         available = self.available_bytes if self.available_bytes is not None else available_memory(device)
+        if device.type == "cpu" and self.available_bytes is None:
+            available //= max(1, trainer.num_devices)  # CPU processes of this node share its RAM
         estimate = estimate_run(trainer, pl_module)
         check_fits(estimate, available, self.margin, f"{device}")
         rank_zero_info(

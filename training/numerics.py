@@ -71,7 +71,10 @@ class NonFiniteGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         loss, self._loss = self._loss, None  # the first non-finite micro-batch loss, else the last
-        norm = _total_norm(pl_module.parameters())
+        # Under fp16 loss scaling, overflowing gradients are routine: GradScaler skips those steps and
+        # lowers the scale itself, so there only the loss counts.
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        norm = None if scaled else _total_norm(pl_module.parameters())
         values = [v.float().reshape(1) for v in (loss, norm) if v is not None]
         local_fault = bool(values) and not bool(torch.isfinite(torch.cat(values)).all())
         # Ranks must agree (a NaN loss can be local to one rank's batch): any rank's fault counts.

@@ -3,6 +3,8 @@ the bad update naming the step and the last good checkpoint; ``skip`` drops that
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -121,3 +123,29 @@ def test_train_py_stops_on_nan_by_default(tmp_path):
     cli = KVForgeCLI(args=cli_args("fit", config, tmp_path / "run")[1:], run=False)
     guards = [c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard)]
     assert len(guards) == 1 and guards[0].policy == "stop"
+
+
+def _fake_trainer(scaler):
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
+    return SimpleNamespace(
+        precision_plugin=SimpleNamespace(scaler=scaler),
+        strategy=strategy,
+        global_step=7,
+        checkpoint_callbacks=[],
+        ckpt_path=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("scaler", "stops"), [(None, True), (object(), False)], ids=["bf16-or-fp32", "fp16-loss-scaling"]
+)
+def test_overflowing_gradients_are_left_to_fp16_loss_scaling(scaler, stops):
+    module = torch.nn.Linear(2, 2)
+    module.weight.grad = torch.full((2, 2), float("inf"))
+    guard, trainer_ = NonFiniteGuard(), _fake_trainer(scaler)
+    guard.on_before_backward(trainer_, module, torch.tensor(1.0))
+    if stops:
+        with pytest.raises(NonFiniteError, match="global step 7"):
+            guard.on_before_optimizer_step(trainer_, module, None)
+    else:
+        guard.on_before_optimizer_step(trainer_, module, None)
