@@ -29,7 +29,7 @@ def _fit(config, run_dir, *overrides):
 
 def test_a_huge_batch_fails_before_training_with_the_numbers_and_a_suggestion(config, tmp_path):
     with pytest.raises(DoesNotFitError) as error:
-        _fit(config, tmp_path / "run", "--data.batch_size", "2000000")
+        _fit(config, tmp_path / "run", "--data.batch_size", "200000000")  # ~36 TB of activations
     message = str(error.value)
     for part in ("GiB per device", "activations", "optimizer state", "GiB free", "lower the micro-batch"):
         assert part in message
