@@ -13,7 +13,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict
+from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count
 
 INITS = ("first", "mean")
 KV_LEAVES = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight")
@@ -28,8 +28,8 @@ def to_cla(
     init: str = "first",
 ) -> tuple[ModelConfig, StateDict]:
     check_gqa_source(config, "to_cla")
-    if not 2 <= factor <= config.n_layers:
-        raise ValueError(f"to_cla: factor={factor} must be in 2..n_layers={config.n_layers}")
+    if not is_count(factor) or not 2 <= factor <= config.n_layers:
+        raise ValueError(f"to_cla: factor={factor!r} must be in 2..n_layers={config.n_layers}")
     if init not in INITS:
         raise ValueError(f"to_cla: init={init!r}: allowed values are {list(INITS)}")
     out = copy_state_dict(state_dict)

@@ -12,7 +12,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict
+from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count
 
 METHODS = ("mean",)
 
@@ -28,10 +28,10 @@ def to_gqa(
     check_gqa_source(config, "to_gqa")
     if method not in METHODS:
         raise ValueError(f"to_gqa: method={method!r}: allowed values are {list(METHODS)}")
-    if n_kv_heads <= 0 or config.n_heads % n_kv_heads:
+    if not is_count(n_kv_heads) or n_kv_heads <= 0 or config.n_heads % n_kv_heads:
         allowed = [d for d in range(1, config.n_heads + 1) if config.n_heads % d == 0]
         raise ValueError(
-            f"to_gqa: n_kv_heads={n_kv_heads} must divide n_heads={config.n_heads} (allowed: {allowed})"
+            f"to_gqa: n_kv_heads={n_kv_heads!r} must divide n_heads={config.n_heads} (allowed: {allowed})"
         )
     out = copy_state_dict(state_dict)
     layers = []
