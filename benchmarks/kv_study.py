@@ -62,15 +62,15 @@ Build = Callable[[ModelConfig, StateDict], tuple[ModelConfig, StateDict]]
 
 
 def _gqa4_then_cla(config: ModelConfig, state_dict: StateDict) -> tuple[ModelConfig, StateDict]:
-    return to_cla(*to_gqa(config, state_dict, n_kv_heads=4), factor=2)
+    return to_cla(*to_gqa(config, state_dict, n_kv_heads=4, method="mean"), factor=2, init="first")
 
 
 # row name -> (how it is built, builder; None = phase 2)
 ROWS: dict[str, tuple[str, Build | None]] = {
     "mha": ("source (8 KV heads)", lambda c, s: (c, s)),
-    "gqa-4": ("mean-pool to 4 KV heads (exact)", lambda c, s: to_gqa(c, s, n_kv_heads=4)),
-    "gqa-2": ("mean-pool to 2 KV heads", lambda c, s: to_gqa(c, s, n_kv_heads=2)),
-    "mqa": ("mean-pool to 1 KV head", lambda c, s: to_mqa(c, s)),
+    "gqa-4": ("mean-pool to 4 KV heads (exact)", lambda c, s: to_gqa(c, s, n_kv_heads=4, method="mean")),
+    "gqa-2": ("mean-pool to 2 KV heads", lambda c, s: to_gqa(c, s, n_kv_heads=2, method="mean")),
+    "mqa": ("mean-pool to 1 KV head", lambda c, s: to_mqa(c, s, method="mean")),
     "cla-2": ("gqa-4 + CLA-2 (first layer's K/V)", _gqa4_then_cla),
     "swa-64": ("window 64 on every layer", lambda c, s: to_window(c, s, windows=64)),
     "swa-hybrid": (

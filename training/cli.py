@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.training.export",
         "write a model directory or a training checkpoint as a stock Hugging Face class (or kvforge-typed)",
     ),
+    "convert": (
+        "kvforge.conversion.cli_convert",
+        "change a model's attention into a KV-efficient form (GQA, MQA, MLA, CLA, windows) and export it",
+    ),
     "inspect": (
         "kvforge.conversion.cli_inspect",
         "per-layer attention forms, parameters and KV-cache bytes of a model directory",

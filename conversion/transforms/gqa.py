@@ -1,7 +1,14 @@
-"""MHA/GQA → fewer K/V heads.
+"""MHA/GQA → fewer K/V heads (GQA, MQA).
 
-``method="mean"`` is the GQA paper's (Ainslie et al., 2023) mean-pooling of the K and V heads of
-each group of consecutive heads: query head ``h`` then reads new K/V head ``h // (n_heads / n_kv_heads)``.
+- ``method="mean"``: the GQA paper's (Ainslie et al., 2023) baseline, mean-pooling the K and V heads
+  of each group of consecutive heads.
+- ``method="aligned"`` (default): choose which query heads share a K/V head by how well their keys
+  and values merge, merge keys per rotary pair with a complex scale per head (the only RoPE-safe
+  map, folded into the query), merge values into their best common subspace (folded into
+  ``o_proj``) - see :mod:`.merge` - then, with calibration ids, refit ``o_proj`` by least squares
+  against the source block's output (and optionally refine, :mod:`.fitting`). Query heads are
+  permuted so that each group is contiguous, as the GQA layout requires; copies of one head (an
+  MHA checkpoint made from a GQA one) merge exactly.
 """
 
 from __future__ import annotations
@@ -12,19 +19,18 @@ import torch
 
 from kvforge.arch import ModelConfig
 
+from .calibration import check_calibration
 from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count
+from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
+from .merge import best_partition, group_cost, merge_group, output_blocks
+from .rotary import from_pairs, scale_pairs
+from .whitening import head_targets, layer_whitening, rows_with_bias, split_bias
 
-METHODS = ("mean",)
+METHODS = ("aligned", "mean")
 
 
-def to_gqa(
-    config: ModelConfig,
-    state_dict: StateDict,
-    calibration: torch.Tensor | None = None,
-    *,
-    n_kv_heads: int,
-    method: str = "mean",
-) -> tuple[ModelConfig, StateDict]:
+def gqa_config(config: ModelConfig, *, n_kv_heads: int, method: str = "aligned") -> ModelConfig:
+    """The target config of :func:`to_gqa` (validates the options; no weights needed)."""
     check_gqa_source(config, "to_gqa")
     if method not in METHODS:
         raise ValueError(f"to_gqa: method={method!r}: allowed values are {list(METHODS)}")
@@ -33,28 +39,102 @@ def to_gqa(
         raise ValueError(
             f"to_gqa: n_kv_heads={n_kv_heads!r} must divide n_heads={config.n_heads} (allowed: {allowed})"
         )
-    out = copy_state_dict(state_dict)
-    layers = []
     for index, spec in enumerate(config.layers):
-        if spec.kv_from is None:
-            if spec.n_kv_heads % n_kv_heads:
-                raise ValueError(
-                    f"to_gqa: layer {index} has n_kv_heads={spec.n_kv_heads}, which n_kv_heads={n_kv_heads} "
-                    "does not divide; pooling needs whole groups of heads"
-                )
-            group = spec.n_kv_heads // n_kv_heads
-            for name in ("k_proj", "v_proj"):
-                for leaf in ("weight", "bias"):
-                    key = f"{attn_prefix(index)}{name}.{leaf}"
-                    if key in state_dict:
-                        out[key] = _mean_pool(state_dict[key], spec.n_kv_heads, group)
-        layers.append(dataclasses.replace(spec, n_kv_heads=n_kv_heads))
-    return dataclasses.replace(config, n_kv_heads=n_kv_heads, layers=layers, pattern=None), out
+        if spec.kv_from is None and n_kv_heads > spec.n_kv_heads:
+            raise ValueError(
+                f"to_gqa: layer {index} has n_kv_heads={spec.n_kv_heads}; n_kv_heads={n_kv_heads} would add heads "
+                "(allowed: at most the current count)"
+            )
+        if method == "mean" and spec.kv_from is None and spec.n_kv_heads % n_kv_heads:
+            raise ValueError(
+                f"to_gqa: layer {index} has n_kv_heads={spec.n_kv_heads}, which n_kv_heads={n_kv_heads} "
+                "does not divide; mean-pooling needs whole groups of heads (method='aligned' does not)"
+            )
+    if method == "aligned" and config.qk_norm:
+        raise ValueError(
+            "to_gqa: method='aligned' needs keys that are linear in the input; with qk_norm use method='mean'"
+        )
+    if method == "aligned" and any(spec.kv_from is not None for spec in config.layers):
+        raise ValueError("to_gqa: method='aligned' needs unshared layers; apply to_gqa before to_cla")
+    layers = [dataclasses.replace(spec, n_kv_heads=n_kv_heads) for spec in config.layers]
+    return dataclasses.replace(config, n_kv_heads=n_kv_heads, layers=layers, pattern=None)
+
+
+def to_gqa(
+    config: ModelConfig,
+    state_dict: StateDict,
+    calibration: torch.Tensor | None = None,
+    *,
+    n_kv_heads: int,
+    method: str = "aligned",
+    sequential: bool = True,
+    refine_steps: int = 0,
+    progress: bool = False,
+) -> tuple[ModelConfig, StateDict]:
+    """``n_kv_heads`` K/V heads on every layer. ``calibration``: ``(batch, seq)`` ids of text that is
+    not the evaluation text (``aligned`` also works without, from the weights alone)."""
+    new_config = gqa_config(config, n_kv_heads=n_kv_heads, method=method)
+    calibration = check_calibration(calibration, config, "to_gqa")
+    if method == "mean":
+        return new_config, _mean_pool_all(config, state_dict, n_kv_heads)
+    if all(spec.n_kv_heads == n_kv_heads for spec in config.layers):
+        return new_config, copy_state_dict(state_dict)
+
+    def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
+        return [_aligned_layer(config, new_config, ctx) for ctx in contexts]
+
+    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress)
+    return new_config, convert_attention(config, state_dict, new_config, calibration, build, options=options)
 
 
 def to_mqa(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor | None = None, **options):
     """:func:`to_gqa` with a single K/V head."""
     return to_gqa(config, state_dict, calibration, n_kv_heads=1, **options)
+
+
+def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerContext) -> torch.nn.Module:
+    attn = ctx.source
+    n_heads, head_dim, bias = config.n_heads, config.head_dim, config.attention_bias
+    whitening, source_whitening, cross = layer_whitening(ctx, bias, config.d_model)
+    targets = head_targets(attn, whitening, source_whitening, cross)
+    size = n_heads // new_config.layers[ctx.index].n_kv_heads
+    totals = (targets.key_energy(range(n_heads)), float(targets.value_gram(range(n_heads)).trace()))
+    groups = best_partition(n_heads, size, lambda g: group_cost(targets, g, head_dim, totals))
+
+    q_rows, k_rows, v_rows, o_cols = [], [], [], []
+    q_source = rows_with_bias(attn.q_proj)
+    o_blocks = attn.o_proj.weight.to(torch.float64).reshape(-1, n_heads, head_dim)
+    for group in groups:
+        merged = merge_group(targets, group, head_dim)
+        k_rows.append(from_pairs(whitening.rows_from_white(merged.key).unsqueeze(0)))
+        v_rows.append(whitening.rows_from_white(merged.value))
+        blocks = output_blocks(targets, group, merged.value)
+        for position, head in enumerate(group):
+            rows = q_source[head * head_dim : (head + 1) * head_dim]
+            q_rows.append(scale_pairs(rows, 1, merged.alpha[position].conj().unsqueeze(0)))
+            o_cols.append(o_blocks[:, head] @ blocks[position])
+    weights = {
+        **split_bias("q_proj", torch.cat(q_rows), bias),
+        **split_bias("k_proj", torch.cat(k_rows), bias),
+        **split_bias("v_proj", torch.cat(v_rows), bias),
+        "o_proj.weight": torch.cat(o_cols, dim=1),
+    }
+    return new_attention(new_config, ctx.index, weights)
+
+
+# ------------------------------------------------------------------------------------------ mean
+def _mean_pool_all(config: ModelConfig, state_dict: StateDict, n_kv_heads: int) -> StateDict:
+    out = copy_state_dict(state_dict)
+    for index, spec in enumerate(config.layers):
+        if spec.kv_from is not None:
+            continue
+        group = spec.n_kv_heads // n_kv_heads
+        for name in ("k_proj", "v_proj"):
+            for leaf in ("weight", "bias"):
+                key = f"{attn_prefix(index)}{name}.{leaf}"
+                if key in state_dict:
+                    out[key] = _mean_pool(state_dict[key], spec.n_kv_heads, group)
+    return out
 
 
 def _mean_pool(tensor: torch.Tensor, n_heads: int, group: int) -> torch.Tensor:

@@ -11,15 +11,9 @@ from kvforge.arch import ModelConfig
 from .common import StateDict, is_count
 
 
-def to_window(
-    config: ModelConfig,
-    state_dict: StateDict,
-    calibration: torch.Tensor | None = None,
-    *,
-    windows: int | list[int | None],
-) -> tuple[ModelConfig, StateDict]:
+def window_config(config: ModelConfig, *, windows: int | list[int | None]) -> ModelConfig:
     """``windows``: one window for every layer, or a per-layer pattern tiled over the layers
-    (``[1024, 1024, 1024, None]`` = 3 local : 1 global)."""
+    (``[1024, 1024, 1024, None]`` = 3 local : 1 global; ``None`` = global)."""
     pattern = list(windows) if isinstance(windows, (list, tuple)) else [windows]
     if not pattern or config.n_layers % len(pattern):
         raise ValueError(
@@ -32,5 +26,23 @@ def to_window(
                 f"max_seq_len={config.max_seq_len} or more is global attention: write None)"
             )
     tiled = pattern * (config.n_layers // len(pattern))
+    for index, (spec, window) in enumerate(zip(config.layers, tiled)):
+        source = config.layers[spec.kv_from] if spec.kv_from is not None else None
+        if source is not None and tiled[spec.kv_from] != window:
+            raise ValueError(
+                f"to_window: layer {index} reads layer {spec.kv_from}'s K/V, so both need the same window "
+                f"(got {window} and {tiled[spec.kv_from]})"
+            )
     layers = [dataclasses.replace(spec, window=w) for spec, w in zip(config.layers, tiled)]
-    return dataclasses.replace(config, layers=layers, pattern=None), dict(state_dict)
+    return dataclasses.replace(config, layers=layers, pattern=None)
+
+
+def to_window(
+    config: ModelConfig,
+    state_dict: StateDict,
+    calibration: torch.Tensor | None = None,
+    *,
+    windows: int | list[int | None],
+) -> tuple[ModelConfig, StateDict]:
+    """:func:`window_config` on the config; the weights are returned as they are (a new dict)."""
+    return window_config(config, windows=windows), dict(state_dict)

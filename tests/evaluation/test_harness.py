@@ -25,7 +25,7 @@ TASK_DIR = REPO / "tests" / "evaluation" / "lm_eval_tasks"
 def exported(tmp_path_factory):
     """stories260K-mha mean-pooled to 2 KV heads, exported as a Llama directory, and the same model in kvforge."""
     source = load_pretrained(shared_path("stories260K-mha"))
-    config, state_dict = to_gqa(source.config, source.state_dict, n_kv_heads=2)
+    config, state_dict = to_gqa(source.config, source.state_dict, n_kv_heads=2, method="mean")
     out = save_pretrained(
         config, state_dict, tmp_path_factory.mktemp("export") / "gqa2", tokenizer_from=source.source
     )

@@ -1,0 +1,217 @@
+"""Change the attention of a model directory into a KV-efficient form and export it.
+
+    kvforge convert SRC OUT --to gqa|mqa|mla|cla|window [form options]
+                    [--calib FILE|self --calib-tokens N] [--refine-steps N] [--family auto] [--overwrite]
+
+Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
+
+    kvforge convert stories260K gqa2 --to gqa --n-kv-heads 2 --calib botchan.txt
+    kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --calib self
+    kvforge convert stories260K cla --to cla --factor 2 --calib botchan.txt   # kvforge-typed
+    kvforge convert stories260K swa --to window --windows 64,64,64,64,none
+
+Calibration text is run through the source model to fit the new projections; it must not be the
+text you evaluate on. ``--calib self`` samples it from the source model instead (no corpus read).
+Options are checked against SRC's config before any weight is read; OUT is written atomically (a
+failure leaves nothing behind). The result is exported through ``save_pretrained``: a stock class
+(Llama, Mistral, Qwen2, DeepseekV3, ...) when one holds the new form, else a kvforge-typed directory
+that stock servers will not load - the command says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .cli_export import FAMILY_CHOICES
+
+FORMS = ("gqa", "mqa", "mla", "cla", "window")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="model directory to convert (HF or kvforge-typed)")
+    parser.add_argument("out", metavar="OUT", help="directory to write; must not exist unless --overwrite")
+    parser.add_argument("--to", required=True, choices=FORMS, help="target attention form")
+    group = parser.add_argument_group("gqa / mqa")
+    group.add_argument("--n-kv-heads", type=int, help="K/V heads per layer (must divide the query heads)")
+    group.add_argument(
+        "--method",
+        choices=("aligned", "mean"),
+        default="aligned",
+        help="aligned (default): heads grouped by how well their keys/values merge, keys merged per rotary "
+        "pair, values into their common subspace, o_proj refitted; mean: the GQA paper's mean-pooling",
+    )
+    group = parser.add_argument_group("mla")
+    group.add_argument(
+        "--kv-lora-rank", type=int, help="latent width cached per token (DeepSeek's kv_lora_rank)"
+    )
+    group.add_argument(
+        "--rope-dims",
+        type=int,
+        help="rotary dims of the shared key (qk_rope_head_dim; even, at most head_dim)",
+    )
+    group.add_argument(
+        "--rope-selection",
+        choices=("contribution", "high", "uniform"),
+        default="contribution",
+        help="which frequency pairs stay rotary: the ones the calibration attention needs most (default), "
+        "the highest frequencies, or evenly spread ones (always a progression DeepseekV3 can express)",
+    )
+    group.add_argument(
+        "--layout",
+        choices=("deepseek", "kvforge"),
+        default="deepseek",
+        help="deepseek (default): stock DeepseekV3 (one shared rotary key, latent RMSNorm); kvforge: one rotary "
+        "key per source K/V head and no latent norm (exact at full rank, kvforge-typed)",
+    )
+    group = parser.add_argument_group("cla")
+    group.add_argument("--factor", type=int, default=2, help="layers per group sharing one K/V (default 2)")
+    group.add_argument(
+        "--init",
+        choices=("fit", "first", "mean"),
+        default="fit",
+        help="fit (default): shared K/V fitted to every layer of the group; first: the first layer's; mean: average",
+    )
+    group.add_argument("--offset", type=int, default=0, help="layers before this one keep their own K/V")
+    group = parser.add_argument_group("window")
+    group.add_argument(
+        "--windows",
+        help="one window for every layer, or a comma pattern tiled over the layers; 'none' = global "
+        "(e.g. 1024,1024,1024,none = 3 local : 1 global)",
+    )
+    group = parser.add_argument_group("calibration (gqa, mqa, mla, cla)")
+    group.add_argument(
+        "--calib",
+        metavar="FILE|self",
+        help="text file to fit on (not your evaluation text), or 'self' to sample it from SRC; "
+        "without it the transforms work from the weights alone",
+    )
+    group.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    group.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=None,
+        help="tokens per calibration sequence (default min(512, context))",
+    )
+    group.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="after the closed-form fit, Adam steps per layer on the block's reconstruction error (default 0)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of --calib self sampling")
+    group = parser.add_argument_group("export")
+    group.add_argument(
+        "--family",
+        default="auto",
+        choices=FAMILY_CHOICES,
+        help="export family (default auto: the simplest stock class that holds the result, else kvforge-typed)",
+    )
+    group.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="store tensors in this dtype"
+    )
+    group.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+
+
+def transform_options(args: argparse.Namespace) -> dict:
+    """The transform's keyword options from the command line (missing required ones are errors)."""
+    required = {"gqa": ("n_kv_heads",), "mla": ("kv_lora_rank", "rope_dims"), "window": ("windows",)}
+    for name in required.get(args.to, ()):
+        if getattr(args, name) is None:
+            raise ValueError(f"--to {args.to} needs --{name.replace('_', '-')}")
+    fitted = {"refine_steps": args.refine_steps, "progress": True}
+    if args.to == "gqa":
+        return {"n_kv_heads": args.n_kv_heads, "method": args.method, **fitted}
+    if args.to == "mqa":
+        return {"method": args.method, **fitted}
+    if args.to == "mla":
+        names = ("kv_lora_rank", "rope_dims", "rope_selection", "layout")
+        return {**{name: getattr(args, name) for name in names}, **fitted}
+    if args.to == "cla":
+        return {"factor": args.factor, "init": args.init, "offset": args.offset, **fitted}
+    return {"windows": parse_windows(args.windows)}
+
+
+def parse_windows(text: str) -> int | list[int | None]:
+    values: list[int | None] = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if item in ("none", "global"):
+            values.append(None)
+            continue
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise ValueError(f"--windows: {item!r} is neither a number of tokens nor 'none'") from None
+    return values[0] if len(values) == 1 and values[0] is not None else values
+
+
+def run(args: argparse.Namespace) -> int:
+    src, out = Path(args.src), Path(args.out)
+    if out.exists() and not args.overwrite:  # before any reading
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if args.calib not in (None, "self") and not Path(args.calib).is_file():
+        raise FileNotFoundError(f"--calib {args.calib}: no such file (or pass 'self')")
+    import logging
+
+    from rich.console import Console
+
+    from kvforge.arch import kv_bytes_per_token
+    from kvforge.conversion import load_config, load_pretrained, plan_export, save_pretrained
+    from kvforge.conversion.transforms import (
+        TRANSFORMS,
+        check_options,
+        load_calibration_ids,
+        sample_calibration_ids,
+    )
+
+    console = Console(highlight=False)
+    config, _, _ = load_config(src)
+    options = transform_options(args)
+    check_options(args.to, config, **options)  # bad options fail here, before the weights are read
+    pretrained = load_pretrained(src, progress=True)
+    calibration = None
+    if args.calib is not None and args.to != "window":
+        seq_len = args.calib_seq_len or min(512, config.max_seq_len - (args.calib == "self"))
+        if args.calib == "self":
+            console.print(
+                f"Sampling {args.calib_tokens} calibration tokens from {src} (seed {args.seed}) ..."
+            )
+            calibration = sample_calibration_ids(
+                config, pretrained.state_dict, args.calib_tokens, seq_len, args.seed
+            )
+        else:
+            calibration = load_calibration_ids(args.calib, src, args.calib_tokens, seq_len)
+        console.print(
+            f"Calibration: {calibration.shape[0]} x {calibration.shape[1]} tokens from {args.calib}"
+        )
+    new_config, state_dict = TRANSFORMS[args.to](config, pretrained.state_dict, calibration, **options)
+    plan = plan_export(new_config, None if args.family == "auto" else args.family)
+    logger = logging.getLogger("kvforge.conversion")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the export notes are printed below
+    try:
+        save_pretrained(
+            new_config,
+            state_dict,
+            out,
+            family=plan.family.model_type,
+            tokenizer_from=src,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+        )
+    finally:
+        logger.setLevel(level)
+    before = kv_bytes_per_token(config, config.max_seq_len, "bf16")
+    after = kv_bytes_per_token(new_config, config.max_seq_len, "bf16")
+    console.print(
+        f"Wrote {out} as {plan.family.architecture}: KV cache {after:,.0f} bytes/token in bf16 at "
+        f"{config.max_seq_len} tokens (source {before:,.0f}, x{after / before:.3f})"
+    )
+    if not plan.family.stock:
+        console.print(
+            "[bold red]WARNING:[/] kvforge-typed directory: stock transformers/vLLM/SGLang will NOT load it"
+        )
+    for note in plan.notes:
+        console.print(f"[bold yellow]note:[/] {note}")
+    return 0

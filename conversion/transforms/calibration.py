@@ -1,0 +1,153 @@
+"""Calibration: run a model over calibration token ids one layer at a time.
+
+Transforms fit their new projections to what the *source* model computes on calibration text
+(never the evaluation text). A :class:`LayerStream` holds the residual stream of every calibration
+sequence between two layers, so a transform can read the attention inputs of layer ``l``, fit its
+replacement, and advance the stream through either the source layer or the converted one
+(sequential calibration: later layers are fitted on the inputs the converted model will really see).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvforge.arch import CausalLM, ModelConfig
+from kvforge.arch.cache import KVView
+from kvforge.arch.model import DecoderLayer
+from kvforge.arch.rope import RotaryEmbedding
+
+from .common import StateDict
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_calibration(
+    calibration: torch.Tensor | None, config: ModelConfig, what: str
+) -> torch.Tensor | None:
+    if calibration is None:
+        return None
+    if (
+        not isinstance(calibration, torch.Tensor)
+        or calibration.dim() != 2
+        or calibration.dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"{what}: calibration must be a (batch, seq) tensor of token ids, got "
+            f"{type(calibration).__name__} {tuple(getattr(calibration, 'shape', ()))}"
+        )
+    if calibration.shape[1] > config.max_seq_len:
+        raise ValueError(
+            f"{what}: calibration sequences of {calibration.shape[1]} tokens exceed max_seq_len={config.max_seq_len}"
+        )
+    if calibration.numel() and (calibration.min() < 0 or calibration.max() >= config.vocab_size):
+        raise ValueError(f"{what}: calibration ids must be in 0..{config.vocab_size - 1}")
+    return calibration
+
+
+def build_model(config: ModelConfig, state_dict: StateDict) -> CausalLM:
+    """An fp32 eval-mode model holding ``state_dict`` (strict: every weight must be there)."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.to_empty(device="cpu")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)
+    model.model.rotary.apply(lambda m: m.reset_parameters() if isinstance(m, RotaryEmbedding) else None)
+    return model.float().eval().requires_grad_(False)
+
+
+def rope_tables(config: ModelConfig, seq_len: int) -> dict[str, Rope]:
+    """cos/sin of positions ``0..seq_len-1`` for each attention form of ``config`` (fp32)."""
+    positions = torch.arange(seq_len)
+    tables = {}
+    if "gqa" in config.forms:
+        tables["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)(
+            positions, torch.float32
+        )
+    if "mla" in config.forms:
+        theta = config.mla_rope_theta or config.rope_theta
+        tables["mla"] = RotaryEmbedding(config.qk_rope_head_dim, theta, config.rope_scaling)(
+            positions, torch.float32
+        )
+    return tables
+
+
+class LayerStream:
+    """The residual stream of calibration sequences before layer ``next_layer``, in chunks."""
+
+    def __init__(self, model: CausalLM, ids: torch.Tensor, chunk_size: int = 8) -> None:
+        self.config = model.config
+        with torch.no_grad():
+            self.hidden = [model.model.embed_tokens(chunk) for chunk in ids.split(chunk_size)]
+        self.next_layer = 0
+        self.views: dict[int, list[KVView]] = {}
+        self.seq_len = ids.shape[1]
+
+    def copy(self) -> LayerStream:
+        twin = object.__new__(LayerStream)
+        twin.__dict__.update(self.__dict__)
+        twin.hidden = list(self.hidden)
+        twin.views = dict(self.views)
+        return twin
+
+    @torch.no_grad()
+    def attention_inputs(self, layer: DecoderLayer) -> list[torch.Tensor]:
+        """What ``layer``'s attention reads: its input RMSNorm applied to the stream."""
+        return [layer.input_layernorm(h) for h in self.hidden]
+
+    @torch.no_grad()
+    def advance(
+        self, layer: DecoderLayer, rope: Rope, reads: int | None = None, keep_view: bool = False
+    ) -> None:
+        """Run ``layer`` (the source's or its replacement; ``reads``: the layer whose K/V it attends
+        over) and move the stream past it."""
+        shared = self.views[reads] if reads is not None else None
+        outputs = [layer(h, rope, None, 0, shared[i] if shared else None) for i, h in enumerate(self.hidden)]
+        self.hidden = [h for h, _ in outputs]
+        if keep_view:
+            self.views[self.next_layer] = [view for _, view in outputs]
+        self.next_layer += 1
+
+
+def load_calibration_ids(
+    path: str | Path, tokenizer_dir: str | Path, n_tokens: int = 16384, seq_len: int = 512
+) -> torch.Tensor:
+    """Tokenize the start of a text file (no special tokens) into ``(n_tokens // seq_len, seq_len)`` ids."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration text {path} not found")
+    if seq_len <= 0 or n_tokens < seq_len:
+        raise ValueError(f"calibration: n_tokens={n_tokens} must be at least seq_len={seq_len} > 0")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = path.read_text(encoding="utf-8-sig")
+    # Tokenize a prefix only: ~8 characters per token is generous for any English BPE/unigram vocab.
+    ids = tokenizer(text[: 8 * n_tokens + 1024], add_special_tokens=False, verbose=False)["input_ids"]
+    rows = min(len(ids), n_tokens) // seq_len
+    if rows == 0:
+        raise ValueError(f"calibration text {path} has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+@torch.no_grad()
+def sample_calibration_ids(
+    config: ModelConfig, state_dict: StateDict, n_tokens: int = 16384, seq_len: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """Calibration text written by the source model itself: ``n_tokens // seq_len`` sequences sampled
+    at temperature 1 from BOS (BOS dropped). No corpus is read, so it cannot overlap an evaluation text."""
+    if config.bos_token_id is None:
+        raise ValueError("self-generated calibration starts from BOS, but the model has no bos_token_id")
+    if not 0 < seq_len < config.max_seq_len or n_tokens < seq_len:
+        raise ValueError(
+            f"self-generated calibration: seq_len={seq_len} must be in 1..max_seq_len-1={config.max_seq_len - 1} "
+            f"(BOS comes first) and n_tokens={n_tokens} at least seq_len"
+        )
+    from kvforge.arch import generate
+
+    model = build_model(config, state_dict)
+    rows = n_tokens // seq_len
+    start = torch.full((rows, 1), config.bos_token_id, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    ids = generate(model, start, seq_len, temperature=1.0, generator=generator)
+    return ids[:, 1:]

@@ -1,0 +1,73 @@
+"""Calibrating DeepseekV3's latent RMSNorm (``kv_a_layernorm``), which the source never had.
+
+The norm scales every token's latent ``c`` by ``ρ / rms(c)``; keys and values are linear in the
+latent, so the error is a per-token factor ``ρ/rms(c(t)) - 1`` on that token's keys and values.
+Any invertible ``M`` on the latent is free (``kv_a`` → ``M·kv_a``, ``kv_b`` → ``kv_b·M⁻¹``), so we
+choose the basis in which ``rms`` varies least over calibration latents: fit a symmetric ``P``
+with ``cᵀ P c ≈ 1`` by least squares (linear in ``P``), keep its positive part and take
+``M = P^½``; then ``ρ`` is the least-squares constant with ``ρ·c/rms(c) ≈ c``, and ``kv_b`` reads
+the normalised latent ``n`` through the least-squares map ``E[c nᵀ] E[n nᵀ]⁻¹`` (best linear
+undoing of the per-token scale). What remains is the spread of ``rms(Mc)``, reported as its
+coefficient of variation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Directions of P below this fraction of its largest eigenvalue are clipped to it: keeps M well
+# conditioned (kv_b absorbs M⁻¹) at a small cost in flatness.
+EIGEN_FLOOR = 1e-2
+MAX_TOKENS = 65536
+
+
+@dataclass
+class LatentNorm:
+    basis: torch.Tensor  # M, (r, r)
+    basis_inv: torch.Tensor  # M⁻¹
+    readout: torch.Tensor  # (r, r): kv_b → kv_b · M⁻¹ · readout
+    weight: float  # ρ, the norm's weight (all dims)
+    spread_before: float  # coefficient of variation of rms(c) in the original basis
+    spread_after: float
+
+
+def _rms(latent: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return (latent.pow(2).mean(-1) + eps).sqrt()
+
+
+def _spread(latent: torch.Tensor) -> float:
+    rms = _rms(latent)
+    return float(rms.std() / rms.mean())
+
+
+def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
+    """``latent``: ``(tokens, r)`` calibration latents (float64). ``flatten=False`` keeps the basis."""
+    latent = latent[:MAX_TOKENS].detach().to(torch.float64)
+    rank = latent.shape[1]
+    eye = torch.eye(rank, dtype=torch.float64)
+    basis = basis_inv = eye
+    if flatten:
+        rows, cols = torch.triu_indices(rank, rank)
+        features = latent[:, rows] * latent[:, cols] * torch.where(rows == cols, 1.0, 2.0)
+        target = torch.ones(len(latent), 1, dtype=torch.float64)
+        packed = torch.linalg.lstsq(features, target).solution[:, 0]
+        P = torch.zeros(rank, rank, dtype=torch.float64)
+        P[rows, cols] = packed
+        P = P + P.mT - torch.diag(P.diagonal())
+        eigvals, eigvecs = torch.linalg.eigh(P)
+        if eigvals.max() > 0:
+            # cᵀPc ≈ 1 means ‖Mc‖ ≈ 1; scale by √r so the mapped latent keeps rms ≈ 1.
+            eigvals = eigvals.clamp_min(EIGEN_FLOOR * eigvals.max()) * rank
+            basis = eigvecs @ torch.diag(eigvals.sqrt()) @ eigvecs.mT
+            basis_inv = eigvecs @ torch.diag(eigvals.rsqrt()) @ eigvecs.mT
+    mapped = latent @ basis.mT
+    power = mapped.pow(2).sum(-1)
+    rms = _rms(mapped)
+    weight = float((power / rms).sum() / (power / rms**2).sum())
+    normed = weight * mapped / rms.unsqueeze(-1)
+    gram = normed.mT @ normed
+    gram += 1e-9 * gram.diagonal().mean() * eye
+    readout = torch.linalg.solve(gram, normed.mT @ mapped).mT  # E[c' nᵀ] E[n nᵀ]⁻¹
+    return LatentNorm(basis, basis_inv, readout, weight, _spread(latent), _spread(mapped))

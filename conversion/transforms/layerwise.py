@@ -1,0 +1,192 @@
+"""Convert attention layer by layer (or by groups of layers that share K/V) on calibration data.
+
+The transform supplies a closed-form ``build`` of the new attention modules for one group; this
+driver does the rest, identically for every transform: run the calibration stream, hand ``build``
+the source modules and activations, refit ``o_proj`` (least squares), optionally refine, write the
+new weights under the HF names, and advance the stream.
+
+Sequential calibration (default): layer ``l`` is fitted on the inputs the *converted* layers
+``0..l-1`` produce, and its target is the source block's output plus the residual-stream error
+accumulated so far (``h_src - h_new``), so every layer also repairs what earlier layers lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kvforge.arch import ModelConfig
+from kvforge.arch.model import DecoderLayer
+
+from .calibration import LayerStream, Rope, build_model, rope_tables
+from .common import StateDict, attn_prefix, copy_state_dict
+from .fitting import FitUnit, refine_attention, refit_output_projection, relative_error
+
+# Relative reconstruction error below which a block counts as exact (fp32 round-off is ~1e-14):
+# nothing is refitted, so lossless conversions stay bit-for-bit close to the source.
+EXACT = 1e-10
+
+
+@dataclass
+class LayerContext:
+    """What ``build`` may use for one layer. Activation lists are ``None`` without calibration."""
+
+    index: int
+    source: nn.Module  # the source attention module (fp32, frozen)
+    source_inputs: list[torch.Tensor] | None  # what the source attention read
+    inputs: list[torch.Tensor] | None  # what the new attention will read (sequential: converted prefix)
+    targets: list[torch.Tensor] | None  # what the new attention should output
+    source_rope: Rope | None
+    rope: Rope | None
+
+
+Build = Callable[[list[LayerContext]], list[nn.Module]]
+
+
+@dataclass
+class FitOptions:
+    sequential: bool = True
+    refit_output: bool = True
+    refine_steps: int = 0
+    refine_lr: float = 3e-3
+    progress: bool = False
+
+
+def convert_attention(
+    config: ModelConfig,
+    state_dict: StateDict,
+    new_config: ModelConfig,
+    calibration: torch.Tensor | None,
+    build: Build,
+    groups: list[list[int]] | None = None,
+    options: FitOptions | None = None,
+    report: dict | None = None,
+) -> StateDict:
+    """New state dict for ``new_config``: attention weights from ``build`` (+ fitting), the rest copied.
+    ``report`` (optional) receives the relative reconstruction error of every group."""
+    options = options or FitOptions()
+    groups = groups or [[index] for index in range(config.n_layers)]
+    source_model = build_model(config, state_dict)
+    out = copy_state_dict(state_dict)
+    for index in range(config.n_layers):
+        for name in list(out):
+            if name.startswith(attn_prefix(index)):
+                del out[name]
+    source_stream = new_stream = None
+    seq_len = calibration.shape[1] if calibration is not None else 1
+    source_ropes, ropes = rope_tables(config, seq_len), rope_tables(new_config, seq_len)
+    if calibration is not None:
+        source_stream = LayerStream(source_model, calibration)
+        new_stream = source_stream.copy() if options.sequential else source_stream
+    bar = tqdm(groups, desc="converting attention", unit="group", disable=not options.progress, leave=False)
+    for group in bar:
+        contexts = [_context(source_model, index, None, None, None, None, None) for index in group]
+        if calibration is not None:
+            contexts = _calibrated_contexts(
+                config, new_config, source_model, group, source_stream, new_stream, source_ropes, ropes
+            )
+        modules = build(contexts)
+        if calibration is not None:
+            units = [
+                FitUnit(module, ctx.inputs, ctx.targets, ropes[new_config.layers[ctx.index].attention])
+                for module, ctx in zip(modules, contexts)
+            ]
+            for unit, index in zip(units, group):
+                source = new_config.layers[index].kv_from
+                unit.reads = group.index(source) if source is not None else None
+            exact = relative_error(units) < EXACT
+            if options.refit_output and not exact:
+                refit_output_projection(units)
+            if options.refine_steps and not exact:
+                refine_attention(units, options.refine_steps, options.refine_lr)
+            if report is not None:
+                report[tuple(group)] = relative_error(units)
+            if new_stream is not source_stream:
+                _advance(new_config, source_model, group, modules, new_stream, ropes)
+            _advance(config, source_model, group, None, source_stream, source_ropes)
+        for module, index in zip(modules, group):
+            for name, tensor in module.state_dict().items():
+                out[attn_prefix(index) + name] = tensor.detach().clone().to(state_dict_dtype(state_dict))
+    return out
+
+
+def state_dict_dtype(state_dict: StateDict) -> torch.dtype:
+    return next(t.dtype for t in state_dict.values() if t.is_floating_point())
+
+
+def new_attention(config: ModelConfig, index: int, weights: StateDict) -> nn.Module:
+    """The attention module of layer ``index`` of ``config``, holding ``weights`` (fp32)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(config, index)
+    module = layer.self_attn
+    module.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True, assign=True)
+    return module.requires_grad_(False)
+
+
+def _context(model, index, source_inputs, inputs, targets, source_rope, rope) -> LayerContext:
+    return LayerContext(
+        index, model.model.layers[index].self_attn, source_inputs, inputs, targets, source_rope, rope
+    )
+
+
+@torch.no_grad()
+def _calibrated_contexts(config, new_config, model, group, source_stream, new_stream, source_ropes, ropes):
+    """Activations for every layer of ``group``. Inside a group the stream advances through the
+    source layers (the converted owner does not exist yet); after it, through the converted ones."""
+    src, new = source_stream.copy(), new_stream.copy()
+    contexts: list[LayerContext] = []
+    for position, index in enumerate(group):
+        layer = model.model.layers[index]
+        source_rope = source_ropes[config.layers[index].attention]
+        source_inputs = src.attention_inputs(layer)
+        inputs = source_inputs if new is src else new.attention_inputs(layer)
+        targets = [layer.self_attn(x, source_rope, None, 0, None)[0] for x in source_inputs]
+        if _same_up_to_roundoff(src.hidden, new.hidden):  # the converted prefix is exact so far
+            inputs = source_inputs
+        else:  # repair the residual-stream error accumulated before this layer
+            targets = [t + (hs - hn) for t, hs, hn in zip(targets, src.hidden, new.hidden)]
+        rope = ropes[new_config.layers[index].attention]
+        contexts.append(_context(model, index, source_inputs, inputs, targets, source_rope, rope))
+        if position + 1 < len(group):
+            src.advance(layer, source_rope)
+            if new is not src:
+                new.advance(layer, source_rope)
+    return contexts
+
+
+def _same_up_to_roundoff(a: list[torch.Tensor], b: list[torch.Tensor], tol: float = 1e-6) -> bool:
+    if a is b:
+        return True
+    diff = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b))
+    return diff <= tol**2 * sum(float(x.double().pow(2).sum()) for x in a)
+
+
+def _advance(config: ModelConfig, model, group, modules, stream: LayerStream, ropes) -> None:
+    """Move ``stream`` past ``group``, through ``modules`` (converted attention) or the source layers."""
+    readers = {spec.kv_from for spec in config.layers if spec.kv_from is not None}
+    for position, index in enumerate(group):
+        layer = model.model.layers[index]
+        if modules is not None:
+            layer = _with_attention(layer, modules[position], config.layers[index])
+        stream.advance(
+            layer,
+            ropes[config.layers[index].attention],
+            reads=config.layers[index].kv_from,
+            keep_view=index in readers,
+        )
+
+
+def _with_attention(layer: DecoderLayer, attention: nn.Module, spec) -> DecoderLayer:
+    """``layer`` with its attention swapped (norms and MLP shared, nothing copied)."""
+    replacement = DecoderLayer.__new__(DecoderLayer)
+    nn.Module.__init__(replacement)
+    replacement.index, replacement.spec = layer.index, spec
+    replacement.input_layernorm = layer.input_layernorm
+    replacement.self_attn = attention
+    replacement.post_attention_layernorm = layer.post_attention_layernorm
+    replacement.mlp = layer.mlp
+    return replacement

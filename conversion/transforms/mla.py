@@ -1,0 +1,312 @@
+"""MHA/GQA → multi-head latent attention (DeepSeek-V2/V3), from the source weights (+ calibration).
+
+Per layer:
+
+1. **Rotary part.** A few frequency pairs stay rotary (:mod:`.mla_rope` picks them, as a
+   progression DeepseekV3 can express). In the ``deepseek`` layout the rotary key is one key
+   shared by every head, so the heads' keys of each kept pair are merged into their best common
+   complex key (per-head complex scale folded into ``q_pe``, :func:`.merge.merge_keys`); the
+   ``kvforge`` layout keeps one rotary key per source K/V head (``mla_rope_heads``), exactly.
+2. **Position-free part.** The other pairs lose their rotation; each head's query pair is multiplied
+   by the complex factor that best replaces ``exp(1j·ω·Δ)`` under the source attention.
+3. **Latent.** The position-free keys and the values of all heads are factored jointly: the latent
+   spans the top principal subspace (whitened inputs) of ``[S_h K_h ; O_h V_h]_h``, where ``S_h``
+   turns a key error into a score error (the head's query covariance, times the energy of the
+   head's output so that score and output errors are in one currency) and ``O_h`` is the head's
+   slice of ``o_proj``. ``kv_b_proj`` holds the least-squares coefficients of every head's key and
+   value on the latent.
+4. **Latent RMSNorm** (``deepseek`` layout; stock DeepseekV3 always has ``kv_a_layernorm``): the
+   latent coordinates are whitened (``E[c cᵀ] = I``), so ``rms(c)`` stays near 1 and the norm is
+   *calibrated*, not removed: its weight is the least-squares constant ``ρ`` with
+   ``ρ·c/rms(c) ≈ c`` on calibration data; the remaining error is the spread of ``rms(c)``.
+5. With calibration, ``o_proj`` is refitted by least squares (and optionally refined) against the
+   source block's outputs, through the real MLA module (norm included), see :mod:`.layerwise`.
+
+``layout="kvforge"`` with every pair kept and full rank is lossless (per-head rotary keys, no latent
+norm): the bound the tests check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from kvforge.arch import LayerSpec, ModelConfig
+
+from .calibration import LayerStream, build_model, check_calibration
+from .common import StateDict, check_gqa_source
+from .latent_norm import LatentNorm, fit_latent_norm
+from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
+from .merge import merge_keys
+from .mla_rope import (
+    STRATEGIES,
+    RopeStatistics,
+    check_exportable,
+    exported_theta,
+    rope_statistics,
+    select_pairs,
+    weight_scores,
+)
+from .rotary import as_pairs, from_pairs, pair_frequencies
+from .whitening import flat_inputs, head_targets, layer_whitening
+
+LAYOUTS = ("deepseek", "kvforge")
+
+
+@dataclass
+class MLAReport:
+    """What :func:`to_mla` chose and what the DeepseekV3 layout costs, per layer."""
+
+    pairs: list[int] = field(default_factory=list)  # kept rotary source pairs
+    theta: float = 0.0  # the exported rope_theta
+    rotary_residual: dict[int, float] = field(
+        default_factory=dict
+    )  # shared-key error / key energy (kept pairs)
+    latent_norm: dict[int, LatentNorm] = field(default_factory=dict)  # rms spread before/after calibration
+
+
+@dataclass
+class MLAPlan:
+    pairs: list[int]  # kept rotary source pairs; slot p of the rotary key holds pair pairs[p]
+    theta: float
+    layout: str
+    statistics: dict[int, RopeStatistics]
+    rotary_residual: bool = True  # carry what the shared rotary key misses in the latent
+    flatten_norm: bool = True  # calibrate the latent basis for kv_a_layernorm (else only its weight)
+    report: MLAReport | None = None
+
+    @property
+    def carries_residual(self) -> bool:
+        return self.layout == "deepseek" and self.rotary_residual
+
+    def free_pairs(self, n_pairs: int) -> list[int]:
+        return [pair for pair in range(n_pairs) if pair not in self.pairs]
+
+
+def check_mla_options(
+    config: ModelConfig,
+    *,
+    kv_lora_rank: int,
+    rope_dims: int,
+    rope_selection: str = "contribution",
+    layout: str = "deepseek",
+    rotary_residual: bool = True,
+    flatten_norm: bool = True,
+) -> None:
+    """Validate :func:`to_mla`'s options against the source config (no weights needed)."""
+    _check_source(config)
+    if layout not in LAYOUTS:
+        raise ValueError(f"to_mla: layout={layout!r}: allowed values are {list(LAYOUTS)}")
+    if rope_selection not in STRATEGIES:
+        raise ValueError(f"to_mla: rope_selection={rope_selection!r}: allowed values are {list(STRATEGIES)}")
+    head_dim = config.head_dim
+    if (
+        isinstance(rope_dims, bool)
+        or not isinstance(rope_dims, int)
+        or not 2 <= rope_dims <= head_dim
+        or rope_dims % 2
+    ):
+        raise ValueError(
+            f"to_mla: rope_dims={rope_dims} must be an even number of rotary dims in 2..head_dim={head_dim}"
+        )
+    n_kv = {spec.n_kv_heads for spec in config.layers}
+    if layout == "kvforge" and len(n_kv) != 1:
+        raise ValueError(
+            f"to_mla: layout='kvforge' needs the same n_kv_heads on every layer (got {sorted(n_kv)})"
+        )
+    max_rank = max_latent_rank(config, rope_dims, layout, rotary_residual)
+    if (
+        isinstance(kv_lora_rank, bool)
+        or not isinstance(kv_lora_rank, int)
+        or not 1 <= kv_lora_rank <= max_rank
+    ):
+        raise ValueError(
+            f"to_mla: kv_lora_rank={kv_lora_rank} must be in 1..{max_rank}: the latent cannot exceed d_model="
+            f"{config.d_model} nor the position-free key + value dims of the {max(n_kv)} K/V heads it replaces"
+        )
+
+
+def max_latent_rank(config: ModelConfig, rope_dims: int, layout: str, rotary_residual: bool = True) -> int:
+    """Largest useful ``kv_lora_rank``: beyond it the latent has nothing left to hold."""
+    nope_dims = config.head_dim if layout == "deepseek" and rotary_residual else config.head_dim - rope_dims
+    n_kv = max(spec.n_kv_heads for spec in config.layers)
+    return min(config.d_model, n_kv * (config.head_dim + nope_dims))
+
+
+def to_mla(
+    config: ModelConfig,
+    state_dict: StateDict,
+    calibration: torch.Tensor | None = None,
+    *,
+    kv_lora_rank: int,
+    rope_dims: int,
+    rope_selection: str = "contribution",
+    layout: str = "deepseek",
+    rotary_residual: bool = True,
+    flatten_norm: bool = True,
+    sequential: bool = True,
+    refine_steps: int = 0,
+    progress: bool = False,
+    report: MLAReport | None = None,
+) -> tuple[ModelConfig, StateDict]:
+    """Every layer becomes MLA with a ``kv_lora_rank`` latent and ``rope_dims`` rotary dims per
+    rotary key (DeepSeek's ``qk_rope_head_dim``); cached floats per token and layer:
+    ``kv_lora_rank + rope_dims`` (``deepseek``) or ``kv_lora_rank + n_kv_heads·rope_dims`` (``kvforge``).
+
+    ``rotary_residual=False`` drops what the shared rotary key misses instead of carrying it in the
+    latent; ``flatten_norm=False`` only fits ``kv_a_layernorm``'s weight (both are ablations).
+    ``report`` (an :class:`MLAReport`) receives the chosen pairs and the per-layer residual errors."""
+    check_mla_options(
+        config,
+        kv_lora_rank=kv_lora_rank,
+        rope_dims=rope_dims,
+        rope_selection=rope_selection,
+        layout=layout,
+        rotary_residual=rotary_residual,
+    )
+    calibration = check_calibration(calibration, config, "to_mla")
+    statistics = _rope_statistics(config, state_dict, calibration) if calibration is not None else {}
+    scores = _pair_scores(config, state_dict, statistics)
+    pairs = select_pairs(config.head_dim // 2, rope_dims // 2, rope_selection, scores)
+    theta = exported_theta(config.rope_theta, config.head_dim, pairs)
+    check_exportable(pair_frequencies(config), pairs, theta)
+    if report is not None:
+        report.pairs, report.theta = pairs, theta
+    plan = MLAPlan(pairs, theta, layout, statistics, rotary_residual, flatten_norm, report)
+    new_config = mla_config(config, kv_lora_rank, rope_dims, plan)
+
+    def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
+        return [_mla_layer(config, new_config, plan, ctx) for ctx in contexts]
+
+    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress)
+    return new_config, convert_attention(config, state_dict, new_config, calibration, build, options=options)
+
+
+def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLAPlan) -> ModelConfig:
+    deepseek = plan.layout == "deepseek"
+    return dataclasses.replace(
+        config,
+        n_kv_heads=config.n_heads,
+        layers=[LayerSpec("mla", window=spec.window) for spec in config.layers],
+        pattern=None,
+        kv_lora_rank=kv_lora_rank,
+        q_lora_rank=None,
+        qk_rope_head_dim=rope_dims,
+        qk_nope_head_dim=config.head_dim if plan.carries_residual else config.head_dim - rope_dims,
+        v_head_dim=config.head_dim,
+        mla_rope_heads=1 if deepseek else config.layers[0].n_kv_heads,
+        mla_latent_norm=deepseek,
+        # Every layer is MLA now: rope_theta only drives the kept pairs (DeepseekV3 reads rope_theta).
+        rope_theta=plan.theta,
+        mla_rope_theta=None,
+    )
+
+
+def _check_source(config: ModelConfig) -> None:
+    check_gqa_source(config, "to_mla")
+    unsupported = {
+        "qk_norm": config.qk_norm,
+        "attention_bias": config.attention_bias,
+        "rope_scaling": config.rope_scaling is not None,
+        "kv_from (shared K/V)": any(spec.kv_from is not None for spec in config.layers),
+    }
+    for name, present in unsupported.items():
+        if present:
+            raise ValueError(
+                f"to_mla: sources with {name} are not supported (DeepseekV3 cannot express it exactly)"
+            )
+
+
+def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor) -> dict:
+    """Rotary statistics of every layer of the source on the calibration ids (one stream pass)."""
+    model = build_model(config, state_dict)
+    stream = LayerStream(model, calibration)
+    freqs = pair_frequencies(config)
+    rope = model.model.rotary["gqa"](torch.arange(calibration.shape[1]), torch.float32)
+    statistics = {}
+    for index, layer in enumerate(model.model.layers):
+        statistics[index] = rope_statistics(layer.self_attn, stream.attention_inputs(layer), freqs)
+        stream.advance(layer, rope)
+    return statistics
+
+
+def _pair_scores(config: ModelConfig, state_dict: StateDict, statistics: dict) -> torch.Tensor:
+    """How much each pair is worth keeping rotary, summed over layers and heads."""
+    if statistics:
+        return sum(stats.loss_if_position_free().sum(0) for stats in statistics.values())
+    model = build_model(config, state_dict)
+    return sum(weight_scores(layer.self_attn).sum(0) for layer in model.model.layers)
+
+
+def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx: LayerContext):
+    attn = ctx.source
+    n_heads, head_dim = config.n_heads, config.head_dim
+    kept, free = plan.pairs, plan.free_pairs(head_dim // 2)
+    whitening, source_whitening, cross = layer_whitening(ctx, False, config.d_model)
+    targets = head_targets(attn, whitening, source_whitening, cross)
+    q_pairs = as_pairs(attn.q_proj.weight, n_heads)  # (H, P, d) on x
+    stats = plan.statistics.get(ctx.index)
+    phase = (
+        stats.phase_factors() if stats is not None else torch.ones(q_pairs.shape[:2], dtype=torch.complex128)
+    )
+
+    # 1. rotary part
+    nope_pairs, nope_keys = free, targets.key[:, free]
+    if plan.layout == "deepseek":
+        kept_targets = dataclasses.replace(
+            targets, key=targets.key[:, kept], key_weight=targets.key_weight[:, kept]
+        )
+        key, alpha, error = merge_keys(kept_targets, range(n_heads))
+        k_pe = from_pairs(whitening.rows_from_white(key).unsqueeze(0))
+        if plan.report is not None:
+            plan.report.rotary_residual[ctx.index] = error / max(
+                kept_targets.key_energy(range(n_heads)), 1e-30
+            )
+        if plan.carries_residual:  # what the shared key misses of each head's kept pairs
+            nope_pairs = free + kept
+            residual = targets.key[:, kept] - alpha.unsqueeze(-1) * key
+            nope_keys = torch.cat((nope_keys, residual), dim=1)
+    else:
+        k_pe = from_pairs(as_pairs(attn.k_proj.weight, attn.n_kv_heads)[:, kept])
+        alpha = torch.ones(n_heads, len(kept), dtype=torch.complex128)
+    q_pe = from_pairs(q_pairs[:, kept] * alpha.conj().unsqueeze(-1)).reshape(
+        n_heads, 2 * len(kept), config.d_model
+    )
+
+    # 2. position-free part: the query absorbs the best fixed replacement of each lost rotation
+    n_nope = 2 * len(nope_pairs)
+    q_nope = from_pairs(q_pairs[:, nope_pairs] * phase[:, nope_pairs].unsqueeze(-1))
+    q_nope = q_nope.reshape(n_heads, n_nope, config.d_model)
+    k_nope = from_pairs(nope_keys).reshape(n_heads, n_nope, config.d_model)  # whitened
+
+    # 3. joint latent of position-free keys and values
+    value_energy = torch.einsum("hkd,hkl,hld->h", targets.value, targets.out_gram, targets.value)
+    q_white = source_whitening.rows_to_white(q_nope)
+    score_weight = (q_white @ q_white.mT) * (attn.scale**2 * value_energy).view(-1, 1, 1)
+    gram = torch.einsum("hkd,hkl,hle->de", k_nope, score_weight, k_nope) + targets.value_gram(range(n_heads))
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    basis = eigvecs[:, eigvals.argsort(descending=True)[: new_config.kv_lora_rank]].mT  # (r, d) orthonormal
+    kv_b = torch.cat((k_nope @ basis.mT, targets.value @ basis.mT), dim=1)  # (H, nope + v, r)
+
+    # 4. latent norm: calibrated basis and weight (see .latent_norm)
+    latent_rows = whitening.rows_from_white(basis)
+    weights = {}
+    if new_config.mla_latent_norm:
+        latent = flat_inputs(ctx.inputs, False) @ latent_rows.mT if ctx.inputs is not None else None
+        norm = fit_latent_norm(latent, flatten=plan.flatten_norm) if latent is not None else None
+        if norm is not None:
+            latent_rows, kv_b = norm.basis @ latent_rows, kv_b @ norm.basis_inv @ norm.readout
+            if plan.report is not None:
+                plan.report.latent_norm[ctx.index] = norm
+        rho = norm.weight if norm is not None else 1.0
+        weights["kv_a_layernorm.weight"] = torch.full((basis.shape[0],), rho, dtype=torch.float64)
+
+    # MLA scores use qk_head_dim**-0.5: rescale the query so logits keep the source's scale.
+    q_scale = (new_config.qk_head_dim**0.5) * attn.scale
+    weights["q_proj.weight"] = torch.cat((q_nope, q_pe), dim=1).reshape(-1, config.d_model) * q_scale
+    weights["kv_a_proj_with_mqa.weight"] = torch.cat((latent_rows, k_pe))
+    weights["kv_b_proj.weight"] = kv_b.reshape(-1, basis.shape[0])
+    weights["o_proj.weight"] = attn.o_proj.weight.to(torch.float64)
+    return new_attention(new_config, ctx.index, weights)
