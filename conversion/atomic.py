@@ -7,6 +7,7 @@ behind (``os.replace`` is atomic within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -38,17 +39,26 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     try:
         _publish_permissions(tmp, directory=True)
         yield tmp
-        _fsync_tree(tmp)
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, trash / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(tmp: Path, path: Path) -> None:
+    """Publish the finished directory ``tmp`` as ``path``: fsync its files, rename it into place, drop the
+    old one. Two renames (POSIX cannot swap directories atomically): a kill between them leaves the
+    previous version intact under ``.<name>.old-*``."""
+    _publish_permissions(tmp, directory=True)
+    _fsync_tree(tmp)
+    if path.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, trash / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 @contextlib.contextmanager
@@ -65,9 +75,35 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable: without it a power loss right after ``os.replace``
+    can bring back the old entry (POSIX; Windows cannot open directories and needs no such step)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries an interrupted ``atomic_file(path)``/``atomic_directory(path)`` left
+    behind (a SIGKILL runs no cleanup); call it from the only writer of ``path``."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*")) if path.parent.is_dir() else []
+    for entry in stale:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_tree(root: Path) -> None:

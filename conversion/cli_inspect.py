@@ -1,17 +1,21 @@
 """Show what a model directory holds: per-layer attention forms, parameters and KV-cache bytes.
 
-    kvforge inspect DIR [--seq-len 4096] [--dtype bf16] [--json]
+    kvforge inspect DIR [--seq-len 4096] [--dtype bf16] [--batch 8] [--json]
 
 Reads only config.json (no weights), for HF (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) and
 kvforge-typed directories. Per layer: the form (mha, gqa-N, mqa, mla), its sliding window, the layer
 whose K/V it reads (cross-layer sharing), values cached per token and the layer's cache bytes at
 --seq-len tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
-layer keeps) and the ratio to the same model with plain multi-head attention on every layer.
+layer keeps) and the ratio to the same model with plain multi-head attention on every layer. Memory
+(``kvforge.arch.memory``): training per device for micro-batches of --batch × --seq-len tokens (fp32
+weights, gradients and AdamW state, --dtype activations, as under ``bf16-mixed``; one device) and
+inference (--dtype weights plus the KV cache of --batch sequences of --seq-len tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 
@@ -26,20 +30,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="bf16", help="cache element type for the byte counts: fp32, bf16, fp16 or fp8"
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="sequences per (micro-)batch for the memory estimates (default 1)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def summarize(path: str, seq_len: int | None, dtype: str) -> dict:
+def summarize(path: str, seq_len: int | None, dtype: str, batch: int = 1) -> dict:
     """The inspect report as plain data (what --json prints)."""
     import torch
 
     from kvforge.arch import CausalLM, describe_layers, kv_bytes_per_token, mha_equivalent
+    from kvforge.arch.memory import estimate_inference_memory, estimate_training_memory
     from kvforge.conversion import load_config
 
     config, family, _ = load_config(path)
     seq_len = seq_len or config.max_seq_len
     if seq_len <= 0:
         raise ValueError(f"--seq-len={seq_len}: must be a positive number of tokens")
+    if batch <= 0:
+        raise ValueError(f"--batch={batch}: must be a positive number of sequences")
+    training = estimate_training_memory(config, batch, seq_len, param_dtype="fp32", activation_dtype=dtype)
+    inference = estimate_inference_memory(config, batch, seq_len, dtype)
     with torch.device("meta"):
         parameters = CausalLM(config).num_parameters()
     per_token = kv_bytes_per_token(config, seq_len, dtype)
@@ -56,11 +71,31 @@ def summarize(path: str, seq_len: int | None, dtype: str) -> dict:
         "mha_kv_bytes_per_token": mha_per_token,
         "kv_ratio_vs_mha": per_token / mha_per_token,
         "layers": describe_layers(config, seq_len, dtype),
+        "batch": batch,
+        "memory": {"training": _memory(training), "inference": _memory(inference)},
     }
 
 
+def _memory(estimate) -> dict:
+    return {**dataclasses.asdict(estimate), "total": estimate.total, "suggestion": estimate.suggestion()}
+
+
+MEMORY_ROWS = (
+    ("parameters", "parameters"),
+    ("gradients", "gradients"),
+    ("optimizer", "optimizer state"),
+    ("activations", "activations"),
+    ("kv_cache", "KV cache"),
+    ("total", "total"),
+)
+
+
+def _size(value: int) -> str:
+    return f"{value / 1024**3:,.3f} GiB" if value >= 1024**3 else f"{value / 1024**2:,.1f} MiB"
+
+
 def run(args: argparse.Namespace) -> int:
-    report = summarize(args.dir, args.seq_len, args.dtype)
+    report = summarize(args.dir, args.seq_len, args.dtype, args.batch)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -86,6 +121,17 @@ def run(args: argparse.Namespace) -> int:
         f"({report['dtype']}, {report['seq_len']} tokens) · MHA equivalent {report['mha_kv_bytes_per_token']:,.1f} "
         f"· ratio {report['kv_ratio_vs_mha']:.3f}"
     )
+    memory = Table(
+        title=f"memory: batch {report['batch']} × {report['seq_len']} tokens ({report['dtype']} activations/cache)"
+    )
+    memory.add_column("")
+    for column in ("training (fp32 weights + AdamW, per device)", "inference"):
+        memory.add_column(column, justify="right")
+    training, inference = report["memory"]["training"], report["memory"]["inference"]
+    for key, label in MEMORY_ROWS:
+        memory.add_row(label, _size(training[key]), _size(inference[key]))
+    console.print(memory)
+    console.print(f"largest training share: {training['suggestion']}")
     if not report["stock"]:
         console.print(
             "[bold red]kvforge-typed:[/] loads with trust_remote_code=True where kvforge is installed; "

@@ -10,12 +10,13 @@ directory (no absolute paths, no ``..``). Writing shards with huggingface_hub's 
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -88,6 +89,22 @@ def weight_shards(root: Path, *, allow_pickle: bool = False) -> dict[str, list[s
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        yield from _read_tensors(path)
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path}: not a valid safetensors file ({err}); truncated or corrupted download?"
+        ) from err
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        if path.suffix != ".bin":
+            raise
+        raise ValueError(
+            f"{path}: cannot be read with torch.load(weights_only=True) ({err}); truncated, corrupted, or it "
+            "holds objects other than tensors (which could run code): convert it to safetensors"
+        ) from err
+
+
+def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".bin":
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(state, dict):

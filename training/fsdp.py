@@ -9,12 +9,15 @@ cross-entropy), so it is registered as a forward method: FSDP gathers the root's
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from kvforge.arch import CausalLM
+from kvforge.conversion.atomic import remove_stale_temporaries, replace_directory
 
 FSDP2_NAME = "fsdp2"
 # A decoder layer returns its K/V views for later layers that share them (cross-layer attention); nothing
@@ -23,12 +26,35 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDecoderLa
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` with data-parallel size = all devices and tensor-parallel size 1."""
+    """``ModelParallelStrategy`` with data-parallel size = all devices and tensor-parallel size 1, and
+    crash-safe distributed checkpoints.
+
+    Lightning writes a sharded checkpoint into the existing ``last.ckpt/`` directory, overwriting its
+    shards and metadata in place: a kill mid-save leaves neither the old nor the new checkpoint. Here
+    every rank writes into a temporary sibling that rank 0 then renames over it (fsynced, see
+    ``kvforge.conversion.atomic.replace_directory``).
+    """
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if not self._save_distributed_checkpoint:  # one full-state file through the (atomic) CheckpointIO
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp = None
+        if self.global_rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path)  # what a killed save left
+            tmp = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        tmp = Path(self.broadcast(tmp))
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("kvforge_checkpoint_written")
+        if self.global_rank == 0:
+            replace_directory(tmp, path)
+        self.barrier("kvforge_checkpoint_published")
 
 
 if FSDP2_NAME not in StrategyRegistry:

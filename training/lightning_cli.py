@@ -18,10 +18,14 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import HFExport, TokenThroughput
+from .checkpoint_io import AtomicCheckpointIO, load_error
 from .data import TextDataModule
+from .memory_check import MemoryCheck
 from .module import KVForgeLM
+from .numerics import NonFiniteGuard
 
 RUNS_DIR = Path("runs")
 
@@ -75,6 +79,19 @@ class KVForgeCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_argument(
+            "--memory_check",
+            type=bool,
+            default=True,
+            help="before building the model, stop if the estimated memory exceeds what the device has free",
+        )
+        parser.add_argument(
+            "--memory_margin",
+            type=float,
+            default=0.1,
+            help="share of the free memory the check keeps in reserve",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -90,6 +107,35 @@ class KVForgeCLI(LightningCLI):
             logger.init_args.name = logger.init_args.get("name") or name
             if logger.init_args.get("save_dir") in (None, "runs"):
                 logger.init_args.save_dir = str(run_dir)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters with ``torch.load(weights_only=True)``
+        before anything else: turn its raw unpickling errors into the clear ones, and honour
+        ``--weights_only false`` (the explicit opt-in) by leaving the load to the Trainer."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None and config.get("weights_only") is False:
+            return
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            error = load_error(config.get("ckpt_path"), err, weights_only=True) if config else None
+            if error is None:
+                raise
+            raise error from err
+
+    def instantiate_trainer(self, **kwargs):
+        """Crash-safe checkpoint writes unless the user configured a CheckpointIO of their own, and the
+        memory check unless ``--memory_check false``."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = config.trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        callbacks = config.trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.get("memory_check", True):
+            callbacks.append(MemoryCheck(margin=config.memory_margin))
+        return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
     def before_fit(self) -> None:
         """Check the data against the model in this process, before any worker process starts."""

@@ -25,7 +25,7 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
-from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict
+from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import HeadTargets, group_cost, merge_group, output_blocks
 from .rotary import from_pairs, scale_pairs
@@ -40,11 +40,11 @@ def cla_layout(
 ) -> tuple[ModelConfig, list[list[int]]]:
     """The target config of :func:`to_cla` and its groups of layers (validates the options)."""
     check_gqa_source(config, "to_cla")
-    if isinstance(factor, bool) or not isinstance(factor, int) or not 2 <= factor <= config.n_layers:
-        raise ValueError(f"to_cla: factor={factor} must be in 2..n_layers={config.n_layers}")
+    if not is_count(factor) or not 2 <= factor <= config.n_layers:
+        raise ValueError(f"to_cla: factor={factor!r} must be in 2..n_layers={config.n_layers}")
     if init not in INITS:
         raise ValueError(f"to_cla: init={init!r}: allowed values are {list(INITS)}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= config.n_layers - 2:
+    if not is_count(offset) or not 0 <= offset <= config.n_layers - 2:
         raise ValueError(f"to_cla: offset={offset} must be in 0..n_layers-2={config.n_layers - 2}")
     if init == "fit" and config.qk_norm:
         raise ValueError(

@@ -24,3 +24,8 @@ def check_gqa_source(config: ModelConfig, what: str) -> None:
             raise ValueError(
                 f"{what}: layer {index} is {spec.attention!r}; this transform needs gqa (MHA/GQA) layers"
             )
+
+
+def is_count(value: object) -> bool:
+    """An int that is not a bool (YAML ``true`` and ``"2"`` must not pass as a head count)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -20,7 +20,7 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
-from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict
+from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import best_partition, group_cost, merge_group, output_blocks
 from .rotary import from_pairs, scale_pairs
@@ -34,15 +34,10 @@ def gqa_config(config: ModelConfig, *, n_kv_heads: int, method: str = "aligned")
     check_gqa_source(config, "to_gqa")
     if method not in METHODS:
         raise ValueError(f"to_gqa: method={method!r}: allowed values are {list(METHODS)}")
-    if (
-        isinstance(n_kv_heads, bool)
-        or not isinstance(n_kv_heads, int)
-        or n_kv_heads <= 0
-        or config.n_heads % n_kv_heads
-    ):
+    if not is_count(n_kv_heads) or n_kv_heads <= 0 or config.n_heads % n_kv_heads:
         allowed = [d for d in range(1, config.n_heads + 1) if config.n_heads % d == 0]
         raise ValueError(
-            f"to_gqa: n_kv_heads={n_kv_heads} must divide n_heads={config.n_heads} (allowed: {allowed})"
+            f"to_gqa: n_kv_heads={n_kv_heads!r} must divide n_heads={config.n_heads} (allowed: {allowed})"
         )
     for index, spec in enumerate(config.layers):
         if spec.kv_from is None and n_kv_heads > spec.n_kv_heads:

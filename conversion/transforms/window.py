@@ -8,24 +8,22 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import StateDict
+from .common import StateDict, is_count
 
 
 def window_config(config: ModelConfig, *, windows: int | list[int | None]) -> ModelConfig:
     """``windows``: one window for every layer, or a per-layer pattern tiled over the layers
     (``[1024, 1024, 1024, None]`` = 3 local : 1 global; ``None`` = global)."""
-    pattern = [windows] if isinstance(windows, int) else list(windows)
+    pattern = list(windows) if isinstance(windows, (list, tuple)) else [windows]
     if not pattern or config.n_layers % len(pattern):
         raise ValueError(
             f"to_window: windows pattern of length {len(pattern)} must divide n_layers={config.n_layers}"
         )
     for window in pattern:
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= config.max_seq_len
-        ):
+        if window is not None and (not is_count(window) or not 0 < window < config.max_seq_len):
             raise ValueError(
-                f"to_window: window={window!r} must be None (global) or a number of tokens in "
-                f"1..max_seq_len={config.max_seq_len}"
+                f"to_window: window={window!r} must be an integer in 1..{config.max_seq_len - 1} (a window of "
+                f"max_seq_len={config.max_seq_len} or more is global attention: write None)"
             )
     tiled = pattern * (config.n_layers // len(pattern))
     for index, (spec, window) in enumerate(zip(config.layers, tiled)):

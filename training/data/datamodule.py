@@ -24,6 +24,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from kvforge.conversion import atomic_directory
+
 from .blocks import DataPosition, PackedBlocks, ResumableSampler
 from .documents import fingerprint, iter_hub_pieces, iter_pieces, resolve_files
 from .token_cache import TokenStream, cache_key, load_stream, tokenize_to_cache
@@ -233,7 +235,8 @@ class TextDataModule(pl.LightningDataModule):
                 return tokenizer, Path(source)
             local = self.cache_dir / "tokenizers" / cache_key(tokenizer=tokenizer_fingerprint(tokenizer))
             if create and not local.exists():
-                tokenizer.save_pretrained(local)
+                with atomic_directory(local, overwrite=True) as tmp:  # a kill mid-save leaves no half entry
+                    tokenizer.save_pretrained(tmp)
             return tokenizer, local
         key = cache_key(
             kind="bpe", data=self._fingerprint("train"), vocab=vocab_size, chars=self.bpe_training_chars

@@ -14,9 +14,11 @@ Empty documents are skipped.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,8 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 ALLOWED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
-# A long .txt document is handed to the tokenizer in pieces cut at line ends (never mid-line).
+# A long .txt document is handed to the tokenizer in pieces of about this many characters, cut at line
+# ends where it has them (see _cut): a single 100 MB line must not become one 100 MB tokenizer call.
 TEXT_PIECE_CHARS = 1 << 22
 ROW_BATCH = 1000
 
@@ -108,28 +111,82 @@ def iter_hub_pieces(name: str, config: str | None, split: str, text_field: str) 
 
 
 def _text_file(path: Path, separator: str | None) -> Iterator[Piece]:
+    try:
+        yield from _text_pieces(path, separator)
+    except UnicodeDecodeError:
+        raise invalid_utf8(path) from None
+
+
+def _text_pieces(path: Path, separator: str | None) -> Iterator[Piece]:
+    """Pieces of at most ~2 × TEXT_PIECE_CHARS characters, whatever the file's line lengths."""
+    keep = len(separator) - 1 if separator else 0  # a separator may straddle the end of what was read
+    hard_cuts = 0
     with open(path, encoding="utf-8-sig") as handle:  # universal newlines; a BOM is not text
-        if separator is None:
-            pending, emitted = "", False
-            while chunk := handle.read(TEXT_PIECE_CHARS):
-                if len(pending) >= TEXT_PIECE_CHARS and (cut := pending.rfind("\n") + 1):
-                    yield Piece(pending[:cut], ends_document=False)
-                    pending, emitted = pending[cut:], True
-                pending += chunk
-            if emitted or pending.strip():
-                yield Piece(pending, ends_document=True)
-            return
-        pending = ""
+        pending, open_document = "", False  # open_document: part of the current one went out already
         while chunk := handle.read(TEXT_PIECE_CHARS):
-            *documents, pending = (pending + chunk).split(separator)
-            for document in documents:
-                if document.strip():
-                    yield Piece(document)
-        if pending.strip():
+            pending += chunk
+            if separator is not None:
+                *documents, pending = pending.split(separator)
+                for document in documents:
+                    if open_document or document.strip():
+                        yield Piece(document)
+                    open_document = False
+            while len(pending) - keep >= TEXT_PIECE_CHARS:
+                cut, clean = _cut(pending, len(pending) - keep)
+                hard_cuts += not clean
+                yield Piece(pending[:cut], ends_document=False)
+                pending, open_document = pending[cut:], True
+        if open_document or pending.strip():
             yield Piece(pending)
+    if hard_cuts:
+        warnings.warn(
+            f"{path}: {hard_cuts} run(s) of over {TEXT_PIECE_CHARS:,} characters without a space or line end "
+            "were cut into pieces mid-run (tokens at each cut may differ from tokenizing the run whole)",
+            stacklevel=2,
+        )
+
+
+def _cut(text: str, limit: int) -> tuple[int, bool]:
+    """Where a piece of a long document ends: after the last line end, else before the last space
+    (where the byte-level pre-tokenizer splits anyway), else at ``limit`` (text without whitespace)."""
+    for cut in (text.rfind("\n", 0, limit) + 1, text.rfind(" ", 0, limit)):
+        if cut > limit // 2:
+            return cut, True
+    return limit, False
+
+
+def invalid_utf8(path: Path) -> ValueError:
+    """The error for a file that is not UTF-8, with the byte offset of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            buffered = len(decoder.getstate()[0])  # an incomplete sequence carried from the last block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                offset += err.start - buffered
+                break
+            offset += len(block)
+        else:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as err:
+                offset += err.start - len(err.object)
+    return ValueError(
+        f"{path}: not valid UTF-8 (first invalid byte at offset {offset}); kvforge reads text as UTF-8 and "
+        "never guesses an encoding. Convert it, e.g. iconv -f latin1 -t utf-8"
+    )
 
 
 def _json_lines(path: Path, text_field: str) -> Iterator[Piece]:
+    try:
+        yield from _json_line_pieces(path, text_field)
+    except UnicodeDecodeError:
+        raise invalid_utf8(path) from None
+
+
+def _json_line_pieces(path: Path, text_field: str) -> Iterator[Piece]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():

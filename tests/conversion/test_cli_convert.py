@@ -1,0 +1,90 @@
+"""`kvforge convert` as a user runs it: a real conversion, and bad input refused before writing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvforge.conversion import load_pretrained
+from kvforge.training.cli import main
+from tests.conftest import shared_path
+
+STORIES = str(shared_path("stories260K"))
+BOTCHAN = str(shared_path("corpora", "botchan.txt"))
+
+
+def test_convert_to_gqa_with_calibration_writes_a_stock_llama(tmp_path, capsys):
+    out = tmp_path / "gqa2"
+    args = ["convert", STORIES, str(out), "--to", "gqa", "--n-kv-heads", "2"]
+    assert main([*args, "--calib", BOTCHAN, "--calib-tokens", "512", "--calib-seq-len", "128"]) == 0
+    printed = capsys.readouterr().out
+    assert "LlamaForCausalLM" in printed and "x0.500" in printed
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+    assert load_pretrained(out).config.n_kv_heads == 2
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
+
+
+def test_convert_to_mla_writes_a_stock_deepseek_v3(tmp_path, capsys):
+    out = tmp_path / "mla"
+    assert (
+        main(["convert", STORIES, str(out), "--to", "mla", "--kv-lora-rank", "28", "--rope-dims", "4"]) == 0
+    )
+    assert "DeepseekV3ForCausalLM" in capsys.readouterr().out
+    hf = json.loads((out / "config.json").read_text())
+    assert (hf["kv_lora_rank"], hf["qk_rope_head_dim"]) == (28, 4)
+
+
+def test_convert_to_cla_says_the_result_is_kvforge_typed(tmp_path, capsys):
+    out = tmp_path / "cla"
+    assert main(["convert", STORIES, str(out), "--to", "cla", "--factor", "2", "--init", "first"]) == 0
+    assert "kvforge-typed" in capsys.readouterr().out
+    config = load_pretrained(out).config
+    assert [spec.kv_from for spec in config.layers] == [None, 0, None, 2, None]
+
+
+def test_convert_to_window_keeps_the_weights(tmp_path):
+    out = tmp_path / "swa"
+    assert main(["convert", STORIES, str(out), "--to", "window", "--windows", "64,64,64,64,none"]) == 0
+    converted, source = load_pretrained(out), load_pretrained(STORIES)
+    assert [spec.window for spec in converted.config.layers] == [64, 64, 64, 64, None]
+    for name, tensor in source.state_dict.items():
+        assert torch.equal(converted.state_dict[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--to", "gqa", "--n-kv-heads", "3"], "n_kv_heads=3"),
+        (["--to", "gqa", "--n-kv-heads", "8"], "n_kv_heads=8"),
+        (["--to", "gqa"], "needs --n-kv-heads"),
+        (["--to", "mla", "--kv-lora-rank", "4096", "--rope-dims", "4"], "kv_lora_rank=4096"),
+        (["--to", "mla", "--kv-lora-rank", "28", "--rope-dims", "3"], "rope_dims=3"),
+        (["--to", "mla", "--kv-lora-rank", "28", "--rope-dims", "16"], "rope_dims=16"),
+        (["--to", "cla", "--factor", "9"], "factor=9"),
+        (["--to", "window", "--windows", "100000"], "100000"),
+        (["--to", "window", "--windows", "64,abc"], "'abc'"),
+        (["--to", "gqa", "--n-kv-heads", "2", "--calib", "/no/such/file.txt"], "no such file"),
+    ],
+)
+def test_bad_options_are_clear_errors_and_write_nothing(tmp_path, capsys, options, message):
+    out = tmp_path / "out"
+    assert main(["convert", STORIES, str(out), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_target_form_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", STORIES, str(tmp_path / "out"), "--to", "mamba"])
+    assert "invalid choice: 'mamba'" in capsys.readouterr().err
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["convert", STORIES, str(out), "--to", "window", "--windows", "64"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
