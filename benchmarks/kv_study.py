@@ -1,131 +1,164 @@
 """The KV-efficiency study (issue 6): what each attention form saves in KV memory, what it costs in
-quality, and how fast it decodes, starting from the real MHA checkpoint in ../shared/data.
+quality zero-shot and after a fixed uptraining budget (with and without distillation), and how fast it
+decodes, starting from the real MHA checkpoint in ../shared/data.
 
-    python -m benchmarks.kv_study [--out runs/kv_study] [--rows mha,gqa-2] [--max-tokens 20000] [--markdown]
+    python -m benchmarks.kv_study [--out runs/kv_study] [--rows mha,gqa-2] [--markdown] [--plots DIR]
 
 Resumable: every finished measurement of every row is saved at once in OUT/results.json, and a rerun
 with the same settings skips it (``--redo`` measures again). Decode speed is re-measured on every run,
 so its ratio to the MHA source always compares numbers taken in the same run.
 
-Plan. Phase 1 (now) runs every row that today's transforms can build, zero-shot. Phase 2 wires in the
-work of the other branches; each "phase 2" cell is one function to fill in below.
+Every row is the uptraining's own starting point: ``KVForgeLM(init_from=source, convert=..., calibration=...)``
+(the path ``train.py`` takes), so zero-shot and uptrained numbers describe the same converted weights.
+Calibration text = the corpus's first 32 × 256 tokens, inside the training 80 %.
 
-| row        | built by                                                              | phase |
-|------------|-----------------------------------------------------------------------|-------|
-| mha        | the source, stories260K-mha (8 KV heads)                              | 1     |
-| gqa-4      | mean-pool 8 -> 4 KV heads: exact here, the source's heads are pairs    | 1     |
-| gqa-2      | mean-pool 8 -> 2 KV heads (GQA paper baseline)                        | 1     |
-| mqa        | mean-pool 8 -> 1 KV head                                              | 1     |
-| cla-2      | gqa-4, then odd layers read the K/V of the layer before (CLA-2)       | 1     |
-| swa-64     | a 64-token sliding window on every layer                              | 1     |
-| swa-hybrid | 64-token windows on layers 0-3, layer 4 global                        | 1     |
-| mla-1/4    | to_mla at 32 values/token/layer (1/4 of MHA), DeepseekV3-exportable    | 2     |
-| mla-1/8    | to_mla at 16 values/token/layer (1/8 of MHA)                          | 2     |
+| row         | built by (``model.convert``)                                                 | uptrained |
+|-------------|------------------------------------------------------------------------------|-----------|
+| mha         | the source, stories260K-mha (8 KV heads)                                     | no        |
+| gqa-2       | to_gqa aligned merge to 2 KV heads, calibrated                               | yes       |
+| mla-1/4     | to_mla, latent 24 + shared rotary key 8 = 32 values/token/layer, DeepseekV3  | yes       |
+| cla-2       | to_gqa to 4 KV heads (exact here), then to_cla factor 2 (init=fit)           | yes       |
+| mqa         | to_gqa aligned merge to 1 KV head, calibrated                                | yes       |
+| mla-1/8     | to_mla, latent 8 + shared rotary key 8 = 16 values/token/layer, DeepseekV3   | yes       |
+| swa-hybrid  | 64-token windows on layers 0-3, layer 4 global                               | yes       |
+| gqa-4       | mean-pool 8 -> 4 KV heads: exact here, the source's heads are pairs           | no        |
+| swa-64      | a 64-token sliding window on every layer (no weight change)                  | no        |
+| gqa-2-mean  | mean-pool 8 -> 2 KV heads: TARGETS.md's baseline (only with ``--rows``)       | yes       |
+| mha-control | the source through the same budget (only with ``--rows``)                    | yes       |
 
-| measurement             | meaning                                                                  | phase |
-|-------------------------|--------------------------------------------------------------------------|-------|
-| kv_bytes_per_token      | analytic cache bytes per token at the longest context (fp32), all layers | 1     |
-| zero_shot_nll           | whole corpus, 512-token windows (the data README's procedure)            | 1     |
-| heldout_nll             | the last 20 % of the corpus tokens, where uptrained models are scored    | 1     |
-| uptrained_ce_nll        | heldout_nll after the fixed uptraining budget, cross-entropy only        | 2     |
-| uptrained_distill_nll   | heldout_nll after the same budget, 1/2 CE + 1/2 KL to the MHA teacher    | 2     |
-| decode_tokens_per_s     | batch 1, cache holding the longest context (re-measured every run)       | 1     |
+| measurement             | meaning                                                                       |
+|-------------------------|-------------------------------------------------------------------------------|
+| kv_bytes_per_token      | analytic cache bytes per token at the longest context (fp32), all layers      |
+| zero_shot_nll           | whole corpus, 512-token windows (the data README's procedure)                 |
+| heldout_nll             | the last 20 % of the corpus tokens, where uptrained models are scored         |
+| uptrained_ce_nll        | heldout_nll after the uptraining budget, cross-entropy only                   |
+| uptrained_distill_nll   | heldout_nll after the same budget, α·CE + (1-α)·T²·KL to the unconverted source |
+| decode_tokens_per_s     | batch 1, cache holding the longest context (re-measured every run)            |
 
-The uptraining budget is TARGETS.md's: 300 optimizer steps of 16 x 256 tokens from the first 80 % of
-the corpus. The GPU-sized configuration (a 1B-class model, 4096-token contexts, batch 32 decode) is
-documented in phase 2 with the static-cache decode loop.
+The uptraining budget is TARGETS.md's: 300 AdamW steps (warmup 30 + cosine) of 16 × 256 tokens from the
+first 80 % of the corpus tokens, driven by ``benchmarks.uptrain_recipe.uptrain`` (Lightning +
+KVForgeLM + TextDataModule). On 2 CPU cores the whole study takes about 45 minutes (one thread).
+
+GPU-sized configuration (documented, not run here): a 1B-class MHA source (``--source``), its own
+pre-training text (``--text``), ``--block 2048 --batch 32 --steps 2000`` and ``--threads 0``; the
+Lightning trainer then runs on the GPU and decode speed is measured through the static-cache CUDA-graph
+decoder (``measure_decode``), at the source's ``max_seq_len``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import markdown_table, print_table
-from kvforge.arch import CausalLM, ModelConfig, kv_bytes_per_token, mha_equivalent
+from benchmarks.kv_study_report import recovery_table, table, write_plots
+from benchmarks.kv_study_rows import DEFAULT_ROWS, ROWS
+from benchmarks.uptrain_recipe import Uptraining, calibration_text, converted_model, uptrain
+from kvforge.arch import CausalLM, kv_bytes_per_token, mha_equivalent
 from kvforge.conversion import atomic_file, load_pretrained
-from kvforge.conversion.transforms import to_cla, to_gqa, to_mqa, to_window
+from kvforge.training.data import TextDataModule
 from kvforge.training.evaluation import Corpus, load_corpus, measure_decode, perplexity
 from kvforge.training.evaluation.loading import load_tokenizer
-from kvforge.training.evaluation.plots import plot_quality_vs_bytes
+from kvforge.training.model_source import CalibrationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-StateDict = dict[str, torch.Tensor]
-Build = Callable[[ModelConfig, StateDict], tuple[ModelConfig, StateDict]]
-
-
-def _gqa4_then_cla(config: ModelConfig, state_dict: StateDict) -> tuple[ModelConfig, StateDict]:
-    return to_cla(*to_gqa(config, state_dict, n_kv_heads=4, method="mean"), factor=2, init="first")
-
-
-# row name -> (how it is built, builder; None = phase 2)
-ROWS: dict[str, tuple[str, Build | None]] = {
-    "mha": ("source (8 KV heads)", lambda c, s: (c, s)),
-    "gqa-4": ("mean-pool to 4 KV heads (exact)", lambda c, s: to_gqa(c, s, n_kv_heads=4, method="mean")),
-    "gqa-2": ("mean-pool to 2 KV heads", lambda c, s: to_gqa(c, s, n_kv_heads=2, method="mean")),
-    "mqa": ("mean-pool to 1 KV head", lambda c, s: to_mqa(c, s, method="mean")),
-    "cla-2": ("gqa-4 + CLA-2 (first layer's K/V)", _gqa4_then_cla),
-    "swa-64": ("window 64 on every layer", lambda c, s: to_window(c, s, windows=64)),
-    "swa-hybrid": (
-        "window 64 on layers 0-3, layer 4 global",
-        lambda c, s: to_window(c, s, windows=[64] * 4 + [None]),
-    ),
-    "mla-1/4": ("to_mla, 32 values/token/layer", None),
-    "mla-1/8": ("to_mla, 16 values/token/layer", None),
-}
 
 
 @dataclass
 class StudyData:
+    source: Path
     corpus: Corpus  # the whole evaluation stream
-    heldout: Corpus  # its last 20 %: where uptrained models are scored
+    heldout: Corpus  # its last 20 % (the training module's held-out tokens): uptrained models are scored here
     context: int  # longest context: the source's max_seq_len
     repeats: int
+    train: TextDataModule  # the first 80 %, in uptraining blocks
+    calibration: CalibrationConfig
+    budget: Uptraining  # the distillation run; the CE run is the same with alpha=None
 
 
-def kv_bytes(model: CausalLM, data: StudyData) -> float:
-    return kv_bytes_per_token(model.config, data.context, torch.float32)
+class RowModels:
+    """One row's models, built when a measurement first needs them."""
+
+    def __init__(self, name: str, data: StudyData) -> None:
+        self.name, self.row, self.data = name, ROWS[name], data
+
+    @cached_property
+    def converted(self) -> CausalLM:
+        return converted_model(self.data.source, list(self.row.convert), self.data.calibration)
+
+    def uptrained(self, alpha: float | None) -> CausalLM | None:
+        if not self.row.uptrain or self.data.budget.steps == 0:  # --steps 0: the zero-shot study only
+            return None
+        run = dataclasses.replace(self.data.budget, alpha=alpha)
+        model, seconds = uptrain(
+            self.data.source, list(self.row.convert), self.data.train, run, self.data.calibration
+        )
+        print(
+            f"  {self.name}: uptrained ({'CE only' if alpha is None else f'alpha {alpha}'}) in {seconds:.0f} s"
+        )
+        return model
 
 
-def zero_shot_nll(model: CausalLM, data: StudyData) -> float:
-    return perplexity(model, data.corpus, data.context, batch_size=16).nll
+def kv_bytes(row: RowModels, data: StudyData) -> float:
+    return kv_bytes_per_token(row.converted.config, data.context, torch.float32)
 
 
-def heldout_nll(model: CausalLM, data: StudyData) -> float:
-    return perplexity(model, data.heldout, data.context, batch_size=16).nll
+def zero_shot_nll(row: RowModels, data: StudyData) -> float:
+    return perplexity(row.converted, data.corpus, data.context, batch_size=16).nll
 
 
-def decode_speed(model: CausalLM, data: StudyData) -> float:
-    latency, _ = measure_decode(model, [1], [data.context], decode_steps=16, repeats=data.repeats)
+def heldout_nll(row: RowModels, data: StudyData) -> float:
+    return _heldout(row.converted, data)
+
+
+def uptrained_ce_nll(row: RowModels, data: StudyData) -> float | None:
+    return _heldout(row.uptrained(alpha=None), data)
+
+
+def uptrained_distill_nll(row: RowModels, data: StudyData) -> float | None:
+    return _heldout(row.uptrained(alpha=data.budget.alpha), data)
+
+
+def decode_speed(row: RowModels, data: StudyData) -> float:
+    latency, _ = measure_decode(row.converted, [1], [data.context], decode_steps=16, repeats=data.repeats)
     return latency[0].decode_tokens_per_s
 
 
-# measurement -> (function; None = phase 2, cached across runs)
-MEASUREMENTS: dict[str, tuple[Callable[[CausalLM, StudyData], float] | None, bool]] = {
+def _heldout(model: CausalLM | None, data: StudyData) -> float | None:
+    return None if model is None else perplexity(model, data.heldout, data.context, batch_size=16).nll
+
+
+# measurement -> (function returning None where it does not apply, cached across runs)
+MEASUREMENTS: dict[str, tuple[Callable[[RowModels, StudyData], float | None], bool]] = {
     "kv_bytes_per_token": (kv_bytes, True),
     "zero_shot_nll": (zero_shot_nll, True),
     "heldout_nll": (heldout_nll, True),
-    "uptrained_ce_nll": (None, True),  # phase 2: the training branch's uptraining, CE only
-    "uptrained_distill_nll": (None, True),  # phase 2: the same budget with distillation
+    "uptrained_ce_nll": (uptrained_ce_nll, True),
+    "uptrained_distill_nll": (uptrained_distill_nll, True),
     "decode_tokens_per_s": (decode_speed, False),
 }
 
 
 class ResultStore:
-    """OUT/results.json: ``{"fingerprint": ..., "rows": {row: {measurement: value}}}``, rewritten
-    atomically after every measurement so an interrupted run loses at most the one in progress."""
+    """OUT/results.json: ``{"fingerprint": ..., "rows": {row: {measurement: value}}, "built_from": {row:
+    its model.convert}}``, rewritten atomically after every measurement so an interrupted run loses at
+    most the one in progress. A row whose definition changed since its numbers were saved is measured
+    again; other settings (text, budget) are the fingerprint's, and a mismatch refuses the file."""
 
     def __init__(self, path: Path, fingerprint: str, redo: bool) -> None:
         self.path = path
         self.fingerprint = fingerprint
         self.rows: dict[str, dict[str, float]] = {}
+        self.built_from: dict[str, list] = {}
         if path.is_file() and not redo:
             saved = json.loads(path.read_text())
             if saved.get("fingerprint") != fingerprint:
@@ -133,15 +166,23 @@ class ResultStore:
                     f"{path} holds results measured with other settings ({saved.get('fingerprint')} != "
                     f"{fingerprint}); pass --redo to start again or choose another --out"
                 )
-            self.rows = saved["rows"]
+            self.rows, self.built_from = saved["rows"], saved.get("built_from", {})
+
+    def use_row(self, row: str, built_from: list) -> None:
+        """Forget the row's saved numbers if they were measured on another definition of it."""
+        if row in self.rows and self.built_from.get(row) != built_from:
+            print(f"  {row}: its definition changed since {self.path} was written; measuring it again")
+            del self.rows[row]
+        self.built_from[row] = built_from
 
     def get(self, row: str, measurement: str) -> float | None:
         return self.rows.get(row, {}).get(measurement)
 
     def put(self, row: str, measurement: str, value: float) -> None:
         self.rows.setdefault(row, {})[measurement] = value
+        saved = {"fingerprint": self.fingerprint, "rows": self.rows, "built_from": self.built_from}
         with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=2) + "\n")
+            tmp.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,101 +192,127 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, default=SHARED / "stories260K-mha")
     parser.add_argument("--text", type=Path, default=SHARED / "corpora" / "tinystories_val_prefix.txt")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "kv_study")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
-    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N corpus tokens (quick runs)")
+    parser.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated rows, of {list(ROWS)}"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, help="score only the first N tokens of each evaluation stream (quick runs)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per decode-speed figure")
+    budget = parser.add_argument_group("uptraining budget and levers (TARGETS.md's protocol by default)")
+    budget.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    budget.add_argument("--block", type=int, default=256, help="tokens per training sequence")
+    budget.add_argument("--batch", type=int, default=16, help="sequences per step")
+    budget.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    budget.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine to lr/10")
+    budget.add_argument("--alpha", type=float, default=0.5, help="distillation: weight of the CE term")
+    budget.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
+    budget.add_argument(
+        "--converted-only-steps",
+        type=int,
+        default=0,
+        help="first steps updating only the parameters the transform created or changed",
+    )
+    budget.add_argument(
+        "--calibration-sequences", type=int, default=32, help="256-token calibration rows for the transforms"
+    )
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads; 1 by default: a 260K model is overhead-bound, and on shared cores extra "
-        "OpenMP threads spin while waiting for each other (measured 4x slower decode with 2 threads under load)",
+        help="torch CPU threads (0 = torch's default); 1 by default: a 260K model is overhead-bound, and on "
+        "shared cores extra OpenMP threads spin while waiting for each other (measured 4x slower decode "
+        "with 2 threads under load)",
     )
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "kvforge", help="token cache")
     parser.add_argument(
         "--redo", action="store_true", help="ignore saved results and measure everything again"
     )
-    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        help="write the PNG plots here (default: OUT); docs/results holds the committed ones",
+    )
     return parser.parse_args(argv)
 
 
 # Bump when a measurement's procedure changes: saved numbers of an older procedure are then refused.
-STUDY_VERSION = 1
+STUDY_VERSION = 2
+BUDGET_OPTIONS = (
+    "steps",
+    "block",
+    "batch",
+    "lr",
+    "warmup",
+    "alpha",
+    "temperature",
+    "converted_only_steps",
+    "calibration_sequences",
+)
 
 
 def fingerprint(args: argparse.Namespace) -> str:
-    """What the cached quality numbers depend on (the source's config file, the text, the settings);
-    a change invalidates them."""
+    """What the cached quality numbers depend on (the source's config file, the text, the settings,
+    the uptraining budget); a change invalidates them."""
     parts = [
         STUDY_VERSION,
         str(args.source.resolve()),
         (args.source / "config.json").read_text(),
         hashlib.sha256(args.text.read_bytes()).hexdigest(),
         args.max_tokens,
+        {name: getattr(args, name) for name in BUDGET_OPTIONS},
     ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def run_row(name: str, pretrained, data: StudyData, store: ResultStore) -> dict[str, float | None]:
-    """Every measurement of one row: cached ones read back, the others computed (model built once)."""
-    _, build = ROWS[name]
+def run_row(name: str, data: StudyData, store: ResultStore) -> dict[str, float | None]:
+    """Every measurement of one row: cached ones read back, the others computed (models built once)."""
+    models = RowModels(name, data)
+    store.use_row(name, json.loads(json.dumps(models.row.convert)))  # as JSON reads it back
     values: dict[str, float | None] = {}
-    model = None
     for measurement, (measure, cached) in MEASUREMENTS.items():
         saved = store.get(name, measurement) if cached else None
-        if saved is not None or build is None or measure is None:
+        if saved is not None:
             values[measurement] = saved
             continue
-        if model is None:
-            config, state_dict = build(pretrained.config, pretrained.state_dict)
-            model = CausalLM(config).eval()
-            model.load_state_dict(state_dict)
-        values[measurement] = measure(model, data)
+        values[measurement] = measure(models, data)
+        if values[measurement] is None:  # does not apply to this row
+            continue
         if cached:
             store.put(name, measurement, values[measurement])
         print(f"  {name}: {measurement} = {values[measurement]:.4f}", flush=True)
     return values
 
 
-def table(
-    results: dict[str, dict[str, float | None]], mha_bytes: float
-) -> tuple[list[str], list[list[object]]]:
-    columns = [
-        "row",
-        "built by",
-        "KV bytes/token",
-        "vs MHA",
-        "zero-shot NLL",
-        "held-out NLL",
-        "uptrained CE",
-        "uptrained distill",
-        "decode tok/s",
-        "decode vs MHA",
-    ]
-    baseline = results.get("mha", {}).get("decode_tokens_per_s")
-
-    def cell(value: float | None, fmt: str) -> str:
-        return "phase 2" if value is None else format(value, fmt)
-
-    rows = []
-    for name, values in results.items():
-        speed = values["decode_tokens_per_s"]
-        kv = values["kv_bytes_per_token"]
-        rows.append(
-            [
-                name,
-                ROWS[name][0],
-                cell(kv, ",.0f"),
-                cell(kv / mha_bytes if kv is not None else None, ".3f"),
-                cell(values["zero_shot_nll"], ".4f"),
-                cell(values["heldout_nll"], ".4f"),
-                cell(values["uptrained_ce_nll"], ".4f"),
-                cell(values["uptrained_distill_nll"], ".4f"),
-                cell(speed, ",.0f"),
-                cell(speed / baseline if speed is not None and baseline else None, ".2f")
-                + ("×" if speed and baseline else ""),
-            ]
-        )
-    return columns, rows
+def load_study_data(args: argparse.Namespace, pretrained) -> StudyData:
+    tokenizer = load_tokenizer(args.source)
+    corpus = load_corpus(args.text, tokenizer, max_tokens=args.max_tokens)
+    train = TextDataModule(
+        train_files=[str(args.text)],
+        block_size=args.block,
+        batch_size=args.batch,
+        val_fraction=0.2,
+        cache_dir=str(args.cache_dir),
+    )
+    train.build(pretrained.config, str(args.source))
+    held = train.val_tokens()
+    heldout = Corpus(
+        f"{corpus.name}[80%:]", held[: args.max_tokens] if args.max_tokens else held, held.numel()
+    )
+    budget = Uptraining(
+        args.steps,
+        args.lr,
+        args.warmup,
+        args.alpha,
+        args.temperature,
+        args.converted_only_steps,
+        args.threads,
+    )
+    calibration = calibration_text(args.text, args.calibration_sequences)
+    return StudyData(
+        args.source, corpus, heldout, pretrained.config.max_seq_len, args.repeats, train, calibration, budget
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
@@ -258,29 +325,32 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         raise SystemExit(f"--rows: {unknown} are not study rows; allowed: {list(ROWS)}")
     torch.manual_seed(0)
     pretrained = load_pretrained(args.source)
-    corpus = load_corpus(args.text, load_tokenizer(args.source), max_tokens=args.max_tokens)
-    split = int(corpus.ids.numel() * 0.8)
-    heldout = Corpus(f"{corpus.name}[80%:]", corpus.ids[split:], corpus.ids.numel() - split)
-    data = StudyData(corpus, heldout, pretrained.config.max_seq_len, args.repeats)
+    data = load_study_data(args, pretrained)
     store = ResultStore(args.out / "results.json", fingerprint(args), args.redo)
-    print(f"KV study: {len(rows)} rows, {corpus.ids.numel():,} evaluation tokens, results in {store.path}")
-    results = {name: run_row(name, pretrained, data, store) for name in rows}
+    print(
+        f"KV study: {len(rows)} rows, {data.corpus.ids.numel():,} evaluation tokens "
+        f"({data.heldout.ids.numel():,} held out), {args.steps} uptraining steps of {args.batch} x "
+        f"{args.block} tokens; results in {store.path}"
+    )
+    results = {name: run_row(name, data, store) for name in rows}
     mha_bytes = kv_bytes_per_token(mha_equivalent(pretrained.config), data.context, torch.float32)
     columns, table_rows = table(results, mha_bytes)
-    title = f"KV study on {args.source.name} ({corpus.name}, {data.context}-token context, {torch.get_num_threads()} threads)"
+    title = (
+        f"KV study on {args.source.name} ({data.corpus.name}, {data.context}-token context, "
+        f"{torch.get_num_threads()} threads)"
+    )
     print_table(title, columns, table_rows)
-    points = [
-        (n, v["kv_bytes_per_token"], v["zero_shot_nll"])
-        for n, v in results.items()
-        if v["zero_shot_nll"] is not None
-    ]
-    if points:
-        plot = plot_quality_vs_bytes(
-            points, args.out / "pareto.png", f"zero-shot NLL, nats/token ({corpus.name})"
-        )
-        print(f"wrote {plot}")
+    tables = [(columns, table_rows)]
+    source_nll = results.get("mha", {}).get("heldout_nll")
+    if source_nll is not None:
+        recovery = recovery_table(results, source_nll)
+        print_table(f"Uptraining recovery (source held-out NLL {source_nll:.4f})", *recovery)
+        tables.append(recovery)
+    for path in write_plots(results, args.plots or args.out, data.corpus.name):
+        print(f"wrote {path}")
     if args.markdown:
-        print(markdown_table(columns, table_rows))
+        for columns, table_rows in tables:
+            print(markdown_table(columns, table_rows) + "\n")
     return results
 
 

@@ -4,7 +4,9 @@
     300 optimizer steps of 16 × 256 tokens on the first 80 % of tinystories_val_prefix.txt's tokens,
     AdamW with warmup + cosine; loss on the last 20 % (512-token windows, no BOS; source 1.6651).
 
-    python benchmarks/uptrain_recipe.py [--variants ce,distill,distill-kv-first] [--steps 300] [--markdown]
+    python -m benchmarks.uptrain_recipe [--variants ce,distill,distill-kv-first] [--steps 300] [--calibrate] [--markdown]
+
+``uptrain`` is the one uptraining driver of the benchmarks (``benchmarks.kv_study`` runs it per row).
 
 Prints the zero-shot loss after conversion and the loss after each variant, relative to the source
 and to TARGETS' baselines (mean-pool + CE 2.4028, mean-pool + ½CE + ½KL 2.3747; target ≤ 1.6818).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from kvforge.arch.evaluate import windowed_nll
 from kvforge.conversion import load_pretrained
 from kvforge.training.data import TextDataModule
 from kvforge.training.distill import DistillationConfig
+from kvforge.training.model_source import CalibrationConfig
 from kvforge.training.module import KVForgeLM
 from kvforge.training.optim import OptimizerConfig
 
@@ -53,6 +57,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="give the transform calibration text: the corpus's first 32 x 256 tokens (training part)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", action="store_true")
     return parser.parse_args()
@@ -71,22 +81,49 @@ def parse_convert(text: str) -> list[dict]:
     return steps
 
 
-def uptrain(args, convert, alpha, kv_first, data) -> tuple[float, float]:
+@dataclass
+class Uptraining:
+    """One uptraining run of TARGETS.md's recipe: the budget and the levers it allows."""
+
+    steps: int = 300
+    lr: float = 1e-3
+    warmup: int = 30
+    alpha: float | None = 0.5  # weight of the CE; None = CE only (no teacher), 0 = KL only
+    temperature: float = 1.0
+    converted_only_steps: int = 0  # first steps updating only what the transform created or changed
+    threads: int = 1  # torch CPU threads; 0 = leave torch's default
+
+
+def uptrain(
+    source: Path,
+    convert: list[dict],
+    data: TextDataModule,
+    run: Uptraining,
+    calibration: CalibrationConfig | None = None,
+) -> tuple[CausalLM, float]:
+    """Convert ``source`` (teacher = the unconverted source), train it with Lightning on ``data``'s
+    training blocks, and return the trained model and the training wall-clock seconds."""
     import lightning.pytorch as pl
 
+    if run.threads:
+        torch.set_num_threads(run.threads)
     torch.manual_seed(0)
-    distill = DistillationConfig(alpha=alpha) if alpha is not None else None
-    optim = OptimizerConfig(lr=args.lr, warmup_steps=args.warmup, weight_decay=0.0, min_lr_ratio=0.1)
+    distill = (
+        DistillationConfig(alpha=run.alpha, temperature=run.temperature) if run.alpha is not None else None
+    )
+    optim = OptimizerConfig(lr=run.lr, warmup_steps=run.warmup, weight_decay=0.0, min_lr_ratio=0.1)
     module = KVForgeLM(
-        init_from=str(SHARED / "stories260K-mha"),
-        convert=convert,
+        init_from=str(source),
+        convert=convert or None,
+        calibration=calibration,
         distill=distill,
         optim=optim,
-        converted_only_steps=kv_first,
+        converted_only_steps=run.converted_only_steps,
     )
     trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator="cpu",
+        max_steps=run.steps,
+        accelerator="auto",
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -96,25 +133,38 @@ def uptrain(args, convert, alpha, kv_first, data) -> tuple[float, float]:
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
-    return windowed_nll(module.model, data.val_tokens(), window=512).mean, seconds
+    return module.model.eval(), time.perf_counter() - start
+
+
+def calibration_text(text: Path, n_sequences: int = 32, seq_len: int = 256) -> CalibrationConfig:
+    """The first ``n_sequences · seq_len`` tokens of ``text``: inside the training 80 %, never evaluated."""
+    return CalibrationConfig(files=[str(text)], n_sequences=n_sequences, seq_len=seq_len)
+
+
+def converted_model(
+    source: Path, convert: list[dict], calibration: CalibrationConfig | None = None
+) -> CausalLM:
+    """The uptraining's starting point itself (the same ``KVForgeLM`` conversion path), untrained."""
+    module = KVForgeLM(init_from=str(source), convert=convert or None, calibration=calibration)
+    module.configure_model()
+    return module.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     convert = parse_convert(args.convert)
+    source_dir, text = SHARED / "stories260K-mha", SHARED / "corpora" / "tinystories_val_prefix.txt"
+    calibration = calibration_text(text) if args.calibrate else None
     data = TextDataModule(
-        train_files=[str(SHARED / "corpora" / "tinystories_val_prefix.txt")],
+        train_files=[str(text)],
         block_size=args.block,
         batch_size=args.batch,
         val_fraction=0.2,
     )
-    source = load_pretrained(SHARED / "stories260K-mha")
-    data.build(source.config, str(SHARED / "stories260K-mha"))
-    probe = KVForgeLM(init_from=str(SHARED / "stories260K-mha"), convert=convert)
-    probe.configure_model()
-    zero_shot = windowed_nll(probe.model, data.val_tokens()).mean
+    source = load_pretrained(source_dir)
+    data.build(source.config, str(source_dir))
+    zero_shot = windowed_nll(converted_model(source_dir, convert, calibration), data.val_tokens()).mean
     reference = CausalLM(source.config)
     reference.load_state_dict(source.state_dict)
     source_loss = windowed_nll(reference, data.val_tokens()).mean
@@ -130,7 +180,9 @@ def main() -> None:
     ]
     for name in args.variants.split(","):
         alpha, kv_first = VARIANTS[name]
-        loss, seconds = uptrain(args, convert, alpha, kv_first, data)
+        run = Uptraining(args.steps, args.lr, args.warmup, alpha, args.temperature, kv_first, args.threads)
+        model, seconds = uptrain(source_dir, convert, data, run, calibration)
+        loss = windowed_nll(model, data.val_tokens(), window=512).mean
         rows.append(
             [
                 name,

@@ -1,4 +1,4 @@
-"""Generate text from a model directory. On a GPU the fixed-shape decode loop runs (static KV cache,
+"""Generate text from a model directory or a training checkpoint. On a GPU the fixed-shape decode loop runs (static KV cache,
 the step captured once in a CUDA graph and replayed per token); on CPU the dynamic cache, unless
 ``--decode static``.
 
@@ -15,7 +15,9 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a model directory (config.json + model.safetensors)")
+    parser.add_argument(
+        "model", help="a model directory, a Lightning .ckpt file or an FSDP2 checkpoint directory"
+    )
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text, tokenized with the directory's tokenizer (BOS added)")
     prompt.add_argument("--ids", help="prompt token ids, comma-separated (default: the BOS token alone)")
@@ -81,36 +83,22 @@ def _eos_id(args: argparse.Namespace, config) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     import torch
 
-    from kvforge.arch import CausalLM, StaticDecoder, generate, parse_dtype
-    from kvforge.conversion import load_pretrained
+    from kvforge.arch import StaticDecoder, generate
+
+    from .loading import build_model, load_tokenizer, load_weights, resolve_device, resolve_dtype
 
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if args.device == "auto"
-        else torch.device(args.device)
-    )
-    dtype = (
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if args.dtype == "auto"
-        else parse_dtype(args.dtype)
-    )
-    pretrained = load_pretrained(args.model)
-    config = pretrained.config.replace(attention_backend=args.backend)
-    model = CausalLM(config)
-    model.load_state_dict(pretrained.state_dict)
-    model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = None
-    if any((Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    weights = load_weights(args.model)
+    config = weights.config
+    model = build_model(weights, device, dtype, backend=args.backend)
+    tokenizer = load_tokenizer(weights.tokenizer_dir)
     prompt = _prompt_ids(args, tokenizer, config.bos_token_id)
     input_ids = torch.tensor([prompt] * args.num_samples, device=device)
     total = input_ids.shape[1] + args.max_new_tokens

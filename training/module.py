@@ -29,10 +29,9 @@ from kvforge.arch import (
 
 from .distill import DistillationConfig, distillation_loss
 from .fsdp import apply_fsdp2
+from .loading import CHECKPOINT_KEY
 from .model_source import CalibrationConfig, Convert, resolve_starting_point
 from .optim import OptimizerConfig, build_optimizer
-
-CHECKPOINT_KEY = "kvforge"
 
 
 class KVForgeLM(pl.LightningModule):

@@ -66,11 +66,11 @@ def test_directory_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
     assert "is not a model directory: no config.json" in err
 
 
-def test_lightning_checkpoint_is_refused_with_a_clear_message(tmp_path, capsys):
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.write_bytes(b"")
     err = _error(capsys, str(checkpoint), "--tasks", "memory", "--out", str(tmp_path / "out"))
-    assert "Lightning checkpoints (.ckpt) cannot be evaluated yet" in err
+    assert "last.ckpt is not a readable PyTorch checkpoint" in err
 
 
 def test_unknown_task_is_a_clear_error(tmp_path, capsys):

@@ -4,7 +4,7 @@ KV-cache bytes, peak memory and decode speed (``kvforge eval``), one module per 
 from .corpus import Corpus, load_corpus, read_text
 from .kv_memory import MemoryRow
 from .latency import LatencyRow, measure_decode
-from .loading import EvalModel, load_for_eval, load_lightning_checkpoint
+from .loading import EvalModel, load_for_eval
 from .passkey import PasskeySettings, PasskeyTask, is_exact_match, retrieval_accuracy
 from .perplexity import PerplexityRow, default_contexts, perplexity, perplexity_vs_context
 from .runner import EvalSettings, ModelReport, evaluate_model
@@ -24,7 +24,6 @@ __all__ = [
     "is_exact_match",
     "load_corpus",
     "load_for_eval",
-    "load_lightning_checkpoint",
     "measure_decode",
     "perplexity",
     "perplexity_vs_context",

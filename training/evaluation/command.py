@@ -2,7 +2,7 @@
 retrieval, measured KV-cache bytes and peak memory, prefill/decode speed. Prints tables and writes
 OUT/eval.json (every field: `kvforge eval --schema`) and PNG plots.
 
-    kvforge eval MODEL_DIR [MODEL_DIR ...] --text val.txt [--context 512 --stride 256] [--out runs/eval]
+    kvforge eval MODEL_DIR_OR_CKPT [...] --text val.txt [--context 512 --stride 256] [--out runs/eval]
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ _floats = _comma_list(float, "numbers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="*", metavar="MODEL", help="model directories (or .ckpt files)")
+    parser.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="model directories, Lightning .ckpt files or FSDP2 checkpoint directories",
+    )
     parser.add_argument(
         "--text", action="append", default=[], metavar="FILE", help="evaluation text (repeatable)"
     )

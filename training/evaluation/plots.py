@@ -6,6 +6,9 @@ through Agg when saved), so no display is needed and the caller's pyplot backend
 - ``nll_vs_context.png``: NLL against context length, where windowed or compressed forms depart.
 - ``decode_speed.png``: decode tokens/s against context length, per model and batch size.
 - ``retrieval.png``: passkey accuracy heat map (context length x needle depth), one panel per model.
+
+The KV study (``benchmarks/kv_study.py``) adds, per study row: ``uptraining.png`` (held-out NLL as
+converted, after CE-only and after distilled uptraining) and ``decode_speed.png`` (a bar per row).
 """
 
 from __future__ import annotations
@@ -130,6 +133,51 @@ def plot_retrieval(models: list[ModelReport], path: Path) -> Path | None:
         axes.set_ylabel("context length")
         axes.set_title(f"{m.name}: passkey accuracy", fontsize=9)
     figure.colorbar(image, ax=list(axes_list[0]), shrink=0.8)
+    return _save(figure, path)
+
+
+def plot_uptraining(
+    rows: dict[str, tuple[float | None, float | None, float | None]], source_nll: float | None, path: Path
+) -> Path:
+    """Grouped bars per row: held-out NLL ``(as converted, CE-only uptraining, distilled uptraining)``,
+    on a log scale (zero-shot losses are several times the trained ones), the source as a line."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.subplots()
+    names = list(rows)
+    width = 0.27
+    for offset, (label, index) in enumerate((("as converted", 0), ("CE only", 1), ("distilled", 2))):
+        xs = [i + (offset - 1) * width for i, name in enumerate(names) if rows[name][index] is not None]
+        ys = [rows[name][index] for name in names if rows[name][index] is not None]
+        axes.bar(xs, ys, width, label=label)
+    if source_nll is not None:
+        axes.axhline(source_nll, color="black", linestyle="--", linewidth=1, label=f"source {source_nll:.3f}")
+    axes.set_yscale("log")
+    axes.set_xticks(range(len(names)), names, rotation=20)
+    axes.set_ylabel("held-out NLL, nats/token (log scale)")
+    axes.set_title("Recovery under a fixed uptraining budget")
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_decode_by_row(rows: dict[str, tuple[float, float | None]], path: Path) -> Path:
+    """Decode tokens/s per row (bars), each labelled with its KV bytes per token."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.subplots()
+    measured = {name: value for name, value in rows.items() if value[1] is not None}
+    bars = axes.bar(range(len(measured)), [speed for _, speed in measured.values()])
+    for bar, (kv_bytes, _) in zip(bars, measured.values()):
+        axes.annotate(
+            f"{kv_bytes:,.0f} B",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    axes.set_xticks(range(len(measured)), list(measured), rotation=20)
+    axes.set_ylabel("decode tokens/s (batch 1, full context)")
+    axes.set_title("Decode speed per form (labels: KV bytes/token)")
+    axes.grid(alpha=0.3, axis="y")
     return _save(figure, path)
 
 
