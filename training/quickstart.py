@@ -3,7 +3,7 @@
     kvforge quickstart                       (= make quickstart)
 
 1. stories260K-mha (a trained 8-head MHA Llama from ../shared/data) is converted to GQA with 2 K/V
-   heads (4x less KV cache) by mean-pooling its K/V heads;
+   heads (4x less KV cache) by kvforge's aligned, calibrated head merge (``to_gqa``);
 2. ``python train.py fit --config configs/uptrain/gqa2.yaml`` uptrains it with distillation from the
    unconverted model on the first 80 % of the TinyStories text (progress bar, falling loss);
 3. the loss on the last 20 % (512-token windows) is measured before conversion, after it and after
