@@ -66,6 +66,7 @@ def rows() -> list[Row]:
             f"aligned, calibrated, refined {REFINE}",
             lambda c, s, x: to_mqa(c, s, x, refine_steps=REFINE),
         ),
+        Row("mla-64", "rank 56 + rope 8 (all pairs)", mla(56, 8)),
         Row("mla-64", "rank 60 + rope 4, contribution", mla(60, 4)),
         # head_dim 8: every key dimension rotates, so the shared rotary key keeps all 4 pairs (24 + 8 = 32).
         Row("mla-32", "rank 24 + rope 8 (all pairs)", mla(24, 8)),
@@ -75,6 +76,7 @@ def rows() -> list[Row]:
         Row("mla-32", f"rank 28 + rope 4, contribution, refined {REFINE}", mla(28, 4, refine_steps=REFINE)),
         Row("mla-32", "rank 28 + rope 4, high-frequency", mla(28, 4, "high")),
         Row("mla-32", "rank 28 + rope 4, uniform", mla(28, 4, "uniform")),
+        Row("mla-16", "rank 8 + rope 8 (all pairs)", mla(8, 8)),
         Row("mla-16", "rank 14 + rope 2, contribution", mla(14, 2)),
         Row("cla-2", "first layer's K/V", lambda c, s, x: to_cla(c, s, factor=2, init="first")),
         Row("cla-2", "mean of the group", lambda c, s, x: to_cla(c, s, factor=2, init="mean")),
