@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_export import FAMILY_CHOICES
+from .cli_export import FAMILY_CHOICES, save_quietly
 
 FORMS = ("gqa", "mqa", "mla", "cla", "window")
 
@@ -152,12 +152,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if args.calib not in (None, "self") and not Path(args.calib).is_file():
         raise FileNotFoundError(f"--calib {args.calib}: no such file (or pass 'self')")
-    import logging
-
     from rich.console import Console
 
     from kvforge.arch import kv_bytes_per_token
-    from kvforge.conversion import load_config, load_pretrained, plan_export, save_pretrained
+    from kvforge.conversion import load_config, load_pretrained, plan_export
     from kvforge.conversion.transforms import (
         TRANSFORMS,
         check_options,
@@ -187,21 +185,15 @@ def run(args: argparse.Namespace) -> int:
         )
     new_config, state_dict = TRANSFORMS[args.to](config, pretrained.state_dict, calibration, **options)
     plan = plan_export(new_config, None if args.family == "auto" else args.family)
-    logger = logging.getLogger("kvforge.conversion")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the export notes are printed below
-    try:
-        save_pretrained(
-            new_config,
-            state_dict,
-            out,
-            family=plan.family.model_type,
-            tokenizer_from=src,
-            overwrite=args.overwrite,
-            dtype=args.dtype,
-        )
-    finally:
-        logger.setLevel(level)
+    save_quietly(
+        new_config,
+        state_dict,
+        out,
+        family=plan.family.model_type,
+        tokenizer_from=src,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+    )
     before = kv_bytes_per_token(config, config.max_seq_len, "bf16")
     after = kv_bytes_per_token(new_config, config.max_seq_len, "bf16")
     console.print(

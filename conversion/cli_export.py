@@ -53,17 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Training checkpoints (files, FSDP2 directories) never get here: kvforge.training.export takes them.
     src = Path(args.src)
-    if src.suffix == ".ckpt" or src.is_file():
-        raise ValueError(
-            f"{src} is a file (a Lightning .ckpt?): exporting training checkpoints is not supported yet - it needs "
-            "the training package's checkpoint-to-ModelConfig support. Export the HF or kvforge directory instead."
-        )
     if Path(args.out).exists() and not args.overwrite:  # fail before the (possibly long) read
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
     from rich.console import Console
 
-    from kvforge.conversion import load_pretrained, plan_export, save_pretrained
+    from kvforge.conversion import load_pretrained, plan_export
 
     console = Console(highlight=False)
     pretrained = load_pretrained(src, allow_pickle=args.allow_pickle, progress=True)
@@ -71,23 +67,17 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_export(config, None if args.family == "auto" else args.family)
     family = plan.family
     console.print(f"Read {src}: {pretrained.family}, {config.n_layers} layers, {config.d_model} wide")
-    logger = logging.getLogger("kvforge.conversion")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the notes are printed below, styled
-    try:
-        out = save_pretrained(
-            config,
-            pretrained.state_dict,
-            args.out,
-            family=family.model_type,
-            tokenizer_from=src,
-            overwrite=args.overwrite,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            progress=True,
-        )
-    finally:
-        logger.setLevel(level)
+    out = save_quietly(
+        config,
+        pretrained.state_dict,
+        args.out,
+        family=family.model_type,
+        tokenizer_from=src,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        progress=True,
+    )
     console.print(f"Wrote {out} as {family.architecture} (model_type {family.model_type!r})")
     if family.stock:
         console.print(
@@ -97,3 +87,16 @@ def run(args: argparse.Namespace) -> int:
         style = "bold yellow" if family.stock else "bold red"
         console.print(f"[{style}]{'note' if family.stock else 'WARNING'}:[/] {note}")
     return 0
+
+
+def save_quietly(config, state_dict, out, **options) -> Path:
+    """``save_pretrained`` with its export notes kept out of the log: the CLIs print ``plan.notes`` styled."""
+    from kvforge.conversion import save_pretrained
+
+    logger = logging.getLogger("kvforge.conversion")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return save_pretrained(config, state_dict, out, **options)
+    finally:
+        logger.setLevel(level)
