@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvforge.kernels import attention
+from kvforge.kernels.attention import attention
 
 from .cache import KVView, LayerCache
 from .config import LayerSpec, ModelConfig

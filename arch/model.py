@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kvforge.kernels import IGNORE_INDEX, document_positions, linear_cross_entropy
+from kvforge.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from kvforge.kernels.documents import document_positions
 
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention

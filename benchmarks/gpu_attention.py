@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import timed
-from kvforge.kernels import BackendUnavailable, attention, available_backends, resolve_backend
+from kvforge.kernels.attention import BackendUnavailable, attention, available_backends, resolve_backend
 
 TOKENS_PER_BATCH = 16384  # B·T held constant across contexts, as GPU.md's B=4 × T=4096
 

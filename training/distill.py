@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kvforge.kernels import IGNORE_INDEX
+from kvforge.kernels.cross_entropy import IGNORE_INDEX
 
 KL_DIRECTIONS = ("forward", "reverse")
 

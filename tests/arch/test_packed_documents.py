@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kvforge.arch import CausalLM
-from kvforge.kernels import IGNORE_INDEX, document_positions
+from kvforge.kernels.cross_entropy import IGNORE_INDEX
+from kvforge.kernels.documents import document_positions
 from tests.conftest import tiny_form
 
 FORMS = ["gqa", "mla", "swa", "cla", "mix"]

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from kvforge.kernels import IGNORE_INDEX
+from kvforge.kernels.cross_entropy import IGNORE_INDEX
 from kvforge.training.evaluation import PasskeySettings, PasskeyTask, retrieval_accuracy
 from kvforge.training.evaluation.passkey_finetune import (
     FinetuneStage,

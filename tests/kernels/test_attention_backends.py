@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvforge.kernels import BackendUnavailable, attention, available_backends, causal_window_mask
+from kvforge.kernels.attention import BackendUnavailable, attention, available_backends
+from kvforge.kernels.masks import causal_window_mask
 
 # Backends that run on CPU (flex eagerly, as a dense reference); all must equal eager in fp32.
 CPU_BACKENDS = ["sdpa", "sdpa-math", "sdpa-flash", "flex"]

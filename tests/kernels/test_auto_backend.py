@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from kvforge.kernels import BACKENDS, BackendUnavailable, attention, resolve_backend
 from kvforge.kernels import auto as auto_module
 from kvforge.kernels import log as log_module
+from kvforge.kernels.attention import BACKENDS, BackendUnavailable, attention, resolve_backend
 from kvforge.kernels.auto import CASES, load_table, select_row
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.arch import CausalLM
-from kvforge.kernels import linear_cross_entropy
+from kvforge.kernels.cross_entropy import linear_cross_entropy
 from tests.conftest import tiny_form
 
 

@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("triton")  # on CPU, tests/conftest.py has switched Triton to its interpreter
 
 from kvforge.arch import CausalLM, KVView, generate
-from kvforge.kernels import attention
 from kvforge.kernels import auto as auto_module
+from kvforge.kernels.attention import attention
 from kvforge.kernels.triton_decode import decode_attention, value_is_key_prefix
 from tests.conftest import tiny_form
 

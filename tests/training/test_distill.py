@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvforge.kernels import IGNORE_INDEX
+from kvforge.kernels.cross_entropy import IGNORE_INDEX
 from kvforge.training.distill import DistillationConfig, distillation_loss
 
 TEACHER_P = [0.5, 0.25, 0.25]

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from kvforge.arch import CausalLM
-from kvforge.kernels import IGNORE_INDEX
+from kvforge.kernels.cross_entropy import IGNORE_INDEX
 
 from .passkey import PasskeyTask
 
