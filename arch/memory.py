@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvforge.kernels.distillation import LOGIT_BLOCKS
+
 from .config import LayerSpec, ModelConfig
 from .kv_bytes import kv_cache_bytes, parse_dtype
 
@@ -23,14 +25,18 @@ GiB = 1024**3
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
 # Rows of the fused head + cross-entropy computed at once (kvforge.kernels.linear_cross_entropy).
 LOSS_CHUNK = 1024
+# float32 (chunk × vocab) blocks the fused cross-entropy holds at once: the logits (the softmax gradient is
+# computed in place) and the compute-dtype product they come from.
+CE_LOGIT_BLOCKS = 2
 
 
-def count_parameters(config: ModelConfig) -> int:
-    """Exact parameter count of ``CausalLM(config)`` (tied embeddings counted once)."""
-    d, total = config.d_model, 0
-    total += config.vocab_size * d * (1 if config.tie_embeddings else 2)
-    total += d  # final norm
-    for spec in config.layers:
+def count_parameters(config: ModelConfig, layer_index: int | None = None) -> int:
+    """Exact parameter count of ``CausalLM(config)`` (tied embeddings counted once), or of its decoder layer
+    ``layer_index``."""
+    d = config.d_model
+    specs = config.layers if layer_index is None else [config.layers[layer_index]]
+    total = root_parameters(config) if layer_index is None else 0
+    for spec in specs:
         total += 2 * d + 3 * d * config.ffn_dim  # two norms + SwiGLU
         total += _gqa_params(config, spec) if spec.attention == "gqa" else _mla_params(config, spec)
     return total
@@ -79,17 +85,36 @@ def activation_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per device, by kind. ``total`` is what must fit."""
+    """Bytes per device, by kind. ``total`` is what must fit; ``runtime`` is what the process held before
+    training allocated anything (measured, CPU only: the interpreter and its libraries)."""
 
     parameters: int
     gradients: int
     optimizer: int
     activations: int
     kv_cache: int = 0
+    teacher: int = 0  # frozen teacher: its (sharded) weights, hidden states and gathered LM head
+    loss: int = 0  # the chunked loss: logit blocks of one chunk, head-weight and hidden-state gradients
+    gathered: int = 0  # FSDP2: unsharded copies of the root and of the layers being computed
+    runtime: int = 0
+
+    @property
+    def training(self) -> int:
+        """What training allocates on top of ``runtime``."""
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.kv_cache
+            + self.teacher
+            + self.loss
+            + self.gathered
+        )
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.kv_cache
+        return self.training + self.runtime
 
     def rows(self) -> list[tuple[str, str]]:
         parts = [
@@ -98,9 +123,13 @@ class MemoryEstimate:
             ("optimizer state", self.optimizer),
             ("activations", self.activations),
             ("KV cache", self.kv_cache),
+            ("teacher", self.teacher),
+            ("loss chunks", self.loss),
+            ("FSDP2 gathered", self.gathered),
+            ("process runtime", self.runtime),
             ("total", self.total),
         ]
-        return [(name, f"{value / GiB:,.3f} GiB") for name, value in parts]
+        return [(name, f"{value / GiB:,.3f} GiB") for name, value in parts if value or name == "total"]
 
     def suggestion(self) -> str:
         biggest = max(
@@ -128,16 +157,26 @@ def estimate_training_memory(
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
     shards: int = 1,
+    teacher: ModelConfig | None = None,
+    loss_chunk: int = LOSS_CHUNK,
+    gradient_buckets: bool = False,
 ) -> MemoryEstimate:
     """Per-device training memory for micro-batches of ``batch × seq_len`` tokens.
 
-    ``activation_dtype`` is the autocast dtype (``bf16`` for bf16-mixed; default: the parameter dtype);
-    ``shards`` divides parameters, gradients and optimizer state (FSDP2 over that many devices).
+    ``activation_dtype`` is the compute dtype (``bf16`` for bf16-mixed; default: the parameter dtype);
+    ``shards`` > 1 is FSDP2 over that many devices: it divides parameters, gradients, optimizer state and
+    the teacher, and adds the unsharded copies FSDP2 gathers (the root's embedding, norm and head for
+    the whole step, two decoder layers at a time, one layer's gradients before their reduce-scatter).
+    ``teacher``: a frozen distillation teacher held in the compute dtype; the loss then applies both LM
+    heads chunk by chunk (``kvforge.kernels.distillation``). ``gradient_buckets``: DDP's copy of the
+    gradients for its all-reduce.
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer={optimizer!r}: allowed values are {sorted(OPTIMIZER_STATES)}")
-    if batch <= 0 or seq_len <= 0 or shards <= 0:
-        raise ValueError(f"batch={batch}, seq_len={seq_len} and shards={shards} must be positive")
+    if batch <= 0 or seq_len <= 0 or shards <= 0 or loss_chunk <= 0:
+        raise ValueError(
+            f"batch={batch}, seq_len={seq_len}, shards={shards} and loss_chunk={loss_chunk} must be positive"
+        )
     param_bytes = parse_dtype(param_dtype).itemsize
     act_bytes = parse_dtype(activation_dtype or param_dtype).itemsize
     n_params = count_parameters(config)
@@ -147,14 +186,35 @@ def estimate_training_memory(
         layer_values = config.d_model * len(per_layer) + max(per_layer)
     else:
         layer_values = sum(per_layer)
-    # embeddings output + final norm, and the fused loss' chunk of logits and their gradient (fp32)
-    head = tokens * 4 * config.d_model * act_bytes + 2 * min(tokens, LOSS_CHUNK) * config.vocab_size * 4
-    return MemoryEstimate(
+    head_weights = config.vocab_size * config.d_model
+    # the chunk's float32 logit blocks, the float32 head-gradient accumulator and, kept for the backward,
+    # the head-weight and hidden-state gradients
+    blocks = LOGIT_BLOCKS if teacher is not None else CE_LOGIT_BLOCKS
+    loss = blocks * min(tokens, loss_chunk) * config.vocab_size * 4
+    loss += head_weights * (4 + act_bytes) + tokens * config.d_model * act_bytes
+    estimate = MemoryEstimate(
         parameters=n_params * param_bytes // shards,
         gradients=n_params * param_bytes // shards,
         optimizer=n_params * param_bytes * OPTIMIZER_STATES[optimizer] // shards,
-        activations=tokens * layer_values * act_bytes + head,
+        activations=tokens * layer_values * act_bytes + tokens * 4 * config.d_model * act_bytes,
+        loss=loss,
     )
+    if gradient_buckets:
+        estimate.gradients += n_params * param_bytes
+    if shards > 1:
+        layer = max(count_parameters(config, layer_index=i) for i in range(config.n_layers))
+        estimate.gathered = (root_parameters(config) + 2 * layer) * act_bytes + layer * param_bytes
+    if teacher is not None:
+        estimate.teacher = count_parameters(teacher) * act_bytes // shards
+        estimate.teacher += tokens * teacher.d_model * act_bytes  # its final hidden states
+        if shards > 1:  # its LM head, gathered for the loss
+            estimate.teacher += teacher.vocab_size * teacher.d_model * act_bytes
+    return estimate
+
+
+def root_parameters(config: ModelConfig) -> int:
+    """Parameters outside the decoder layers: embedding, final norm and (untied) LM head."""
+    return config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2) + config.d_model
 
 
 def estimate_inference_memory(

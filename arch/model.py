@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kvforge.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from kvforge.kernels.distillation import linear_distillation_loss
 from kvforge.kernels.documents import document_positions
 
 from .attention_gqa import GQAAttention
@@ -179,6 +180,44 @@ class CausalLM(nn.Module):
         hidden = self.model(input_ids, positions=positions, document_ids=document_ids)
         return linear_cross_entropy(
             hidden, self.lm_head.weight, targets, ignore_index=ignore_index, chunk_size=chunk_size
+        )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states ``(batch, seq, d_model)`` the LM head reads (no cache)."""
+        return self.model(input_ids, positions=positions, document_ids=document_ids)
+
+    def distillation_loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        *,
+        alpha: float,
+        temperature: float,
+        reverse: bool = False,
+        chunk_size: int = 1024,
+        document_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, ce, kl)`` of distillation from a teacher's final hidden states and LM head weight, both
+        heads applied one chunk of tokens at a time (:mod:`kvforge.kernels.distillation`): the full
+        logits of neither model are materialised."""
+        hidden = self.model(input_ids, document_ids=document_ids)
+        return linear_distillation_loss(
+            hidden,
+            self.lm_head.weight,
+            teacher_hidden,
+            teacher_weight,
+            targets,
+            alpha=alpha,
+            temperature=temperature,
+            reverse=reverse,
+            chunk_size=chunk_size,
         )
 
     def new_cache(

@@ -65,7 +65,7 @@ if FSDP2_NAME not in StrategyRegistry:
 
 def apply_fsdp2(model: CausalLM, mesh, *, bf16_compute: bool) -> None:
     """Shard ``model`` in place over the 1-D data-parallel ``mesh``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # bf16 all-gathers and compute, fp32 gradient reduction (torchtitan's default policy).
     policy = (
@@ -76,4 +76,37 @@ def apply_fsdp2(model: CausalLM, mesh, *, bf16_compute: bool) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    register_fsdp_forward_method(model, "loss")
+    _register_forward_methods(model)
+
+
+def shard_frozen(model: CausalLM, mesh) -> None:
+    """Shard a frozen model (the distillation teacher) in place, keeping its parameters' dtype. The root
+    reshards after forward too (FSDP2 keeps a root's parameters gathered for the backward pass by default;
+    a frozen model has none)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    _register_forward_methods(model)
+
+
+def _register_forward_methods(model: CausalLM) -> None:
+    """Methods besides ``forward`` that read the root's parameters (embedding, final norm, LM head)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for name in ("loss", "hidden_states", "distillation_loss"):
+        register_fsdp_forward_method(model, name)
+
+
+def load_full_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> None:
+    """Load a full (unsharded) state dict into an FSDP2 model: global rank 0 holds it (the other ranks pass
+    ``None``) and broadcasts one tensor at a time; every rank keeps only its own shard of each."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = state_dict if dist.get_rank() == 0 else {}
+    if full is None:
+        raise ValueError("load_full_state: global rank 0 needs the state dict to broadcast")
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)

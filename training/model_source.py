@@ -37,13 +37,43 @@ class CalibrationConfig:
 
 @dataclass
 class StartingPoint:
-    """What :class:`KVForgeLM` builds its model(s) from."""
+    """What :class:`KVForgeLM` builds its model(s) from: weights in memory, or a directory to read them from
+    (a multi-process run reads them where they are needed, on the ranks that need them)."""
 
     config: ModelConfig
-    state_dict: StateDict | None = None  # None = random init
+    state_dict: StateDict | None = None  # None and no weights_dir = random init
     teacher: Pretrained | None = None
     changed: frozenset[str] = frozenset()  # parameters the transform created or changed
     tokenizer_dir: str | None = None
+    weights_dir: str | Path | None = None
+    teacher_dir: str | Path | None = None
+    teacher_config: ModelConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None and self.teacher_config is None:
+            self.teacher_config = self.teacher.config
+
+    @property
+    def has_weights(self) -> bool:
+        return self.state_dict is not None or self.weights_dir is not None
+
+    def weights(self, rank_zero_only: bool = False) -> StateDict | None:
+        """The student's full state dict (read from ``weights_dir`` if not in memory); ``None`` on ranks other
+        than global rank 0 when ``rank_zero_only``."""
+        if self.state_dict is not None or (rank_zero_only and not _global_rank_zero()):
+            return self.state_dict
+        return load_pretrained(self.weights_dir).state_dict
+
+    def teacher_weights(self, rank_zero_only: bool = False) -> StateDict | None:
+        if self.teacher is not None:
+            return self.teacher.state_dict
+        if rank_zero_only and not _global_rank_zero():
+            return None
+        return load_pretrained(self.teacher_dir).state_dict
+
+
+def _global_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 Convert = dict[str, Any] | list[dict[str, Any]]
@@ -81,12 +111,44 @@ def resolve_starting_point(
     teacher = None
     if want_teacher:
         teacher = load_pretrained(teacher_dir) if teacher_dir else source
-        if teacher.config.vocab_size != config.vocab_size:
-            raise ValueError(
-                f"distill.teacher has vocab_size={teacher.config.vocab_size} but the student has "
-                f"{config.vocab_size}: the KL compares next-token distributions over one vocabulary"
-            )
+        check_teacher_vocabulary(teacher.config, config)
     return StartingPoint(config, state_dict, teacher, changed, init_from)
+
+
+def locate_starting_point(
+    model: ModelConfig | None,
+    weights_dir: str | Path | None,
+    teacher_dir: str | None,
+    want_teacher: bool,
+    changed: frozenset[str],
+    tokenizer_dir: str | None,
+) -> StartingPoint:
+    """Like :func:`resolve_starting_point` but reading only configs: the weights stay on disk until the ranks
+    that need them read them (``StartingPoint.weights``)."""
+    from kvforge.conversion import load_config
+
+    config = model if model is not None else load_config(weights_dir)[0]
+    if want_teacher and teacher_dir is None:
+        raise ValueError("distillation from scratch needs distill.teacher (a model directory)")
+    teacher_config = load_config(teacher_dir)[0] if want_teacher else None
+    if teacher_config is not None:
+        check_teacher_vocabulary(teacher_config, config)
+    return StartingPoint(
+        config,
+        changed=changed,
+        tokenizer_dir=tokenizer_dir,
+        weights_dir=weights_dir,
+        teacher_dir=teacher_dir if want_teacher else None,
+        teacher_config=teacher_config,
+    )
+
+
+def check_teacher_vocabulary(teacher: ModelConfig, student: ModelConfig) -> None:
+    if teacher.vocab_size != student.vocab_size:
+        raise ValueError(
+            f"distill.teacher has vocab_size={teacher.vocab_size} but the student has "
+            f"{student.vocab_size}: the KL compares next-token distributions over one vocabulary"
+        )
 
 
 def apply_transform(

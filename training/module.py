@@ -3,8 +3,12 @@
 Lightning runs the loop, precision, strategy, accumulation, clipping and checkpointing; this module
 says what a step computes. The model is built in ``configure_model`` (under FSDP2 on the meta device,
 sharded, then materialised) from a ``ModelConfig`` or from ``init_from`` (optionally converted, see
-``model_source``). The distillation teacher is deliberately not a registered sub-module: it is frozen,
-never checkpointed (it is rebuilt from its directory) and not sharded (each rank holds a copy).
+``model_source``). Where the weights come from is resolved lazily, on first use of ``config``: in one
+process right there; in a multi-process run after global rank 0 converted once (``prepare_data``, see
+``setup_once``), and under FSDP2 only rank 0 reads the weights, broadcasting them into the others' shards.
+The distillation teacher is deliberately not a registered sub-module: it is frozen, never checkpointed
+(it is rebuilt from its directory), held in the run's compute dtype and, under FSDP2, sharded like the
+student (``teacher``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,11 +32,20 @@ from kvforge.arch import (
     mha_equivalent,
 )
 
-from .distill import DistillationConfig, distillation_loss
-from .fsdp import apply_fsdp2
+from .distill import DistillationConfig
+from .fsdp import apply_fsdp2, load_full_state
 from .loading import CHECKPOINT_KEY
-from .model_source import CalibrationConfig, Convert, resolve_starting_point
+from .memory_check import compute_dtype
+from .model_source import (
+    CalibrationConfig,
+    Convert,
+    StartingPoint,
+    locate_starting_point,
+    resolve_starting_point,
+)
 from .optim import OptimizerConfig, build_optimizer
+from .setup_once import conversion_recipe, prepare_converted, read_converted
+from .teacher import build_teacher, teacher_head_inputs
 
 
 class KVForgeLM(pl.LightningModule):
@@ -66,98 +80,143 @@ class KVForgeLM(pl.LightningModule):
         super().__init__()
         self.distill = distill if distill is not None and distill.alpha < 1 else None
         self.optim = optim or OptimizerConfig()
-        start = resolve_starting_point(
-            model,
-            init_from,
-            convert,
-            calibration,
-            distill.teacher if distill else None,
-            self.distill is not None,
-        )
+        if (model is None) == (init_from is None):
+            raise ValueError(
+                "give exactly one of model (a ModelConfig: train from scratch) and init_from (a model directory: "
+                f"uptrain); got model={'set' if model is not None else None}, init_from={init_from!r}"
+            )
+        if init_from is not None and not Path(init_from).is_dir():
+            raise FileNotFoundError(f"model.init_from={init_from!r} is not a directory")
         if converted_only_steps < 0:
             raise ValueError(f"converted_only_steps={converted_only_steps}: must be >= 0")
-        if converted_only_steps and not start.changed:
+        if converted_only_steps and not convert:
             raise ValueError(
                 f"converted_only_steps={converted_only_steps} trains only the parameters a conversion created or "
-                "changed, but " + ("model.convert changed none" if convert else "there is no model.convert")
+                "changed, but there is no model.convert"
             )
-        self.config = (
-            start.config.replace(attention_backend=attention_backend) if attention_backend else start.config
-        )
-        self.tokenizer_source = start.tokenizer_dir
-        self.tokenizer_dir: str | None = start.tokenizer_dir
-        self.changed_parameters = start.changed
+        self._recipe = (model, init_from, convert, calibration, distill.teacher if distill else None)
+        self._start: StartingPoint | None = None
+        self.attention_backend = attention_backend
+        self.tokenizer_source = init_from
+        self.tokenizer_dir: str | None = init_from
         self.converted_only_steps = converted_only_steps
         self.activation_checkpointing, self.compile_layers = activation_checkpointing, compile
-        self._initial_state = start.state_dict
-        self._teacher_source = start.teacher
-        self._teacher_config = start.teacher.config if start.teacher else None
+        self.prepare_data_per_node = False  # the one-time conversion runs on global rank 0 only
         self.model: CausalLM | None = None
         self.__dict__["teacher"] = None  # unregistered on purpose, see the module docstring
         self.flops_per_batch: int | None = None
         self.save_hyperparameters(
             _plain(
                 {
-                    "model": self.config.to_dict(),
+                    "model": model.to_dict() if model is not None else None,
                     "init_from": init_from,
                     "convert": convert,
                     "calibration": dataclasses.asdict(calibration) if calibration else None,
                     "distill": dataclasses.asdict(self.distill) if self.distill else None,
                     "optim": dataclasses.asdict(self.optim),
                     "converted_only_steps": converted_only_steps,
-                    "parameters_changed_by_conversion": len(self.changed_parameters),
                 }
             )
         )
+
+    # ------------------------------------------------------------------ where the weights start
+    @property
+    def start(self) -> StartingPoint:
+        """Resolved on first use: in one process, load (and convert) here; in a multi-process run, read what
+        global rank 0 prepared (``prepare_data``)."""
+        if self._start is None:
+            self._start = self._resolve()
+            if self.converted_only_steps and not self._start.changed:
+                raise ValueError(
+                    f"converted_only_steps={self.converted_only_steps} trains only the parameters a conversion "
+                    "created or changed, but model.convert changed none"
+                )
+            self.hparams["model"] = self.config.to_dict()
+            self.hparams["parameters_changed_by_conversion"] = len(self._start.changed)
+        return self._start
+
+    def _resolve(self) -> StartingPoint:
+        model, init_from, convert, calibration, teacher_dir = self._recipe
+        if not _multi_process():
+            return resolve_starting_point(
+                model, init_from, convert, calibration, teacher_dir, self.distill is not None
+            )
+        weights_dir, changed = init_from, frozenset()
+        if convert:
+            recipe = conversion_recipe(init_from, convert, calibration)
+            weights_dir, changed = read_converted(self.trainer.default_root_dir, recipe)
+        return locate_starting_point(
+            model, weights_dir, teacher_dir or init_from, self.distill is not None, changed, init_from
+        )
+
+    def prepare_data(self) -> None:
+        _, init_from, convert, calibration, _ = self._recipe
+        if convert and _multi_process():
+            prepare_converted(
+                self.trainer.default_root_dir, conversion_recipe(init_from, convert, calibration), calibration
+            )
+
+    @property
+    def config(self) -> ModelConfig:
+        config = self.start.config
+        return config.replace(attention_backend=self.attention_backend) if self.attention_backend else config
+
+    @property
+    def changed_parameters(self) -> frozenset[str]:
+        return self.start.changed
+
+    @property
+    def teacher_config(self) -> ModelConfig | None:
+        return self.start.teacher_config
+
+    def data_requirements(self) -> tuple[int, int]:
+        """``(vocab_size, max_seq_len)`` the data must fit, without converting (no transform changes them)."""
+        if self._start is None and self._recipe[1] is not None:
+            from kvforge.conversion import load_config
+
+            config = load_config(self._recipe[1])[0]
+        else:
+            config = self.config
+        return config.vocab_size, config.max_seq_len
 
     # ------------------------------------------------------------------ model construction
     def configure_model(self) -> None:
         if self.model is not None:
             return
         fsdp = self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+        start = self.start
         with torch.device("meta") if fsdp else contextlib.nullcontext():
             model = CausalLM(self.config)
         model.model.gradient_checkpointing = self.activation_checkpointing
         if self.compile_layers:
             for layer in model.model.layers:
                 layer.compile()
+        mesh = self.trainer.strategy.device_mesh["data_parallel"] if fsdp else None
         if fsdp:
-            mesh = self.trainer.strategy.device_mesh["data_parallel"]
             apply_fsdp2(model, mesh, bf16_compute=str(self.trainer.precision).startswith("bf16"))
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights()  # also re-derives the RoPE tables, which to_empty leaves uninitialised
-            if self._initial_state is not None:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-                set_model_state_dict(
-                    model, self._initial_state, options=StateDictOptions(full_state_dict=True)
-                )
-        elif self._initial_state is not None:
-            model.load_state_dict(self._initial_state)
-        self._initial_state = None
+            if start.has_weights:
+                load_full_state(model, start.weights(rank_zero_only=True))
+        elif start.has_weights:
+            model.load_state_dict(start.weights())
+        start.state_dict = None
         self.model = model
-        if self._teacher_source is not None:
-            teacher = CausalLM(self._teacher_source.config)
-            teacher.load_state_dict(self._teacher_source.state_dict)
-            self.__dict__["teacher"] = teacher.requires_grad_(False).eval()
-            self._teacher_source = None
+        if start.teacher_config is not None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            dtype = compute_dtype(self.trainer.precision) if self._trainer is not None else torch.float32
+            teacher_state = start.teacher_weights(rank_zero_only=fsdp)
+            self.__dict__["teacher"] = build_teacher(start.teacher_config, teacher_state, dtype, device, mesh)
+            start.teacher = None
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:  # for ThroughputMonitor's FLOPs and MFU
             block, batch = datamodule.block_size, datamodule.batch_size
             per_token = flops_per_token(self.config, block)
-            if self._teacher_config is not None:
-                per_token += forward_flops_per_token(self._teacher_config, block)
+            if self.teacher_config is not None:
+                per_token += forward_flops_per_token(self.teacher_config, block)
             self.flops_per_batch = per_token * block * batch
-
-    def on_fit_start(self) -> None:
-        teacher = self.__dict__["teacher"]
-        if teacher is not None:
-            weight = self.model.lm_head.weight
-            self.__dict__["teacher"] = teacher.to(device=self.device, dtype=weight.dtype)
-
-    on_validation_start = on_fit_start
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -168,10 +227,18 @@ class KVForgeLM(pl.LightningModule):
             loss, kl = ce, None
         else:
             documents = self._document_kwargs(batch)
-            with torch.no_grad():
-                teacher_logits = teacher(inputs, **documents)
-            out = distillation_loss(self.model(inputs, **documents), teacher_logits, targets, self.distill)
-            loss, ce, kl = out["loss"], out["ce"], out["kl"]
+            teacher_hidden, teacher_weight = teacher_head_inputs(teacher, inputs, **documents)
+            loss, ce, kl = self.model.distillation_loss(
+                inputs,
+                targets,
+                teacher_hidden,
+                teacher_weight,
+                alpha=self.distill.alpha,
+                temperature=self.distill.temperature,
+                reverse=self.distill.kl == "reverse",
+                chunk_size=self.distill.chunk_size,
+                **documents,
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("train/ppl", torch.exp(ce.detach()))
@@ -230,6 +297,14 @@ class KVForgeLM(pl.LightningModule):
             / kv_bytes_per_token(mha_equivalent(self.config), seq, "bf16"),
             "train_flops_per_token": flops_per_token(self.config, seq),
         }
+
+
+def _multi_process() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def _plain(data: dict) -> dict:
