@@ -139,8 +139,8 @@ class KVForgeCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Check the data against the model in this process, before any worker process starts."""
-        vocab_size, max_seq_len = self.model.data_requirements()  # without converting: rank 0 does, once
-        self.datamodule.check(vocab_size, max_seq_len, self.model.tokenizer_source)
+        config = self.model.data_config()  # without converting: rank 0 does that, once
+        self.datamodule.check(config.vocab_size, config.max_seq_len, self.model.tokenizer_source)
 
 
 def main(args=None) -> None:

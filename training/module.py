@@ -169,15 +169,14 @@ class KVForgeLM(pl.LightningModule):
     def teacher_config(self) -> ModelConfig | None:
         return self.start.teacher_config
 
-    def data_requirements(self) -> tuple[int, int]:
-        """``(vocab_size, max_seq_len)`` the data must fit, without converting (no transform changes them)."""
+    def data_config(self) -> ModelConfig:
+        """A config with the ``vocab_size`` and ``max_seq_len`` the data must fit, read without converting
+        (no transform changes them), so that data preparation never triggers the conversion."""
         if self._start is None and self._recipe[1] is not None:
             from kvforge.conversion import load_config
 
-            config = load_config(self._recipe[1])[0]
-        else:
-            config = self.config
-        return config.vocab_size, config.max_seq_len
+            return load_config(self._recipe[1])[0]
+        return self.config
 
     # ------------------------------------------------------------------ model construction
     def configure_model(self) -> None:

@@ -125,6 +125,15 @@ class RankRecorder(pl.Callback):
         checksum = sum(float(t.double().abs().sum()) for t in state.values())
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {"local": self.local, "mean": self.mean, "checksum": checksum, "world": trainer.world_size}
+        teacher = pl_module.__dict__.get("teacher")
+        if teacher is not None:
+            params = list(teacher.parameters())
+            record["teacher"] = {
+                "dtypes": sorted({str(p.dtype) for p in params}),
+                "numel": sum(p.numel() for p in params),
+                "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in params),
+                "requires_grad": any(p.requires_grad for p in params),
+            }
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -5,18 +5,14 @@ Each run is ``python train.py fit ...`` in a subprocess: Lightning re-launches t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from kvforge.conversion import load_pretrained
 from kvforge.training.export import export_checkpoint
 from kvforge.training.lightning_cli import KVForgeCLI
-from tests.conftest import REPO, shared_path
+from tests.conftest import shared_path
+from tests.training.launch import launch, recorder_args, records
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 4
@@ -50,48 +46,21 @@ trainer:
     return root, path
 
 
-def _records(directory):
-    return [
-        json.loads((directory / f"rank{r}.json").read_text())
-        for r in range(len(list(directory.glob("rank*.json"))))
-    ]
-
-
-def _recorder_args(directory):
-    return [
-        "--trainer.callbacks+=tests.training.helpers.RankRecorder",
-        "--trainer.callbacks.directory",
-        str(directory),
-    ]
-
-
 @pytest.fixture(scope="module")
 def single(config):
     """One process with the global batch of two ranks (2 × 2 sequences)."""
     root, path = config
     out = root / "single"
     args = ["fit", "--config", str(path), "--data.batch_size", "4", "--trainer.max_steps", str(STEPS)]
-    KVForgeCLI(args=[*args, "--trainer.default_root_dir", str(out), *_recorder_args(out / "ranks")])
-    (record,) = _records(out / "ranks")
+    KVForgeCLI(args=[*args, "--trainer.default_root_dir", str(out), *recorder_args(out / "ranks")])
+    (record,) = records(out / "ranks")
     return record
 
 
 def _launch(config, name, strategy, *extra):
     root, path = config
     out = root / name
-    command = [sys.executable, "train.py", "fit", "--config", str(path), "--trainer.devices", "2"]
-    command += [
-        "--trainer.strategy",
-        strategy,
-        "--trainer.default_root_dir",
-        str(out),
-        *_recorder_args(out / "ranks"),
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out, _records(out / "ranks")
+    return out, launch(path, out, 2, strategy, *extra)
 
 
 def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(config, single):

@@ -210,7 +210,7 @@ class TextDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ helpers
     def _model_requirements(self) -> tuple:
         module = self.trainer.lightning_module
-        return module.config, module.tokenizer_source
+        return module.data_config(), module.tokenizer_source
 
     def _tokenizer_source(self, model_dir: str | None) -> str | None:
         if self.tokenizer_name is not None:

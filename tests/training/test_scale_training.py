@@ -1,0 +1,111 @@
+"""Uptraining with a teacher on two CPU processes (gloo): the conversion runs once (global rank 0 writes
+``<run>/converted``), FSDP2 shards the frozen teacher like the student, the losses equal a one-process
+run on the same global batch, and a distributed checkpoint resumes on another world size (2 → 1 and
+1 → 2 processes) with the losses of an uninterrupted run, data position included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvforge.training.lightning_cli import KVForgeCLI
+from kvforge.training.setup_once import CONVERTED_DIR, RECIPE_FILE
+from tests.conftest import shared_path
+from tests.training.launch import launch, recorder_args, records
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+STEPS, HALF = 4, 2
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    text = shared_path("corpora", "tinystories_val_prefix.txt").read_text(encoding="utf-8")[:40_000]
+    (root / "stories.txt").write_text(text, encoding="utf-8")
+    path = root / "uptrain.yaml"
+    path.write_text(
+        f"""model:
+  init_from: {shared_path("stories260K-mha")}
+  convert: {{to: gqa, n_kv_heads: 2}}
+  distill: {{alpha: 0.5, temperature: 2.0, chunk_size: 48}}
+  optim: {{lr: 0.002, warmup_steps: 1, total_steps: {STEPS}}}
+data:
+  train_files: [{root / "stories.txt"}]
+  block_size: 64
+  batch_size: 2
+  val_fraction: 0.0
+  cache_dir: {root / "cache"}
+trainer:
+  accelerator: cpu
+  logger: false
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+    )
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config):
+    """One process, the global batch of two ranks (2 × 2 sequences), all the steps."""
+    root, path = config
+    out = root / "single"
+    args = ["fit", "--config", str(path), "--data.batch_size", "4", "--trainer.max_steps", str(STEPS)]
+    KVForgeCLI(args=[*args, "--trainer.default_root_dir", str(out), *recorder_args(out / "ranks")])
+    (record,) = records(out / "ranks")
+    return record
+
+
+def _checkpoint(out):
+    return str(out / "checkpoints" / "last.ckpt")
+
+
+def test_two_ranks_with_a_sharded_teacher_match_one_process_and_resume_on_one(config, uninterrupted):
+    root, path = config
+    first = launch(path, root / "two", 2, "fsdp2", "--trainer.max_steps", str(HALF))
+    assert first[0]["mean"] == first[1]["mean"]
+    assert first[0]["mean"] == pytest.approx(uninterrupted["mean"][:HALF], abs=TOLERANCE)
+    teacher = first[0]["teacher"]
+    assert not teacher["requires_grad"]
+    assert teacher["local_numel"] <= teacher["numel"] // 2 + 1024  # sharded, not a replica
+    recipe = json.loads((root / "two" / CONVERTED_DIR / RECIPE_FILE).read_text())
+    assert recipe["recipe"]["convert"] == {"to": "gqa", "n_kv_heads": 2} and recipe["changed"]
+    resumed = launch(
+        path,
+        root / "two-then-one",
+        1,
+        "fsdp2",
+        "--data.batch_size",
+        "4",
+        "--trainer.max_steps",
+        str(STEPS),
+        "--ckpt_path",
+        _checkpoint(root / "two"),
+    )
+    (record,) = resumed
+    assert record["mean"] == pytest.approx(uninterrupted["mean"][HALF:], abs=TOLERANCE)
+    assert record["checksum"] == pytest.approx(uninterrupted["checksum"], rel=TOLERANCE)
+
+
+def test_one_rank_checkpoint_resumes_on_two(config, uninterrupted):
+    root, path = config
+    (first,) = launch(
+        path, root / "one", 1, "fsdp2", "--data.batch_size", "4", "--trainer.max_steps", str(HALF)
+    )
+    assert first["mean"] == pytest.approx(uninterrupted["mean"][:HALF], abs=TOLERANCE)
+    resumed = launch(
+        path,
+        root / "one-then-two",
+        2,
+        "fsdp2",
+        "--trainer.max_steps",
+        str(STEPS),
+        "--ckpt_path",
+        _checkpoint(root / "one"),
+    )
+    assert resumed[0]["mean"] == resumed[1]["mean"]
+    assert resumed[0]["mean"] == pytest.approx(uninterrupted["mean"][HALF:], abs=TOLERANCE)
+    assert resumed[0]["checksum"] == pytest.approx(uninterrupted["checksum"], rel=TOLERANCE)
