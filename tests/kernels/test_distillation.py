@@ -103,3 +103,28 @@ def test_mismatched_vocabularies_are_refused_with_both_sizes():
     hidden, weight, teacher_hidden, teacher_weight, targets = _inputs(seed=5)
     with pytest.raises(ValueError, match="student vocabulary 37 and teacher vocabulary 36"):
         linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight[:-1], targets)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_loss_and_gradients_close_to_the_float32_reference():
+    hidden, weight, teacher_hidden, teacher_weight, targets = (t.cuda() for t in _inputs(seed=6, vocab=4096))
+    hidden, weight = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
+    loss, _, _ = linear_distillation_loss(
+        hidden, weight, teacher_hidden.bfloat16(), teacher_weight.bfloat16(), targets, chunk_size=8
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    reference = _reference(
+        hidden.float(),
+        weight.float(),
+        teacher_hidden.bfloat16().float(),
+        teacher_weight.bfloat16().float(),
+        targets,
+        0.5,
+        1.0,
+        False,
+    )[0]
+    ref_grads = torch.autograd.grad(reference, (hidden, weight))
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=2e-2)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
