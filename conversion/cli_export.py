@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("fp32", "bf16", "fp16"),
         default=None,
-        help="store floating-point tensors in this dtype (default: keep the dtype SRC has)",
+        help="store floating-point tensors in this dtype (default: keep the dtype SRC has; a training checkpoint: "
+        "bf16 when its run trained in bf16)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     parser.add_argument(

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .export import export_model
+from .export import export_dtype, export_model
 
 
 def _rows(batch: dict) -> int:
@@ -37,10 +37,12 @@ class HFExport(pl.Callback):
     Args:
         dirpath: output directory; ``None`` = ``<run dir>/hf``.
         enabled: ``False`` skips the export.
+        dtype: ``fp32``, ``bf16`` or ``fp16``; ``None`` = bf16 (fp16) when the run computed in it, else
+            the weights' dtype.
     """
 
-    def __init__(self, dirpath: str | None = None, enabled: bool = True) -> None:
-        self.dirpath, self.enabled = dirpath, enabled
+    def __init__(self, dirpath: str | None = None, enabled: bool = True, dtype: str | None = None) -> None:
+        self.dirpath, self.enabled, self.dtype = dirpath, enabled, dtype
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Keep the run's tokenizer next to the run (a trained BPE lives in a cache otherwise), so that
@@ -67,7 +69,8 @@ class HFExport(pl.Callback):
             return
         out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "hf"
         try:
-            export_model(pl_module.config, state, out, pl_module.tokenizer_dir, overwrite=True)
+            dtype = self.dtype or export_dtype(trainer.precision)
+            export_model(pl_module.config, state, out, pl_module.tokenizer_dir, overwrite=True, dtype=dtype)
         except ValueError as err:  # a form no export family covers yet: the checkpoint still has it
             rank_zero_warn(f"HF export skipped: {err}")
             return

@@ -5,7 +5,8 @@
 SRC is what ``kvforge.conversion.cli_export`` reads (an HF or kvforge-typed model directory, see its
 options), or a training checkpoint: a Lightning ``.ckpt`` file or the distributed-checkpoint directory an
 FSDP2 run writes in its place (``runs/<name>/checkpoints/last.ckpt``). A checkpoint is exported with the
-tokenizer its run used; nothing in it is unpickled beyond tensors and plain containers
+tokenizer its run used, in bf16 when the run trained in bf16 (``--dtype`` overrides), reading the weights
+only (never the optimizer state); nothing in it is unpickled beyond tensors and plain containers
 (``weights_only=True``).
 """
 
@@ -50,8 +51,22 @@ def export_model(config, state_dict: dict, out: str | Path, tokenizer_dir: str |
     return save_pretrained(config, state_dict, out, tokenizer_from=tokenizer_dir, **options)
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, **options) -> Path:
-    from .loading import load_training_checkpoint
+def export_dtype(precision: str | None) -> str | None:
+    """The dtype a run's export is written in by default: bf16 (fp16) for a run that computed in it, else
+    the weights' own dtype (None)."""
+    precision = str(precision or "")
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return None
 
-    config, state, tokenizer_dir = load_training_checkpoint(checkpoint)
-    return export_model(config, state, out, tokenizer_dir, **options)
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None, **options) -> Path:
+    """``dtype`` None = :func:`export_dtype` of the run's precision. Only the weights are read, cast as
+    they are read (see ``load_training_checkpoint``)."""
+    from .loading import load_training_checkpoint, training_precision
+
+    dtype = dtype or export_dtype(training_precision(checkpoint))
+    config, state, tokenizer_dir = load_training_checkpoint(checkpoint, dtype)
+    return export_model(config, state, out, tokenizer_dir, dtype=dtype, **options)

@@ -35,28 +35,76 @@ def is_training_checkpoint(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and (path / DCP_METADATA).is_file())
 
 
-def load_training_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
-    """``(ModelConfig, model state dict, tokenizer directory or None)`` of a kvforge training checkpoint."""
+def load_training_checkpoint(
+    path: str | Path, dtype: torch.dtype | str | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    """``(ModelConfig, model state dict, tokenizer directory or None)`` of a kvforge training checkpoint.
+
+    Only the model's weights are read: from a ``.ckpt`` file memory-mapped (the optimizer state in it is
+    never touched), from a distributed checkpoint a group of tensors at a time (``read_dcp_weights``).
+    ``dtype`` casts floating-point weights as they are read."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = (
-            _load_distributed(path)
-            if path.is_dir()
-            else torch.load(path, map_location="cpu", weights_only=True)
-        )
+        if path.is_dir():
+            checkpoint = torch.load(path / DCP_METADATA, map_location="cpu", weights_only=True)
+            checkpoint["state_dict"] = read_dcp_weights(path, dtype)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from err
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise ValueError(f"{path} is not a kvforge training checkpoint (no {CHECKPOINT_KEY!r} entry)")
     meta = checkpoint[CHECKPOINT_KEY]
+    target = parse_dtype(dtype) if dtype is not None else None
     state = {
-        name.removeprefix(MODEL_PREFIX): tensor
+        name.removeprefix(MODEL_PREFIX): _cast(tensor, target)
         for name, tensor in checkpoint["state_dict"].items()
         if name.startswith(MODEL_PREFIX)
     }
     return ModelConfig.from_dict(meta["model_config"]), state, meta.get("tokenizer_dir")
+
+
+def training_precision(path: str | Path) -> str | None:
+    """The Lightning precision the checkpoint's run trained with (None: a checkpoint older than the record)."""
+    path = Path(path)
+    meta_file = path / DCP_METADATA if path.is_dir() else path
+    checkpoint = torch.load(meta_file, map_location="cpu", weights_only=True, mmap=not path.is_dir())
+    return checkpoint.get(CHECKPOINT_KEY, {}).get("precision")
+
+
+def read_dcp_weights(
+    path: Path, dtype: torch.dtype | str | None = None, group_bytes: int = 1 << 30
+) -> dict[str, torch.Tensor]:
+    """The model weights (``state_dict.*``) of a distributed checkpoint, without the optimizer state and
+    without merging it anywhere: tensors are read straight from the shards, about ``group_bytes`` at a
+    time, and cast to ``dtype`` before the next group is read."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = "state_dict."
+    entries = [
+        (name, meta)
+        for name, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items()
+        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    ]
+    target = parse_dtype(dtype) if dtype is not None else None
+    weights: dict[str, torch.Tensor] = {}
+    group: dict[str, torch.Tensor] = {}
+    size = 0
+    for index, (name, meta) in enumerate(entries):
+        group[name] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        size += group[name].numel() * group[name].element_size()
+        if size >= group_bytes or index == len(entries) - 1:
+            load(group, storage_reader=FileSystemReader(path), no_dist=True)
+            weights.update({key.removeprefix(prefix): _cast(t, target) for key, t in group.items()})
+            group, size = {}, 0
+    return weights
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def load_weights(path: str | Path) -> ModelWeights:
@@ -110,17 +158,3 @@ def load_tokenizer(path: str | Path | None):
     if path is None or not has_tokenizer(path):
         return None
     return load_run_tokenizer(path)
-
-
-def _load_distributed(path: Path) -> dict:
-    """Lightning's FSDP2 checkpoint: ``meta.pt`` (everything but the sharded tensors) + DCP shards."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    checkpoint = torch.load(path / DCP_METADATA, map_location="cpu", weights_only=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        merged = Path(tmp) / "state.pt"
-        dcp_to_torch_save(path, merged)
-        checkpoint["state_dict"] = torch.load(merged, map_location="cpu", weights_only=True)["state_dict"]
-    return checkpoint

@@ -281,6 +281,7 @@ class KVForgeLM(pl.LightningModule):
             "format": 1,
             "model_config": self.config.to_dict(),
             "tokenizer_dir": str(self.tokenizer_dir) if self.tokenizer_dir else None,
+            "precision": str(self.trainer.precision) if self._trainer is not None else None,
         }
 
     def architecture_summary(self) -> dict[str, Any]:

@@ -1,0 +1,254 @@
+"""Training at real scale: uptrain a random-weight MHA checkpoint converted to GQA, with distillation from
+the unconverted model, on one or more ranks; per-rank peak memory beside ``MemoryCheck``'s estimate.
+
+    PYTHONPATH=. python benchmarks/scale_training.py --shape 0.27b --devices 2 --strategy fsdp2   # CPU, gloo
+    PYTHONPATH=. python benchmarks/scale_training.py --smoke                                      # tiny, seconds
+
+The source (``--workdir``/source, written once, bf16 safetensors, random weights: 0.27B = 16 × 1024,
+0.95B = 16 × 2048, the shapes of the conversion benchmarks) is converted by the run itself
+(``init_from`` + ``convert``: mean-pooled GQA, on global rank 0 only), and is also the teacher. The
+rows: training start (seconds to the first step, peak RSS until then), the steps with the teacher
+(median step, tokens/s), the per-rank peak (RSS on CPU: ``getrusage``, the whole process; CUDA:
+``max_memory_allocated``) and the estimate (``MemoryEstimate.total``: on CPU it includes the process's
+resident bytes before training, measured in ``MemoryCheck``). Data are random tokens. Runs from a
+source checkout with torch, lightning, transformers and safetensors only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.source_tree import ensure_kvforge_importable
+
+ensure_kvforge_importable()
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from kvforge.arch import CausalLM, ModelConfig  # noqa: E402
+from kvforge.arch.memory import GiB  # noqa: E402
+
+SHAPES = {
+    "0.27b": dict(vocab_size=32000, d_model=1024, n_layers=16, n_heads=16, ffn_dim=2816, max_seq_len=4096),
+    "0.95b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, ffn_dim=5632, max_seq_len=4096),
+    "smoke": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64),
+}
+
+
+class RandomBlocks(Dataset):
+    def __init__(self, vocab: int, block: int, n: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, block + 1), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i, :-1], "targets": self.ids[i, 1:]}
+
+
+class RandomData(pl.LightningDataModule):
+    """What ``MemoryCheck`` reads (``batch_size``, ``block_size``) and a loader of random blocks."""
+
+    def __init__(self, vocab: int, block_size: int, batch_size: int, samples: int) -> None:
+        super().__init__()
+        self.block_size, self.batch_size = block_size, batch_size
+        self.dataset = RandomBlocks(vocab, block_size, samples)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if torch.distributed.is_initialized():
+            sampler = torch.utils.data.DistributedSampler(self.dataset, shuffle=False, drop_last=True)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+
+class Measure(pl.Callback):
+    """Per rank: seconds to the first step and peak RSS then, each step's wall time, the final peaks and
+    ``MemoryCheck``'s estimate, written to ``<directory>/rank<r>.json``."""
+
+    def __init__(self, directory: Path, memory_check) -> None:
+        self.directory, self.memory_check = directory, memory_check
+        self.created = time.perf_counter()
+        self.seconds: list[float] = []
+        self.start_seconds = self.start_rss = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _sync()
+        if self.start_seconds is None:
+            self.start_seconds, self.start_rss = time.perf_counter() - self.created, peak_rss()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync()
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        estimate = self.memory_check.estimate
+        record = {
+            "rank": trainer.global_rank,
+            "world": trainer.world_size,
+            "start_seconds": self.start_seconds,
+            "start_peak_rss": self.start_rss,
+            "step_seconds": self.seconds,
+            "peak_rss": peak_rss(),
+            "peak_cuda": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "estimate_total": estimate.total,
+            "estimate_training": estimate.training,
+            "estimate_rows": dict(estimate.rows()),
+            "flops_per_batch": pl_module.flops_per_batch,
+            "teacher_dtype": str(next(pl_module.teacher.parameters()).dtype),
+            "student_parameters": sum(p.numel() for p in pl_module.model.parameters()),
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
+        trainer.strategy.barrier("measured")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_source(shape: dict, out: Path) -> Path:
+    """A random-weight MHA checkpoint of ``shape`` as bf16 safetensors (kept if already there)."""
+    from kvforge.conversion import save_pretrained
+
+    if (out / "config.json").is_file():
+        return out
+    config = ModelConfig(**shape)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = CausalLM(config)
+    state = {name: t.to("cpu", torch.bfloat16) for name, t in model.state_dict().items()}
+    del model
+    return save_pretrained(config, state, out, family="llama", dtype="bf16", overwrite=True)
+
+
+def train(args: argparse.Namespace) -> list[dict]:
+    """Fit ``args.steps`` steps; every rank's record (rank 0 returns them all, the other ranks none)."""
+    import kvforge.training.fsdp  # noqa: F401 - registers the "fsdp2" strategy name
+    from kvforge.training.distill import DistillationConfig
+    from kvforge.training.memory_check import MemoryCheck
+    from kvforge.training.module import KVForgeLM
+    from kvforge.training.optim import OptimizerConfig
+
+    workdir = Path(args.workdir)
+    shape = SHAPES[args.shape]
+    source = workdir / f"source-{args.shape}"
+    if "LOCAL_RANK" not in os.environ:  # the launching process; the ranks Lightning starts find it written
+        write_source(shape, source)
+    module = KVForgeLM(
+        init_from=str(source),
+        convert={"to": "gqa", "n_kv_heads": args.n_kv_heads, "method": "mean"},
+        distill=DistillationConfig(alpha=0.5, temperature=1.0, chunk_size=args.loss_chunk),
+        optim=OptimizerConfig(lr=1e-4, warmup_steps=1, total_steps=args.steps),
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
+    )
+    block = min(args.seq, shape["max_seq_len"])
+    data = RandomData(shape["vocab_size"], block, args.batch, args.batch * args.steps * args.devices)
+    memory = MemoryCheck(margin=0.0)
+    records = workdir / f"run-{args.shape}-{args.strategy}-{args.devices}" / "ranks"
+    cuda = torch.cuda.is_available() and not args.cpu
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        precision=args.precision,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[memory, Measure(records, memory)],
+        default_root_dir=str(records.parent),
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=data)
+    if trainer.global_rank != 0:
+        return []
+    return [json.loads((records / f"rank{r}.json").read_text()) for r in range(trainer.world_size)]
+
+
+def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
+    steps = sorted(record["step_seconds"][min(warmup, len(record["step_seconds"]) - 1) :])
+    step = steps[len(steps) // 2]
+    peak = record["peak_cuda"] if record["peak_cuda"] is not None else record["peak_rss"]
+    estimate = record["estimate_training"] if record["peak_cuda"] is not None else record["estimate_total"]
+    return {
+        "shape": args.shape,
+        "strategy": args.strategy,
+        "world": record["world"],
+        "rank": record["rank"],
+        "precision": args.precision,
+        "teacher_dtype": record["teacher_dtype"],
+        "start_s": record["start_seconds"],
+        "start_peak_gib": record["start_peak_rss"] / GiB,
+        "step_s": step,
+        "tokens_per_s": args.batch * args.seq * record["world"] / step,
+        "peak_gib": peak / GiB,
+        "peak_kind": "cuda" if record["peak_cuda"] is not None else "rss",
+        "estimate_gib": estimate / GiB,
+        "peak_vs_estimate": peak / estimate,
+        "model_gib_per_rank": 16 * record["student_parameters"] / record["world"] / GiB,
+    }
+
+
+def print_rows(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        print("| " + " | ".join(cells) + " |")
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps")
+    parser.add_argument("--shape", default="0.27b", choices=sorted(SHAPES))
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", default="auto", help="auto, ddp or fsdp2")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="steps left out of the median step time")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per rank")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--n-kv-heads", type=int, default=4)
+    parser.add_argument("--loss-chunk", type=int, default=1024)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where CUDA is available")
+    parser.add_argument("--workdir", default="/tmp/kvforge-scale-training")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
+    if args.smoke:
+        args.shape, args.steps, args.seq, args.n_kv_heads = "smoke", 2, 32, 2
+    records = train(args)
+    rows = [summarise(record, args, args.warmup) for record in records]
+    if rows:
+        print_rows(rows)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
