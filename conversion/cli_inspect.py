@@ -1,6 +1,7 @@
 """Show what a model directory holds: per-layer attention forms, parameters and KV-cache bytes.
 
-    kvforge inspect DIR [--seq-len 4096] [--dtype bf16] [--batch 8] [--json]
+    kvforge inspect DIR [--seq-len 4096] [--dtype bf16] [--batch 8] [--shards 8] [--teacher self|DIR]
+                    [--activation-checkpointing] [--json]
 
 Reads only config.json (no weights), for HF (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) and
 kvforge-typed directories. Per layer: the form (mha, gqa-N, mqa, mla), its sliding window, the layer
@@ -8,8 +9,10 @@ whose K/V it reads (cross-layer sharing), values cached per token and the layer'
 --seq-len tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
 layer keeps) and the ratio to the same model with plain multi-head attention on every layer. Memory
 (``kvforge.arch.memory``): training per device for micro-batches of --batch × --seq-len tokens (fp32
-weights, gradients and AdamW state, --dtype activations, as under ``bf16-mixed``; one device) and
-inference (--dtype weights plus the KV cache of --batch sequences of --seq-len tokens).
+weights, gradients and AdamW state, --dtype activations, as under ``bf16-mixed``; FSDP2 over --shards
+devices; a distillation teacher held in --dtype and sharded the same way; the chunked loss) - what
+``MemoryCheck`` counts before a run - and inference (--dtype weights plus the KV cache of --batch
+sequences of --seq-len tokens).
 """
 
 from __future__ import annotations
@@ -36,10 +39,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="sequences per (micro-)batch for the memory estimates (default 1)",
     )
+    parser.add_argument(
+        "--shards", type=int, default=1, help="FSDP2 devices the training state is sharded over (default 1)"
+    )
+    parser.add_argument(
+        "--teacher",
+        metavar="self|DIR",
+        default=None,
+        help="count a distillation teacher: this model (self) or another model directory",
+    )
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="training recomputes each decoder layer"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def summarize(path: str, seq_len: int | None, dtype: str, batch: int = 1) -> dict:
+def summarize(
+    path: str,
+    seq_len: int | None,
+    dtype: str,
+    batch: int = 1,
+    shards: int = 1,
+    teacher: str | None = None,
+    activation_checkpointing: bool = False,
+) -> dict:
     """The inspect report as plain data (what --json prints)."""
     import torch
 
@@ -53,7 +76,16 @@ def summarize(path: str, seq_len: int | None, dtype: str, batch: int = 1) -> dic
         raise ValueError(f"--seq-len={seq_len}: must be a positive number of tokens")
     if batch <= 0:
         raise ValueError(f"--batch={batch}: must be a positive number of sequences")
-    training = estimate_training_memory(config, batch, seq_len, param_dtype="fp32", activation_dtype=dtype)
+    training = estimate_training_memory(
+        config,
+        batch,
+        seq_len,
+        param_dtype="fp32",
+        activation_dtype=dtype,
+        shards=shards,
+        teacher=(config if teacher == "self" else load_config(teacher)[0]) if teacher else None,
+        gradient_checkpointing=activation_checkpointing,
+    )
     inference = estimate_inference_memory(config, batch, seq_len, dtype)
     with torch.device("meta"):
         parameters = CausalLM(config).num_parameters()
@@ -72,6 +104,7 @@ def summarize(path: str, seq_len: int | None, dtype: str, batch: int = 1) -> dic
         "kv_ratio_vs_mha": per_token / mha_per_token,
         "layers": describe_layers(config, seq_len, dtype),
         "batch": batch,
+        "shards": shards,
         "memory": {"training": _memory(training), "inference": _memory(inference)},
     }
 
@@ -86,6 +119,9 @@ MEMORY_ROWS = (
     ("optimizer", "optimizer state"),
     ("activations", "activations"),
     ("kv_cache", "KV cache"),
+    ("teacher", "teacher"),
+    ("loss", "loss chunks"),
+    ("gathered", "FSDP2 gathered"),
     ("total", "total"),
 )
 
@@ -95,7 +131,15 @@ def _size(value: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = summarize(args.dir, args.seq_len, args.dtype, args.batch)
+    report = summarize(
+        args.dir,
+        args.seq_len,
+        args.dtype,
+        args.batch,
+        args.shards,
+        args.teacher,
+        args.activation_checkpointing,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -125,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         title=f"memory: batch {report['batch']} × {report['seq_len']} tokens ({report['dtype']} activations/cache)"
     )
     memory.add_column("")
-    for column in ("training (fp32 weights + AdamW, per device)", "inference"):
+    for column in (f"training (fp32 weights + AdamW, per device of {report['shards']})", "inference"):
         memory.add_column(column, justify="right")
     training, inference = report["memory"]["training"], report["memory"]["inference"]
     for key, label in MEMORY_ROWS:

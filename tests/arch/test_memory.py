@@ -7,7 +7,14 @@ import torch
 
 from kvforge.arch import CausalLM, ModelConfig
 from kvforge.arch.forms import FORMS, with_form
-from kvforge.arch.memory import count_parameters, estimate_inference_memory, estimate_training_memory
+from kvforge.arch.memory import (
+    CE_LOGIT_BLOCKS,
+    count_parameters,
+    estimate_inference_memory,
+    estimate_training_memory,
+    root_parameters,
+)
+from kvforge.kernels.distillation import LOGIT_BLOCKS
 from tests.conftest import tiny_form
 
 
@@ -71,3 +78,36 @@ def test_suggestion_names_the_dominant_term():
 def test_bad_arguments_name_allowed_values():
     with pytest.raises(ValueError, match="optimizer='lion'"):
         estimate_training_memory(tiny_form("gqa"), 1, 8, optimizer="lion")
+
+
+def test_teacher_is_counted_in_the_compute_dtype_and_sharded_like_the_student():
+    config, teacher = tiny_form("gqa"), tiny_form("mha")
+    alone = estimate_training_memory(config, 2, 64, activation_dtype="bf16")
+    one = estimate_training_memory(config, 2, 64, activation_dtype="bf16", teacher=teacher)
+    two = estimate_training_memory(config, 2, 64, activation_dtype="bf16", teacher=teacher, shards=2)
+    hidden = 2 * 64 * teacher.d_model * 2
+    assert alone.teacher == 0
+    assert one.teacher == count_parameters(teacher) * 2 + hidden  # bf16, not the fp32 of the student
+    gathered_head = teacher.vocab_size * teacher.d_model * 2
+    assert two.teacher == count_parameters(teacher) * 2 // 2 + hidden + gathered_head
+
+
+def test_distillation_holds_more_logit_blocks_than_cross_entropy():
+    config = tiny_form("gqa")
+    ce = estimate_training_memory(config, 4, 64, loss_chunk=32)
+    kd = estimate_training_memory(config, 4, 64, loss_chunk=32, teacher=config)
+    assert kd.loss - ce.loss == (LOGIT_BLOCKS - CE_LOGIT_BLOCKS) * 32 * config.vocab_size * 4
+
+
+def test_fsdp2_counts_the_gathered_root_and_layers_and_runtime_adds_to_the_total():
+    config = tiny_form("gqa")
+    single = estimate_training_memory(config, 2, 64)
+    sharded = estimate_training_memory(config, 2, 64, shards=4)
+    layer = count_parameters(config, layer_index=0)
+    assert single.gathered == 0
+    assert sharded.gathered == (root_parameters(config) + 2 * layer) * 4 + layer * 4
+    assert count_parameters(config) == root_parameters(config) + sum(
+        count_parameters(config, layer_index=i) for i in range(config.n_layers)
+    )
+    sharded.runtime = 1000
+    assert sharded.total == sharded.training + 1000

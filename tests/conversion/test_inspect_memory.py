@@ -38,3 +38,14 @@ def test_inspect_table_prints_the_memory_table(capsys):
 def test_inspect_refuses_a_non_positive_batch(capsys):
     assert main(["inspect", str(STORIES), "--batch", "0"]) == 2
     assert "--batch=0: must be a positive number" in capsys.readouterr().err
+
+
+def test_inspect_counts_a_sharded_teacher_and_fsdp2_gathers():
+    from kvforge.conversion.cli_inspect import summarize
+
+    path = str(shared_path("stories260K-mha"))
+    plain = summarize(path, 64, "bf16", batch=2)["memory"]["training"]
+    fsdp = summarize(path, 64, "bf16", batch=2, shards=2, teacher="self")["memory"]["training"]
+    assert plain["teacher"] == 0 and plain["gathered"] == 0
+    assert fsdp["teacher"] > 0 and fsdp["gathered"] > 0
+    assert fsdp["parameters"] == plain["parameters"] // 2

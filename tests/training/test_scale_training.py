@@ -109,3 +109,61 @@ def test_one_rank_checkpoint_resumes_on_two(config, uninterrupted):
     assert resumed[0]["mean"] == resumed[1]["mean"]
     assert resumed[0]["mean"] == pytest.approx(uninterrupted["mean"][HALF:], abs=TOLERANCE)
     assert resumed[0]["checksum"] == pytest.approx(uninterrupted["checksum"], rel=TOLERANCE)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(path, out, *extra):
+    """``torchrun --nnodes 2`` twice on this machine (one process per "node", c10d rendezvous over
+    loopback, gloo), as a SLURM or multi-host launch would start them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    port = _free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", out.name]
+    fit = ["train.py", "fit", "--config", str(path), "--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    fit += [
+        "--trainer.strategy",
+        "fsdp2",
+        "--trainer.default_root_dir",
+        str(out),
+        *recorder_args(out / "ranks"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [*launcher, "--node-rank", str(rank), *fit, *extra],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-4000:]
+    return records(out / "ranks")
+
+
+def test_two_nodes_by_torchrun_agree_and_resume(config, uninterrupted):
+    root, path = config
+    first = _two_nodes(path, root / "nodes", "--trainer.max_steps", str(HALF))
+    assert [r["world"] for r in first] == [2, 2]
+    assert first[0]["mean"] == first[1]["mean"]
+    assert first[0]["mean"] == pytest.approx(uninterrupted["mean"][:HALF], abs=TOLERANCE)
+    resumed = _two_nodes(path, root / "nodes", "--trainer.max_steps", str(STEPS), "--ckpt_path", "last")
+    assert resumed[0]["mean"] == resumed[1]["mean"]
+    assert resumed[0]["mean"] == pytest.approx(uninterrupted["mean"][HALF:], abs=TOLERANCE)
+    assert resumed[0]["checksum"] == pytest.approx(uninterrupted["checksum"], rel=TOLERANCE)
