@@ -69,9 +69,15 @@ def load_training_checkpoint(
 def training_precision(path: str | Path) -> str | None:
     """The Lightning precision the checkpoint's run trained with (None: a checkpoint older than the record)."""
     path = Path(path)
-    meta_file = path / DCP_METADATA if path.is_dir() else path
-    checkpoint = torch.load(meta_file, map_location="cpu", weights_only=True, mmap=not path.is_dir())
-    return checkpoint.get(CHECKPOINT_KEY, {}).get("precision")
+    try:
+        if path.is_dir():
+            checkpoint = torch.load(path / DCP_METADATA, map_location="cpu", weights_only=True)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, FileNotFoundError):
+        return None  # load_training_checkpoint says what is wrong with it
+    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    return meta.get("precision") if isinstance(meta, dict) else None
 
 
 def read_dcp_weights(

@@ -9,10 +9,8 @@ import json
 
 import pytest
 
-from kvforge.training.lightning_cli import KVForgeCLI
 from kvforge.training.setup_once import CONVERTED_DIR, RECIPE_FILE
-from tests.conftest import shared_path
-from tests.training.launch import launch, recorder_args, records
+from tests.training.launch import launch, one_process, recorder_args, records, uptrain_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS, HALF = 4, 2
@@ -22,41 +20,14 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
-    text = shared_path("corpora", "tinystories_val_prefix.txt").read_text(encoding="utf-8")[:40_000]
-    (root / "stories.txt").write_text(text, encoding="utf-8")
-    path = root / "uptrain.yaml"
-    path.write_text(
-        f"""model:
-  init_from: {shared_path("stories260K-mha")}
-  convert: {{to: gqa, n_kv_heads: 2}}
-  distill: {{alpha: 0.5, temperature: 2.0, chunk_size: 48}}
-  optim: {{lr: 0.002, warmup_steps: 1, total_steps: {STEPS}}}
-data:
-  train_files: [{root / "stories.txt"}]
-  block_size: 64
-  batch_size: 2
-  val_fraction: 0.0
-  cache_dir: {root / "cache"}
-trainer:
-  accelerator: cpu
-  logger: false
-  limit_val_batches: 0
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
-    )
-    return root, path
+    return root, uptrain_yaml(root, STEPS, "  distill: {alpha: 0.5, temperature: 2.0, chunk_size: 48}\n")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(config):
-    """One process, the global batch of two ranks (2 × 2 sequences), all the steps."""
+    """One process with the global batch of two ranks (2 × 2 sequences), all the steps."""
     root, path = config
-    out = root / "single"
-    args = ["fit", "--config", str(path), "--data.batch_size", "4", "--trainer.max_steps", str(STEPS)]
-    KVForgeCLI(args=[*args, "--trainer.default_root_dir", str(out), *recorder_args(out / "ranks")])
-    (record,) = records(out / "ranks")
-    return record
+    return one_process(path, root / "single", STEPS)
 
 
 def _checkpoint(out):
