@@ -162,6 +162,11 @@ def train(args: argparse.Namespace) -> list[dict]:
     memory = MemoryCheck(margin=0.0)
     records = workdir / f"run-{args.shape}-{args.strategy}-{args.devices}" / "ranks"
     cuda = torch.cuda.is_available() and not args.cpu
+    callbacks = [memory, Measure(records, memory)]
+    if args.export:  # a checkpoint at the last step, exported afterwards
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=records.parent / "checkpoints", save_last=True))
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=args.devices,
@@ -169,10 +174,10 @@ def train(args: argparse.Namespace) -> list[dict]:
         precision=args.precision,
         max_steps=args.steps,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=args.export,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[memory, Measure(records, memory)],
+        callbacks=callbacks,
         default_root_dir=str(records.parent),
     )
     if cuda:
@@ -180,7 +185,43 @@ def train(args: argparse.Namespace) -> list[dict]:
     trainer.fit(module, datamodule=data)
     if trainer.global_rank != 0:
         return []
-    return [json.loads((records / f"rank{r}.json").read_text()) for r in range(trainer.world_size)]
+    results = [json.loads((records / f"rank{r}.json").read_text()) for r in range(trainer.world_size)]
+    if args.export:
+        results[0]["export"] = measure_export(
+            records.parent / "checkpoints" / "last.ckpt", records.parent / "hf"
+        )
+    return results
+
+
+EXPORT_SCRIPT = """
+import json, resource, sys, time
+start = time.perf_counter()
+from kvforge.training.export import export_checkpoint
+export_checkpoint(sys.argv[1], sys.argv[2], overwrite=True)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def measure_export(checkpoint: Path, out: Path) -> dict:
+    """``kvforge export`` of the run's checkpoint in a fresh process: seconds and peak RSS."""
+    import subprocess
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    command = [
+        sys.executable,
+        "-c",
+        "from benchmarks.source_tree import ensure_kvforge_importable as e; e()\n" + EXPORT_SCRIPT,
+    ]
+    result = subprocess.run(
+        [*command, str(checkpoint), str(out)], capture_output=True, text=True, env=env, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
@@ -204,6 +245,8 @@ def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
         "estimate_gib": estimate / GiB,
         "peak_vs_estimate": peak / estimate,
         "model_gib_per_rank": 16 * record["student_parameters"] / record["world"] / GiB,
+        "export_s": record["export"]["seconds"] if "export" in record else None,
+        "export_peak_gib": record["export"]["peak_rss"] / GiB if "export" in record else None,
     }
 
 
@@ -231,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss-chunk", type=int, default=1024)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--export", action="store_true", help="checkpoint the last step and time its export")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where CUDA is available")
     parser.add_argument("--workdir", default="/tmp/kvforge-scale-training")
     parser.add_argument("--out", help="write the rows as JSON here")
