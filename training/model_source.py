@@ -151,9 +151,14 @@ def check_teacher_vocabulary(teacher: ModelConfig, student: ModelConfig) -> None
         )
 
 
-def apply_transform(
-    config: ModelConfig, state_dict: StateDict, convert: dict[str, Any], calibration: torch.Tensor | None
-) -> tuple[ModelConfig, StateDict]:
+def check_convert(convert: Convert) -> None:
+    """Refuse an unknown transform or option before anything is read (a multi-process run converts later,
+    on rank 0)."""
+    for step in [convert] if isinstance(convert, dict) else convert:
+        _transform_and_options(step)
+
+
+def _transform_and_options(convert: dict[str, Any]) -> tuple[str, Any, dict[str, Any], list[str]]:
     options = dict(convert)
     name = options.pop("to", None)
     if name not in TRANSFORMS:
@@ -167,6 +172,13 @@ def apply_transform(
         raise ValueError(
             f"model.convert: option(s) {unknown} unknown to transform {name!r}; allowed are {allowed}"
         )
+    return name, transform, options, allowed
+
+
+def apply_transform(
+    config: ModelConfig, state_dict: StateDict, convert: dict[str, Any], calibration: torch.Tensor | None
+) -> tuple[ModelConfig, StateDict]:
+    name, transform, options, allowed = _transform_and_options(convert)
     try:
         return transform(config, state_dict, calibration, **options)
     except TypeError as err:  # e.g. a required option is missing

@@ -40,6 +40,7 @@ from .model_source import (
     CalibrationConfig,
     Convert,
     StartingPoint,
+    check_convert,
     locate_starting_point,
     resolve_starting_point,
 )
@@ -89,6 +90,8 @@ class KVForgeLM(pl.LightningModule):
             raise FileNotFoundError(f"model.init_from={init_from!r} is not a directory")
         if converted_only_steps < 0:
             raise ValueError(f"converted_only_steps={converted_only_steps}: must be >= 0")
+        if convert:
+            check_convert(convert)
         if converted_only_steps and not convert:
             raise ValueError(
                 f"converted_only_steps={converted_only_steps} trains only the parameters a conversion created or "
