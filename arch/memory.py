@@ -28,6 +28,8 @@ LOSS_CHUNK = 1024
 # float32 (chunk × vocab) blocks the fused cross-entropy holds at once: the logits (the softmax gradient is
 # computed in place) and the compute-dtype product they come from.
 CE_LOGIT_BLOCKS = 2
+# float32 values per d_model the two RMSNorms of a layer keep per token under autocast (see below).
+MIXED_NORM_FP32_VALUES = 5
 
 
 def count_parameters(config: ModelConfig, layer_index: int | None = None) -> int:
@@ -183,9 +185,12 @@ def estimate_training_memory(
     tokens = batch * seq_len
     per_layer = [activation_values_per_token(config, spec) for spec in config.layers]
     if gradient_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
-        layer_values = config.d_model * len(per_layer) + max(per_layer)
+        layer_values, kept_layers = config.d_model * len(per_layer) + max(per_layer), 1
     else:
-        layer_values = sum(per_layer)
+        layer_values, kept_layers = sum(per_layer), len(per_layer)
+    # Under autocast the RMSNorms upcast to float32 and keep those copies too (measured with
+    # saved_tensors_hooks: about 5·d float32 values per layer and token beside the compute-dtype ones).
+    upcast_bytes = MIXED_NORM_FP32_VALUES * config.d_model * 4 * kept_layers if act_bytes < 4 else 0
     head_weights = config.vocab_size * config.d_model
     # the chunk's float32 logit blocks, the float32 head-gradient accumulator and, kept for the backward,
     # the head-weight and hidden-state gradients
@@ -196,7 +201,7 @@ def estimate_training_memory(
         parameters=n_params * param_bytes // shards,
         gradients=n_params * param_bytes // shards,
         optimizer=n_params * param_bytes * OPTIMIZER_STATES[optimizer] // shards,
-        activations=tokens * layer_values * act_bytes + tokens * 4 * config.d_model * act_bytes,
+        activations=tokens * (layer_values * act_bytes + upcast_bytes + 4 * config.d_model * act_bytes),
         loss=loss,
     )
     if gradient_buckets:

@@ -118,7 +118,11 @@ def _sync() -> None:
 
 
 def peak_rss() -> int:
-    """Peak resident bytes of this process so far (Linux reports KiB)."""
+    """Peak resident bytes of this process so far: ``VmHWM`` (getrusage's ru_maxrss would carry the peak
+    of the process that started this one across ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -194,12 +198,12 @@ def train(args: argparse.Namespace) -> list[dict]:
 
 
 EXPORT_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 start = time.perf_counter()
 from kvforge.training.export import export_checkpoint
 export_checkpoint(sys.argv[1], sys.argv[2], overwrite=True)
-print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": int(status) * 1024}))
 """
 
 

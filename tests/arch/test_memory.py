@@ -58,6 +58,17 @@ def test_activation_estimate_is_within_20_percent_of_measured(form):
     assert 0.8 * measured <= estimate <= 1.2 * measured
 
 
+@pytest.mark.parametrize("form", ["gqa", "mla"])
+def test_activation_estimate_under_bf16_autocast_is_within_20_percent_of_measured(form):
+    base = ModelConfig(vocab_size=64, d_model=128, n_layers=4, n_heads=8, max_seq_len=512, ffn_dim=352)
+    config = with_form(base, form, window=512)
+    ids = torch.randint(0, 64, (2, 257))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = _saved_activation_bytes(CausalLM(config), ids)
+    estimate = estimate_training_memory(config, batch=2, seq_len=256, activation_dtype="bf16").activations
+    assert 0.8 * measured <= estimate <= 1.2 * measured
+
+
 def test_checkpointing_and_sharding_shrink_the_estimate():
     config = tiny_form("gqa")
     full = estimate_training_memory(config, 8, 64)
