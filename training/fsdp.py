@@ -3,8 +3,11 @@
 ``ModelParallelStrategy`` defaults to tensor parallelism across the devices of a node; kvforge uses it
 as pure data parallelism (every device a data-parallel rank), sharding each decoder layer with
 ``fully_shard`` (torchtitan's recipe) and the root module last, which then owns the embedding, the
-final norm and the LM head. ``CausalLM.loss`` reads the LM head's weight directly (fused chunked
-cross-entropy), so it is registered as a forward method: FSDP gathers the root's parameters around it.
+final norm and the LM head. ``CausalLM.loss`` and ``CausalLM.distillation_loss`` read the LM head's
+weight directly (fused chunked losses) and ``CausalLM.hidden_states`` stops before it, so they are
+registered as forward methods: FSDP gathers the root's parameters around them. Weights are loaded by
+broadcasting global rank 0's full state dict into the shards (``load_full_state``); the frozen teacher
+is sharded the same way (``shard_frozen``).
 """
 
 from __future__ import annotations

@@ -119,9 +119,9 @@ class MemoryCheck(pl.Callback):
         available = self.available_bytes if self.available_bytes is not None else available_memory(device)
         if device.type == "cpu" and self.available_bytes is None:
             available //= max(1, trainer.num_devices)  # CPU processes of this node share its RAM
+        runtime = process_bytes() if device.type == "cpu" else 0  # before a one-process run loads weights
         estimate = estimate_run(trainer, pl_module)
-        if device.type == "cpu":
-            estimate.runtime = process_bytes()
+        estimate.runtime = runtime
         self.estimate = estimate
         check_fits(estimate, available, self.margin, f"{device}")
         rank_zero_info(
