@@ -89,6 +89,9 @@ class Measure(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         _sync()
         self.seconds.append(time.perf_counter() - self._start)
+        # before ModelCheckpoint's hook (Lightning runs checkpoint callbacks last): the training peak alone
+        self.step_peak = peak_rss()
+        self.step_peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
     def on_train_end(self, trainer, pl_module) -> None:
         estimate = self.memory_check.estimate
@@ -98,8 +101,9 @@ class Measure(pl.Callback):
             "start_seconds": self.start_seconds,
             "start_peak_rss": self.start_rss,
             "step_seconds": self.seconds,
-            "peak_rss": peak_rss(),
-            "peak_cuda": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "peak_rss": self.step_peak,
+            "peak_cuda": self.step_peak_cuda,
+            "peak_rss_with_save": peak_rss(),
             "estimate_total": estimate.total,
             "estimate_training": estimate.training,
             "estimate_rows": dict(estimate.rows()),
@@ -143,6 +147,7 @@ def write_source(shape: dict, out: Path) -> Path:
 def train(args: argparse.Namespace) -> list[dict]:
     """Fit ``args.steps`` steps; every rank's record (rank 0 returns them all, the other ranks none)."""
     import kvforge.training.fsdp  # noqa: F401 - registers the "fsdp2" strategy name
+    from kvforge.training.checkpoint_io import AtomicCheckpointIO
     from kvforge.training.distill import DistillationConfig
     from kvforge.training.memory_check import MemoryCheck
     from kvforge.training.module import KVForgeLM
@@ -172,6 +177,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 
         callbacks.append(ModelCheckpoint(dirpath=records.parent / "checkpoints", save_last=True))
     trainer = pl.Trainer(
+        plugins=[AtomicCheckpointIO()],  # what train.py uses: streams the checkpoint to its file
         accelerator="gpu" if cuda else "cpu",
         devices=args.devices,
         strategy=args.strategy,
@@ -249,6 +255,7 @@ def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
         "estimate_gib": estimate / GiB,
         "peak_vs_estimate": peak / estimate,
         "model_gib_per_rank": 16 * record["student_parameters"] / record["world"] / GiB,
+        "peak_with_checkpoint_save_gib": record["peak_rss_with_save"] / GiB,
         "export_s": record["export"]["seconds"] if "export" in record else None,
         "export_peak_gib": record["export"]["peak_rss"] / GiB if "export" in record else None,
     }
