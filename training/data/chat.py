@@ -5,7 +5,7 @@ Instruct model).
 The mask comes from the rendered *text*: assistant turn ``i`` spans the characters between the render of
 ``messages[:i]`` with the generation prompt and the render of ``messages[:i + 1]`` (so it includes the
 template's end-of-turn marker, which the model must learn to emit), and a token carries loss when it starts
-inside such a span. That needs a template whose renders of a conversation's prefixes are prefixes of the
+overlapping such a span. That needs a template whose renders of a conversation's prefixes are prefixes of the
 whole render, true of the Llama, Qwen, Mistral and DeepSeek templates; any other is a clear error.
 """
 
@@ -53,7 +53,11 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
             )
         spans.append((len(before), len(through)))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    mask = [int(any(lo <= first < hi for lo, hi in spans)) for first, _ in encoded["offset_mapping"]]
+    # Overlap, not containment: a token that merges the prompt's last space with the answer's first letter
+    # ("▁H" of " Her") must be predicted by the model, so it carries loss.
+    mask = [
+        int(any(first < hi and lo < last for lo, hi in spans)) for first, last in encoded["offset_mapping"]
+    ]
     return encoded["input_ids"], mask
 
 
