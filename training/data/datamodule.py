@@ -38,6 +38,7 @@ from .blocks import DataPosition, MixtureBlocks, PackedBlocks, ResumableSampler
 from .encode import resolve_conventions
 from .prepare import prepare_stream, source_pieces
 from .sources import Source, resolve_sources
+from .streaming import StreamingBlocks
 from .token_cache import cache_key
 from .tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint, train_byte_bpe
 
@@ -70,6 +71,8 @@ class TextDataModule(pl.LightningDataModule):
     seed: seed of the data order (the same on every rank).
     num_workers: DataLoader worker processes.
     num_proc: processes that tokenize during preparation (default: the available cores, at most 8).
+    streaming: tokenize and pack on the fly in the DataLoader workers instead of preparing a cache
+        (hub sources, corpora too large to prepare); validation then needs ``val_files``.
     cache_dir: where tokenized corpora and trained tokenizers are kept.
     bpe_training_chars: characters of training text a new BPE is fitted on (its start).
     """
@@ -95,6 +98,7 @@ class TextDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         num_proc: int | None = None,
+        streaming: bool = False,
         cache_dir: str = ".cache/kvforge",
         bpe_training_chars: int = 50_000_000,
     ) -> None:
@@ -114,6 +118,11 @@ class TextDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{name}={value}: must be positive")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if streaming and val_fraction > 0 and not val_files:
+            raise ValueError(
+                f"data.streaming=True with data.val_fraction={val_fraction}: a stream has no tail to hold out; "
+                "set data.val_fraction: 0, or give data.val_files"
+            )
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"data.num_proc={num_proc}: must be >= 1, or null for the available cores")
         self.legacy = sources is None  # the single-corpus options: errors name their fields
@@ -140,7 +149,7 @@ class TextDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.val_fraction, self.add_bos, self.eos_token, self.seed = val_fraction, add_bos, eos_token, seed
         self.document_masking = document_masking
-        self.num_workers = num_workers
+        self.num_workers, self.streaming = num_workers, streaming
         self.num_proc = num_proc or min(8, len(os.sched_getaffinity(0)))
         self.cache_dir = Path(cache_dir)
         self.bpe_training_chars = bpe_training_chars
@@ -150,6 +159,7 @@ class TextDataModule(pl.LightningDataModule):
         self.val_set: PackedBlocks | None = None
         self.conventions = None
         self.position = DataPosition()
+        self.stream_state: dict = {}  # streaming: {"batches": consumed batches, "shards": {shard: cursor}}
         self._world, self._pass_steps = 1, 0
         self._fingerprints: dict[str, str] = {}
 
@@ -159,6 +169,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.position = DataPosition()  # a new fit starts at the beginning; a resume restores it after this
+        self.stream_state = {}
         if self.train_set is None:
             self.build(*self._model_requirements(), create=False)
 
@@ -167,6 +178,8 @@ class TextDataModule(pl.LightningDataModule):
         shard = {"num_replicas": 1, "rank": 0}
         if self.trainer is not None:
             shard = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or shard
+        if self.streaming:
+            return self._streaming_loader(shard["rank"], shard["num_replicas"])
         if len(self.train_set) < self.batch_size * shard["num_replicas"]:
             raise ValueError(
                 f"data: {len(self.train_set)} training blocks of {self.block_size} tokens cannot fill one batch of "
@@ -183,7 +196,25 @@ class TextDataModule(pl.LightningDataModule):
             return []
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
 
+    def _streaming_loader(self, rank: int, world: int) -> DataLoader:
+        state = self.stream_state or {"batches": 0, "shards": {}, "world": world, "workers": self.num_workers}
+        if (state["world"], state["workers"]) != (world, self.num_workers):
+            raise ValueError(
+                f"data: the checkpoint's stream was read by {state['world']} device(s) × {state['workers']} "
+                f"DataLoader workers; resuming it exactly needs the same (now {world} × {self.num_workers})"
+            )
+        self.stream_state = state
+        self.train_set.rank, self.train_set.world = rank, world
+        self.train_set.resume = {int(k): v for k, v in state["shards"].items()}
+        self.train_set.batches_consumed = state["batches"]
+        return self._loader(self.train_set, self.batch_size)
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        cursor = batch.pop("stream_state", None)
+        if cursor is not None and self.trainer is not None and self.trainer.training:
+            # The shard's cursor after the last block of this batch: where it resumes (see ``streaming``).
+            self.stream_state["shards"][int(cursor[-1, 0])] = cursor[-1].tolist()
+            self.stream_state["batches"] += 1
         # Blocks that each hold one document need no mask: plain causal attention is the same and faster.
         if not self.document_masking or not batch["document_ids"].any():
             batch = {key: value for key, value in batch.items() if key != "document_ids"}
@@ -197,10 +228,15 @@ class TextDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
+        if self.streaming:
+            return {"stream": _gather_streams(self.stream_state)} if self.stream_state else {}
         return dataclasses.asdict(self.position) if self._pass_steps else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict:
+        if "stream" in state_dict:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self.stream_state = state_dict["stream"][rank]
+        elif state_dict:
             self.position = DataPosition(**state_dict)
 
     # ------------------------------------------------------------------ building
@@ -224,6 +260,9 @@ class TextDataModule(pl.LightningDataModule):
         self.conventions = resolve_conventions(
             self.tokenizer, self.tokenizer_dir, self.add_bos, self.eos_token
         )
+        if self.streaming:
+            self._build_streaming(create)
+            return
         trains, vals = [], []
         for source in self.sources:
             stream = self._stream(source, create)
@@ -245,6 +284,15 @@ class TextDataModule(pl.LightningDataModule):
                 f"data: the validation text has too few tokens for one block of {self.block_size} + 1; "
                 "raise data.val_fraction or give longer val_files"
             )
+
+    def _build_streaming(self, create: bool) -> None:
+        self.train_set = StreamingBlocks(
+            self.sources, self.tokenizer, self.conventions, self.block_size, self.seed, legacy=self.legacy
+        )
+        self.val_set = []
+        if self.val_source:
+            val = self._stream(self.val_source, create)
+            self.val_set = PackedBlocks(val, 0, len(val), self.block_size)
 
     def val_tokens(self) -> torch.Tensor:
         """The held-out token stream as one 1-D tensor (for windowed perplexity)."""
@@ -331,3 +379,15 @@ class TextDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             **options,
         )
+
+
+def _gather_streams(state: dict) -> list[dict]:
+    """Every rank's stream state, indexed by rank (Lightning saves the datamodule's state from rank 0 only,
+    and each rank reads its own shards)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states

@@ -105,11 +105,15 @@ def encode_batch(tokenizer, batch: list[Piece]) -> Encoded:
     return Encoded(flat, lengths, flat_mask)
 
 
+def piece_chars(piece: Piece) -> int:
+    return len(piece.text) + sum(len(m["content"]) for m in piece.messages or ())
+
+
 def batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
     batch, chars = [], 0
     for piece in pieces:
         batch.append(piece)
-        chars += len(piece.text) + sum(len(m["content"]) for m in piece.messages or ())
+        chars += piece_chars(piece)
         if chars >= BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -205,7 +209,7 @@ class DocumentJoiner:
             if self.at_document_start:
                 head, head_mask = [], []
                 if self.doc_starts:
-                    head.append(self._eos())
+                    head.append(self.eos())
                     head_mask.append(self.last_mask)
                 self.doc_starts.append(length + len(head))
                 if self.conventions.bos_id is not None and piece.messages is None:
@@ -224,7 +228,7 @@ class DocumentJoiner:
         self.n_tokens = length
         return np.concatenate(parts), np.concatenate(masks)
 
-    def _eos(self) -> int:
+    def eos(self) -> int:
         if self.conventions.eos_id is None:
             raise ValueError(
                 f"data.{self.what}: the tokenizer has no EOS token to put between documents; use a tokenizer "
