@@ -73,10 +73,19 @@ class Encoded:
     mask: np.ndarray | None  # uint8 like ids, or None when every token carries loss
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens. The Rust tokenizer's ``encode_batch_fast`` gives the
+    same ids as ``tokenizer(texts)`` about twice as fast (it computes no character offsets)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def encode_batch(tokenizer, batch: list[Piece]) -> Encoded:
     chat = [piece.messages is not None for piece in batch]
     if not any(chat):
-        rows = tokenizer([p.text for p in batch], add_special_tokens=False, verbose=False)["input_ids"]
+        rows = encode_texts(tokenizer, [p.text for p in batch])
         masks = None
     else:
         if not has_chat_template(tokenizer):
@@ -89,10 +98,7 @@ def encode_batch(tokenizer, batch: list[Piece]) -> Encoded:
             ids, mask = (
                 encode_chat(tokenizer, piece.messages)
                 if piece.messages is not None
-                else (
-                    tokenizer(piece.text, add_special_tokens=False, verbose=False)["input_ids"],
-                    None,
-                )
+                else (encode_texts(tokenizer, [piece.text])[0], None)
             )
             rows.append(ids)
             masks.append(mask if mask is not None else [1] * len(ids))
