@@ -271,3 +271,50 @@ def test_a_corpus_that_changes_while_prepared_is_an_error_and_caches_nothing(
     ):
         _data(tmp_path, tokenizer_dir, [{"files": [str(corpus)]}])
     assert _cache_files(tmp_path) == []
+
+
+def test_distillation_scores_the_same_assistant_tokens(tmp_path, chat_tokenizer_dir):
+    """The chat batch's targets drive both terms: changing the teacher at prompt positions changes
+    nothing, changing it at an answer position changes the KL."""
+    import torch
+
+    from kvforge.training.distill import DistillationConfig, distillation_loss
+
+    rows = [{"messages": CHAT}] * 3
+    source = {"files": [_jsonl(tmp_path / "chat.jsonl", rows)], "messages_field": "messages"}
+    data = _data(tmp_path, chat_tokenizer_dir, [source], block_size=32)
+    targets = data.train_set[0]["targets"][None]
+    scored = targets != IGNORE_INDEX
+    assert 0 < scored.sum() < scored.numel()
+    torch.manual_seed(0)
+    student, teacher = torch.randn(1, 32, 512), torch.randn(1, 32, 512)
+    config = DistillationConfig(alpha=0.5)
+    base = distillation_loss(student, teacher, targets, config)
+    prompt_changed = teacher.clone()
+    prompt_changed[~scored] += 5 * torch.randn(int((~scored).sum()), 512)
+    assert torch.equal(distillation_loss(student, prompt_changed, targets, config)["loss"], base["loss"])
+    answer_changed = teacher.clone()
+    answer_changed[scored] += 5 * torch.randn(int(scored.sum()), 512)
+    assert not torch.isclose(distillation_loss(student, answer_changed, targets, config)["kl"], base["kl"])
+
+
+def test_a_yaml_list_of_sources_instantiates_through_the_cli(tmp_path):
+    from kvforge.training.lightning_cli import KVForgeCLI
+
+    corpus = _jsonl(tmp_path / "a.jsonl", _texts("a", 2))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"""model:
+  model: {{vocab_size: 320, d_model: 32, n_layers: 2, n_heads: 4, max_seq_len: 64}}
+data:
+  sources:
+    - {{files: [{corpus}], weight: 2, name: web}}
+    - {{hub: parquet, data_files: [{corpus}], messages_field: messages, max_tokens: 1000}}
+trainer: {{max_steps: 1, accelerator: cpu, logger: false}}
+"""
+    )
+    sources = KVForgeCLI(args=["--config", str(config)], run=False).datamodule.sources
+    assert [(s.name, s.weight, s.hub, s.chat, s.max_tokens) for s in sources] == [
+        ("web", 2.0, None, False, None),
+        ("sources[1]", 1.0, "parquet", True, 1000),
+    ]
