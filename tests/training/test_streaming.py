@@ -144,3 +144,17 @@ def test_resume_mid_stream_and_mid_mixture_matches_the_uninterrupted_run(tmp_pat
     assert sorted(resumed) == list(range(6, 10))
     got = [first[s] if s <= 5 else resumed[s] for s in range(1, 10)]
     assert np.allclose(got, [uninterrupted[s] for s in range(1, 10)], atol=1e-5, rtol=0)
+
+
+def test_each_worker_of_each_rank_reads_its_own_shard_in_turn(tmp_path, tokenizer_dir):
+    from torch.utils.data import DataLoader
+
+    corpus = _jsonl(tmp_path / "a.jsonl", "doc", 40)
+    stream = _streaming(tmp_path, tokenizer_dir, [{"files": [corpus]}]).train_set
+    stream.world = 2
+    for rank, rotation in ((0, 0), (1, 1)):
+        stream.rank, stream.batches_consumed = rank, rotation  # a resume rotates the workers' shards
+        loader = iter(DataLoader(stream, batch_size=2, num_workers=2))
+        shards = [next(loader)["stream_state"][:, 0].tolist() for _ in range(4)]
+        first, second = 2 * rank + rotation, 2 * rank + 1 - rotation
+        assert shards == [[first] * 2, [second] * 2, [first] * 2, [second] * 2]
