@@ -158,3 +158,43 @@ def test_each_worker_of_each_rank_reads_its_own_shard_in_turn(tmp_path, tokenize
         shards = [next(loader)["stream_state"][:, 0].tolist() for _ in range(4)]
         first, second = 2 * rank + rotation, 2 * rank + 1 - rotation
         assert shards == [[first] * 2, [second] * 2, [first] * 2, [second] * 2]
+
+
+def _gather_on_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from kvforge.training.data.datamodule import _gather_streams
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        gathered = _gather_streams({"batches": 3, "shards": {2 * rank: [2 * rank, 5, 0, rank, 7]}})
+        with open(f"{out}/rank{rank}.json", "w") as handle:
+            json.dump(gathered, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_the_checkpoint_keeps_every_ranks_stream_cursors(tmp_path):
+    """Lightning writes the DataModule state of rank 0 only: the cursors of all ranks are gathered into it."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=_gather_on_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    expected = [{"batches": 3, "shards": {str(2 * r): [2 * r, 5, 0, r, 7]}} for r in range(2)]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+    data = TextDataModule(
+        sources=[{"files": [_jsonl(tmp_path / "a.jsonl", "d", 2)]}], streaming=True, val_fraction=0
+    )
+    data.load_state_dict({"stream": expected})  # outside a Trainer: rank 0's
+    assert data.stream_state == expected[0]
