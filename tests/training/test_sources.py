@@ -4,7 +4,6 @@ tokenization, the cheap cache fingerprint, the hub path, and the errors for bad 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -15,18 +14,7 @@ from kvforge.training.data.blocks import DataPosition, ResumableSampler
 from kvforge.training.data.chat import encode_chat
 from kvforge.training.data.tokenizer import load_tokenizer
 from tests.conftest import shared_path
-from tests.training.helpers import tiny_config
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}[assistant]: {% endif %}"
-)
-CHAT = [
-    {"role": "user", "content": "Who is Lily?"},
-    {"role": "assistant", "content": "A girl."},
-    {"role": "user", "content": "And Tom?"},
-    {"role": "assistant", "content": "Her dog."},
-]
+from tests.training.helpers import CHAT, chat_tokenizer, tiny_config
 
 
 @pytest.fixture
@@ -36,16 +24,7 @@ def tokenizer_dir():
 
 @pytest.fixture
 def chat_tokenizer_dir(tmp_path):
-    """stories260K's tokenizer with a small chat template written into its tokenizer_config.json."""
-    directory = tmp_path / "chat_tokenizer"
-    directory.mkdir()
-    source = shared_path("stories260K")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(source / name, directory / name)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return str(directory)
+    return chat_tokenizer(tmp_path / "chat_tokenizer")
 
 
 def _jsonl(path, rows):

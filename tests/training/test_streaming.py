@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from kvforge.training.data import TextDataModule
 from kvforge.training.data.streaming import StreamingBlocks
 from tests.conftest import shared_path
-from tests.training.helpers import LossRecorder, tiny_config, tiny_module, trainer
+from tests.training.helpers import CHAT, LossRecorder, chat_tokenizer, tiny_config, tiny_module, trainer
 
 BLOCK = 16
 
@@ -198,3 +198,21 @@ def test_the_checkpoint_keeps_every_ranks_stream_cursors(tmp_path):
     )
     data.load_state_dict({"stream": expected})  # outside a Trainer: rank 0's
     assert data.stream_state == expected[0]
+
+
+def test_streamed_chat_blocks_score_only_the_answers(tmp_path):
+    from kvforge.kernels.cross_entropy import IGNORE_INDEX
+    from kvforge.training.data.chat import encode_chat
+
+    directory = chat_tokenizer(tmp_path / "tokenizer")
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text(json.dumps({"messages": CHAT}) + "\n")
+    source = {"files": [str(corpus)], "messages_field": "messages"}
+    data = _streaming(tmp_path, directory, [source], block_size=48)
+    ids, mask = encode_chat(data.tokenizer, CHAT)
+    ids, mask = [*ids, data.conventions.eos_id], [*mask, mask[-1]]  # [tokens] EOS, no BOS for chat
+    block = next(data.train_set.shard_blocks(0, 1))
+    expected = [t if m else IGNORE_INDEX for t, m in zip(ids[1:49], mask[1:49])]
+    assert block["input_ids"].tolist() == ids[:48]
+    assert block["targets"].tolist() == expected
+    assert 0 < expected.count(IGNORE_INDEX) < 48  # the block holds prompt and answer tokens
