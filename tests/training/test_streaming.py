@@ -216,3 +216,23 @@ def test_streamed_chat_blocks_score_only_the_answers(tmp_path):
     assert block["input_ids"].tolist() == ids[:48]
     assert block["targets"].tolist() == expected
     assert 0 < expected.count(IGNORE_INDEX) < 48  # the block holds prompt and answer tokens
+
+
+def test_a_token_budget_is_shared_by_the_streams_and_resumes_exactly(tmp_path, tokenizer_dir):
+    corpus = _jsonl(tmp_path / "a.jsonl", "doc", 30)
+    whole = _streaming(tmp_path, tokenizer_dir, [{"files": [corpus]}]).train_set
+    capped = _streaming(tmp_path, tokenizer_dir, [{"files": [corpus], "max_tokens": 200}]).train_set
+
+    def tokens(blocks, n):
+        emitted: list[int] = []
+        for block, _ in zip(blocks, range(n)):
+            ids = block["input_ids"].tolist() + block["targets"][-1:].tolist()
+            emitted += ids if not emitted else ids[1:]
+        return emitted
+
+    reference = tokens(whole.shard_blocks(1, 2), 10)[:100]  # shard 1 of 2 reads 100 tokens per pass
+    assert tokens(capped.shard_blocks(1, 2), 20)[:300] == reference * 3
+    seen = [block for block, _ in zip(capped.shard_blocks(1, 2), range(20))]
+    capped.resume = {1: seen[8]["stream_state"].tolist()}  # the cursor mid-way through the second pass
+    for block, again in zip(seen[9:], capped.shard_blocks(1, 2)):
+        assert torch.equal(block["input_ids"], again["input_ids"])

@@ -8,10 +8,13 @@ own are tokenized), so no document is read twice or skipped. Each document becom
 ``[BOS] tokens EOS`` (EOS after every document, the checkpoint's conventions as in the prepared path);
 a shard packs each source's documents into blocks of ``B + 1`` tokens (consecutive blocks share one,
 like ``PackedBlocks``) and draws each block's source with probability proportional to its weight, from a
-generator seeded by ``(seed, shard, block number)``.
+generator seeded by ``(seed, shard, block number)``. A source's ``max_tokens`` is shared evenly by the
+shards: each reads ``ceil(max_tokens / shards)`` tokens of it per pass (the last document cut there), then
+starts the next pass.
 
 Exact resume: every block carries its shard's cursor after it (blocks emitted, and per source the pass,
-the first document still in the buffer and how many of its tokens were used), the DataModule keeps the
+the first document still in the buffer, how many of its tokens were used and how many tokens of the
+pass came before it), the DataModule keeps the
 cursor of the last *consumed* batch of each shard, and a resumed worker starts from it: it re-reads (but
 does not re-tokenize) the records before that document. Workers take over shards rotated by the number
 of consumed batches, so the DataLoader's round robin resumes in the uninterrupted order.
@@ -54,9 +57,12 @@ class _Cursor:
     def __init__(self, source, shard, n_shards, tokenizer, conventions, state, legacy) -> None:
         self.source, self.shard, self.n_shards = source, shard, n_shards
         self.tokenizer, self.conventions, self.legacy = tokenizer, conventions, legacy
-        epoch, first_doc, self.dropped = state
+        epoch, first_doc, self.dropped, self.pass_tokens = state
         self.skip = self.dropped  # a resumed cursor re-tokenizes its first document and skips what was used
-        self.buffered: deque = deque()  # (epoch, document index, length) of the documents in the buffer
+        # A token budget is shared evenly by the streams: each reads that many tokens per pass, then restarts.
+        self.budget = -(-source.max_tokens // n_shards) if source.max_tokens else None
+        # (pass, document index, length, tokens of the pass before it) of the documents in the buffer
+        self.buffered: deque = deque()
         self.ids = np.empty(0, dtype=np.int64)
         self.mask = np.empty(0, dtype=np.uint8)
         self.next = (epoch, first_doc)
@@ -80,18 +86,19 @@ class _Cursor:
                 )
             epoch, first_doc = epoch + 1, 0
 
-    def state(self) -> tuple[int, int, int]:
+    def state(self) -> tuple[int, int, int, int]:
+        """(pass, first document in the buffer, its tokens already used, tokens of the pass before it)."""
         if self.buffered:
-            epoch, index, _ = self.buffered[0]
-            return epoch, index, self.dropped
-        return (*self.next, 0)
+            epoch, index, _, before = self.buffered[0]
+            return epoch, index, self.dropped, before
+        return (*self.next, 0, self.pass_tokens)
 
     def take(self, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The next ``length + 1`` tokens, their loss mask and document ids; ``length`` of them are used up."""
         while len(self.ids) < length + 1:
             self._fill()
         ids, mask = self.ids[: length + 1], self.mask[: length + 1]
-        ends = np.cumsum([n for _, _, n in self.buffered]) - self.dropped
+        ends = np.cumsum([entry[2] for entry in self.buffered]) - self.dropped
         document_ids = np.searchsorted(ends, np.arange(length), side="right")
         self.ids, self.mask = self.ids[length:], self.mask[length:]
         self.dropped += length
@@ -122,10 +129,18 @@ class _Cursor:
             ids, mask = joiner.join(document, sub)
             ids = np.append(ids, joiner.eos())
             mask = np.append(mask, mask[-1] if len(mask) else 1).astype(np.uint8)
+            if self.budget is not None:
+                ids, mask = ids[: self.budget - self.pass_tokens], mask[: self.budget - self.pass_tokens]
             parts.append(ids)
             masks.append(mask)
-            self.buffered.append((epoch, index, len(ids)))
+            self.buffered.append((epoch, index, len(ids), self.pass_tokens))
             first += n_pieces
+            if self.budget is not None:
+                self.pass_tokens += len(ids)
+                if self.pass_tokens >= self.budget:  # the pass ends here; the documents read after it wait
+                    self.pass_tokens, self.next = 0, (epoch + 1, 0)
+                    self.reader = self._documents(epoch + 1, 0)
+                    break
         self.ids, self.mask = np.concatenate(parts)[self.skip :], np.concatenate(masks)[self.skip :]
         self.skip = 0
 
@@ -146,12 +161,6 @@ class StreamingBlocks(IterableDataset):
         *,
         legacy: bool = False,
     ) -> None:
-        for source in sources:
-            if source.max_tokens is not None:
-                raise ValueError(
-                    f"data.{source.name}.max_tokens={source.max_tokens}: token budgets are not supported in "
-                    "streaming mode yet; prepare the source (streaming: false) or drop the budget"
-                )
         self.sources, self.tokenizer, self.conventions = sources, tokenizer, conventions
         self.block_size, self.seed, self.legacy = block_size, seed, legacy
         weights = np.asarray([s.weight for s in sources], dtype=np.float64)
@@ -176,7 +185,7 @@ class StreamingBlocks(IterableDataset):
                 n_shards,
                 self.tokenizer,
                 self.conventions,
-                tuple(state[2 + 3 * i : 5 + 3 * i]) if state else (0, 0, 0),
+                tuple(state[2 + 4 * i : 6 + 4 * i]) if state else (0, 0, 0, 0),
                 self.legacy,
             )
             for i, source in enumerate(self.sources)
