@@ -137,8 +137,9 @@ class TextDataModule(pl.LightningDataModule):
                 txt_separator=txt_separator,
                 name=label,
             )
-            sources = [source.validate(label, files_field="train_files")]
-        self.sources = resolve_sources(list(sources))
+            self.sources = [source.validate(label, files_field="train_files")]
+        else:
+            self.sources = resolve_sources(list(sources))
         self.val_source = None
         if val_files:
             val_source = Source(files=list(val_files), text_field=text_field, txt_separator=txt_separator)
