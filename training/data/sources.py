@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .documents import resolve_files
+from .documents import TEXT_SUFFIXES, resolve_files
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Source:
             if not self.files:
                 raise ValueError(f"data.{where}.files: empty list; give at least one path or glob")
             self.paths = resolve_files(list(self.files), files_field or f"{where}.files")
-            if self.chat and any(p.suffix in (".txt", ".md") for p in self.paths):
+            if self.chat and any(p.suffix in TEXT_SUFFIXES for p in self.paths):
                 raise ValueError(
                     f"data.{where}: messages_field={self.messages_field!r} needs records (jsonl, json, "
                     "parquet, arrow, datasets directories), not plain text files"
