@@ -93,7 +93,8 @@ def _split_kernel(
                 other=0.0,
             )
             scores += _dot(q2, tl.trans(k2), IEEE)
-        scores = tl.where(n_ok[None, :], scores * scale, float("-inf"))
+        # Under torch.compile, Inductor hands a float argument over as fp64: keep the running max in fp32.
+        scores = tl.where(n_ok[None, :], (scores * scale).to(tl.float32), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])

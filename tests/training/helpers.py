@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,6 +16,26 @@ from kvforge.training.optim import OptimizerConfig
 from tests.conftest import shared_path
 
 VOCAB = 320  # a byte-level BPE needs > 256 entries
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]: {% endif %}"
+)
+CHAT = [
+    {"role": "user", "content": "Who is Lily?"},
+    {"role": "assistant", "content": "A girl."},
+    {"role": "user", "content": "And Tom?"},
+    {"role": "assistant", "content": "Her dog."},
+]
+
+
+def chat_tokenizer(directory: Path) -> str:
+    """stories260K's tokenizer with ``CHAT_TEMPLATE`` written into its tokenizer_config.json."""
+    directory.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / name).write_bytes(shared_path("stories260K", name).read_bytes())
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    return str(directory)
 
 
 def tiny_corpus(directory: Path, chars: int = 12_000) -> Path:

@@ -27,6 +27,7 @@ def _module(tmp_path, files, tokenizer_dir, **options):
         block_size=8,
         batch_size=2,
         val_fraction=0.0,
+        add_bos=False,  # the streams below are checked token by token (BOS conventions: test_sources.py)
         cache_dir=str(tmp_path / "cache"),
     )
     settings.update(options)
@@ -124,7 +125,7 @@ def test_the_tokenized_cache_is_reused(tmp_path, tokenizer_dir, monkeypatch):
         raise AssertionError("the corpus was tokenized again")
 
     monkeypatch.setattr(token_cache, "tokenize_to_cache", fail)
-    monkeypatch.setattr("kvforge.training.data.datamodule.tokenize_to_cache", fail)
+    monkeypatch.setattr("kvforge.training.data.prepare.tokenize_to_cache", fail)
     second = _module(tmp_path, [corpus], tokenizer_dir)
     assert second.train_set.stream.directory == entry
     assert (entry / "tokens.bin").stat().st_mtime_ns == written

@@ -1,12 +1,18 @@
 """``TextDataModule``: text in, packed fixed-length token blocks out, with a resumable data order.
 
-1. ``prepare_data`` (one process per node): pick the tokenizer (``data.tokenizer``, else the model's
-   ``init_from`` directory, else a byte-level BPE trained on the training text), then tokenize the
-   corpus into the memory-mapped cache (see ``token_cache``), unless an entry for the same data bytes,
-   tokenizer and settings already exists.
+The data is a list of sources (``data.sources``, see ``sources``), or, for the single-corpus options
+(``train_files`` / ``dataset``), one source made of them.
+
+1. ``prepare_data`` (one process per node, Lightning's local rank 0; the other ranks wait): pick the
+   tokenizer (``data.tokenizer``, else the model's ``init_from`` directory, else a byte-level BPE trained
+   on the training text), then tokenize every source in ``num_proc`` processes into the memory-mapped
+   cache (see ``prepare``), unless an entry for the same files (sizes, mtimes), tokenizer and settings
+   already exists.
 2. ``setup`` (every process): open the cached streams and cut them into blocks. Without ``val_files``
-   the validation set is the *tail* ``val_fraction`` of the training stream (contiguous, so no block
-   of validation text sits next to a training block of the same passage).
+   the validation set is the *tail* ``val_fraction`` of each source's stream (contiguous, so no block
+   of validation text sits next to a training block of the same passage). Several sources are mixed by
+   weight (``blocks.MixtureBlocks``). ``streaming: true`` skips the preparation and tokenizes in the
+   DataLoader workers instead (see ``streaming``).
 3. Loaders: a seeded per-epoch shuffle sharded over data-parallel ranks; every step gets full batches
    (an incomplete last batch of an epoch is skipped, and reshuffled into the next epoch).
 
@@ -17,18 +23,23 @@ the training steps consumed, counted as they are consumed) and every new iterato
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from kvforge.conversion import atomic_directory
 
-from .blocks import DataPosition, PackedBlocks, ResumableSampler
-from .documents import fingerprint, iter_hub_pieces, iter_pieces, resolve_files
-from .token_cache import TokenStream, cache_key, load_stream, tokenize_to_cache
+from .blocks import DataPosition, MixtureBlocks, PackedBlocks, ResumableSampler
+from .encode import resolve_conventions
+from .prepare import prepare_stream, source_pieces
+from .sources import Source, resolve_sources
+from .streaming import StreamingBlocks
+from .token_cache import cache_key
 from .tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint, train_byte_bpe
 
 # The data position is restored through this DataModule's state_dict (see the module docstring), which
@@ -40,6 +51,8 @@ warnings.filterwarnings(
 
 class TextDataModule(pl.LightningDataModule):
     """Args:
+    sources: the training sources (files, datasets directories or hub names), each with its field, weight
+        and token budget (see ``Source``); exclusive with ``train_files`` / ``dataset``.
     train_files: text files (``.txt``, ``.jsonl``, ``.parquet``), globs, or saved ``datasets`` directories.
     val_files: held-out files; when absent the tail ``val_fraction`` of the training tokens is held out.
     dataset: a Hugging Face hub dataset name (needs network or the local hub cache), instead of files.
@@ -50,17 +63,23 @@ class TextDataModule(pl.LightningDataModule):
     block_size: tokens per training sequence (at most the model's ``max_seq_len``).
     batch_size: sequences per step on each device (``val_batch_size`` for validation, default the same).
     val_fraction: share of the training tokens held out when there are no ``val_files``.
-    add_bos: put BOS at the start of every document.
+    add_bos: put BOS at the start of every text document; ``None`` = the checkpoint's convention (BOS
+        when its tokenizer adds one itself).
+    eos_token: the token between documents; default the tokenizer's EOS, else the generation config's.
     document_masking: give the model each block's ``document_ids`` so that no token attends across a
         document boundary and positions restart per document; ``False`` packs without masks (GPT-2 style).
     seed: seed of the data order (the same on every rank).
     num_workers: DataLoader worker processes.
+    num_proc: processes that tokenize during preparation (default: the available cores, at most 8).
+    streaming: tokenize and pack on the fly in the DataLoader workers instead of preparing a cache
+        (hub sources, corpora too large to prepare); validation then needs ``val_files``.
     cache_dir: where tokenized corpora and trained tokenizers are kept.
     bpe_training_chars: characters of training text a new BPE is fitted on (its start).
     """
 
     def __init__(
         self,
+        sources: list[Source] | None = None,
         train_files: list[str] | None = None,
         val_files: list[str] | None = None,
         dataset: str | None = None,
@@ -73,42 +92,75 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         val_batch_size: int | None = None,
         val_fraction: float = 0.05,
-        add_bos: bool = False,
+        add_bos: bool | None = None,
+        eos_token: str | None = None,
         document_masking: bool = True,
         seed: int = 0,
         num_workers: int = 0,
+        num_proc: int | None = None,
+        streaming: bool = False,
         cache_dir: str = ".cache/kvforge",
         bpe_training_chars: int = 50_000_000,
     ) -> None:
         super().__init__()
-        if not train_files and not dataset:
+        given = [
+            name
+            for name, value in (("sources", sources), ("train_files", train_files), ("dataset", dataset))
+            if value
+        ]
+        if len(given) != 1:
             raise ValueError(
-                "data: give train_files (local files / dataset directories) or dataset (a hub name)"
+                "data: give exactly one of sources (a list), train_files (local files / dataset directories) "
+                f"or dataset (a hub name); got {given or 'none'}"
             )
-        if train_files and dataset:
-            raise ValueError("data: give either train_files or dataset, not both")
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
             if value <= 0:
                 raise ValueError(f"data.{name}={value}: must be positive")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
-        self.train_paths = resolve_files(list(train_files), "train_files") if train_files else []
-        self.val_paths = resolve_files(list(val_files), "val_files") if val_files else []
-        self.dataset, self.dataset_config, self.dataset_split = dataset, dataset_config, dataset_split
-        self.text_field, self.txt_separator = text_field, txt_separator
+        if streaming and val_fraction > 0 and not val_files:
+            raise ValueError(
+                f"data.streaming=True with data.val_fraction={val_fraction}: a stream has no tail to hold out; "
+                "set data.val_fraction: 0, or give data.val_files"
+            )
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(f"data.num_proc={num_proc}: must be >= 1, or null for the available cores")
+        self.legacy = sources is None  # the single-corpus options: errors name their fields
+        if self.legacy:
+            label = "train_files" if train_files else "dataset"
+            source = Source(
+                files=list(train_files) if train_files else None,
+                hub=dataset,
+                hub_config=dataset_config,
+                split=dataset_split,
+                text_field=text_field,
+                txt_separator=txt_separator,
+                name=label,
+            )
+            self.sources = [source.validate(label, files_field="train_files")]
+        else:
+            self.sources = resolve_sources(list(sources))
+        self.val_source = None
+        if val_files:
+            val_source = Source(files=list(val_files), text_field=text_field, txt_separator=txt_separator)
+            self.val_source = val_source.validate("val_files", files_field="val_files")
+        self.dataset_split = dataset_split
         self.tokenizer_name = tokenizer
         self.block_size, self.batch_size = block_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.val_fraction, self.add_bos, self.seed = val_fraction, add_bos, seed
+        self.val_fraction, self.add_bos, self.eos_token, self.seed = val_fraction, add_bos, eos_token, seed
         self.document_masking = document_masking
-        self.num_workers = num_workers
+        self.num_workers, self.streaming = num_workers, streaming
+        self.num_proc = num_proc or min(8, len(os.sched_getaffinity(0)))
         self.cache_dir = Path(cache_dir)
         self.bpe_training_chars = bpe_training_chars
         self.tokenizer = None
         self.tokenizer_dir: Path | None = None
         self.train_set: PackedBlocks | None = None
         self.val_set: PackedBlocks | None = None
+        self.conventions = None
         self.position = DataPosition()
+        self.stream_state: dict = {}  # streaming: {"batches": consumed batches, "shards": {shard: cursor}}
         self._world, self._pass_steps = 1, 0
         self._fingerprints: dict[str, str] = {}
 
@@ -118,6 +170,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.position = DataPosition()  # a new fit starts at the beginning; a resume restores it after this
+        self.stream_state = {}
         if self.train_set is None:
             self.build(*self._model_requirements(), create=False)
 
@@ -126,6 +179,8 @@ class TextDataModule(pl.LightningDataModule):
         shard = {"num_replicas": 1, "rank": 0}
         if self.trainer is not None:
             shard = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or shard
+        if self.streaming:
+            return self._streaming_loader(shard["rank"], shard["num_replicas"])
         if len(self.train_set) < self.batch_size * shard["num_replicas"]:
             raise ValueError(
                 f"data: {len(self.train_set)} training blocks of {self.block_size} tokens cannot fill one batch of "
@@ -142,7 +197,25 @@ class TextDataModule(pl.LightningDataModule):
             return []
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
 
+    def _streaming_loader(self, rank: int, world: int) -> DataLoader:
+        state = self.stream_state or {"batches": 0, "shards": {}, "world": world, "workers": self.num_workers}
+        if (state["world"], state["workers"]) != (world, self.num_workers):
+            raise ValueError(
+                f"data: the checkpoint's stream was read by {state['world']} device(s) × {state['workers']} "
+                f"DataLoader workers; resuming it exactly needs the same (now {world} × {self.num_workers})"
+            )
+        self.stream_state = state
+        self.train_set.rank, self.train_set.world = rank, world
+        self.train_set.resume = {int(k): v for k, v in state["shards"].items()}
+        self.train_set.batches_consumed = state["batches"]
+        return self._loader(self.train_set, self.batch_size)
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        cursor = batch.pop("stream_state", None)
+        if cursor is not None and self.trainer is not None and self.trainer.training:
+            # The shard's cursor after the last block of this batch: where it resumes (see ``streaming``).
+            self.stream_state["shards"][int(cursor[-1, 0])] = cursor[-1].tolist()
+            self.stream_state["batches"] += 1
         # Blocks that each hold one document need no mask: plain causal attention is the same and faster.
         if not self.document_masking or not batch["document_ids"].any():
             batch = {key: value for key, value in batch.items() if key != "document_ids"}
@@ -156,10 +229,15 @@ class TextDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
+        if self.streaming:
+            return {"stream": _gather_streams(self.stream_state)} if self.stream_state else {}
         return dataclasses.asdict(self.position) if self._pass_steps else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict:
+        if "stream" in state_dict:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self.stream_state = state_dict["stream"][rank]
+        elif state_dict:
             self.position = DataPosition(**state_dict)
 
     # ------------------------------------------------------------------ building
@@ -180,31 +258,49 @@ class TextDataModule(pl.LightningDataModule):
         self.tokenizer, self.tokenizer_dir = self._resolve_tokenizer(
             tokenizer_source, config.vocab_size, create
         )
-        train = self._stream("train", self.train_paths, create)
-        if self.val_paths:
-            val = self._stream("val", self.val_paths, create)
-            self.train_set = PackedBlocks(train, 0, len(train), self.block_size)
-            self.val_set = PackedBlocks(val, 0, len(val), self.block_size)
-        else:
-            split = int(len(train) * (1 - self.val_fraction))
-            self.train_set = PackedBlocks(train, 0, split, self.block_size)
-            self.val_set = PackedBlocks(train, split, len(train), self.block_size)
-        where = "train_files" if self.train_paths else "dataset"
-        if len(self.train_set) == 0:
-            raise ValueError(
-                f"data.{where}: {len(train)} tokens make no training block of {self.block_size} + 1 tokens"
-            )
-        if (self.val_fraction > 0 or self.val_paths) and len(self.val_set) == 0:
+        self.conventions = resolve_conventions(
+            self.tokenizer, self.tokenizer_dir, self.add_bos, self.eos_token
+        )
+        if self.streaming:
+            self._build_streaming(create)
+            return
+        trains, vals = [], []
+        for source in self.sources:
+            stream = self._stream(source, create)
+            split = len(stream) if self.val_source else int(len(stream) * (1 - self.val_fraction))
+            trains.append(PackedBlocks(stream, 0, split, self.block_size))
+            vals.append(PackedBlocks(stream, split, len(stream), self.block_size))
+            if len(trains[-1]) == 0:
+                raise ValueError(
+                    f"data.{source.name}: {split} tokens make no training block of {self.block_size} + 1 tokens"
+                )
+        if self.val_source:
+            val = self._stream(self.val_source, create)
+            vals = [PackedBlocks(val, 0, len(val), self.block_size)]
+        weights = [source.weight for source in self.sources]
+        self.train_set = trains[0] if len(trains) == 1 else MixtureBlocks(trains, weights)
+        self.val_set = vals[0] if len(vals) == 1 else MixtureBlocks(vals, [1.0] * len(vals))
+        if (self.val_fraction > 0 or self.val_source) and len(self.val_set) == 0:
             raise ValueError(
                 f"data: the validation text has too few tokens for one block of {self.block_size} + 1; "
                 "raise data.val_fraction or give longer val_files"
             )
 
+    def _build_streaming(self, create: bool) -> None:
+        self.train_set = StreamingBlocks(
+            self.sources, self.tokenizer, self.conventions, self.block_size, self.seed, legacy=self.legacy
+        )
+        self.val_set = []
+        if self.val_source:
+            val = self._stream(self.val_source, create)
+            self.val_set = PackedBlocks(val, 0, len(val), self.block_size)
+
     def val_tokens(self) -> torch.Tensor:
         """The held-out token stream as one 1-D tensor (for windowed perplexity)."""
         assert self.val_set is not None, "call setup() first"
+        parts = self.val_set.parts if isinstance(self.val_set, MixtureBlocks) else [self.val_set]
         return torch.from_numpy(
-            self.val_set.stream.tokens[self.val_set.start : self.val_set.end].astype("int64")
+            np.concatenate([p.stream.tokens[p.start : p.end] for p in parts]).astype("int64")
         )
 
     # ------------------------------------------------------------------ helpers
@@ -238,9 +334,8 @@ class TextDataModule(pl.LightningDataModule):
                 with atomic_directory(local, overwrite=True) as tmp:  # a kill mid-save leaves no half entry
                     tokenizer.save_pretrained(tmp)
             return tokenizer, local
-        key = cache_key(
-            kind="bpe", data=self._fingerprint("train"), vocab=vocab_size, chars=self.bpe_training_chars
-        )
+        data = [self._fingerprint(source) for source in self.sources]
+        key = cache_key(kind="bpe", data=data, vocab=vocab_size, chars=self.bpe_training_chars)
         directory = self.cache_dir / "tokenizers" / key
         if not has_tokenizer(directory):
             if not create:
@@ -250,47 +345,31 @@ class TextDataModule(pl.LightningDataModule):
 
     def _bpe_texts(self):
         budget = self.bpe_training_chars
-        for piece in self._pieces("train", self.train_paths):
-            if budget <= 0:
-                return
-            yield piece.text[:budget]
-            budget -= len(piece.text)
+        for source in self.sources:
+            for piece in source_pieces(source, legacy_field=self.legacy):
+                if budget <= 0:
+                    return
+                text = piece.text or "\n".join(m["content"] for m in piece.messages or ())
+                yield text[:budget]
+                budget -= len(text)
 
-    def _fingerprint(self, split: str) -> str:
-        if split not in self._fingerprints:
-            paths = self.train_paths if split == "train" else self.val_paths
-            if paths:
-                self._fingerprints[split] = fingerprint(paths)
-            else:
-                self._fingerprints[split] = f"hub:{self.dataset}/{self.dataset_config}/{self.dataset_split}"
-        return self._fingerprints[split]
+    def _fingerprint(self, source: Source) -> str:
+        if source.name not in self._fingerprints:
+            self._fingerprints[source.name] = source.fingerprint()
+        return self._fingerprints[source.name]
 
-    def _pieces(self, split: str, paths: list[Path]):
-        if paths:
-            return iter_pieces(
-                paths, text_field=self.text_field, txt_separator=self.txt_separator, split=self.dataset_split
-            )
-        return iter_hub_pieces(self.dataset, self.dataset_config, self.dataset_split, self.text_field)
-
-    def _stream(self, split: str, paths: list[Path], create: bool) -> TokenStream:
-        key = cache_key(
-            data=self._fingerprint(split),
-            tokenizer=tokenizer_fingerprint(self.tokenizer),
-            text_field=self.text_field,
-            txt_separator=self.txt_separator,
-            add_bos=self.add_bos,
-            split=self.dataset_split,
+    def _stream(self, source: Source, create: bool):
+        return prepare_stream(
+            source,
+            self.tokenizer,
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            conventions=self.conventions,
+            cache_dir=self.cache_dir,
+            create=create,
+            num_proc=self.num_proc,
+            legacy_field=self.legacy,
+            fingerprint=self._fingerprint(source),
         )
-        directory = self.cache_dir / "tokens" / key
-        stream = load_stream(directory)
-        if stream is None:
-            if not create:
-                raise FileNotFoundError(f"no tokenized cache in {directory}: run prepare_data() first")
-            what = "train_files" if split == "train" else "val_files"
-            stream = tokenize_to_cache(
-                self._pieces(split, paths), self.tokenizer, directory, add_bos=self.add_bos, what=what
-            )
-        return stream
 
     def _loader(self, dataset: PackedBlocks, batch_size: int, **options) -> DataLoader:
         return DataLoader(
@@ -301,3 +380,15 @@ class TextDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             **options,
         )
+
+
+def _gather_streams(state: dict) -> list[dict]:
+    """Every rank's stream state, indexed by rank (Lightning saves the datamodule's state from rank 0 only,
+    and each rank reads its own shards)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states

@@ -7,8 +7,8 @@ What a *document* is (EOS goes between documents):
 - ``.txt``: the whole file, unless ``txt_separator`` is set (e.g. ``"<|endoftext|>"`` or ``"\\n\\n"``),
   which splits it. The default keeps a file whole because a blank line separates paragraphs as often
   as documents (TinyStories), and an EOS between paragraphs would teach the model to stop early.
-- ``.jsonl`` / ``.json`` (JSON lines), ``.parquet``, ``datasets`` directories, hub datasets: one row,
-  its ``text_field``.
+- ``.jsonl`` / ``.json`` (JSON lines), ``.parquet``, ``.arrow``, ``datasets`` directories, hub datasets:
+  one row, its ``text_field`` (or its ``messages_field`` for chat data: a list of role/content messages).
 Empty documents are skipped.
 """
 
@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import codecs
 import glob
-import hashlib
 import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chat import check_messages
+
 TEXT_SUFFIXES = (".txt", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
-ALLOWED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+ARROW_SUFFIXES = (".arrow",)
+ALLOWED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
 # A long .txt document is handed to the tokenizer in pieces of about this many characters, cut at line
 # ends where it has them (see _cut): a single 100 MB line must not become one 100 MB tokenizer call.
 TEXT_PIECE_CHARS = 1 << 22
@@ -35,10 +37,12 @@ ROW_BATCH = 1000
 
 @dataclass(frozen=True)
 class Piece:
-    """A span of text; ``ends_document`` is False while the same document continues in the next piece."""
+    """A span of text; ``ends_document`` is False while the same document continues in the next piece.
+    A chat record is one piece whose ``messages`` (role/content dicts) replace ``text``."""
 
     text: str
     ends_document: bool = True
+    messages: list[dict] | None = None
 
 
 def is_dataset_dir(path: Path) -> bool:
@@ -69,45 +73,65 @@ def resolve_files(patterns: list[str], field: str) -> list[Path]:
     return paths
 
 
-def fingerprint(paths: list[Path]) -> str:
-    """SHA-256 over the bytes of every file (recursively for dataset directories), in order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-            with open(file, "rb") as handle:
-                while block := handle.read(1 << 20):
-                    digest.update(block)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class Field:
+    """Which record field holds a document, and whether it is chat messages (``chat``) or text."""
+
+    name: str = "text"
+    chat: bool = False
+    label: str = "data.text_field"  # how errors name the option that chose the field
+
+    def describe(self) -> str:
+        return f"{self.label}={self.name!r}"
+
+
+TEXT = Field()
 
 
 def iter_pieces(
-    paths: list[Path], *, text_field: str = "text", txt_separator: str | None = None, split: str = "train"
+    paths: list[Path],
+    *,
+    text_field: str | Field = "text",
+    txt_separator: str | None = None,
+    split: str = "train",
 ) -> Iterator[Piece]:
+    field = text_field if isinstance(text_field, Field) else Field(text_field)
     for path in paths:
         if path.is_dir():
-            yield from _dataset_dir(path, text_field, split)
+            yield from _dataset_dir(path, field, split)
         elif path.suffix in TEXT_SUFFIXES:
             yield from _text_file(path, txt_separator)
         elif path.suffix in JSON_SUFFIXES:
-            yield from _json_lines(path, text_field)
+            yield from _json_lines(path, field)
+        elif path.suffix in ARROW_SUFFIXES:
+            yield from _arrow(path, field)
         else:
-            yield from _parquet(path, text_field)
+            yield from _parquet(path, field)
 
 
-def iter_hub_pieces(name: str, config: str | None, split: str, text_field: str) -> Iterator[Piece]:
+def iter_hub_pieces(
+    name: str,
+    config: str | None,
+    split: str,
+    text_field: str | Field,
+    *,
+    data_files: list[str] | None = None,
+    where: str = "data.dataset",
+) -> Iterator[Piece]:
+    """Rows of ``datasets.load_dataset(name, config, split=split, streaming=True)``: nothing is
+    downloaded or tokenized ahead, so the first piece comes after O(one row group) of work."""
     import datasets
 
+    field = text_field if isinstance(text_field, Field) else Field(text_field)
     try:
-        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        rows = datasets.load_dataset(name, config, split=split, streaming=True, data_files=data_files)
     except Exception as err:  # the hub raises many types; the message is what matters
         raise ValueError(
-            f"data.dataset={name!r}: could not load it from the Hugging Face hub ({err}); offline runs "
+            f"{where}={name!r}: could not load it from the Hugging Face hub ({err}); offline runs "
             "(HF_DATASETS_OFFLINE=1) need local files, a saved dataset directory, or the hub cache"
         ) from err
     for row in rows:
-        yield from _row_piece(row, text_field, f"{name}[{split}]")
+        yield from _row_piece(row, field, f"{name}[{split}]")
 
 
 def _text_file(path: Path, separator: str | None) -> Iterator[Piece]:
@@ -179,14 +203,14 @@ def invalid_utf8(path: Path) -> ValueError:
     )
 
 
-def _json_lines(path: Path, text_field: str) -> Iterator[Piece]:
+def _json_lines(path: Path, field: Field) -> Iterator[Piece]:
     try:
-        yield from _json_line_pieces(path, text_field)
+        yield from _json_line_pieces(path, field)
     except UnicodeDecodeError:
         raise invalid_utf8(path) from None
 
 
-def _json_line_pieces(path: Path, text_field: str) -> Iterator[Piece]:
+def _json_line_pieces(path: Path, field: Field) -> Iterator[Piece]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -195,24 +219,28 @@ def _json_line_pieces(path: Path, text_field: str) -> Iterator[Piece]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not a JSON object per line ({err})") from err
-            yield from _row_piece(row, text_field, f"{path}:{number}")
+            yield from _row_piece(row, field, f"{path}:{number}")
 
 
-def _parquet(path: Path, text_field: str) -> Iterator[Piece]:
+def _parquet(path: Path, field: Field) -> Iterator[Piece]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        raise ValueError(
-            f"{path}: no column data.text_field={text_field!r}; columns are {parquet.schema_arrow.names}"
-        )
-    for batch in parquet.iter_batches(batch_size=ROW_BATCH, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if text and text.strip():
-                yield Piece(text)
+    _check_column(path, field, parquet.schema_arrow.names)
+    first = 0
+    for batch in parquet.iter_batches(batch_size=ROW_BATCH, columns=[field.name]):
+        yield from _column_pieces(batch.column(0).to_pylist(), field, path, first)
+        first += batch.num_rows
 
 
-def _dataset_dir(path: Path, text_field: str, split: str) -> Iterator[Piece]:
+def _arrow(path: Path, field: Field) -> Iterator[Piece]:
+    """An Arrow file as ``datasets`` writes it (``Dataset.from_file``: memory-mapped, streamed by batch)."""
+    import datasets
+
+    yield from _rows_of(datasets.Dataset.from_file(str(path)), field, path)
+
+
+def _dataset_dir(path: Path, field: Field, split: str) -> Iterator[Piece]:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -220,22 +248,45 @@ def _dataset_dir(path: Path, text_field: str, split: str) -> Iterator[Piece]:
         if split not in loaded:
             raise ValueError(f"{path}: no split data.dataset_split={split!r}; splits are {list(loaded)}")
         loaded = loaded[split]
-    if text_field not in loaded.column_names:
-        raise ValueError(
-            f"{path}: no column data.text_field={text_field!r}; columns are {loaded.column_names}"
-        )
-    for batch in loaded.select_columns([text_field]).iter(batch_size=ROW_BATCH):
-        for text in batch[text_field]:
-            if text and text.strip():
-                yield Piece(text)
+    yield from _rows_of(loaded, field, path)
 
 
-def _row_piece(row: object, text_field: str, where: str) -> Iterator[Piece]:
-    if not isinstance(row, dict) or text_field not in row:
+def _rows_of(rows, field: Field, path: Path) -> Iterator[Piece]:
+    _check_column(path, field, rows.column_names)
+    for first, batch in enumerate(rows.select_columns([field.name]).iter(batch_size=ROW_BATCH)):
+        yield from _column_pieces(batch[field.name], field, path, first * ROW_BATCH)
+
+
+def _check_column(path: Path, field: Field, columns: list[str]) -> None:
+    if field.name not in columns:
+        raise ValueError(f"{path}: no column {field.describe()}; columns are {columns}")
+
+
+def _column_pieces(values: list, field: Field, path: Path, first_row: int) -> Iterator[Piece]:
+    if field.chat:
+        for number, messages in enumerate(values, first_row):
+            yield from _chat_piece(messages, field, f"{path} row {number}")
+        return
+    for text in values:
+        if text and text.strip():
+            yield Piece(text)
+
+
+def _row_piece(row: object, field: Field, where: str) -> Iterator[Piece]:
+    if not isinstance(row, dict) or field.name not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(f"{where}: no data.text_field={text_field!r} (the row has {keys})")
-    text = row[text_field]
+        raise ValueError(f"{where}: no {field.describe()} (the row has {keys})")
+    if field.chat:
+        yield from _chat_piece(row[field.name], field, where)
+        return
+    text = row[field.name]
     if not isinstance(text, str):
-        raise ValueError(f"{where}: data.text_field={text_field!r} holds {type(text).__name__}, not text")
+        raise ValueError(f"{where}: {field.describe()} holds {type(text).__name__}, not text")
     if text.strip():
         yield Piece(text)
+
+
+def _chat_piece(messages: object, field: Field, where: str) -> Iterator[Piece]:
+    checked = check_messages(messages, f"{where}: {field.describe()}")
+    if checked:
+        yield Piece("", messages=checked)

@@ -2,35 +2,37 @@
 determines its content, so the next run with the same inputs starts instantly.
 
 An entry is a directory ``<cache>/tokens/<key>/`` with ``tokens.bin`` (the stream: documents joined by
-EOS, uint16 or uint32), ``doc_starts.npy`` (offset of each document's first token) and ``meta.json``.
-Each file is written to a temporary sibling and renamed into place, ``meta.json`` last: an entry
-without it is incomplete and gets rebuilt. Tokens go to disk batch by batch, so memory stays bounded
-by one batch of text whatever the corpus size.
+EOS, uint16 or uint32), ``doc_starts.npy`` (offset of each document's first token), for chat sources
+``loss_mask.bin`` (uint8, 1 where the token is a target that carries loss) and ``meta.json``. The entry is
+built in a temporary sibling directory and renamed into place when complete (after a last check that the
+source did not change meanwhile): a failure or a kill leaves nothing half-written. Tokens go to disk
+batch by batch, so memory stays bounded by a few batches of text whatever the corpus size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kvforge.conversion import atomic_file
+from kvforge.conversion import atomic_directory
 
 from .documents import Piece
+from .encode import Conventions, DocumentJoiner, encode_pieces
 
-CACHE_FORMAT = 1
-BATCH_CHARS = 1 << 21
+CACHE_FORMAT = 2
 
 
 @dataclass
 class TokenStream:
     tokens: np.ndarray  # 1-D memmap
     doc_starts: np.ndarray  # int64, ascending, doc_starts[0] == 0
-    directory: Path
+    directory: Path | None
+    loss_mask: np.ndarray | None = None  # uint8 memmap like tokens; None: every token carries loss
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -47,8 +49,16 @@ def load_stream(directory: Path) -> TokenStream | None:
     if not meta_file.is_file():
         return None
     meta = json.loads(meta_file.read_text())
-    tokens = np.memmap(directory / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-    return TokenStream(tokens, np.load(directory / "doc_starts.npy"), directory)
+    if meta.get("format") != CACHE_FORMAT:
+        return None
+    shape = (meta["n_tokens"],)
+    tokens = np.memmap(directory / "tokens.bin", dtype=meta["dtype"], mode="r", shape=shape)
+    mask = (
+        np.memmap(directory / "loss_mask.bin", dtype=np.uint8, mode="r", shape=shape)
+        if meta.get("loss_mask")
+        else None
+    )
+    return TokenStream(tokens, np.load(directory / "doc_starts.npy"), directory, mask)
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -56,75 +66,51 @@ def token_dtype(vocab_size: int) -> str:
 
 
 def tokenize_to_cache(
-    pieces: Iterable[Piece], tokenizer, directory: Path, *, add_bos: bool, what: str
+    pieces: Iterable[Piece],
+    tokenizer,
+    directory: Path,
+    *,
+    conventions: Conventions,
+    what: str,
+    num_proc: int = 1,
+    max_tokens: int | None = None,
+    loss_mask: bool = False,
+    before_publish: Callable[[], None] | None = None,
 ) -> TokenStream:
-    """Tokenize ``pieces`` into a new cache entry. ``what`` names the data field in error messages."""
+    """Tokenize ``pieces`` into a new cache entry (at most ``max_tokens`` tokens). ``what`` names the data
+    field in error messages; ``before_publish`` may raise to discard the entry (e.g. the source changed)."""
     dtype = token_dtype(len(tokenizer))
-    writer = _StreamWriter(tokenizer, dtype, add_bos, what)
-    with atomic_file(directory / "tokens.bin") as tmp:
-        with open(tmp, "wb") as out:
-            batch: list[Piece] = []
-            chars = 0
-            for piece in pieces:
-                batch.append(piece)
-                chars += len(piece.text)
-                if chars >= BATCH_CHARS:
-                    writer.write(batch, out)
-                    batch, chars = [], 0
-            writer.write(batch, out)
-        if writer.n_tokens == 0:
+    joiner = DocumentJoiner(conventions, what)
+    with atomic_directory(directory, overwrite=True) as tmp:
+        with open(tmp / "tokens.bin", "wb") as tokens_out, open(tmp / "loss_mask.bin", "wb") as mask_out:
+            for batch, encoded in encode_pieces(pieces, tokenizer, num_proc):
+                before = joiner.n_tokens
+                ids, mask = joiner.join(batch, encoded)
+                if max_tokens is not None and joiner.n_tokens >= max_tokens:
+                    keep = max_tokens - before
+                    ids, mask, joiner.n_tokens = ids[:keep], mask[:keep], max_tokens
+                    joiner.doc_starts = [s for s in joiner.doc_starts if s < max_tokens]
+                ids.astype(dtype).tofile(tokens_out)
+                if loss_mask:
+                    mask.tofile(mask_out)
+                if joiner.n_tokens == max_tokens:
+                    break
+        if joiner.n_tokens == 0:
             raise ValueError(f"data.{what}: the corpus is empty (no document with any text)")
-    with atomic_file(directory / "doc_starts.npy") as tmp, open(tmp, "wb") as out:
-        np.save(out, np.asarray(writer.doc_starts, dtype=np.int64))
-    meta = {
-        "format": CACHE_FORMAT,
-        "n_tokens": writer.n_tokens,
-        "n_documents": len(writer.doc_starts),
-        "dtype": dtype,
-    }
-    with atomic_file(directory / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        if not loss_mask:
+            (tmp / "loss_mask.bin").unlink()
+        np.save(tmp / "doc_starts.npy", np.asarray(joiner.doc_starts, dtype=np.int64))
+        meta = {
+            "format": CACHE_FORMAT,
+            "n_tokens": joiner.n_tokens,
+            "n_documents": len(joiner.doc_starts),
+            "dtype": dtype,
+            "loss_mask": loss_mask,
+            **conventions.key(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if before_publish is not None:
+            before_publish()
     stream = load_stream(directory)
     assert stream is not None
     return stream
-
-
-class _StreamWriter:
-    """Appends tokenized pieces to the open file, EOS between documents (never after the last)."""
-
-    def __init__(self, tokenizer, dtype: str, add_bos: bool, what: str) -> None:
-        self.tokenizer, self.dtype, self.add_bos, self.what = tokenizer, dtype, add_bos, what
-        self.n_tokens = 0
-        self.doc_starts: list[int] = []
-        self.at_document_start = True
-        if add_bos and tokenizer.bos_token_id is None:
-            raise ValueError("data.add_bos=True but the tokenizer has no BOS token")
-
-    def write(self, batch: list[Piece], out) -> None:
-        if not batch:
-            return
-        encoded = self.tokenizer([piece.text for piece in batch], add_special_tokens=False, verbose=False)[
-            "input_ids"
-        ]
-        ids: list[int] = []
-        for piece, piece_ids in zip(batch, encoded):
-            if self.at_document_start:
-                if self.doc_starts:
-                    ids.append(self._eos())
-                self.doc_starts.append(self.n_tokens + len(ids))
-                if self.add_bos:
-                    ids.append(self.tokenizer.bos_token_id)
-                self.at_document_start = False
-            ids.extend(piece_ids)
-            self.at_document_start = piece.ends_document
-        np.asarray(ids, dtype=self.dtype).tofile(out)
-        self.n_tokens += len(ids)
-
-    def _eos(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError(
-                f"data.{self.what}: the tokenizer has no EOS token to put between documents; use a tokenizer "
-                "with one, or keep the text as a single document"
-            )
-        return eos
