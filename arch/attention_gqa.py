@@ -2,7 +2,8 @@
 
 Parameter names follow HF Llama/Qwen (``q_proj, k_proj, v_proj, o_proj``, optional ``q_norm``/``k_norm``
 for Qwen3 and q/k/v biases for Qwen2). A layer with ``kv_from`` has no ``k_proj``/``v_proj``: it
-attends over the K/V its source layer produced.
+attends over the K/V its source layer produced. ``sinks`` (gpt-oss's name) is one learned logit per
+query head when the layer has attention sinks; a NoPE layer (``rope=False``) skips RoPE.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from kvforge.kernels.attention import attention
 
 from .cache import KVView, LayerCache
 from .config import LayerSpec, ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, new_sinks
 from .rope import apply_rope
 
 
@@ -22,7 +23,7 @@ class GQAAttention(nn.Module):
     def __init__(self, config: ModelConfig, spec: LayerSpec) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, spec.n_kv_heads, config.head_dim
-        self.window = spec.window
+        self.window, self.chunk, self.rope = spec.window, spec.chunk, spec.rope
         self.owns_kv = spec.kv_from is None
         self.scale = self.head_dim**-0.5
         self.backend = config.attention_backend
@@ -34,6 +35,7 @@ class GQAAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm and self.owns_kv else None
+        self.sinks = new_sinks(self.n_heads) if spec.sinks else None
 
     def cache_features(self) -> list[tuple[int, ...]]:
         """Per-position shapes this layer caches: K and V, ``(n_kv_heads, head_dim)`` each."""
@@ -53,7 +55,8 @@ class GQAAttention(nn.Module):
         q_bthd = self.q_proj(x_btd).view(batch, seq, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q_bthd = self.q_norm(q_bthd)
-        q_bthd = apply_rope(q_bthd, cos, sin)
+        if self.rope:
+            q_bthd = apply_rope(q_bthd, cos, sin)
         if shared is not None:
             kv = shared
         else:
@@ -61,9 +64,10 @@ class GQAAttention(nn.Module):
             v_bthd = self.v_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
             if self.k_norm is not None:
                 k_bthd = self.k_norm(k_bthd)
-            k_bthd = apply_rope(k_bthd, cos, sin)
+            if self.rope:
+                k_bthd = apply_rope(k_bthd, cos, sin)
             if cache is None:
-                kv = KVView((k_bthd, v_bthd), causal=True, window=self.window)
+                kv = KVView((k_bthd, v_bthd), causal=True, window=self.window, chunk=self.chunk)
             else:
                 kv = cache.append((k_bthd, v_bthd), start, self.window)
         k_all, v_all = kv.streams
@@ -75,5 +79,6 @@ class GQAAttention(nn.Module):
             scale=self.scale,
             backend=self.backend,
             document_ids=document_ids,
+            sinks=self.sinks,
         )
         return self.o_proj(out.reshape(batch, seq, -1)), kv

@@ -25,7 +25,7 @@ from kvforge.kernels.attention import attention
 
 from .cache import KVView, LayerCache
 from .config import LayerSpec, ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, new_sinks
 from .rope import apply_rope, yarn_mscale
 
 # DeepSeek's latent and query norms use a fixed epsilon, not the model's rms_norm_eps.
@@ -41,7 +41,7 @@ class MLAAttention(nn.Module):
         self.kv_lora_rank, self.rope_dim = config.kv_lora_rank, config.qk_rope_head_dim
         self.nope_dim, self.v_dim = config.qk_nope_head_dim, config.v_head_dim
         self.rope_heads = config.mla_rope_heads
-        self.window = spec.window
+        self.window, self.chunk = spec.window, spec.chunk
         self.owns_kv = spec.kv_from is None
         self.backend = config.attention_backend
         self.absorb = config.mla_absorb
@@ -66,6 +66,8 @@ class MLAAttention(nn.Module):
             self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, MLA_NORM_EPS) if config.mla_latent_norm else None
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, d_model, bias=config.o_proj_bias)
+        # Sinks act on the softmax of each query head, the same in the expanded and absorbed forms.
+        self.sinks = new_sinks(self.n_heads) if spec.sinks else None
 
     def cache_features(self) -> list[tuple[int, ...]]:
         """One row per position: the latent followed by the rotary key(s)."""
@@ -110,7 +112,7 @@ class MLAAttention(nn.Module):
         else:
             latent = self._latent(x_btd, cos, sin)
             if cache is None:
-                kv = KVView((latent,), causal=True, window=self.window)
+                kv = KVView((latent,), causal=True, window=self.window, chunk=self.chunk)
             else:
                 kv = cache.append((latent,), start, self.window)
         if self.use_absorbed(seq, cached=cache is not None):
@@ -146,6 +148,7 @@ class MLAAttention(nn.Module):
             scale=self.scale,
             backend=self.backend,
             document_ids=document_ids,
+            sinks=self.sinks,
         )
 
     def absorbed(
@@ -172,5 +175,6 @@ class MLAAttention(nn.Module):
             scale=self.scale,
             backend=self.backend,
             document_ids=document_ids,
+            sinks=self.sinks,
         )
         return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)

@@ -31,12 +31,21 @@ class LayerSpec:
         kv_from: index of an earlier layer whose K/V (or latent) this layer reads instead of
             computing and caching its own. Negative values count back from this layer (``-1`` = the
             previous one) and are resolved to absolute indices.
+        sinks: a learned logit per query head that takes part in the softmax with no value
+            (gpt-oss's attention sinks): heads may attend to "nothing". Costs no cache bytes.
+        chunk: ``C`` = chunked local attention (Llama 4's ``attention_chunk_size``): a query at ``p``
+            sees the keys of its own chunk ``[C·⌊p/C⌋, p]``; cached in ``C`` slots that restart per chunk.
+        rope: ``False`` = NoPE: no rotary embedding on this layer's queries and keys (Llama 4's
+            global layers, ``no_rope_layers``). gqa layers only.
     """
 
     attention: AttentionForm = "gqa"
     n_kv_heads: int | None = None
     window: int | None = None
     kv_from: int | None = None
+    sinks: bool = False
+    chunk: int | None = None
+    rope: bool = True
 
 
 @dataclass
@@ -186,6 +195,21 @@ class ModelConfig:
                 raise ValueError(
                     f"{where}.window={spec.window!r}: must be a positive number of tokens or None (global)"
                 )
+            if spec.chunk is not None:
+                if not isinstance(spec.chunk, int) or spec.chunk <= 0:
+                    raise ValueError(
+                        f"{where}.chunk={spec.chunk!r}: must be a positive number of tokens or None (no chunks)"
+                    )
+                if spec.window is not None:
+                    raise ValueError(
+                        f"{where}.chunk={spec.chunk}: this layer also has window={spec.window}; a layer is "
+                        "either chunked or sliding (set one of them to None)"
+                    )
+            if not spec.rope and spec.attention != "gqa":
+                raise ValueError(
+                    f"{where}.rope=False: NoPE is for gqa layers; an {spec.attention!r} layer's decoupled rotary "
+                    "key exists to carry RoPE (allowed: rope=True)"
+                )
             if spec.attention == "mla":
                 if spec.n_kv_heads is not None:
                     raise ValueError(
@@ -223,11 +247,13 @@ class ModelConfig:
                 f"{where}: layer {spec.kv_from} is {source.attention!r} but this layer is {spec.attention!r}; "
                 "K/V can only be shared between layers of the same attention form"
             )
-        if source.window != spec.window:
-            raise ValueError(
-                f"{where}: layer {spec.kv_from} has window={source.window} but this layer has window={spec.window}; "
-                "a layer that reads another's K/V attends over the same span"
-            )
+        for name in ("window", "chunk", "rope"):
+            theirs, ours = getattr(source, name), getattr(spec, name)
+            if theirs != ours:
+                raise ValueError(
+                    f"{where}: layer {spec.kv_from} has {name}={theirs} but this layer has {name}={ours}; "
+                    "a layer that reads another's K/V attends over the same span with the same positions"
+                )
         if spec.attention == "gqa":
             if spec.n_kv_heads is not None and spec.n_kv_heads != source.n_kv_heads:
                 raise ValueError(

@@ -1,5 +1,5 @@
 """Named attention forms built from one base config: the vocabulary of the quickstart table, the
-benchmarks and the tests (``mha gqa mqa mla cla swa mix``)."""
+benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 from .config import LayerSpec, ModelConfig
 
-FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix")
+FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked")
 
 
 def with_form(
@@ -27,6 +27,9 @@ def with_form(
     - ``cla``: GQA where every odd layer reads the K/V of the layer before it (CLA-2).
     - ``swa``: GQA with 3 sliding-window layers for each global one (``window``, default max_seq_len/4).
     - ``mix``: MLA, a windowed GQA layer, a GQA layer sharing its K/V, an MLA layer sharing the first's.
+    - ``sinks``: attention sinks on windowed GQA layers alternating with global MLA layers.
+    - ``chunked``: Llama 4's pattern - 3 chunked local GQA layers (chunks of ``window``) per global
+      NoPE layer.
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}: allowed values are {list(FORMS)}")
@@ -53,12 +56,15 @@ def with_form(
             LayerSpec("gqa", window=window, kv_from=-1),
             LayerSpec("mla", kv_from=-3),
         ],
+        "sinks": [LayerSpec("gqa", gqa_heads, window, sinks=True), LayerSpec("mla", sinks=True)],
+        "chunked": [LayerSpec("gqa", gqa_heads, chunk=window)] * 3
+        + [LayerSpec("gqa", gqa_heads, rope=False)],
     }
     changes = {
         "pattern": patterns[form],
         "layers": None,
         "n_kv_heads": gqa_heads if form != "mha" else base.n_heads,
     }
-    if form in ("mla", "mix"):
+    if form in ("mla", "mix", "sinks"):
         changes.update(mla_sizes)
     return dataclasses.replace(base, **changes)

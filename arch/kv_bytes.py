@@ -5,6 +5,7 @@ tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
 |---------------|--------------------------------------------|
 | gqa, global   | 2 · n_kv_heads · head_dim                  |
 | gqa, window W | the same, for at most W tokens             |
+| chunk C       | the same, for at most C tokens             |
 | mla           | kv_lora_rank + mla_rope_heads · rope dim   |
 | kv_from       | 0 (reads its source layer's entry)         |
 """
@@ -47,7 +48,8 @@ def layer_kv_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
 
 
 def layer_cached_tokens(spec: LayerSpec, seq_len: int) -> int:
-    return min(seq_len, spec.window) if spec.window is not None else seq_len
+    span = spec.window if spec.window is not None else spec.chunk
+    return min(seq_len, span) if span is not None else seq_len
 
 
 def kv_cache_bytes(

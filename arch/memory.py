@@ -33,6 +33,7 @@ def count_parameters(config: ModelConfig) -> int:
     for spec in config.layers:
         total += 2 * d + 3 * d * config.ffn_dim  # two norms + SwiGLU
         total += _gqa_params(config, spec) if spec.attention == "gqa" else _mla_params(config, spec)
+        total += config.n_heads if spec.sinks else 0
     return total
 
 

@@ -139,6 +139,8 @@ class CausalLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm | RotaryEmbedding):
                 module.reset_parameters()
+            if isinstance(getattr(module, "sinks", None), nn.Parameter):
+                nn.init.zeros_(module.sinks)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -205,7 +207,9 @@ class CausalLM(nn.Module):
                 owners.append(spec.kv_from)
                 continue
             features = layer.self_attn.cache_features()
-            entries.append(allocate_layer_cache(batch, max_len, spec.window, features, dtype, device))
+            entries.append(
+                allocate_layer_cache(batch, max_len, spec.window, features, dtype, device, spec.chunk)
+            )
             owners.append(layer.index)
         position = torch.zeros(1, dtype=torch.long, device=device) if static else None
         return KVCache(entries, owners, max_len, position)
