@@ -41,6 +41,27 @@ class GQAAttention(nn.Module):
         """Per-position shapes this layer caches: K and V, ``(n_kv_heads, head_dim)`` each."""
         return [(self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)]
 
+    def query(self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        batch, seq, _ = x_btd.shape
+        q_bthd = self.q_proj(x_btd).view(batch, seq, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_bthd = self.q_norm(q_bthd)
+        return apply_rope(q_bthd, *rope) if self.rope else q_bthd
+
+    def key_value(
+        self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, _ = x_btd.shape
+        k_bthd = self.k_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v_bthd = self.v_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k_bthd = self.k_norm(k_bthd)
+        return (apply_rope(k_bthd, *rope) if self.rope else k_bthd), v_bthd
+
+    def heads(self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Per-head ``q, k, v`` of an uncached pass (what calibration fits against) and the scale."""
+        return (self.query(x_btd, rope), *self.key_value(x_btd, rope)), self.scale
+
     def forward(
         self,
         x_btd: torch.Tensor,
@@ -51,21 +72,11 @@ class GQAAttention(nn.Module):
         document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVView]:
         batch, seq, _ = x_btd.shape
-        cos, sin = rope
-        q_bthd = self.q_proj(x_btd).view(batch, seq, self.n_heads, self.head_dim)
-        if self.q_norm is not None:
-            q_bthd = self.q_norm(q_bthd)
-        if self.rope:
-            q_bthd = apply_rope(q_bthd, cos, sin)
+        q_bthd = self.query(x_btd, rope)
         if shared is not None:
             kv = shared
         else:
-            k_bthd = self.k_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
-            v_bthd = self.v_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
-            if self.k_norm is not None:
-                k_bthd = self.k_norm(k_bthd)
-            if self.rope:
-                k_bthd = apply_rope(k_bthd, cos, sin)
+            k_bthd, v_bthd = self.key_value(x_btd, rope)
             if cache is None:
                 kv = KVView((k_bthd, v_bthd), causal=True, window=self.window, chunk=self.chunk)
             else:

@@ -126,19 +126,30 @@ class MLAAttention(nn.Module):
         c_kv, k_pe = latent_bld.split([self.kv_lora_rank, self.rope_heads * self.rope_dim], dim=-1)
         return c_kv, k_pe.view(batch, length, self.rope_heads, self.rope_dim)
 
-    def expanded(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: KVView, document_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Materialise per-head keys and values from the latent, then ordinary attention."""
-        latent = kv.streams[0]
-        batch, length, _ = latent.shape
-        c_kv, k_pe = self._split_latent(latent)
+    def expand(self, latent_bld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys ``[W_UK c | k_pe]`` and values ``W_UV c`` of cached latent rows."""
+        batch, length, _ = latent_bld.shape
+        c_kv, k_pe = self._split_latent(latent_bld)
         k_nope, v = (
             self.kv_b_proj(c_kv).view(batch, length, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)
         )
         group = self.n_heads // self.rope_heads
         k_pe = k_pe.unsqueeze(3).expand(batch, length, self.rope_heads, group, self.rope_dim)
-        k = torch.cat((k_nope, k_pe.reshape(batch, length, self.n_heads, self.rope_dim)), dim=-1)
+        return torch.cat((k_nope, k_pe.reshape(batch, length, self.n_heads, self.rope_dim)), dim=-1), v
+
+    def heads(self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Per-head ``q, k, v`` of an uncached pass (the expanded form) and the scale."""
+        batch, seq, _ = x_btd.shape
+        q_bthd = self._query(x_btd).view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q_bthd.split([self.nope_dim, self.rope_dim], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_pe, *rope)), dim=-1)
+        return (q, *self.expand(self._latent(x_btd, *rope))), self.scale
+
+    def expanded(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: KVView, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Materialise per-head keys and values from the latent, then ordinary attention."""
+        k, v = self.expand(kv.streams[0])
         q = torch.cat((q_nope, q_pe), dim=-1)
         return attention(
             q,
