@@ -13,6 +13,7 @@ from collections.abc import Callable
 from kvforge.arch import ModelConfig
 
 from .calibration import load_calibration_ids, sample_calibration_ids
+from .chunked import chunked_config, to_chunked
 from .cla import cla_layout, to_cla
 from .gqa import gqa_config, to_gqa, to_mqa
 from .mla import check_mla_options, to_mla
@@ -24,6 +25,7 @@ TRANSFORMS: dict[str, Callable] = {
     "mla": to_mla,
     "cla": to_cla,
     "window": to_window,
+    "chunked": to_chunked,
 }
 
 # Option names that are not about the target form (how to fit it).
@@ -35,6 +37,7 @@ _CHECKS: dict[str, Callable] = {
     "mla": check_mla_options,
     "cla": cla_layout,
     "window": window_config,
+    "chunked": chunked_config,
 }
 
 
@@ -50,6 +53,7 @@ __all__ = [
     "check_options",
     "load_calibration_ids",
     "sample_calibration_ids",
+    "to_chunked",
     "to_cla",
     "to_gqa",
     "to_mla",

@@ -14,7 +14,8 @@ from kvforge.conversion import load_pretrained, plan_export, save_pretrained
 from kvforge.conversion.transforms import to_window
 from kvforge.conversion.transforms.calibration import build_model, rope_tables
 from kvforge.conversion.transforms.sinks import best_sinks
-from tests.conftest import tiny_base
+from kvforge.training.cli import main
+from tests.conftest import shared_path, tiny_base
 from tests.conversion.stories_data import calibration_ids, loss, stories
 
 
@@ -94,3 +95,31 @@ def test_sinks_need_calibration_and_owned_kv():
         to_window(
             shared, CausalLM(shared).state_dict(), torch.zeros(1, 8, dtype=torch.long), windows=4, sinks=True
         )
+
+
+def test_cli_window_with_sinks_fits_them_on_calibration(tmp_path, capsys):
+    out = tmp_path / "sinks"
+    args = [
+        "convert",
+        str(shared_path("stories260K")),
+        str(out),
+        "--to",
+        "window",
+        "--windows",
+        "32",
+        "--sinks",
+    ]
+    calib = [
+        "--calib",
+        str(shared_path("corpora", "botchan.txt")),
+        "--calib-tokens",
+        "512",
+        "--calib-seq-len",
+        "128",
+    ]
+    assert main([*args, *calib]) == 0
+    assert "attention sinks" in capsys.readouterr().out
+    converted = load_pretrained(out)
+    assert all(spec.sinks and spec.window == 32 for spec in converted.config.layers)
+    sinks = converted.state_dict["model.layers.0.self_attn.sinks"]
+    assert sinks.shape == (8,) and not torch.equal(sinks, torch.zeros(8))
