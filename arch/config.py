@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AttentionForm = Literal["gqa", "mla"]
-ATTENTION_FORMS = ("gqa", "mla")
+AttentionForm = Literal["gqa", "mla", "gta"]
+ATTENTION_FORMS = ("gqa", "mla", "gta")
 ROPE_TYPES = ("linear", "llama3", "yarn")
 MLA_ABSORB = ("auto", "always", "never")
 
@@ -23,9 +23,11 @@ class LayerSpec:
     """How one decoder layer attends and what it caches.
 
     Args:
-        attention: ``"gqa"`` (MHA, GQA and MQA: ``n_kv_heads`` = n_heads, n_heads/g, 1) or ``"mla"``
-            (DeepSeek-V2/V3 multi-head latent attention).
-        n_kv_heads: K/V heads of a ``gqa`` layer; ``None`` takes the model's ``n_kv_heads``.
+        attention: ``"gqa"`` (MHA, GQA and MQA: ``n_kv_heads`` = n_heads, n_heads/g, 1), ``"mla"``
+            (DeepSeek-V2/V3 multi-head latent attention) or ``"gta"`` (grouped-tied attention: one
+            tied K/V state per group plus one shared rotary key, see :mod:`.attention_gta`).
+        n_kv_heads: K/V heads (gta: tied states) of a ``gqa``/``gta`` layer; ``None`` takes the
+            model's ``n_kv_heads``.
         window: ``None`` = global attention; ``W`` = sliding window of ``W`` tokens (itself included),
             cached in a ring buffer of ``W`` positions.
         kv_from: index of an earlier layer whose K/V (or latent) this layer reads instead of
@@ -149,6 +151,11 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.head_dim={self.head_dim}: must be even for gqa layers (RoPE rotates pairs of dims)"
             )
+        if "gta" in self.forms and self.head_dim % 4:
+            raise ValueError(
+                f"ModelConfig.head_dim={self.head_dim}: must be a multiple of 4 for gta layers (half of it "
+                "is rotary, and RoPE rotates pairs of dims)"
+            )
         if any(spec.attention == "mla" for spec in self.layers):
             self._validate_mla()
         if self.rope_scaling is not None:
@@ -254,7 +261,7 @@ class ModelConfig:
                     f"{where}: layer {spec.kv_from} has {name}={theirs} but this layer has {name}={ours}; "
                     "a layer that reads another's K/V attends over the same span with the same positions"
                 )
-        if spec.attention == "gqa":
+        if spec.attention != "mla":
             if spec.n_kv_heads is not None and spec.n_kv_heads != source.n_kv_heads:
                 raise ValueError(
                     f"ModelConfig.layers[{index}].n_kv_heads={spec.n_kv_heads}: this layer reads layer "

@@ -41,6 +41,8 @@ def _attention_weights(config: ModelConfig, spec: LayerSpec) -> int:
         expand = config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
         return query + latent + expand + heads * config.v_head_dim * d
     q_and_o = 2 * d * heads * config.head_dim
+    if spec.attention == "gta":  # tied states + a shared rotary key of half a head
+        return q_and_o + (0 if spec.kv_from is not None else d * (spec.n_kv_heads + 0.5) * config.head_dim)
     k_and_v = 0 if spec.kv_from is not None else 2 * d * spec.n_kv_heads * config.head_dim
     return q_and_o + k_and_v
 

@@ -1,5 +1,5 @@
 """Named attention forms built from one base config: the vocabulary of the quickstart table, the
-benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked``)."""
+benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 from .config import LayerSpec, ModelConfig
 
-FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked")
+FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked", "gta")
 
 
 def with_form(
@@ -30,6 +30,8 @@ def with_form(
     - ``sinks``: attention sinks on windowed GQA layers alternating with global MLA layers.
     - ``chunked``: Llama 4's pattern - 3 chunked local GQA layers (chunks of ``window``) per global
       NoPE layer.
+    - ``gta``: grouped-tied attention (``n_kv_heads`` tied states): a global and a windowed layer,
+      each followed by one that reads its cache.
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}: allowed values are {list(FORMS)}")
@@ -59,6 +61,12 @@ def with_form(
         "sinks": [LayerSpec("gqa", gqa_heads, window, sinks=True), LayerSpec("mla", sinks=True)],
         "chunked": [LayerSpec("gqa", gqa_heads, chunk=window)] * 3
         + [LayerSpec("gqa", gqa_heads, rope=False)],
+        "gta": [
+            LayerSpec("gta", gqa_heads),
+            LayerSpec("gta", kv_from=-1),
+            LayerSpec("gta", gqa_heads, window),
+            LayerSpec("gta", window=window, kv_from=-1),
+        ],
     }
     changes = {
         "pattern": patterns[form],

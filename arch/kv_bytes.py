@@ -7,6 +7,7 @@ tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
 | gqa, window W | the same, for at most W tokens             |
 | chunk C       | the same, for at most C tokens             |
 | mla           | kv_lora_rank + mla_rope_heads · rope dim   |
+| gta           | n_kv_heads · head_dim + head_dim / 2       |
 | kv_from       | 0 (reads its source layer's entry)         |
 """
 
@@ -44,6 +45,8 @@ def layer_kv_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
         return 0
     if spec.attention == "mla":
         return config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
+    if spec.attention == "gta":  # tied K/V states + one shared rotary key of half a head
+        return spec.n_kv_heads * config.head_dim + config.head_dim // 2
     return 2 * spec.n_kv_heads * config.head_dim
 
 
@@ -90,7 +93,9 @@ def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str 
     rows = []
     for index, spec in enumerate(config.layers):
         values = layer_kv_values_per_token(config, spec)
-        form = spec.attention if spec.attention == "mla" else _gqa_name(config.n_heads, spec.n_kv_heads)
+        form = {"mla": "mla", "gta": f"gta-{spec.n_kv_heads}"}.get(
+            spec.attention, _gqa_name(config.n_heads, spec.n_kv_heads)
+        )
         rows.append(
             {
                 "layer": index,

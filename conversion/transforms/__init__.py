@@ -16,6 +16,7 @@ from .calibration import load_calibration_ids, sample_calibration_ids
 from .chunked import chunked_config, to_chunked
 from .cla import cla_layout, to_cla
 from .gqa import gqa_config, to_gqa, to_mqa
+from .gta import gta_config, to_gta
 from .mla import check_mla_options, to_mla
 from .window import to_window, window_config
 
@@ -26,6 +27,7 @@ TRANSFORMS: dict[str, Callable] = {
     "cla": to_cla,
     "window": to_window,
     "chunked": to_chunked,
+    "gta": to_gta,
 }
 
 # Option names that are not about the target form (how to fit it).
@@ -38,6 +40,7 @@ _CHECKS: dict[str, Callable] = {
     "cla": cla_layout,
     "window": window_config,
     "chunked": chunked_config,
+    "gta": lambda config, **options: gta_config(config),
 }
 
 
@@ -56,6 +59,7 @@ __all__ = [
     "to_chunked",
     "to_cla",
     "to_gqa",
+    "to_gta",
     "to_mla",
     "to_mqa",
     "to_window",
