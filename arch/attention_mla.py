@@ -121,6 +121,18 @@ class MLAAttention(nn.Module):
             out = self.expanded(q_nope, q_pe, kv, document_ids)
         return self.o_proj(out.reshape(batch, seq, -1)), kv
 
+    def _up_project(self, c_kv: torch.Tensor) -> torch.Tensor:
+        """``kv_b_proj`` of the latent rows: ``(batch, length, n_heads, nope + v)``."""
+        return self.kv_b_proj(c_kv).view(*c_kv.shape[:2], self.n_heads, -1)
+
+    def _latent_kv(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[c | k_pe]`` and values ``c`` of the absorbed form, one KV head per rotary key."""
+        if self.rope_heads == 1:  # the cache row is already [c | k_pe]: a single shared KV head, no copy
+            return latent.unsqueeze(2), latent[..., : self.kv_lora_rank].unsqueeze(2)
+        c_kv, k_pe = self._split_latent(latent)
+        v = c_kv.unsqueeze(2).expand(-1, -1, self.rope_heads, -1)
+        return torch.cat((v, k_pe), dim=-1), v
+
     def _split_latent(self, latent_bld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = latent_bld.shape
         c_kv, k_pe = latent_bld.split([self.kv_lora_rank, self.rope_heads * self.rope_dim], dim=-1)
@@ -130,9 +142,7 @@ class MLAAttention(nn.Module):
         """Per-head keys ``[W_UK c | k_pe]`` and values ``W_UV c`` of cached latent rows."""
         batch, length, _ = latent_bld.shape
         c_kv, k_pe = self._split_latent(latent_bld)
-        k_nope, v = (
-            self.kv_b_proj(c_kv).view(batch, length, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)
-        )
+        k_nope, v = self._up_project(c_kv).split([self.nope_dim, self.v_dim], -1)
         group = self.n_heads // self.rope_heads
         k_pe = k_pe.unsqueeze(3).expand(batch, length, self.rope_heads, group, self.rope_dim)
         return torch.cat((k_nope, k_pe.reshape(batch, length, self.n_heads, self.rope_dim)), dim=-1), v
@@ -167,17 +177,11 @@ class MLAAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention over the cached latent itself: keys are never materialised."""
         latent = kv.streams[0]
-        w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe), dim=-1)
-        if self.rope_heads == 1:  # the cache row is already [c | k_pe]: a single shared KV head, no copy
-            k = latent.unsqueeze(2)
-            v = latent[..., : self.kv_lora_rank].unsqueeze(2)
-        else:
-            c_kv, k_pe = self._split_latent(latent)
-            v = c_kv.unsqueeze(2).expand(-1, -1, self.rope_heads, -1)
-            k = torch.cat((v, k_pe), dim=-1)
+        k, v = self._latent_kv(latent)
         out_latent = attention(
             q,
             k,

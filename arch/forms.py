@@ -1,5 +1,5 @@
 """Named attention forms built from one base config: the vocabulary of the quickstart table, the
-benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta``)."""
+benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta gla``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 from .config import LayerSpec, ModelConfig
 
-FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked", "gta")
+FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked", "gta", "gla")
 
 
 def with_form(
@@ -32,6 +32,7 @@ def with_form(
       NoPE layer.
     - ``gta``: grouped-tied attention (``n_kv_heads`` tied states): a global and a windowed layer,
       each followed by one that reads its cache.
+    - ``gla``: grouped-latent attention, MLA's latent in 2 latent heads; a windowed layer with sinks.
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}: allowed values are {list(FORMS)}")
@@ -67,12 +68,16 @@ def with_form(
             LayerSpec("gta", gqa_heads, window),
             LayerSpec("gta", window=window, kv_from=-1),
         ],
+        "gla": [
+            LayerSpec("gla", n_latent_heads=2),
+            LayerSpec("gla", window=window, n_latent_heads=2, sinks=True),
+        ],
     }
     changes = {
         "pattern": patterns[form],
         "layers": None,
         "n_kv_heads": gqa_heads if form != "mha" else base.n_heads,
     }
-    if form in ("mla", "mix", "sinks"):
+    if form in ("mla", "mix", "sinks", "gla"):
         changes.update(mla_sizes)
     return dataclasses.replace(base, **changes)

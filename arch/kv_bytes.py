@@ -8,6 +8,7 @@ tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
 | chunk C       | the same, for at most C tokens             |
 | mla           | kv_lora_rank + mla_rope_heads · rope dim   |
 | gta           | n_kv_heads · head_dim + head_dim / 2       |
+| gla           | as mla (the latent split in latent heads)  |
 | kv_from       | 0 (reads its source layer's entry)         |
 """
 
@@ -43,7 +44,7 @@ def layer_kv_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
     """Values one token adds to this layer's cache (0 for a layer that reads another's K/V)."""
     if spec.kv_from is not None:
         return 0
-    if spec.attention == "mla":
+    if spec.attention in ("mla", "gla"):
         return config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
     if spec.attention == "gta":  # tied K/V states + one shared rotary key of half a head
         return spec.n_kv_heads * config.head_dim + config.head_dim // 2
@@ -93,7 +94,7 @@ def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str 
     rows = []
     for index, spec in enumerate(config.layers):
         values = layer_kv_values_per_token(config, spec)
-        form = {"mla": "mla", "gta": f"gta-{spec.n_kv_heads}"}.get(
+        form = {"mla": "mla", "gta": f"gta-{spec.n_kv_heads}", "gla": f"gla-{spec.n_latent_heads}"}.get(
             spec.attention, _gqa_name(config.n_heads, spec.n_kv_heads)
         )
         rows.append(

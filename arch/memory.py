@@ -32,7 +32,8 @@ def count_parameters(config: ModelConfig) -> int:
     total += d  # final norm
     for spec in config.layers:
         total += 2 * d + 3 * d * config.ffn_dim  # two norms + SwiGLU
-        total += {"gqa": _gqa_params, "mla": _mla_params, "gta": _gta_params}[spec.attention](config, spec)
+        params = {"gqa": _gqa_params, "mla": _mla_params, "gta": _gta_params, "gla": _mla_params}
+        total += params[spec.attention](config, spec)
         total += config.n_heads if spec.sinks else 0
     return total
 
@@ -69,7 +70,10 @@ def _mla_params(config: ModelConfig, spec: LayerSpec) -> int:
     latent = rank + config.mla_rope_heads * config.qk_rope_head_dim
     if spec.kv_from is None:
         total += d * latent + (latent if bias else 0) + (rank if config.mla_latent_norm else 0)
-    total += rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    up_width = (
+        rank // spec.n_latent_heads if spec.attention == "gla" else rank
+    )  # a gla head reads its latent head
+    total += up_width * heads * (config.qk_nope_head_dim + config.v_head_dim)
     return total + heads * config.v_head_dim * d + (d if config.o_proj_bias else 0)
 
 

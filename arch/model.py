@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from kvforge.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from kvforge.kernels.documents import document_positions
 
+from .attention_gla import GLAAttention
 from .attention_gqa import GQAAttention
 from .attention_gta import GTAAttention
 from .attention_mla import MLAAttention
@@ -21,7 +22,7 @@ from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, SwiGLU
 from .rope import RotaryEmbedding
 
-ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention, "gta": GTAAttention}
+ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention, "gta": GTAAttention, "gla": GLAAttention}
 
 
 class DecoderLayer(nn.Module):
@@ -53,9 +54,13 @@ def rotary_embeddings(config: ModelConfig) -> dict[str, RotaryEmbedding]:
     rotary = {}
     if "gqa" in config.forms:
         rotary["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-    if "mla" in config.forms:
-        theta = config.mla_rope_theta or config.rope_theta
-        rotary["mla"] = RotaryEmbedding(config.qk_rope_head_dim, theta, config.rope_scaling)
+    for form in ("mla", "gla"):  # MLA's decoupled rotary key: one table for both latent forms
+        if form in config.forms:
+            theta = config.mla_rope_theta or config.rope_theta
+            rotary["mla"] = rotary.get("mla") or RotaryEmbedding(
+                config.qk_rope_head_dim, theta, config.rope_scaling
+            )
+            rotary[form] = rotary["mla"]
     if "gta" in config.forms:  # the shared rotary key covers half of head_dim
         rotary["gta"] = RotaryEmbedding(config.head_dim // 2, config.rope_theta, config.rope_scaling)
     return rotary
