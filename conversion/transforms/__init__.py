@@ -15,6 +15,7 @@ from kvforge.arch import ModelConfig
 from .calibration import load_calibration_ids, sample_calibration_ids
 from .chunked import chunked_config, to_chunked
 from .cla import cla_layout, to_cla
+from .gla import gla_config, to_gla
 from .gqa import gqa_config, to_gqa, to_mqa
 from .gta import gta_config, to_gta
 from .mla import check_mla_options, to_mla
@@ -28,6 +29,7 @@ TRANSFORMS: dict[str, Callable] = {
     "window": to_window,
     "chunked": to_chunked,
     "gta": to_gta,
+    "gla": to_gla,
 }
 
 # Option names that are not about the target form (how to fit it).
@@ -41,6 +43,7 @@ _CHECKS: dict[str, Callable] = {
     "window": window_config,
     "chunked": chunked_config,
     "gta": lambda config, **options: gta_config(config),
+    "gla": gla_config,
 }
 
 
@@ -58,6 +61,7 @@ __all__ = [
     "sample_calibration_ids",
     "to_chunked",
     "to_cla",
+    "to_gla",
     "to_gqa",
     "to_gta",
     "to_mla",
