@@ -30,12 +30,15 @@ class GQAAttention(nn.Module):
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=bias)
         if self.owns_kv:
-            self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
-            self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+            self.add_kv_projections(config.d_model, bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm and self.owns_kv else None
         self.sinks = new_sinks(self.n_heads) if spec.sinks else None
+
+    def add_kv_projections(self, d_model: int, bias: bool) -> None:
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
 
     def cache_features(self) -> list[tuple[int, ...]]:
         """Per-position shapes this layer caches: K and V, ``(n_kv_heads, head_dim)`` each."""
@@ -48,9 +51,10 @@ class GQAAttention(nn.Module):
             q_bthd = self.q_norm(q_bthd)
         return apply_rope(q_bthd, *rope) if self.rope else q_bthd
 
-    def key_value(
+    def states(
         self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
+        """What the new tokens add to the cache (here K and V themselves)."""
         batch, seq, _ = x_btd.shape
         k_bthd = self.k_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
         v_bthd = self.v_proj(x_btd).view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -58,9 +62,13 @@ class GQAAttention(nn.Module):
             k_bthd = self.k_norm(k_bthd)
         return (apply_rope(k_bthd, *rope) if self.rope else k_bthd), v_bthd
 
+    def key_value(self, *streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of cached positions from the cached streams (here they are K and V)."""
+        return streams
+
     def heads(self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Per-head ``q, k, v`` of an uncached pass (what calibration fits against) and the scale."""
-        return (self.query(x_btd, rope), *self.key_value(x_btd, rope)), self.scale
+        return (self.query(x_btd, rope), *self.key_value(*self.states(x_btd, rope))), self.scale
 
     def forward(
         self,
@@ -76,12 +84,12 @@ class GQAAttention(nn.Module):
         if shared is not None:
             kv = shared
         else:
-            k_bthd, v_bthd = self.key_value(x_btd, rope)
+            new = self.states(x_btd, rope)
             if cache is None:
-                kv = KVView((k_bthd, v_bthd), causal=True, window=self.window, chunk=self.chunk)
+                kv = KVView(new, causal=True, window=self.window, chunk=self.chunk)
             else:
-                kv = cache.append((k_bthd, v_bthd), start, self.window)
-        k_all, v_all = kv.streams
+                kv = cache.append(new, start, self.window)
+        k_all, v_all = self.key_value(*kv.streams)
         out = attention(
             q_bthd,
             k_all,

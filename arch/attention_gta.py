@@ -19,30 +19,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvforge.kernels.attention import attention
-
-from .cache import KVView, LayerCache
+from .attention_gqa import GQAAttention
 from .config import LayerSpec, ModelConfig
-from .layers import new_sinks
 from .rope import apply_rope
 
 
-class GTAAttention(nn.Module):
+class GTAAttention(GQAAttention):
+    """GQA's forward (query, cached streams, keys/values from them, attention) with GTA's projections:
+    ``kv_proj`` (tied states) and ``k_rope_proj`` (the shared rotary key) instead of ``k_proj``/``v_proj``."""
+
     def __init__(self, config: ModelConfig, spec: LayerSpec) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, spec.n_kv_heads, config.head_dim
+        super().__init__(config, spec)
         self.half = self.head_dim // 2
-        self.window, self.chunk = spec.window, spec.chunk
-        self.owns_kv = spec.kv_from is None
-        self.scale = self.head_dim**-0.5
-        self.backend = config.attention_backend
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=bias)
-        if self.owns_kv:
-            self.kv_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
-            self.k_rope_proj = nn.Linear(config.d_model, self.half, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.o_proj_bias)
-        self.sinks = new_sinks(self.n_heads) if spec.sinks else None
+        self.q_norm = self.k_norm = None  # qk_norm (Qwen3's) is for gqa layers; like mla, gta has none
+
+    def add_kv_projections(self, d_model: int, bias: bool) -> None:
+        self.kv_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.k_rope_proj = nn.Linear(d_model, self.head_dim // 2, bias=bias)
 
     def cache_features(self) -> list[tuple[int, ...]]:
         """Per position: the tied states ``(n_kv_heads, head_dim)`` and the shared rotary key ``(1, head_dim/2)``."""
@@ -66,39 +59,3 @@ class GTAAttention(nn.Module):
         """Per-group keys ``[s[:half] | k_rope]`` and values ``s`` of cached positions."""
         k_rope = k_rope.expand(-1, -1, self.n_kv_heads, -1)
         return torch.cat((tied[..., : self.half], k_rope), dim=-1), tied
-
-    def heads(self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Per-head ``q, k, v`` of an uncached pass (what calibration fits against) and the scale."""
-        return (self.query(x_btd, rope), *self.key_value(*self.states(x_btd, rope))), self.scale
-
-    def forward(
-        self,
-        x_btd: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: LayerCache | None,
-        start: int | torch.Tensor,
-        shared: KVView | None,
-        document_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KVView]:
-        batch, seq, _ = x_btd.shape
-        q_bthd = self.query(x_btd, rope)
-        if shared is not None:
-            kv = shared
-        else:
-            new = self.states(x_btd, rope)
-            if cache is None:
-                kv = KVView(new, causal=True, window=self.window, chunk=self.chunk)
-            else:
-                kv = cache.append(new, start, self.window)
-        k_all, v_all = self.key_value(*kv.streams)
-        out = attention(
-            q_bthd,
-            k_all,
-            v_all,
-            **kv.attention_kwargs(),
-            scale=self.scale,
-            backend=self.backend,
-            document_ids=document_ids,
-            sinks=self.sinks,
-        )
-        return self.o_proj(out.reshape(batch, seq, -1)), kv
