@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .cli_export import FAMILY_CHOICES, save_quietly
 
-FORMS = ("gqa", "mqa", "mla", "cla", "window", "chunked")
+FORMS = ("gqa", "mqa", "mla", "cla", "window", "chunked", "gta", "gla")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--keep-rope", action="store_true", help="keep RoPE on the global layers (default: NoPE)"
     )
-    group = parser.add_argument_group("calibration (gqa, mqa, mla, cla)")
+    group = parser.add_argument_group("gla (gta takes no option: one tied state per K/V head)")
+    group.add_argument(
+        "--n-latent-heads",
+        type=int,
+        help="latent heads splitting kv_lora_rank (an MHA/GQA source also needs --kv-lora-rank, --rope-dims)",
+    )
+    group = parser.add_argument_group("calibration (gqa, mqa, mla, cla, gta, gla, window --sinks)")
     group.add_argument(
         "--calib",
         metavar="FILE|self",
@@ -135,6 +141,7 @@ def transform_options(args: argparse.Namespace) -> dict:
         "mla": ("kv_lora_rank", "rope_dims"),
         "window": ("windows",),
         "chunked": ("chunk",),
+        "gla": ("n_latent_heads",),
     }
     for name in required.get(args.to, ()):
         if getattr(args, name) is None:
@@ -149,6 +156,15 @@ def transform_options(args: argparse.Namespace) -> dict:
         return {**{name: getattr(args, name) for name in names}, **fitted}
     if args.to == "cla":
         return {"factor": args.factor, "init": args.init, "offset": args.offset, **fitted}
+    if args.to == "gta":
+        return {}
+    if args.to == "gla":
+        mla = {
+            name: getattr(args, name)
+            for name in ("kv_lora_rank", "rope_dims")
+            if getattr(args, name) is not None
+        }
+        return {"n_latent_heads": args.n_latent_heads, **mla}
     if args.to == "chunked":
         return {"chunk": args.chunk, "global_every": args.global_every, "nope": not args.keep_rope}
     return {"windows": parse_windows(args.windows), "sinks": args.sinks}

@@ -71,3 +71,22 @@ def test_calibration_beats_weights_alone_on_stories260k_from_gqa():
 def test_sources_gla_cannot_hold_are_refused(form, options, match):
     with pytest.raises(ValueError, match=match):
         check_options("gla", tiny_form(form), **options)
+
+
+def test_cli_converts_gqa_to_gla_and_says_there_is_no_stock_class(tmp_path, capsys):
+    from kvforge.conversion import load_pretrained
+    from kvforge.training.cli import main
+    from tests.conftest import shared_path
+
+    args = [
+        "convert",
+        str(shared_path("stories260K")),
+        str(tmp_path / "gla"),
+        "--to",
+        "gla",
+        "--n-latent-heads",
+        "2",
+    ]
+    assert main([*args, "--kv-lora-rank", "28", "--rope-dims", "4"]) == 0
+    assert "layer 0 is 'gla'" in capsys.readouterr().out
+    assert load_pretrained(tmp_path / "gla").config.layers[0].n_latent_heads == 2

@@ -80,3 +80,11 @@ def test_gta_exports_kvforge_typed_and_says_why():
 def test_sources_gta_cannot_hold_are_refused(form, overrides, match):
     with pytest.raises(ValueError, match=match):
         check_options("gta", tiny_form(form, **overrides))
+
+
+def test_cli_converts_to_gta_and_says_there_is_no_stock_class(tmp_path, capsys):
+    from kvforge.training.cli import main
+    from tests.conftest import shared_path
+
+    assert main(["convert", str(shared_path("stories260K")), str(tmp_path / "gta"), "--to", "gta"]) == 0
+    assert "layer 0 is 'gta'" in capsys.readouterr().out
