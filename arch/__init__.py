@@ -1,7 +1,7 @@
 """Model architecture: config, attention blocks, decoder, KV cache and KV-bytes accounting.
 Depends on torch and :mod:`kvforge.kernels` only."""
 
-from .cache import DenseLayerCache, KVCache, KVView, RingLayerCache
+from .cache import ChunkLayerCache, DenseLayerCache, KVCache, KVView, RingLayerCache
 from .config import LayerSpec, ModelConfig, RopeScaling
 from .flops import flops_per_token, forward_flops_per_token
 from .generate import generate, sample_next
@@ -11,6 +11,7 @@ from .static_decode import StaticDecoder
 
 __all__ = [
     "CausalLM",
+    "ChunkLayerCache",
     "Decoder",
     "DecoderLayer",
     "DenseLayerCache",

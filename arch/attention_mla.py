@@ -25,7 +25,7 @@ from kvforge.kernels.attention import attention
 
 from .cache import KVView, LayerCache
 from .config import LayerSpec, ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, new_sinks
 from .rope import apply_rope, yarn_mscale
 
 # DeepSeek's latent and query norms use a fixed epsilon, not the model's rms_norm_eps.
@@ -41,7 +41,7 @@ class MLAAttention(nn.Module):
         self.kv_lora_rank, self.rope_dim = config.kv_lora_rank, config.qk_rope_head_dim
         self.nope_dim, self.v_dim = config.qk_nope_head_dim, config.v_head_dim
         self.rope_heads = config.mla_rope_heads
-        self.window = spec.window
+        self.window, self.chunk = spec.window, spec.chunk
         self.owns_kv = spec.kv_from is None
         self.backend = config.attention_backend
         self.absorb = config.mla_absorb
@@ -66,6 +66,8 @@ class MLAAttention(nn.Module):
             self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, MLA_NORM_EPS) if config.mla_latent_norm else None
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, d_model, bias=config.o_proj_bias)
+        # Sinks act on the softmax of each query head, the same in the expanded and absorbed forms.
+        self.sinks = new_sinks(self.n_heads) if spec.sinks else None
 
     def cache_features(self) -> list[tuple[int, ...]]:
         """One row per position: the latent followed by the rotary key(s)."""
@@ -110,7 +112,7 @@ class MLAAttention(nn.Module):
         else:
             latent = self._latent(x_btd, cos, sin)
             if cache is None:
-                kv = KVView((latent,), causal=True, window=self.window)
+                kv = KVView((latent,), causal=True, window=self.window, chunk=self.chunk)
             else:
                 kv = cache.append((latent,), start, self.window)
         if self.use_absorbed(seq, cached=cache is not None):
@@ -119,24 +121,45 @@ class MLAAttention(nn.Module):
             out = self.expanded(q_nope, q_pe, kv, document_ids)
         return self.o_proj(out.reshape(batch, seq, -1)), kv
 
+    def _up_project(self, c_kv: torch.Tensor) -> torch.Tensor:
+        """``kv_b_proj`` of the latent rows: ``(batch, length, n_heads, nope + v)``."""
+        return self.kv_b_proj(c_kv).view(*c_kv.shape[:2], self.n_heads, -1)
+
+    def _latent_kv(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[c | k_pe]`` and values ``c`` of the absorbed form, one KV head per rotary key."""
+        if self.rope_heads == 1:  # the cache row is already [c | k_pe]: a single shared KV head, no copy
+            return latent.unsqueeze(2), latent[..., : self.kv_lora_rank].unsqueeze(2)
+        c_kv, k_pe = self._split_latent(latent)
+        v = c_kv.unsqueeze(2).expand(-1, -1, self.rope_heads, -1)
+        return torch.cat((v, k_pe), dim=-1), v
+
     def _split_latent(self, latent_bld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = latent_bld.shape
         c_kv, k_pe = latent_bld.split([self.kv_lora_rank, self.rope_heads * self.rope_dim], dim=-1)
         return c_kv, k_pe.view(batch, length, self.rope_heads, self.rope_dim)
 
+    def expand(self, latent_bld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys ``[W_UK c | k_pe]`` and values ``W_UV c`` of cached latent rows."""
+        batch, length, _ = latent_bld.shape
+        c_kv, k_pe = self._split_latent(latent_bld)
+        k_nope, v = self._up_project(c_kv).split([self.nope_dim, self.v_dim], -1)
+        group = self.n_heads // self.rope_heads
+        k_pe = k_pe.unsqueeze(3).expand(batch, length, self.rope_heads, group, self.rope_dim)
+        return torch.cat((k_nope, k_pe.reshape(batch, length, self.n_heads, self.rope_dim)), dim=-1), v
+
+    def heads(self, x_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Per-head ``q, k, v`` of an uncached pass (the expanded form) and the scale."""
+        batch, seq, _ = x_btd.shape
+        q_bthd = self._query(x_btd).view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q_bthd.split([self.nope_dim, self.rope_dim], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_pe, *rope)), dim=-1)
+        return (q, *self.expand(self._latent(x_btd, *rope))), self.scale
+
     def expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: KVView, document_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Materialise per-head keys and values from the latent, then ordinary attention."""
-        latent = kv.streams[0]
-        batch, length, _ = latent.shape
-        c_kv, k_pe = self._split_latent(latent)
-        k_nope, v = (
-            self.kv_b_proj(c_kv).view(batch, length, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)
-        )
-        group = self.n_heads // self.rope_heads
-        k_pe = k_pe.unsqueeze(3).expand(batch, length, self.rope_heads, group, self.rope_dim)
-        k = torch.cat((k_nope, k_pe.reshape(batch, length, self.n_heads, self.rope_dim)), dim=-1)
+        k, v = self.expand(kv.streams[0])
         q = torch.cat((q_nope, q_pe), dim=-1)
         return attention(
             q,
@@ -146,6 +169,7 @@ class MLAAttention(nn.Module):
             scale=self.scale,
             backend=self.backend,
             document_ids=document_ids,
+            sinks=self.sinks,
         )
 
     def absorbed(
@@ -153,17 +177,11 @@ class MLAAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention over the cached latent itself: keys are never materialised."""
         latent = kv.streams[0]
-        w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe), dim=-1)
-        if self.rope_heads == 1:  # the cache row is already [c | k_pe]: a single shared KV head, no copy
-            k = latent.unsqueeze(2)
-            v = latent[..., : self.kv_lora_rank].unsqueeze(2)
-        else:
-            c_kv, k_pe = self._split_latent(latent)
-            v = c_kv.unsqueeze(2).expand(-1, -1, self.rope_heads, -1)
-            k = torch.cat((v, k_pe), dim=-1)
+        k, v = self._latent_kv(latent)
         out_latent = attention(
             q,
             k,
@@ -172,5 +190,6 @@ class MLAAttention(nn.Module):
             scale=self.scale,
             backend=self.backend,
             document_ids=document_ids,
+            sinks=self.sinks,
         )
         return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)

@@ -2,7 +2,8 @@
 
 An entry stores one or more *streams* per position (GQA: K and V; MLA: the latent with the rotary
 key appended, ``kv_lora_rank + rope`` wide). Global layers keep every position; a sliding-window
-layer keeps a ring buffer of ``W`` positions, so its bytes stop growing at ``W`` tokens.
+layer keeps a ring buffer of ``W`` positions, so its bytes stop growing at ``W`` tokens; a chunked
+layer keeps ``C`` slots that restart at every chunk boundary.
 ``nbytes()`` is measured from the allocated tensors and must equal
 :func:`kvforge.arch.kv_bytes.kv_cache_bytes` - the byte count is part of the contract.
 
@@ -28,10 +29,11 @@ class KVView:
     causal: bool = True
     window: int | None = None
     kv_lens: torch.Tensor | None = None  # static cache: only slots < kv_lens[b] are filled
+    chunk: int | None = None  # chunked local attention; key 0 then starts a chunk
 
     def attention_kwargs(self) -> dict:
         """How queries may see these keys, as :func:`kvforge.kernels.attention` keywords."""
-        return {"causal": self.causal, "window": self.window, "kv_lens": self.kv_lens}
+        return {"causal": self.causal, "window": self.window, "kv_lens": self.kv_lens, "chunk": self.chunk}
 
 
 class _LayerBuffers:
@@ -117,7 +119,43 @@ class RingLayerCache(_LayerBuffers):
         return KVView(streams, causal=True, window=window)
 
 
-LayerCache = DenseLayerCache | RingLayerCache
+class ChunkLayerCache(_LayerBuffers):
+    """Chunked local attention: position ``p`` lives in slot ``p % chunk`` and the slots restart at each
+    chunk boundary, so slots ``0..p % chunk`` are exactly the keys ``p`` may see, in order.
+
+    A block of tokens attends over the filled slots of its first chunk followed by the new tokens
+    (key 0 then starts a chunk, as the kernel's ``chunk`` mask assumes); only the new positions of
+    its last chunk are kept.
+    """
+
+    def __init__(self, batch: int, chunk: int, features: list[tuple[int, ...]], dtype, device) -> None:
+        super().__init__(batch, chunk, features, dtype, device)
+
+    def append_block(self, new: tuple[torch.Tensor, ...], start: int, window: int | None) -> KVView:
+        size, n_new = self.slots, new[0].shape[1]
+        filled = start % size  # positions start - filled .. start - 1 of this chunk, in slots 0..filled-1
+        if n_new == 1:
+            for buffer, values in zip(self.buffers, new):
+                buffer[:, filled] = values[:, 0]
+            return KVView(tuple(buffer[:, : filled + 1] for buffer in self.buffers), causal=False)
+        streams = tuple(
+            torch.cat((buffer[:, :filled], values), dim=1) if filled else values
+            for buffer, values in zip(self.buffers, new)
+        )
+        end = start + n_new
+        keep_from = max(start, (end - 1) // size * size)  # the new positions of the last chunk
+        for buffer, values in zip(self.buffers, new):
+            buffer[:, keep_from % size : keep_from % size + end - keep_from] = values[:, keep_from - start :]
+        return KVView(streams, causal=True, chunk=size)
+
+    def append_at(self, new: tuple[torch.Tensor, ...], position: torch.Tensor, window: int | None) -> KVView:
+        slot = position % self.slots
+        for buffer, values in zip(self.buffers, new):
+            buffer.index_copy_(1, slot, values)
+        return KVView(self.buffers, causal=True, kv_lens=slot + 1)  # the filled slots are this chunk
+
+
+LayerCache = DenseLayerCache | RingLayerCache | ChunkLayerCache
 
 
 class KVCache:
@@ -177,8 +215,17 @@ class KVCache:
 
 
 def allocate_layer_cache(
-    batch: int, max_len: int, window: int | None, features: list[tuple[int, ...]], dtype, device
+    batch: int,
+    max_len: int,
+    window: int | None,
+    features: list[tuple[int, ...]],
+    dtype,
+    device,
+    chunk: int | None = None,
 ) -> LayerCache:
+    # A chunk or window of max_len or more never hides a key of a max_len-token sequence: dense.
+    if chunk is not None and chunk < max_len:
+        return ChunkLayerCache(batch, chunk, features, dtype, device)
     if window is not None and window < max_len:
         return RingLayerCache(batch, window, features, dtype, device)
     return DenseLayerCache(batch, max_len, features, dtype, device)

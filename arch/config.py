@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AttentionForm = Literal["gqa", "mla"]
-ATTENTION_FORMS = ("gqa", "mla")
+AttentionForm = Literal["gqa", "mla", "gta", "gla"]
+ATTENTION_FORMS = ("gqa", "mla", "gta", "gla")
+LATENT_FORMS = ("mla", "gla")  # forms that cache a latent (the MLA sizes of ModelConfig)
 ROPE_TYPES = ("linear", "llama3", "yarn")
 MLA_ABSORB = ("auto", "always", "never")
 
@@ -23,20 +24,36 @@ class LayerSpec:
     """How one decoder layer attends and what it caches.
 
     Args:
-        attention: ``"gqa"`` (MHA, GQA and MQA: ``n_kv_heads`` = n_heads, n_heads/g, 1) or ``"mla"``
-            (DeepSeek-V2/V3 multi-head latent attention).
-        n_kv_heads: K/V heads of a ``gqa`` layer; ``None`` takes the model's ``n_kv_heads``.
+        attention: ``"gqa"`` (MHA, GQA and MQA: ``n_kv_heads`` = n_heads, n_heads/g, 1), ``"mla"``
+            (DeepSeek-V2/V3 multi-head latent attention) or ``"gta"`` (grouped-tied attention: one
+            tied K/V state per group plus one shared rotary key, see :mod:`.attention_gta`) or
+            ``"gla"`` (grouped-latent attention: MLA's latent in ``n_latent_heads`` heads, see
+            :mod:`.attention_gla`).
+        n_kv_heads: K/V heads (gta: tied states) of a ``gqa``/``gta`` layer; ``None`` takes the
+            model's ``n_kv_heads``.
         window: ``None`` = global attention; ``W`` = sliding window of ``W`` tokens (itself included),
             cached in a ring buffer of ``W`` positions.
         kv_from: index of an earlier layer whose K/V (or latent) this layer reads instead of
             computing and caching its own. Negative values count back from this layer (``-1`` = the
             previous one) and are resolved to absolute indices.
+        sinks: a learned logit per query head that takes part in the softmax with no value
+            (gpt-oss's attention sinks): heads may attend to "nothing". Costs no cache bytes.
+        chunk: ``C`` = chunked local attention (Llama 4's ``attention_chunk_size``): a query at ``p``
+            sees the keys of its own chunk ``[C·⌊p/C⌋, p]``; cached in ``C`` slots that restart per chunk.
+        rope: ``False`` = NoPE: no rotary embedding on this layer's queries and keys (Llama 4's
+            global layers, ``no_rope_layers``). gqa layers only.
+        n_latent_heads: latent heads of a ``gla`` layer (they split ``kv_lora_rank``; query head
+            ``h`` reads latent head ``h // (n_heads / n_latent_heads)``).
     """
 
     attention: AttentionForm = "gqa"
     n_kv_heads: int | None = None
     window: int | None = None
     kv_from: int | None = None
+    sinks: bool = False
+    chunk: int | None = None
+    rope: bool = True
+    n_latent_heads: int | None = None
 
 
 @dataclass
@@ -140,8 +157,14 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.head_dim={self.head_dim}: must be even for gqa layers (RoPE rotates pairs of dims)"
             )
-        if any(spec.attention == "mla" for spec in self.layers):
+        if "gta" in self.forms and self.head_dim % 4:
+            raise ValueError(
+                f"ModelConfig.head_dim={self.head_dim}: must be a multiple of 4 for gta layers (half of it "
+                "is rotary, and RoPE rotates pairs of dims)"
+            )
+        if any(spec.attention in LATENT_FORMS for spec in self.layers):
             self._validate_mla()
+            self._validate_gla()
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling)
         if self.mla_absorb not in MLA_ABSORB:
@@ -186,7 +209,27 @@ class ModelConfig:
                 raise ValueError(
                     f"{where}.window={spec.window!r}: must be a positive number of tokens or None (global)"
                 )
-            if spec.attention == "mla":
+            if spec.chunk is not None:
+                if not isinstance(spec.chunk, int) or spec.chunk <= 0:
+                    raise ValueError(
+                        f"{where}.chunk={spec.chunk!r}: must be a positive number of tokens or None (no chunks)"
+                    )
+                if spec.window is not None:
+                    raise ValueError(
+                        f"{where}.chunk={spec.chunk}: this layer also has window={spec.window}; a layer is "
+                        "either chunked or sliding (set one of them to None)"
+                    )
+            if not spec.rope and spec.attention != "gqa":
+                raise ValueError(
+                    f"{where}.rope=False: NoPE is for gqa layers; an {spec.attention!r} layer's decoupled rotary "
+                    "key exists to carry RoPE (allowed: rope=True)"
+                )
+            if spec.attention != "gla" and spec.n_latent_heads is not None:
+                raise ValueError(
+                    f"{where}.n_latent_heads={spec.n_latent_heads}: only gla layers have latent heads "
+                    "(set attention='gla')"
+                )
+            if spec.attention in LATENT_FORMS:
                 if spec.n_kv_heads is not None:
                     raise ValueError(
                         f"{where}.n_kv_heads={spec.n_kv_heads}: only gqa layers have K/V heads; an mla layer caches a "
@@ -223,12 +266,21 @@ class ModelConfig:
                 f"{where}: layer {spec.kv_from} is {source.attention!r} but this layer is {spec.attention!r}; "
                 "K/V can only be shared between layers of the same attention form"
             )
-        if source.window != spec.window:
-            raise ValueError(
-                f"{where}: layer {spec.kv_from} has window={source.window} but this layer has window={spec.window}; "
-                "a layer that reads another's K/V attends over the same span"
-            )
-        if spec.attention == "gqa":
+        for name in ("window", "chunk", "rope"):
+            theirs, ours = getattr(source, name), getattr(spec, name)
+            if theirs != ours:
+                raise ValueError(
+                    f"{where}: layer {spec.kv_from} has {name}={theirs} but this layer has {name}={ours}; "
+                    "a layer that reads another's K/V attends over the same span with the same positions"
+                )
+        if spec.attention == "gla":
+            if spec.n_latent_heads is not None and spec.n_latent_heads != source.n_latent_heads:
+                raise ValueError(
+                    f"ModelConfig.layers[{index}].n_latent_heads={spec.n_latent_heads}: this layer reads layer "
+                    f"{spec.kv_from}'s latent, which has n_latent_heads={source.n_latent_heads}"
+                )
+            spec.n_latent_heads = source.n_latent_heads
+        if spec.attention not in LATENT_FORMS:
             if spec.n_kv_heads is not None and spec.n_kv_heads != source.n_kv_heads:
                 raise ValueError(
                     f"ModelConfig.layers[{index}].n_kv_heads={spec.n_kv_heads}: this layer reads layer "
@@ -261,6 +313,24 @@ class ModelConfig:
                 f"ModelConfig.mla_rope_heads={self.mla_rope_heads} must divide n_heads={self.n_heads} "
                 f"(allowed: {_divisors(self.n_heads)}; 1 = DeepSeek's rotary key shared by all heads)"
             )
+
+    def _validate_gla(self) -> None:
+        for index, spec in enumerate(self.layers):
+            if spec.attention != "gla" or spec.kv_from is not None:
+                continue
+            where = f"ModelConfig.layers[{index}].n_latent_heads={spec.n_latent_heads}"
+            heads = spec.n_latent_heads
+            if not isinstance(heads, int) or heads <= 0 or self.n_heads % heads or self.kv_lora_rank % heads:
+                raise ValueError(
+                    f"{where}: a gla layer needs a number of latent heads that divides n_heads={self.n_heads} "
+                    f"and kv_lora_rank={self.kv_lora_rank} (allowed: "
+                    f"{[d for d in _divisors(self.n_heads) if self.kv_lora_rank % d == 0]})"
+                )
+            if self.mla_rope_heads != 1:
+                raise ValueError(
+                    f"ModelConfig.mla_rope_heads={self.mla_rope_heads}: gla layers (layer {index}) share one "
+                    "rotary key across latent heads (allowed: 1)"
+                )
 
     # ----------------------------------------------------------------------------------------------
     @property

@@ -27,7 +27,7 @@ from .config import LayerSpec, ModelConfig
 def _attention_weights(config: ModelConfig, spec: LayerSpec) -> int:
     """Matmul weights one token passes through in this layer's attention block."""
     d, heads = config.d_model, config.n_heads
-    if spec.attention == "mla":
+    if spec.attention in ("mla", "gla"):
         qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         if config.q_lora_rank is None:
             query = d * heads * qk_dim
@@ -38,16 +38,19 @@ def _attention_weights(config: ModelConfig, spec: LayerSpec) -> int:
             if spec.kv_from is not None
             else d * (config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim)
         )
-        expand = config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+        up_width = config.kv_lora_rank // (spec.n_latent_heads or 1)
+        expand = up_width * heads * (config.qk_nope_head_dim + config.v_head_dim)
         return query + latent + expand + heads * config.v_head_dim * d
     q_and_o = 2 * d * heads * config.head_dim
+    if spec.attention == "gta":  # tied states + a shared rotary key of half a head
+        return q_and_o + (0 if spec.kv_from is not None else d * (spec.n_kv_heads + 0.5) * config.head_dim)
     k_and_v = 0 if spec.kv_from is not None else 2 * d * spec.n_kv_heads * config.head_dim
     return q_and_o + k_and_v
 
 
 def _score_width(config: ModelConfig, spec: LayerSpec) -> int:
     """d_qk + d_v summed over the query heads: multiply-adds per attended key per token."""
-    if spec.attention == "mla":
+    if spec.attention in ("mla", "gla"):
         return config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
     return config.n_heads * 2 * config.head_dim
 

@@ -1,5 +1,5 @@
 """Named attention forms built from one base config: the vocabulary of the quickstart table, the
-benchmarks and the tests (``mha gqa mqa mla cla swa mix``)."""
+benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta gla``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 from .config import LayerSpec, ModelConfig
 
-FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix")
+FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked", "gta", "gla")
 
 
 def with_form(
@@ -27,6 +27,12 @@ def with_form(
     - ``cla``: GQA where every odd layer reads the K/V of the layer before it (CLA-2).
     - ``swa``: GQA with 3 sliding-window layers for each global one (``window``, default max_seq_len/4).
     - ``mix``: MLA, a windowed GQA layer, a GQA layer sharing its K/V, an MLA layer sharing the first's.
+    - ``sinks``: attention sinks on windowed GQA layers alternating with global MLA layers.
+    - ``chunked``: Llama 4's pattern - 3 chunked local GQA layers (chunks of ``window``) per global
+      NoPE layer.
+    - ``gta``: grouped-tied attention (``n_kv_heads`` tied states): a global and a windowed layer,
+      each followed by one that reads its cache.
+    - ``gla``: grouped-latent attention, MLA's latent in 2 latent heads; a windowed layer with sinks.
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}: allowed values are {list(FORMS)}")
@@ -53,12 +59,25 @@ def with_form(
             LayerSpec("gqa", window=window, kv_from=-1),
             LayerSpec("mla", kv_from=-3),
         ],
+        "sinks": [LayerSpec("gqa", gqa_heads, window, sinks=True), LayerSpec("mla", sinks=True)],
+        "chunked": [LayerSpec("gqa", gqa_heads, chunk=window)] * 3
+        + [LayerSpec("gqa", gqa_heads, rope=False)],
+        "gta": [
+            LayerSpec("gta", gqa_heads),
+            LayerSpec("gta", kv_from=-1),
+            LayerSpec("gta", gqa_heads, window),
+            LayerSpec("gta", window=window, kv_from=-1),
+        ],
+        "gla": [
+            LayerSpec("gla", n_latent_heads=2),
+            LayerSpec("gla", window=window, n_latent_heads=2, sinks=True),
+        ],
     }
     changes = {
         "pattern": patterns[form],
         "layers": None,
         "n_kv_heads": gqa_heads if form != "mha" else base.n_heads,
     }
-    if form in ("mla", "mix"):
+    if form in ("mla", "mix", "sinks", "gla"):
         changes.update(mla_sizes)
     return dataclasses.replace(base, **changes)

@@ -5,7 +5,10 @@ tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
 |---------------|--------------------------------------------|
 | gqa, global   | 2 · n_kv_heads · head_dim                  |
 | gqa, window W | the same, for at most W tokens             |
+| chunk C       | the same, for at most C tokens             |
 | mla           | kv_lora_rank + mla_rope_heads · rope dim   |
+| gta           | n_kv_heads · head_dim + head_dim / 2       |
+| gla           | as mla (the latent split in latent heads)  |
 | kv_from       | 0 (reads its source layer's entry)         |
 """
 
@@ -41,13 +44,16 @@ def layer_kv_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
     """Values one token adds to this layer's cache (0 for a layer that reads another's K/V)."""
     if spec.kv_from is not None:
         return 0
-    if spec.attention == "mla":
+    if spec.attention in ("mla", "gla"):
         return config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
+    if spec.attention == "gta":  # tied K/V states + one shared rotary key of half a head
+        return spec.n_kv_heads * config.head_dim + config.head_dim // 2
     return 2 * spec.n_kv_heads * config.head_dim
 
 
 def layer_cached_tokens(spec: LayerSpec, seq_len: int) -> int:
-    return min(seq_len, spec.window) if spec.window is not None else seq_len
+    span = spec.window if spec.window is not None else spec.chunk
+    return min(seq_len, span) if span is not None else seq_len
 
 
 def kv_cache_bytes(
@@ -88,7 +94,9 @@ def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str 
     rows = []
     for index, spec in enumerate(config.layers):
         values = layer_kv_values_per_token(config, spec)
-        form = spec.attention if spec.attention == "mla" else _gqa_name(config.n_heads, spec.n_kv_heads)
+        form = {"mla": "mla", "gta": f"gta-{spec.n_kv_heads}", "gla": f"gla-{spec.n_latent_heads}"}.get(
+            spec.attention, _gqa_name(config.n_heads, spec.n_kv_heads)
+        )
         rows.append(
             {
                 "layer": index,

@@ -1,4 +1,5 @@
-"""Small building blocks shared by every layer: RMSNorm and the SwiGLU MLP (HF Llama names)."""
+"""Small building blocks shared by every layer: RMSNorm, the SwiGLU MLP (HF Llama names) and
+attention sinks."""
 
 from __future__ import annotations
 
@@ -34,3 +35,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def new_sinks(n_heads: int) -> nn.Parameter:
+    """One sink logit per query head (gpt-oss's ``self_attn.sinks``), zero at init: exp(0) = 1 is one
+    token's worth of mass - small next to a context, and the same start for every head."""
+    return nn.Parameter(torch.zeros(n_heads))

@@ -40,7 +40,9 @@ def count_parameters(config: ModelConfig, layer_index: int | None = None) -> int
     total = root_parameters(config) if layer_index is None else 0
     for spec in specs:
         total += 2 * d + 3 * d * config.ffn_dim  # two norms + SwiGLU
-        total += _gqa_params(config, spec) if spec.attention == "gqa" else _mla_params(config, spec)
+        params = {"gqa": _gqa_params, "mla": _mla_params, "gta": _gta_params, "gla": _mla_params}
+        total += params[spec.attention](config, spec)
+        total += config.n_heads if spec.sinks else 0
     return total
 
 
@@ -52,6 +54,16 @@ def _gqa_params(config: ModelConfig, spec: LayerSpec) -> int:
         total += 2 * (d * kv_dim + (kv_dim if bias else 0))
         total += config.head_dim if config.qk_norm else 0
     return total + (config.head_dim if config.qk_norm else 0)
+
+
+def _gta_params(config: ModelConfig, spec: LayerSpec) -> int:
+    d, q_dim = config.d_model, config.n_heads * config.head_dim
+    bias = config.attention_bias
+    total = d * q_dim + q_dim * d + (q_dim if bias else 0) + (d if config.o_proj_bias else 0)
+    if spec.kv_from is None:  # kv_proj (tied states) and k_rope_proj (half a head)
+        state = spec.n_kv_heads * config.head_dim + config.head_dim // 2
+        total += d * state + (state if bias else 0)
+    return total
 
 
 def _mla_params(config: ModelConfig, spec: LayerSpec) -> int:
@@ -66,7 +78,10 @@ def _mla_params(config: ModelConfig, spec: LayerSpec) -> int:
     latent = rank + config.mla_rope_heads * config.qk_rope_head_dim
     if spec.kv_from is None:
         total += d * latent + (latent if bias else 0) + (rank if config.mla_latent_norm else 0)
-    total += rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    up_width = (
+        rank // spec.n_latent_heads if spec.attention == "gla" else rank
+    )  # a gla head reads its latent head
+    total += up_width * heads * (config.qk_nope_head_dim + config.v_head_dim)
     return total + heads * config.v_head_dim * d + (d if config.o_proj_bias else 0)
 
 
@@ -74,7 +89,7 @@ def activation_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
     """Values autograd keeps per token for one layer's backward (fused attention, no scores)."""
     d, heads = config.d_model, config.n_heads
     common = 6 * d + 4 * config.ffn_dim
-    if spec.attention == "gqa":
+    if spec.attention in ("gqa", "gta"):  # gta: keys and values are materialised as in gqa
         q_dim, kv_dim = heads * config.head_dim, spec.n_kv_heads * config.head_dim
         own_kv = 2 * kv_dim if spec.kv_from is None else 0
         return common + 3 * q_dim + own_kv + heads

@@ -14,14 +14,16 @@ from kvforge.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from kvforge.kernels.distillation import linear_distillation_loss
 from kvforge.kernels.documents import document_positions
 
+from .attention_gla import GLAAttention
 from .attention_gqa import GQAAttention
+from .attention_gta import GTAAttention
 from .attention_mla import MLAAttention
 from .cache import KVCache, KVView, LayerCache, allocate_layer_cache
 from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, SwiGLU
 from .rope import RotaryEmbedding
 
-ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention}
+ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention, "gta": GTAAttention, "gla": GLAAttention}
 
 
 class DecoderLayer(nn.Module):
@@ -48,6 +50,23 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
 
+def rotary_embeddings(config: ModelConfig) -> dict[str, RotaryEmbedding]:
+    """One rotary table per attention form of ``config``, by the width it rotates."""
+    rotary = {}
+    if "gqa" in config.forms:
+        rotary["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+    for form in ("mla", "gla"):  # MLA's decoupled rotary key: one table for both latent forms
+        if form in config.forms:
+            theta = config.mla_rope_theta or config.rope_theta
+            rotary["mla"] = rotary.get("mla") or RotaryEmbedding(
+                config.qk_rope_head_dim, theta, config.rope_scaling
+            )
+            rotary[form] = rotary["mla"]
+    if "gta" in config.forms:  # the shared rotary key covers half of head_dim
+        rotary["gta"] = RotaryEmbedding(config.head_dim // 2, config.rope_theta, config.rope_scaling)
+    return rotary
+
+
 class Decoder(nn.Module):
     """HF's ``model.``: embeddings, layers, final norm, and the rotary tables each form needs."""
 
@@ -57,13 +76,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        rotary = {}
-        if "gqa" in config.forms:
-            rotary["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        if "mla" in config.forms:
-            theta = config.mla_rope_theta or config.rope_theta
-            rotary["mla"] = RotaryEmbedding(config.qk_rope_head_dim, theta, config.rope_scaling)
-        self.rotary = nn.ModuleDict(rotary)
+        self.rotary = nn.ModuleDict(rotary_embeddings(config))
         # Layers whose K/V another layer reads: their view is kept until the forward pass ends.
         self.kv_sources = {spec.kv_from for spec in config.layers if spec.kv_from is not None}
         self.gradient_checkpointing = False
@@ -140,6 +153,8 @@ class CausalLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm | RotaryEmbedding):
                 module.reset_parameters()
+            if isinstance(getattr(module, "sinks", None), nn.Parameter):
+                nn.init.zeros_(module.sinks)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -244,7 +259,9 @@ class CausalLM(nn.Module):
                 owners.append(spec.kv_from)
                 continue
             features = layer.self_attn.cache_features()
-            entries.append(allocate_layer_cache(batch, max_len, spec.window, features, dtype, device))
+            entries.append(
+                allocate_layer_cache(batch, max_len, spec.window, features, dtype, device, spec.chunk)
+            )
             owners.append(layer.index)
         position = torch.zeros(1, dtype=torch.long, device=device) if static else None
         return KVCache(entries, owners, max_len, position)

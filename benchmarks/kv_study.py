@@ -25,6 +25,11 @@ Calibration text = the corpus's first 32 × 256 tokens, inside the training 80 %
 | swa-64      | a 64-token sliding window on every layer (no weight change)                  | no        |
 | gqa-2-mean  | mean-pool 8 -> 2 KV heads: TARGETS.md's baseline (only with ``--rows``)       | yes       |
 | mha-control | the source through the same budget (only with ``--rows``)                    | yes       |
+| swa-32, swa-64-trained | a 32/64-token window on every layer (only with ``--rows``)        | yes       |
+| swa-32-sinks, swa-64-sinks | the same + attention sinks fitted on calibration (``--rows``) | yes       |
+| chunked-nope | chunks of 64 on layers 0-3, layer 4 global and NoPE (``--rows``)            | yes       |
+| gta-4       | mean-pool to 4 KV heads (exact), to_gta: 4 tied states + rotary key 4 = 36 values (``--rows``) | yes |
+| gla-2       | to_mla latent 24 + rope 8, to_gla: 2 latent heads of 12 (``--rows``)         | yes       |
 
 | measurement             | meaning                                                                       |
 |-------------------------|-------------------------------------------------------------------------------|

@@ -37,7 +37,27 @@ ROWS: dict[str, Row] = {
     # source itself through the same budget (the budget also adapts it to this text's formatting).
     "gqa-2-mean": Row("mean-pool to 2 KV heads (TARGETS baseline)", (_gqa(2, "mean"),)),
     "mha-control": Row("source, uptrained as the control", ()),
+    # Issue 19's forms (only with --rows, see NEW_FORM_ROWS): sinks on sliding windows, Llama 4's
+    # chunked local + NoPE global layers, GTA next to GQA-2 and GLA next to MLA at (about) equal bytes.
+    "swa-32": Row("window 32 on every layer", ({"to": "window", "windows": 32},)),
+    "swa-32-sinks": Row(
+        "window 32 + attention sinks (fitted)", ({"to": "window", "windows": 32, "sinks": True},)
+    ),
+    "swa-64-trained": Row("window 64 on every layer", ({"to": "window", "windows": 64},)),
+    "swa-64-sinks": Row(
+        "window 64 + attention sinks (fitted)", ({"to": "window", "windows": 64, "sinks": True},)
+    ),
+    "chunked-nope": Row(
+        "chunks of 64 on layers 0-3, layer 4 global NoPE",
+        ({"to": "chunked", "chunk": 64, "global_every": 5},),
+    ),
+    "gta-4": Row("mean-pool to 4 KV heads (exact), to_gta: 4 tied states", (_gqa(4, "mean"), {"to": "gta"})),
+    "gla-2": Row(
+        "to_mla latent 24 + rope 8, to_gla 2 latent heads",
+        ({"to": "mla", "kv_lora_rank": 24, "rope_dims": 8}, {"to": "gla", "n_latent_heads": 2}),
+    ),
 }
-DEFAULT_ROWS = [name for name in ROWS if name not in ("gqa-2-mean", "mha-control")]
+NEW_FORM_ROWS = ("swa-32", "swa-32-sinks", "swa-64-trained", "swa-64-sinks", "chunked-nope", "gta-4", "gla-2")
+DEFAULT_ROWS = [name for name in ROWS if name not in ("gqa-2-mean", "mha-control", *NEW_FORM_ROWS)]
 # TARGETS.md "Uptraining recovery": the largest allowed held-out loss increase over the source, in %.
 TARGET_INCREASE_PERCENT = {"gqa-2": 1.0, "mla-1/4": 2.0, "cla-2": 3.0}

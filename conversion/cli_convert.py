@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .cli_export import FAMILY_CHOICES, save_quietly
 
-FORMS = ("gqa", "mqa", "mla", "cla", "window")
+FORMS = ("gqa", "mqa", "mla", "cla", "window", "chunked", "gta", "gla")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +79,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one window for every layer, or a comma pattern tiled over the layers; 'none' = global "
         "(e.g. 1024,1024,1024,none = 3 local : 1 global)",
     )
-    group = parser.add_argument_group("calibration (gqa, mqa, mla, cla)")
+    group.add_argument(
+        "--sinks",
+        action="store_true",
+        help="attention sinks on the windowed layers, fitted on --calib (kvforge-typed export)",
+    )
+    group = parser.add_argument_group("chunked (Llama 4's pattern)")
+    group.add_argument(
+        "--chunk", type=int, help="tokens per chunk of the local layers (attention_chunk_size)"
+    )
+    group.add_argument(
+        "--global-every", type=int, default=4, help="every N-th layer stays global (default 4, as Llama 4)"
+    )
+    group.add_argument(
+        "--keep-rope", action="store_true", help="keep RoPE on the global layers (default: NoPE)"
+    )
+    group = parser.add_argument_group("gla (gta takes no option: one tied state per K/V head)")
+    group.add_argument(
+        "--n-latent-heads",
+        type=int,
+        help="latent heads splitting kv_lora_rank (an MHA/GQA source also needs --kv-lora-rank, --rope-dims)",
+    )
+    group = parser.add_argument_group("calibration (gqa, mqa, mla, cla, gta, gla, window --sinks)")
     group.add_argument(
         "--calib",
         metavar="FILE|self",
@@ -115,7 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def transform_options(args: argparse.Namespace) -> dict:
     """The transform's keyword options from the command line (missing required ones are errors)."""
-    required = {"gqa": ("n_kv_heads",), "mla": ("kv_lora_rank", "rope_dims"), "window": ("windows",)}
+    required = {
+        "gqa": ("n_kv_heads",),
+        "mla": ("kv_lora_rank", "rope_dims"),
+        "window": ("windows",),
+        "chunked": ("chunk",),
+        "gla": ("n_latent_heads",),
+    }
     for name in required.get(args.to, ()):
         if getattr(args, name) is None:
             raise ValueError(f"--to {args.to} needs --{name.replace('_', '-')}")
@@ -129,7 +156,18 @@ def transform_options(args: argparse.Namespace) -> dict:
         return {**{name: getattr(args, name) for name in names}, **fitted}
     if args.to == "cla":
         return {"factor": args.factor, "init": args.init, "offset": args.offset, **fitted}
-    return {"windows": parse_windows(args.windows)}
+    if args.to == "gta":
+        return {}
+    if args.to == "gla":
+        mla = {
+            name: getattr(args, name)
+            for name in ("kv_lora_rank", "rope_dims")
+            if getattr(args, name) is not None
+        }
+        return {"n_latent_heads": args.n_latent_heads, **mla}
+    if args.to == "chunked":
+        return {"chunk": args.chunk, "global_every": args.global_every, "nope": not args.keep_rope}
+    return {"windows": parse_windows(args.windows), "sinks": args.sinks}
 
 
 def parse_windows(text: str) -> int | list[int | None]:
@@ -169,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     check_options(args.to, config, **options)  # bad options fail here, before the weights are read
     pretrained = load_pretrained(src, progress=True)
     calibration = None
-    if args.calib is not None and args.to != "window":
+    if args.calib is not None and (args.to not in ("window", "chunked") or args.sinks):
         seq_len = args.calib_seq_len or min(512, config.max_seq_len - (args.calib == "self"))
         if args.calib == "self":
             console.print(

@@ -20,11 +20,12 @@ from .auto import LAST_RESORT, attention_case, note_runtime_failure, resolve_aut
 from .backends import BACKENDS, AttentionFn, Backend, available_backends, register_backend
 from .documents import check_document_ids, document_mask
 from .errors import BackendUnavailable
-from .masks import combine, length_mask
+from .masks import chunk_mask, combine, length_mask
+from .sinks import check_sinks, fold_in_sinks
 
 
-def _features(mask, document_ids, kv_lens) -> frozenset[str]:
-    given = {"mask": mask, "documents": document_ids, "kv_lens": kv_lens}
+def _features(mask, document_ids, kv_lens, sinks=None, chunk=None) -> frozenset[str]:
+    given = {"mask": mask, "documents": document_ids, "kv_lens": kv_lens, "sinks": sinks, "chunk": chunk}
     return frozenset(name for name, value in given.items() if value is not None)
 
 
@@ -39,6 +40,8 @@ def resolve_backend(
     window: int | None = None,
     document_ids: torch.Tensor | None = None,
     kv_lens: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> str:
     """The backend name a call would run on (``auto`` resolved)."""
     if backend != "auto":
@@ -48,22 +51,26 @@ def resolve_backend(
     k = q if k is None else k
     v = k if v is None else v
     return resolve_auto(
-        q, k, v, _case(q, k, causal, window, mask, document_ids), _features(mask, document_ids, kv_lens)
+        q,
+        k,
+        v,
+        _case(q, k, causal, window, mask, document_ids, chunk),
+        _features(mask, document_ids, kv_lens, sinks, chunk),
     )
 
 
-def _case(q, k, causal, window, mask, document_ids) -> str:
+def _case(q, k, causal, window, mask, document_ids, chunk=None) -> str:
     return attention_case(
         q.shape[1],
         k.shape[1],
         causal=causal,
         window=window,
-        has_mask=mask is not None,
+        has_mask=mask is not None or chunk is not None,
         has_documents=document_ids is not None,
     )
 
 
-def _validate(q, k, v, causal, window, document_ids, kv_lens) -> None:
+def _validate(q, k, v, causal, window, document_ids, kv_lens, sinks=None, chunk=None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be (batch, seq, heads, dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -86,6 +93,16 @@ def _validate(q, k, v, causal, window, document_ids, kv_lens) -> None:
             raise ValueError("kv_lens (a static cache) and document_ids (packed training) do not combine")
         if kv_lens.dim() != 1 or kv_lens.shape[0] not in (1, q.shape[0]):
             raise ValueError(f"kv_lens must be (batch,) or (1,); got {tuple(kv_lens.shape)}")
+    if sinks is not None:
+        check_sinks(sinks, n_heads)
+    if chunk is not None:
+        if chunk <= 0 or not causal:
+            raise ValueError(f"chunk={chunk} must be a positive int and needs causal=True")
+        if kv_lens is not None:
+            raise ValueError(
+                "chunk and kv_lens do not combine: a static chunk cache restarts per chunk, so its filled "
+                "slots are the query's chunk already (pass chunk=None)"
+            )
 
 
 def _run(
@@ -100,9 +117,15 @@ def _run(
     mask: torch.Tensor | None,
     document_ids: torch.Tensor | None,
     kv_lens: torch.Tensor | None,
+    sinks: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Lower what ``backend`` does not handle natively to a boolean mask, then call it."""
+    """Lower what ``backend`` does not handle natively to a boolean mask (sinks: one extra key),
+    then call it."""
     native: dict[str, torch.Tensor] = {}
+    v_dim = v.shape[-1]
+    if chunk is not None:
+        mask = combine(chunk_mask(q.shape[1], k.shape[1], chunk, device=q.device), mask)
     if document_ids is not None:
         if "documents" in backend.native:
             native["document_ids"] = document_ids
@@ -114,6 +137,18 @@ def _run(
         else:  # the length mask already aligns queries to the last filled key and applies the window
             mask = combine(length_mask(kv_lens, q.shape[1], k.shape[1], causal=causal, window=window), mask)
             causal, window = False, None
+    if sinks is not None:
+        if "sinks" in backend.native:
+            native["sinks"] = sinks
+        elif not backend.takes_mask:
+            raise BackendUnavailable(
+                f"backend={backend.name!r} cannot apply attention sinks; use 'eager', 'sdpa' or 'flex'"
+            )
+        else:
+            q, k, v, mask = fold_in_sinks(
+                q, k, v, sinks, scale=scale, causal=causal, window=window, mask=mask
+            )
+            causal, window = False, None
     if mask is not None and not backend.takes_mask:
         raise BackendUnavailable(
             f"backend={backend.name!r} takes no explicit mask (this call has one); use 'sdpa' or 'flex'"
@@ -121,7 +156,8 @@ def _run(
     reason = backend.unavailable(q, k, v)
     if reason is not None:
         raise BackendUnavailable(reason)
-    return backend.fn(q, k, v, causal=causal, window=window, scale=scale, mask=mask, **native)
+    out = backend.fn(q, k, v, causal=causal, window=window, scale=scale, mask=mask, **native)
+    return out[..., :v_dim]
 
 
 def attention(
@@ -136,6 +172,8 @@ def attention(
     backend: str = "auto",
     document_ids: torch.Tensor | None = None,
     kv_lens: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention; returns ``(batch, q_len, n_heads, v_head_dim)``.
 
@@ -144,19 +182,29 @@ def attention(
     ``document_ids`` ``(batch, seq)``: packed documents (see :mod:`.documents`); no query sees a key
     of another document. ``kv_lens`` ``(batch,)`` or ``(1,)``: only the first ``kv_lens[b]`` key slots
     are filled (a static cache buffer); queries then align to the last *filled* key.
+    ``sinks`` ``(n_heads,)``: a learned logit per query head that absorbs probability mass (gpt-oss,
+    see :mod:`.sinks`). ``chunk`` C: chunked local attention - key 0 starts a chunk and a query sees
+    only the keys of its own chunk of C positions (Llama 4's ``attention_chunk_size``).
     An explicitly named backend that cannot run the call raises :class:`BackendUnavailable`; ``auto``
     never does (it falls back, saying so once).
     """
-    _validate(q, k, v, causal, window, document_ids, kv_lens)
+    _validate(q, k, v, causal, window, document_ids, kv_lens, sinks, chunk)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     kwargs = dict(
-        causal=causal, window=window, scale=scale, mask=mask, document_ids=document_ids, kv_lens=kv_lens
+        causal=causal,
+        window=window,
+        scale=scale,
+        mask=mask,
+        document_ids=document_ids,
+        kv_lens=kv_lens,
+        sinks=sinks,
+        chunk=chunk,
     )
     if backend != "auto":
         return _run(BACKENDS[resolve_backend(backend, q)], q, k, v, **kwargs)
-    case = _case(q, k, causal, window, mask, document_ids)
-    features = _features(mask, document_ids, kv_lens)
+    case = _case(q, k, causal, window, mask, document_ids, chunk)
+    features = _features(mask, document_ids, kv_lens, sinks, chunk)
     while True:
         name = resolve_auto(q, k, v, case, features)
         try:

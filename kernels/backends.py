@@ -2,8 +2,9 @@
 
 Every backend is ``fn(q, k, v, *, causal, window, scale, mask, **native)`` on ``(batch, seq, heads,
 dim)`` tensors. A feature a backend does not handle natively - packed ``document_ids``, a static
-cache's ``kv_lens`` - is lowered by :func:`kvforge.kernels.attention` to an equivalent boolean mask
-first; a backend that takes no mask at all (``flash``, ``triton``) then cannot run that call.
+cache's ``kv_lens``, a ``chunk`` - is lowered by :func:`kvforge.kernels.attention` to an equivalent
+boolean mask first, and attention ``sinks`` to one extra key (:mod:`.sinks`); a backend that takes
+no mask at all (``flash``, ``triton``) then cannot run that call.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _always_installed() -> bool:
 class Backend:
     name: str
     fn: AttentionFn
-    native: frozenset[str] = frozenset()  # subset of {"documents", "kv_lens"}
+    native: frozenset[str] = frozenset()  # subset of {"documents", "kv_lens", "sinks"}
     takes_mask: bool = True
     unavailable: Unavailable = _runs_anywhere  # why it cannot run these inputs, or None
     installed: Callable[[], bool] = _always_installed  # can it run on this machine at all
@@ -78,11 +79,14 @@ def _sdpa_backend(kernel: str) -> Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "eager": Backend("eager", eager_attention),
+    "eager": Backend("eager", eager_attention, native=frozenset({"sinks"})),
     "sdpa": Backend("sdpa", sdpa_attention),
     **{f"sdpa-{kernel}": _sdpa_backend(kernel) for kernel in SDPA_KERNELS},
     "flex": Backend(
-        "flex", flex_attention_fn, native=frozenset({"documents", "kv_lens"}), unavailable=flex_unavailable
+        "flex",
+        flex_attention_fn,
+        native=frozenset({"documents", "kv_lens", "sinks"}),
+        unavailable=flex_unavailable,
     ),
     "flash": Backend(
         "flash",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .masks import causal_window_mask, combine
+from .sinks import append_sink_column
 
 
 def eager_attention(
@@ -17,6 +18,7 @@ def eager_attention(
     window: int | None,
     scale: float,
     mask: torch.Tensor | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, q_len, n_heads, _ = q.shape
     k_len, n_kv_heads = k.shape[1], k.shape[2]
@@ -33,7 +35,11 @@ def eager_attention(
     keep = combine(keep, mask)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
+    if sinks is not None:  # one more column per head that absorbs probability and has no value
+        scores = append_sink_column(scores, sinks.float().view(1, n_kv_heads, group, 1, 1))
     probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
     if keep is not None:  # a query that may see nothing gets zeros, not NaN
         probs = probs.nan_to_num(0.0)
     out = torch.einsum("bkgqs,bksd->bkgqd", probs, v_bksd)

@@ -16,10 +16,11 @@ import functools
 import weakref
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 from .errors import BackendUnavailable
 from .log import log_once
+from .sinks import rescale_by_lse
 
 NEG_INF = float("-inf")
 
@@ -139,6 +140,7 @@ def flex_attention_fn(
     mask: torch.Tensor | None,
     document_ids: torch.Tensor | None = None,
     kv_lens: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, q_len, n_heads, _ = q.shape
     k_len = k.shape[1]
@@ -162,9 +164,14 @@ def flex_attention_fn(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=n_heads != k.shape[2],
+            # sinks: out · sigmoid(lse - sink) from the kernel's own log-sum-exp (kernels/sinks.py)
+            return_aux=AuxRequest(lse=True) if sinks is not None else None,
         )
     except torch._dynamo.exc.TorchDynamoException as err:  # e.g. head dims its kernel does not support
         raise BackendUnavailable(
             f"backend='flex' could not compile for head dims {q.shape[-1]}/{v.shape[-1]}: {str(err).splitlines()[0]}"
         ) from err
+    if sinks is not None:
+        out, aux = out
+        return rescale_by_lse(out.transpose(1, 2), aux.lse, sinks)
     return out.transpose(1, 2)

@@ -42,6 +42,15 @@ def length_mask(
     return keep
 
 
+def chunk_mask(q_len: int, k_len: int, chunk: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(q_len, k_len)`` keep-mask of chunked local attention (Llama 4's ``attention_chunk_size``):
+    key 0 starts a chunk and a query sees only the keys of its own chunk of ``chunk`` positions
+    (AND it with the causal mask). Queries align to the end of the keys, as everywhere here."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(k_len, device=device).unsqueeze(0)
+    return (k_pos // chunk) == (q_pos // chunk)
+
+
 def needs_mask(q_len: int, k_len: int, *, causal: bool, window: int | None) -> bool:
     """False when causal/window hide nothing: a single last query over keys it can all see."""
     if not causal and window is None:

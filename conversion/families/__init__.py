@@ -70,6 +70,8 @@ def plan_export(config: ModelConfig, family: str | None = None) -> ExportPlan:
     a named family must be able to hold it (the error says why not and which families can)."""
     if family is None:
         chosen = next((f for f in EXPORT_PREFERENCE if f.why_not(config) is None), KVFORGE)
+        if chosen is KVFORGE:
+            return ExportPlan(KVFORGE, [_no_stock_class(config), *KVFORGE.notes(config)])
     elif family not in FAMILIES:
         raise ValueError(
             f"family={family!r} is not a known family (allowed: {sorted(FAMILIES)} or None for automatic)"
@@ -83,6 +85,18 @@ def plan_export(config: ModelConfig, family: str | None = None) -> ExportPlan:
                 f"cannot export as {family}: {problem}. Families that can hold this model: {able}"
             )
     return ExportPlan(chosen, chosen.notes(config))
+
+
+def _no_stock_class(config: ModelConfig) -> str:
+    """Why every stock family refused, one line (families that refuse for the same reason grouped)."""
+    reasons: dict[str, list[str]] = {}
+    for family in EXPORT_PREFERENCE:
+        reasons.setdefault(family.why_not(config), []).append(family.model_type)
+    return (
+        "no stock class holds this model ("
+        + "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons.items())
+        + ")"
+    )
 
 
 __all__ = ["EXPORT_PREFERENCE", "FAMILIES", "KVFORGE", "ExportPlan", "Family", "family_of", "plan_export"]

@@ -23,6 +23,7 @@ import torch
 from kvforge.arch import LayerSpec, ModelConfig
 
 from .base import RowPermutation, StockFamily
+from .layers import kvforge_only_problem
 from .llama import decoder_keys
 from .schema import ConfigReader, Fixed, SharedBias
 
@@ -102,6 +103,9 @@ class MLALayers:
                 return f"layer {index} is {spec.attention!r}; DeepSeek layers are all MLA"
             if spec.kv_from is not None:
                 return f"layer {index} reads the latent of layer {spec.kv_from} (cross-layer sharing)"
+            problem = kvforge_only_problem(index, spec)
+            if problem:
+                return problem
             if spec.window is not None:
                 return f"layer {index} has a sliding window; DeepSeek attends globally"
         if config.mla_rope_heads != 1:

@@ -33,13 +33,27 @@ MLA_FIELDS = (
 )
 
 
+def kvforge_only_problem(index: int, spec: LayerSpec) -> str | None:
+    """Layer options no stock family of kvforge's tables expresses (gpt-oss has sinks, but is MoE)."""
+    if spec.kv_from is not None:
+        return f"layer {index} reads the K/V of layer {spec.kv_from} (cross-layer sharing)"
+    if spec.sinks:
+        return f"layer {index} has attention sinks (stock gpt-oss has them, but is mixture-of-experts)"
+    if spec.chunk is not None:
+        return f"layer {index} attends within chunks of {spec.chunk} tokens (chunked local attention)"
+    if not spec.rope:
+        return f"layer {index} is a NoPE layer (no rotary embedding)"
+    return None
+
+
 def gqa_problem(config: ModelConfig) -> str | None:
     """Why a stock GQA family cannot hold ``config`` at all (before looking at windows)."""
     for index, spec in enumerate(config.layers):
         if spec.attention != "gqa":
             return f"layer {index} is {spec.attention!r}; this family has GQA/MHA/MQA layers only"
-        if spec.kv_from is not None:
-            return f"layer {index} reads the K/V of layer {spec.kv_from} (cross-layer sharing)"
+        problem = kvforge_only_problem(index, spec)
+        if problem:
+            return problem
     heads = {spec.n_kv_heads for spec in config.layers}
     if len(heads) > 1:
         return f"layers have different n_kv_heads {sorted(heads)}; this family has one num_key_value_heads"

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from kvforge.arch import ModelConfig
 
 from .calibration import load_calibration_ids, sample_calibration_ids
+from .chunked import chunked_config, to_chunked
 from .cla import cla_layout, to_cla
+from .gla import gla_config, to_gla
 from .gqa import gqa_config, to_gqa, to_mqa
+from .gta import gta_config, to_gta
 from .mla import check_mla_options, to_mla
 from .window import to_window, window_config
 
@@ -24,6 +27,9 @@ TRANSFORMS: dict[str, Callable] = {
     "mla": to_mla,
     "cla": to_cla,
     "window": to_window,
+    "chunked": to_chunked,
+    "gta": to_gta,
+    "gla": to_gla,
 }
 
 # Option names that are not about the target form (how to fit it).
@@ -35,6 +41,9 @@ _CHECKS: dict[str, Callable] = {
     "mla": check_mla_options,
     "cla": cla_layout,
     "window": window_config,
+    "chunked": chunked_config,
+    "gta": lambda config, **options: gta_config(config),
+    "gla": gla_config,
 }
 
 
@@ -50,8 +59,11 @@ __all__ = [
     "check_options",
     "load_calibration_ids",
     "sample_calibration_ids",
+    "to_chunked",
     "to_cla",
+    "to_gla",
     "to_gqa",
+    "to_gta",
     "to_mla",
     "to_mqa",
     "to_window",

@@ -15,7 +15,7 @@ import torch
 
 from kvforge.arch import CausalLM, ModelConfig
 from kvforge.arch.cache import KVView
-from kvforge.arch.model import DecoderLayer
+from kvforge.arch.model import DecoderLayer, rotary_embeddings
 from kvforge.arch.rope import RotaryEmbedding
 
 from .common import StateDict
@@ -59,17 +59,7 @@ def build_model(config: ModelConfig, state_dict: StateDict) -> CausalLM:
 def rope_tables(config: ModelConfig, seq_len: int) -> dict[str, Rope]:
     """cos/sin of positions ``0..seq_len-1`` for each attention form of ``config`` (fp32)."""
     positions = torch.arange(seq_len)
-    tables = {}
-    if "gqa" in config.forms:
-        tables["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)(
-            positions, torch.float32
-        )
-    if "mla" in config.forms:
-        theta = config.mla_rope_theta or config.rope_theta
-        tables["mla"] = RotaryEmbedding(config.qk_rope_head_dim, theta, config.rope_scaling)(
-            positions, torch.float32
-        )
-    return tables
+    return {form: rotary(positions, torch.float32) for form, rotary in rotary_embeddings(config).items()}
 
 
 class LayerStream:

@@ -1,4 +1,5 @@
-"""Sliding windows on chosen layers; the weights do not change."""
+"""Sliding windows on chosen layers; the weights do not change. ``sinks=True`` also gives every
+windowed layer attention sinks, fitted from calibration data (:mod:`.sinks`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .common import StateDict, is_count
+from .sinks import fit_sinks
 
 
-def window_config(config: ModelConfig, *, windows: int | list[int | None]) -> ModelConfig:
+def window_config(
+    config: ModelConfig, *, windows: int | list[int | None], sinks: bool = False
+) -> ModelConfig:
     """``windows``: one window for every layer, or a per-layer pattern tiled over the layers
-    (``[1024, 1024, 1024, None]`` = 3 local : 1 global; ``None`` = global)."""
+    (``[1024, 1024, 1024, None]`` = 3 local : 1 global; ``None`` = global). ``sinks``: attention
+    sinks on the windowed layers."""
+    if not isinstance(sinks, bool):
+        raise ValueError(f"to_window: sinks={sinks!r} must be true or false")
     pattern = list(windows) if isinstance(windows, (list, tuple)) else [windows]
     if not pattern or config.n_layers % len(pattern):
         raise ValueError(
@@ -33,7 +40,15 @@ def window_config(config: ModelConfig, *, windows: int | list[int | None]) -> Mo
                 f"to_window: layer {index} reads layer {spec.kv_from}'s K/V, so both need the same window "
                 f"(got {window} and {tiled[spec.kv_from]})"
             )
-    layers = [dataclasses.replace(spec, window=w) for spec, w in zip(config.layers, tiled)]
+        if sinks and window is not None and spec.kv_from is not None:
+            raise ValueError(
+                f"to_window: sinks=True on layer {index}, which reads layer {spec.kv_from}'s K/V; sinks are "
+                "fitted on layers that own their K/V (window the model before to_cla)"
+            )
+    layers = [
+        dataclasses.replace(spec, window=w, sinks=spec.sinks or (sinks and w is not None))
+        for spec, w in zip(config.layers, tiled)
+    ]
     return dataclasses.replace(config, layers=layers, pattern=None)
 
 
@@ -43,6 +58,17 @@ def to_window(
     calibration: torch.Tensor | None = None,
     *,
     windows: int | list[int | None],
+    sinks: bool = False,
 ) -> tuple[ModelConfig, StateDict]:
-    """:func:`window_config` on the config; the weights are returned as they are (a new dict)."""
-    return window_config(config, windows=windows), dict(state_dict)
+    """:func:`window_config` on the config; the weights are returned as they are (a new dict), plus
+    with ``sinks`` one sink logit per head of each windowed layer, fitted on ``calibration`` so that
+    the windowed layer keeps its source's attention weights on the keys it still sees."""
+    target = window_config(config, windows=windows, sinks=sinks)
+    if not sinks:
+        return target, dict(state_dict)
+    if calibration is None:
+        raise ValueError(
+            "to_window: sinks=True fits the sinks on calibration data; pass calibration token ids "
+            "(kvforge convert --calib FILE or --calib self)"
+        )
+    return target, fit_sinks(config, target, state_dict, calibration, "to_window")
