@@ -52,9 +52,11 @@ def tiny_config(form: str = "gqa", **overrides) -> ModelConfig:
     return with_form(ModelConfig(**fields), form, window=8, kv_lora_rank=16, rope_dim=4)
 
 
-def tiny_module(form: str = "gqa", lr: float = 3e-3, steps: int = 20, **options) -> KVForgeLM:
+def tiny_module(
+    form: str = "gqa", lr: float = 3e-3, steps: int = 20, model: ModelConfig | None = None, **options
+) -> KVForgeLM:
     optim = OptimizerConfig(lr=lr, warmup_steps=2, total_steps=steps, weight_decay=0.0)
-    return KVForgeLM(model=tiny_config(form), optim=optim, **options)
+    return KVForgeLM(model=model or tiny_config(form), optim=optim, **options)
 
 
 def tiny_data(corpus: Path, cache: Path, **options) -> TextDataModule:

@@ -126,8 +126,7 @@ def _fit(tmp_path, sources, max_steps, ckpt_path=None, callbacks=()):
         cache_dir=str(tmp_path / "cache"),
     )
     run = trainer(tmp_path / "run", max_steps, callbacks=[recorder, *callbacks])
-    module = tiny_module(steps=9)
-    module.config = module.config.replace(vocab_size=512)
+    module = tiny_module(steps=9, model=tiny_config(vocab_size=512))
     run.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return recorder.losses
 
