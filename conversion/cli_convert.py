@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_export import FAMILY_CHOICES, save_quietly
+from .cli_export import FAMILY_CHOICES
 
 FORMS = ("gqa", "mqa", "mla", "cla", "window")
 
@@ -82,9 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration (gqa, mqa, mla, cla)")
     group.add_argument(
         "--calib",
-        metavar="FILE|self",
-        help="text file to fit on (not your evaluation text), or 'self' to sample it from SRC; "
-        "without it the transforms work from the weights alone",
+        metavar="FILE|self|none",
+        default="self",
+        help="self (default): fit on text sampled from SRC itself; FILE: a text file (not your evaluation "
+        "text); none: from the weights alone (much worse, see docs/transforms.md)",
     )
     group.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     group.add_argument(
@@ -111,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="store tensors in this dtype"
     )
     group.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the layers run and the fits are computed: auto (default: cuda when available), cpu, cuda[:N]",
+    )
 
 
 def transform_options(args: argparse.Namespace) -> dict:
@@ -150,50 +156,40 @@ def run(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     if out.exists() and not args.overwrite:  # before any reading
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if args.calib not in (None, "self") and not Path(args.calib).is_file():
-        raise FileNotFoundError(f"--calib {args.calib}: no such file (or pass 'self')")
+    calibration = None if args.calib == "none" else args.calib
+    if calibration not in (None, "self") and not Path(calibration).is_file():
+        raise FileNotFoundError(f"--calib {args.calib}: no such file (or pass 'self' or 'none')")
     from rich.console import Console
 
     from kvforge.arch import kv_bytes_per_token
-    from kvforge.conversion import load_config, load_pretrained, plan_export
-    from kvforge.conversion.transforms import (
-        TRANSFORMS,
-        check_options,
-        load_calibration_ids,
-        sample_calibration_ids,
-    )
+    from kvforge.conversion import plan_export
+    from kvforge.conversion.convert import convert_checkpoint, resolve_device
 
     console = Console(highlight=False)
-    config, _, _ = load_config(src)
-    options = transform_options(args)
-    check_options(args.to, config, **options)  # bad options fail here, before the weights are read
-    pretrained = load_pretrained(src, progress=True)
-    calibration = None
-    if args.calib is not None and args.to != "window":
-        seq_len = args.calib_seq_len or min(512, config.max_seq_len - (args.calib == "self"))
-        if args.calib == "self":
-            console.print(
-                f"Sampling {args.calib_tokens} calibration tokens from {src} (seed {args.seed}) ..."
-            )
-            calibration = sample_calibration_ids(
-                config, pretrained.state_dict, args.calib_tokens, seq_len, args.seed
-            )
-        else:
-            calibration = load_calibration_ids(args.calib, src, args.calib_tokens, seq_len)
-        console.print(
-            f"Calibration: {calibration.shape[0]} x {calibration.shape[1]} tokens from {args.calib}"
+    options = transform_options(args)  # checked against SRC's config before any weight is read
+    device = resolve_device(args.device)
+    if calibration is not None and args.to != "window":
+        what = (
+            f"{args.calib_tokens} tokens sampled from {src} (seed {args.seed})"
+            if calibration == "self"
+            else calibration
         )
-    new_config, state_dict = TRANSFORMS[args.to](config, pretrained.state_dict, calibration, **options)
-    plan = plan_export(new_config, None if args.family == "auto" else args.family)
-    save_quietly(
-        new_config,
-        state_dict,
+        console.print(f"Calibration: {what}; converting one layer at a time on {device}")
+    _, config, new_config = convert_checkpoint(
+        src,
         out,
-        family=plan.family.model_type,
-        tokenizer_from=src,
-        overwrite=args.overwrite,
+        args.to,
+        options,
+        device=device,
+        calibration=calibration,
+        calib_tokens=args.calib_tokens,
+        calib_seq_len=args.calib_seq_len,
+        seed=args.seed,
+        family=None if args.family == "auto" else args.family,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
+    plan = plan_export(new_config, None if args.family == "auto" else args.family)
     before = kv_bytes_per_token(config, config.max_seq_len, "bf16")
     after = kv_bytes_per_token(new_config, config.max_seq_len, "bf16")
     console.print(

@@ -8,7 +8,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import StateDict, is_count
+from .common import Sink, StateDict, is_count, map_layers
 
 
 def window_config(config: ModelConfig, *, windows: int | list[int | None]) -> ModelConfig:
@@ -43,6 +43,12 @@ def to_window(
     calibration: torch.Tensor | None = None,
     *,
     windows: int | list[int | None],
+    device: str | torch.device = "cpu",
+    sink: Sink | None = None,
 ) -> tuple[ModelConfig, StateDict]:
-    """:func:`window_config` on the config; the weights are returned as they are (a new dict)."""
-    return window_config(config, windows=windows), dict(state_dict)
+    """:func:`window_config` on the config; the weights are returned as they are (a new dict, or
+    copied to ``sink`` layer by layer). ``device`` is accepted for a uniform call and unused."""
+    new_config = window_config(config, windows=windows)
+    return new_config, map_layers(
+        new_config, state_dict, [[index] for index in range(config.n_layers)], dict, sink
+    )
