@@ -163,12 +163,12 @@ def run(args: argparse.Namespace) -> int:
 
     from kvforge.arch import kv_bytes_per_token
     from kvforge.conversion import plan_export
-    from kvforge.conversion.convert import convert_checkpoint, resolve_device
+    from kvforge.conversion.convert import convert_checkpoint, resolve_device, uses_calibration
 
     console = Console(highlight=False)
     options = transform_options(args)  # checked against SRC's config before any weight is read
     device = resolve_device(args.device)
-    if calibration is not None and args.to != "window":
+    if calibration is not None and uses_calibration(args.to, options):
         what = (
             f"{args.calib_tokens} tokens sampled from {src} (seed {args.seed})"
             if calibration == "self"

@@ -132,7 +132,7 @@ def convert_checkpoint(
     weights = CheckpointWeights(src, config, source_family, hf, entries)  # every shape checked
     device = resolve_device(device)
     ids = None
-    if transform != "window" and calibration is not None:
+    if calibration is not None and uses_calibration(transform, options):
         seq_len = calib_seq_len or min(CALIBRATION_SEQ_LEN, config.max_seq_len - 1)
         if isinstance(calibration, torch.Tensor):
             ids = calibration
@@ -152,6 +152,16 @@ def convert_checkpoint(
         new_config, _ = TRANSFORMS[transform](config, weights, ids, **options, sink=writer)
         writer.finish(new_config, src)
     return out, config, new_config
+
+
+def uses_calibration(transform: str, options: dict) -> bool:
+    """Whether the transform fits anything to calibration activations with these options (mean-pooling,
+    copying K/V and windows do not, so no text is sampled for them)."""
+    if transform in ("gqa", "mqa"):
+        return options.get("method", "aligned") == "aligned"
+    if transform == "cla":
+        return options.get("init", "fit") == "fit"
+    return transform == "mla"
 
 
 def _runtime(transform: str, device: torch.device, progress: bool) -> dict:
