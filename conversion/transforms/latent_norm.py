@@ -46,14 +46,14 @@ def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
     """``latent``: ``(tokens, r)`` calibration latents (float64). ``flatten=False`` keeps the basis."""
     latent = latent[:MAX_TOKENS].detach().to(torch.float64)
     rank = latent.shape[1]
-    eye = torch.eye(rank, dtype=torch.float64)
+    eye = torch.eye(rank, dtype=torch.float64, device=latent.device)
     basis = basis_inv = eye
     if flatten:
-        rows, cols = torch.triu_indices(rank, rank)
+        rows, cols = torch.triu_indices(rank, rank, device=latent.device)
         features = latent[:, rows] * latent[:, cols] * torch.where(rows == cols, 1.0, 2.0)
-        target = torch.ones(len(latent), 1, dtype=torch.float64)
+        target = torch.ones(len(latent), 1, dtype=torch.float64, device=latent.device)
         packed = torch.linalg.lstsq(features, target).solution[:, 0]
-        P = torch.zeros(rank, rank, dtype=torch.float64)
+        P = torch.zeros(rank, rank, dtype=torch.float64, device=latent.device)
         P[rows, cols] = packed
         P = P + P.mT - torch.diag(P.diagonal())
         eigvals, eigvecs = torch.linalg.eigh(P)

@@ -64,8 +64,8 @@ def merge_keys(targets: HeadTargets, heads: Sequence[int]) -> tuple[torch.Tensor
     heads = list(heads)
     weight = targets.key_weight[heads].clamp_min(1e-30)  # (n, pairs)
     n_pairs, dim = targets.key.shape[1:]
-    key = torch.zeros(n_pairs, dim, dtype=torch.complex128)
-    alpha = torch.zeros(len(heads), n_pairs, dtype=torch.complex128)
+    key = torch.zeros(n_pairs, dim, dtype=torch.complex128, device=targets.key.device)
+    alpha = torch.zeros(len(heads), n_pairs, dtype=torch.complex128, device=key.device)
     error = 0.0
     for pair in range(n_pairs):
         members = targets.key[heads, pair]  # (n, d)

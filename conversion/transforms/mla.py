@@ -235,7 +235,7 @@ def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: to
     for index in range(config.n_layers):
         layer = source_layer(config, state_dict, index, device)
         stats = rope_statistics(layer.self_attn, stream.attention_inputs(layer), freqs)
-        statistics[index] = RopeStatistics(stats.A.cpu(), stats.B.cpu())
+        statistics[index] = stats
         stream.advance(layer, rope)
     return statistics
 
@@ -259,7 +259,9 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     q_pairs = as_pairs(attn.q_proj.weight, n_heads)  # (H, P, d) on x
     stats = plan.statistics.get(ctx.index)
     phase = (
-        stats.phase_factors() if stats is not None else torch.ones(q_pairs.shape[:2], dtype=torch.complex128)
+        stats.phase_factors()
+        if stats is not None
+        else torch.ones(q_pairs.shape[:2], dtype=torch.complex128, device=q_pairs.device)
     )
 
     # 1. rotary part
@@ -280,7 +282,7 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
             nope_keys = torch.cat((nope_keys, residual), dim=1)
     else:
         k_pe = from_pairs(as_pairs(attn.k_proj.weight, attn.n_kv_heads)[:, kept])
-        alpha = torch.ones(n_heads, len(kept), dtype=torch.complex128)
+        alpha = torch.ones(n_heads, len(kept), dtype=torch.complex128, device=q_pairs.device)
     q_pe = from_pairs(q_pairs[:, kept] * alpha.conj().unsqueeze(-1)).reshape(
         n_heads, 2 * len(kept), config.d_model
     )
@@ -311,7 +313,9 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
             if plan.report is not None:
                 plan.report.latent_norm[ctx.index] = norm
         rho = norm.weight if norm is not None else 1.0
-        weights["kv_a_layernorm.weight"] = torch.full((basis.shape[0],), rho, dtype=torch.float64)
+        weights["kv_a_layernorm.weight"] = torch.full(
+            (basis.shape[0],), rho, dtype=torch.float64, device=basis.device
+        )
 
     # MLA scores use qk_head_dim**-0.5: rescale the query so logits keep the source's scale.
     q_scale = (new_config.qk_head_dim**0.5) * attn.scale
