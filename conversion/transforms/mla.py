@@ -174,7 +174,7 @@ def to_mla(
     scores = _pair_scores(config, state_dict, statistics)
     pairs = select_pairs(config.head_dim // 2, rope_dims // 2, rope_selection, scores)
     theta = exported_theta(config.rope_theta, config.head_dim, pairs)
-    check_exportable(pair_frequencies(config), pairs, theta)
+    check_exportable(pair_frequencies(config), pairs, theta, config.rope_scaling)
     if report is not None:
         report.pairs, report.theta = pairs, theta
     plan = MLAPlan(pairs, theta, layout, statistics, rotary_residual, flatten_norm, report)
@@ -214,7 +214,9 @@ def _check_source(config: ModelConfig) -> None:
     unsupported = {
         "qk_norm": config.qk_norm,
         "attention_bias": config.attention_bias,
-        "rope_scaling": config.rope_scaling is not None,
+        # linear and llama3 scale each frequency on its own, so the kept pairs keep theirs under the same
+        # scaling with the exported theta; yarn's ramp depends on the rotary width, which changes.
+        "rope_scaling of type yarn": config.rope_scaling is not None and config.rope_scaling.type == "yarn",
         "kv_from (shared K/V)": any(spec.kv_from is not None for spec in config.layers),
     }
     for name, present in unsupported.items():

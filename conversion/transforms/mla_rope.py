@@ -135,10 +135,13 @@ def exported_theta(source_theta: float, head_dim: int, pairs: list[int]) -> floa
     return float(source_theta ** (2 * step * len(pairs) / head_dim))
 
 
-def check_exportable(source_freqs: torch.Tensor, pairs: list[int], theta: float) -> None:
-    """The DeepseekV3 frequencies for ``theta`` must equal the kept pairs' (no silent approximation)."""
+def check_exportable(source_freqs: torch.Tensor, pairs: list[int], theta: float, scaling=None) -> None:
+    """The DeepseekV3 frequencies for ``theta`` (and the source's pointwise ``scaling``, linear or
+    llama3, applied to them as to the source's) must equal the kept pairs' (no silent approximation)."""
+    from kvforge.arch.rope import rope_frequencies
+
     m = len(pairs)
-    exported = theta ** (-torch.arange(m, dtype=torch.float64) / m)
+    exported = rope_frequencies(2 * m, theta, scaling)[0].to(torch.float64)
     kept = source_freqs[pairs]
     if not torch.allclose(exported, kept, rtol=1e-6, atol=0):
         raise ValueError(
