@@ -53,6 +53,31 @@ class HeadTargets:
         eigvals, eigvecs = torch.linalg.eigh(self.out_gram.to(torch.float64))
         return eigvecs * eigvals.clamp_min(0).sqrt().unsqueeze(-2)
 
+    @functools.cached_property
+    def _value_cross(self) -> torch.Tensor:
+        """Gram of every head's value factor rows: ``(n_q·head_dim, n_q·head_dim)``; a group's value
+        spectrum is that of its diagonal block (computed once, read by every candidate group)."""
+        factor = self.value_factor(range(len(self.value)))
+        return factor @ factor.mT
+
+    @functools.cached_property
+    def _key_cross(self) -> torch.Tensor:
+        """``⟨κ_h, κ_g⟩`` per pair, scaled by ``√(w_h w_g)``: ``(pairs, n_q, n_q)`` Hermitian."""
+        weighted = self.key_weight.clamp_min(1e-30).sqrt().unsqueeze(-1) * self.key  # (n_q, pairs, d)
+        return torch.einsum("hpd,gpd->phg", weighted, weighted.conj())
+
+    def merge_errors(self, heads: Sequence[int], value_dim: int) -> tuple[float, float]:
+        """The key and value errors of merging ``heads`` (as :func:`merge_keys`/:func:`merge_values`
+        compute them), from the heads' Gram blocks: ``len(heads)``-sized eigenproblems only."""
+        heads = list(heads)
+        keys = self._key_cross[:, heads][:, :, heads]
+        key_error = float(torch.linalg.eigvalsh(keys)[:, :-1].clamp_min(0).sum())
+        head_dim = self.value.shape[1]
+        rows = torch.tensor([h * head_dim + k for h in heads for k in range(head_dim)], device=keys.device)
+        block = self._value_cross[rows][:, rows]
+        value_error = float(torch.linalg.eigvalsh(block).flip(0)[value_dim:].clamp_min(0).sum())
+        return key_error, value_error
+
     def value_factor(self, heads: Sequence[int]) -> torch.Tensor:
         """``A`` with ``AᵀA = value_gram(heads)``: ``(len(heads)·head_dim, d)``, the rows ``L_hᵀ V_h``.
         Its singular values give the value gram's spectrum from a ``len(heads)·head_dim``-sized problem
@@ -125,9 +150,7 @@ def group_cost(
     targets: HeadTargets, heads: Sequence[int], value_dim: int, totals: tuple[float, float]
 ) -> float:
     """Relative key error + relative value error of merging ``heads`` (0 when they are copies)."""
-    _, _, key_error = merge_keys(targets, heads)
-    singular = torch.linalg.svdvals(targets.value_factor(heads))
-    value_error = float((singular[value_dim:] ** 2).sum())
+    key_error, value_error = targets.merge_errors(heads, value_dim)
     return key_error / max(totals[0], 1e-30) + value_error / max(totals[1], 1e-30)
 
 

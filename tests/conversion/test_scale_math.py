@@ -52,3 +52,12 @@ def test_merged_values_and_group_cost_match_the_d_model_eigenproblem():
     assert torch.allclose(merged @ top @ top.mT, merged, atol=1e-9)  # spans the top eigenvectors
     assert abs(error - float(eigvals.sort(descending=True).values[value_dim:].sum())) <= 1e-8 * error
     assert group_cost(targets, heads, value_dim, (1.0, 1.0)) > 0
+
+
+def test_merge_errors_from_the_gram_blocks_equal_the_merges_own():
+    from kvforge.conversion.transforms.merge import merge_keys
+
+    targets, heads, value_dim = _targets(n_heads=8, seed=1), [0, 3, 6], 4
+    key_error, value_error = targets.merge_errors(heads, value_dim)
+    assert abs(key_error - merge_keys(targets, heads)[2]) <= 1e-9 * key_error
+    assert abs(value_error - merge_values(targets, heads, value_dim)[1]) <= 1e-9 * value_error
