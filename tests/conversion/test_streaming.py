@@ -105,3 +105,21 @@ def test_self_calibration_is_the_default(tmp_path, monkeypatch):
         calib_seq_len=128,
     )
     assert calls == [(256, 128)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["gqa-aligned", "mla-deepseek", "cla-fit"])
+def test_conversion_on_cuda_matches_the_cpu_conversion(case, tmp_path):
+    """The math runs on the GPU; fp32/fp64 kernels differ from the CPU's only by round-off."""
+    name, options = CASES[case]
+    ids = calibration_ids(2, 128)
+    outs = {
+        device: convert_checkpoint(
+            shared_path("stories260K"), tmp_path / device, name, options, device=device, calibration=ids
+        )[0]
+        for device in ("cpu", "cuda")
+    }
+    cpu, cuda = (load_pretrained(outs[d]).state_dict for d in ("cpu", "cuda"))
+    for key, tensor in cpu.items():
+        scale = tensor.abs().max().item() + 1e-6
+        assert (cuda[key] - tensor).abs().max().item() <= 1e-4 * scale, key
