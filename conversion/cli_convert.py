@@ -1,21 +1,26 @@
 """Change the attention of a model directory into a KV-efficient form and export it.
 
     kvforge convert SRC OUT --to gqa|mqa|mla|cla|window [form options]
-                    [--calib FILE|self --calib-tokens N] [--refine-steps N] [--family auto] [--overwrite]
+                    [--calib self|FILE|none --calib-tokens N] [--refine-steps N] [--device auto|cpu|cuda]
+                    [--family auto] [--dtype bf16] [--overwrite]
 
 Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
 
-    kvforge convert stories260K gqa2 --to gqa --n-kv-heads 2 --calib botchan.txt
-    kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --calib self
+    kvforge convert stories260K gqa2 --to gqa --n-kv-heads 2                # self-calibrated (default)
+    kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --refine-steps 200
     kvforge convert stories260K cla --to cla --factor 2 --calib botchan.txt   # kvforge-typed
     kvforge convert stories260K swa --to window --windows 64,64,64,64,none
 
-Calibration text is run through the source model to fit the new projections; it must not be the
-text you evaluate on. ``--calib self`` samples it from the source model instead (no corpus read).
-Options are checked against SRC's config before any weight is read; OUT is written atomically (a
-failure leaves nothing behind). The result is exported through ``save_pretrained``: a stock class
-(Llama, Mistral, Qwen2, DeepseekV3, ...) when one holds the new form, else a kvforge-typed directory
-that stock servers will not load - the command says which.
+The recipe that meets every zero-shot target on stories260K (docs/transforms.md) is self-calibration
+(the default: text sampled from SRC itself, so it never overlaps your evaluation text) plus
+``--refine-steps 200``. ``--calib FILE`` fits on a text file instead; ``--calib none`` uses the weights
+alone (much worse). SRC is read one layer at a time from its safetensors (validated from their headers
+first) and the math runs on ``--device`` (default: CUDA when available): host memory stays near one
+layer, not the model. Options are checked against SRC's config before any weight is read; OUT is
+written shard by shard into a temporary sibling and renamed into place (a failure leaves nothing
+behind). The result is a stock class (Llama, Mistral, Qwen2, DeepseekV3, ...) when one holds the new
+form, else a kvforge-typed directory that stock servers will not load - the command says which.
+Python: ``kvforge.conversion.convert.convert_checkpoint(src, out, transform, options, device=...)``.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from .weights import SAFETENSORS, SAFETENSORS_INDEX
 
 log = logging.getLogger(__name__)
 CALIBRATION_SEQ_LEN = 512
+STREAM_ABOVE_BYTES = 2**30
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -141,7 +142,14 @@ def convert_checkpoint(
                 "sampling %d calibration tokens from %s (seed %d) on %s", calib_tokens, src, seed, device
             )
             ids = sample_calibration_ids(
-                config, weights, calib_tokens, seq_len, seed, device=device, dtype=weights.dtype
+                config,
+                weights,
+                calib_tokens,
+                seq_len,
+                seed,
+                device=device,
+                dtype=weights.dtype,
+                streamed=_streamed_while_sampling(config, weights, device),
             )
         else:
             ids = load_calibration_ids(calibration, src, calib_tokens, seq_len)
@@ -152,6 +160,15 @@ def convert_checkpoint(
         new_config, _ = TRANSFORMS[transform](config, weights, ids, **options, sink=writer)
         writer.finish(new_config, src)
     return out, config, new_config
+
+
+def _streamed_while_sampling(config: ModelConfig, weights: CheckpointWeights, device: torch.device) -> range:
+    """Sampling runs the whole model at every step. On the host, a checkpoint over 1 GiB keeps its
+    first half of layers resident and re-reads the second half at each step, so host memory stays
+    near half the checkpoint (the budget) instead of all of it; a GPU holds every layer."""
+    if device.type != "cpu" or weights.nbytes <= STREAM_ABOVE_BYTES:
+        return range(0)
+    return range(config.n_layers // 2, config.n_layers)
 
 
 def uses_calibration(transform: str, options: dict) -> bool:

@@ -9,11 +9,12 @@ replacement, and advance the stream through either the source layer or the conve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kvforge.arch import CausalLM, ModelConfig
 from kvforge.arch.cache import KVView
@@ -54,22 +55,48 @@ def build_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    streamed: Iterable[int] = (),
 ) -> CausalLM:
     """An eval-mode model holding ``state_dict`` in ``dtype`` on ``device`` (strict: every weight must be
-    there). Tensors are copied in one at a time, so a lazily read state dict never exists twice."""
+    there). Tensors are copied in one at a time, so a lazily read state dict never exists twice.
+
+    ``streamed`` layers keep no weights: each forward of such a layer reads them from ``state_dict``
+    and drops them after, so memory holds the resident part only (sampling from a model larger than
+    the memory budget, at the price of re-reading those layers at every decoding step)."""
     with torch.device("meta"):
         model = CausalLM(config)
-    model.to_empty(device=device)
     model.to(dtype)
     parameters = model.state_dict()
     missing, unexpected = sorted(set(parameters) - set(state_dict)), sorted(set(state_dict) - set(parameters))
     if missing or unexpected:
         raise ValueError(f"build_model: missing tensors {missing[:6]}, unexpected tensors {unexpected[:6]}")
+    layers = model.model.layers
+    held = {index: layers[index] for index in sorted(set(streamed))}
+    for index in held:
+        layers[index] = nn.Identity()  # kept out of the allocation below
+    model.to_empty(device=device)
     with torch.no_grad():
-        for name, parameter in parameters.items():
+        for name, parameter in model.state_dict().items():
             parameter.copy_(state_dict[name])
+    for index, layer in held.items():
+        layers[index] = layer
+        _stream_weights(layer, state_dict, layer_prefix(index), device, dtype)
     model.model.rotary.apply(lambda m: m.reset_parameters() if isinstance(m, RotaryEmbedding) else None)
     return model.eval().requires_grad_(False)
+
+
+def _stream_weights(layer: nn.Module, state_dict, prefix: str, device, dtype) -> None:
+    names = list(layer.state_dict())
+
+    def load(module: nn.Module, args) -> None:
+        weights = {name: state_dict[prefix + name].to(device, dtype) for name in names}
+        module.load_state_dict(weights, strict=True, assign=True)
+
+    def drop(module: nn.Module, args, output) -> None:
+        module.to(device="meta")
+
+    layer.register_forward_pre_hook(load)
+    layer.register_forward_hook(drop)
 
 
 def source_layer(
@@ -177,12 +204,14 @@ def sample_calibration_ids(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    streamed: Iterable[int] = (),
 ) -> torch.Tensor:
     """Calibration text written by the source model itself: ``n_tokens // seq_len`` sequences sampled
     at temperature 1 (the start token dropped). No corpus is read, so it cannot overlap an evaluation
     text. Sequences start from BOS; a model without one starts where packed pretraining starts a
     document, after EOS; with neither, from a random token. The model runs in ``dtype`` on ``device``
-    (the stored dtype keeps host memory at the checkpoint's size)."""
+    (the stored dtype keeps host memory at the checkpoint's size); ``streamed`` layers are read at
+    every step instead of held (:func:`build_model`)."""
     if not 0 < seq_len < config.max_seq_len or n_tokens < seq_len:
         raise ValueError(
             f"self-generated calibration: seq_len={seq_len} must be in 1..max_seq_len-1={config.max_seq_len - 1} "
@@ -190,7 +219,7 @@ def sample_calibration_ids(
         )
     from kvforge.arch import generate
 
-    model = build_model(config, state_dict, dtype=dtype, device=device)
+    model = build_model(config, state_dict, dtype=dtype, device=device, streamed=streamed)
     rows = n_tokens // seq_len
     generator = torch.Generator(device=device).manual_seed(seed)
     first = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id

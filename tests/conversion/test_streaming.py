@@ -123,3 +123,13 @@ def test_conversion_on_cuda_matches_the_cpu_conversion(case, tmp_path):
     for key, tensor in cpu.items():
         scale = tensor.abs().max().item() + 1e-6
         assert (cuda[key] - tensor).abs().max().item() <= 1e-4 * scale, key
+
+
+def test_sampling_with_streamed_layers_writes_the_same_text():
+    """Layers read at every step instead of held give the same samples (memory is all they change)."""
+    from kvforge.conversion.transforms import sample_calibration_ids
+
+    source = stories("stories260K")
+    held = sample_calibration_ids(source.config, source.state_dict, 256, 64, 0)
+    streamed = sample_calibration_ids(source.config, source.state_dict, 256, 64, 0, streamed=range(2, 5))
+    assert torch.equal(held, streamed)
