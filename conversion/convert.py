@@ -134,10 +134,11 @@ def convert_checkpoint(
     device = resolve_device(device)
     ids = None
     if calibration is not None and uses_calibration(transform, options):
-        seq_len = calib_seq_len or min(CALIBRATION_SEQ_LEN, config.max_seq_len - 1)
+        sampled = isinstance(calibration, str) and calibration == "self"
+        seq_len = calib_seq_len or min(CALIBRATION_SEQ_LEN, config.max_seq_len - sampled)  # BOS comes first
         if isinstance(calibration, torch.Tensor):
             ids = calibration
-        elif str(calibration) == "self":
+        elif sampled:
             log.info(
                 "sampling %d calibration tokens from %s (seed %d) on %s", calib_tokens, src, seed, device
             )
