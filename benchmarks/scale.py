@@ -28,6 +28,7 @@ COLUMNS = [
     "checkpoint GiB",
     "device",
     "time s",
+    "CPU s",
     "peak RSS GiB",
     "target GiB",
     "within",
@@ -42,8 +43,9 @@ CONVERSIONS = {
 }
 
 
-def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Run ``command``; its wall time (s), its peak RSS (GiB, that child only) and its stdout."""
+def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """Run ``command``; its wall time (s), CPU time (user + system s: what it costs on shared cores,
+    where wall time also counts the other jobs), peak RSS (GiB, that child only) and its stdout."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     output = process.stdout.read()
@@ -54,7 +56,8 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
         raise RuntimeError(
             f"{' '.join(command)} failed with exit code {process.returncode}:\n{output[-2000:]}"
         )
-    return elapsed, usage.ru_maxrss * 1024 / GIB, output  # ru_maxrss is in KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime
+    return elapsed, cpu, usage.ru_maxrss * 1024 / GIB, output  # ru_maxrss is in KiB on Linux
 
 
 def convert_worker(args: argparse.Namespace) -> None:
@@ -100,11 +103,11 @@ def convert_job(args: argparse.Namespace, shape: str, checkpoint: Path) -> list[
         command += ["--checkpoint", str(checkpoint), "--out", str(out), "--device", args.device]
         command += ["--calib-tokens", str(args.calib_tokens), "--refine-steps", str(args.refine_steps)]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        elapsed, peak, output = run_measured(command, env)
+        elapsed, cpu, peak, output = run_measured(command, env)
         cuda = json.loads(output.strip().splitlines()[-1])["peak_cuda_gib"]
         target = 0.5 * size + 1.5
         job = f"convert {conversion}" + (f" +refine {args.refine_steps}" if args.refine_steps else "")
-        row = [shape, job, size, args.device, elapsed, peak, target, "yes" if peak <= target else "NO"]
+        row = [shape, job, size, args.device, elapsed, cpu, peak, target, "yes" if peak <= target else "NO"]
         rows.append([*row, f"{cuda:.2f}" if cuda is not None else "-"])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
         if not args.keep_outputs:
