@@ -3,8 +3,12 @@
     kvforge inspect DIR [--seq-len 4096] [--dtype bf16] [--batch 8] [--shards 8] [--teacher self|DIR]
                     [--activation-checkpointing] [--json]
 
-Reads only config.json (no weights), for HF (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) and
-kvforge-typed directories. Per layer: the form (mha, gqa-N, mqa, mla), its sliding window, the layer
+Reads config.json and the weights' headers (never the tensor data), for HF (Llama, Mistral, Qwen2,
+Qwen3, DeepSeek-V2/V3) and kvforge-typed directories. The weight files are validated - every
+safetensors header parses and its byte ranges lie inside its file, the shard index names files
+inside the directory and agrees with them, every tensor the config implies is there with its shape -
+and the report says whether they match the config (exit status 1 when they do not). The config's
+sizes are checked against the headers before anything is built from it. Per layer: the form (mha, gqa-N, mqa, mla), its sliding window, the layer
 whose K/V it reads (cross-layer sharing), values cached per token and the layer's cache bytes at
 --seq-len tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
 layer keeps) and the ratio to the same model with plain multi-head attention on every layer. Memory
@@ -70,7 +74,15 @@ def summarize(
     from kvforge.arch.memory import estimate_inference_memory, estimate_training_memory
     from kvforge.conversion import load_config
 
-    config, family, _ = load_config(path)
+    weights, entries = check_weights(path)
+    config, family, hf = load_config(path, entries)  # sizes checked against the headers first
+    if entries is not None:
+        from kvforge.conversion.checkpoint import CheckpointWeights
+
+        try:
+            CheckpointWeights(path, config, family, hf, entries)
+        except ValueError as err:
+            weights.update(status="mismatch", problem=str(err))
     seq_len = seq_len or config.max_seq_len
     if seq_len <= 0:
         raise ValueError(f"--seq-len={seq_len}: must be a positive number of tokens")
@@ -106,7 +118,41 @@ def summarize(
         "batch": batch,
         "shards": shards,
         "memory": {"training": _memory(training), "inference": _memory(inference)},
+        "weights": weights,
     }
+
+
+def check_weights(path: str) -> tuple[dict, dict | None]:
+    """The weight files' status (``match``, ``mismatch``, ``invalid``, ``none``) and their validated
+    headers (None unless readable)."""
+    from pathlib import Path
+
+    from kvforge.conversion import weights as weight_files
+    from kvforge.conversion.checkpoint import checkpoint_entries
+
+    names = (
+        weight_files.SAFETENSORS,
+        weight_files.SAFETENSORS_INDEX,
+        weight_files.PICKLE,
+        weight_files.PICKLE_INDEX,
+    )
+    if not any((Path(path) / name).exists() for name in names):
+        return {"status": "none", "problem": "no weight files (config only)"}, None
+    try:
+        files = weight_files.weight_shards(Path(path), allow_pickle=True)
+    except (ValueError, FileNotFoundError) as err:
+        return {"status": "invalid", "problem": str(err)}, None
+    if any(Path(file).suffix == ".bin" for file in files):
+        problem = (
+            "pickle weights (pytorch_model.bin) are never opened by inspect; convert them to safetensors"
+        )
+        return {"status": "unchecked", "problem": problem, "files": len(files)}, None
+    try:
+        entries = checkpoint_entries(path)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        return {"status": "invalid", "problem": str(err), "files": len(files)}, None
+    size = sum(Path(file).stat().st_size for file in files)
+    return {"status": "match", "files": len(files), "bytes": size, "tensors": len(entries)}, entries
 
 
 def _memory(estimate) -> dict:
@@ -140,9 +186,10 @@ def run(args: argparse.Namespace) -> int:
         args.teacher,
         args.activation_checkpointing,
     )
+    failed = int(report["weights"]["status"] in ("invalid", "mismatch"))
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return failed
     from rich.console import Console
     from rich.table import Table
 
@@ -176,9 +223,18 @@ def run(args: argparse.Namespace) -> int:
         memory.add_row(label, _size(training[key]), _size(inference[key]))
     console.print(memory)
     console.print(f"largest training share: {training['suggestion']}")
+    weights = report["weights"]
+    if weights["status"] == "match":
+        console.print(
+            f"weights: {weights['files']} safetensors file(s), {_size(weights['bytes'])}, {weights['tensors']} "
+            "tensors - headers valid, they match the config"
+        )
+    else:
+        style = "bold yellow" if weights["status"] == "none" else "bold red"
+        console.print(f"[{style}]weights {weights['status'].upper()}:[/] {weights['problem']}")
     if not report["stock"]:
         console.print(
             "[bold red]kvforge-typed:[/] loads with trust_remote_code=True where kvforge is installed; "
             "stock transformers, vLLM and SGLang will not load it"
         )
-    return 0
+    return failed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,13 +60,19 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def load_config(path: str | Path) -> tuple[ModelConfig, Family, dict]:
-    """The model a directory describes, without reading its weights: (config, family, raw config.json)."""
+def load_config(path: str | Path, weights: Mapping | None = None) -> tuple[ModelConfig, Family, dict]:
+    """The model a directory describes, without reading its weights: (config, family, raw config.json).
+    ``weights`` (the tensor headers, :func:`~kvforge.conversion.checkpoint.checkpoint_entries`): the
+    config's sizes are checked against them before anything is built from the config."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: no config.json")
     hf = _read_json(config_file)
+    if weights is not None:
+        from .checkpoint import check_config_sizes
+
+        check_config_sizes(hf, weights, str(config_file))
     reader = ConfigReader(hf, config_file)
     family = family_of(reader)
     return family.read_config(reader), family, hf
@@ -137,19 +144,32 @@ def save_pretrained(
     if dtype is not None:
         dtype = parse_dtype(dtype)
         tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-    hf = chosen.write_config(config)
+    hf = export_config(
+        chosen, config, next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    )
     chosen.to_hf(tensors, config, hf)
-    stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    hf["dtype"] = hf["torch_dtype"] = str(stored).removeprefix("torch.")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_weights(tensors, tmp, max_shard_size=max_shard_size, progress=progress)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        for name, text in chosen.extra_files().items():
-            (tmp / name).write_text(text)
-        _copy_tokenizer(tokenizer_from, tmp, hf)
+        write_directory_files(tmp, chosen, hf, tokenizer_from)
     for note in plan.notes:
         log.warning("%s: %s", out, note)
     return Path(out)
+
+
+def export_config(family: Family, config: ModelConfig, stored: torch.dtype | None) -> dict:
+    """config.json of ``config`` exported as ``family``, with tensors stored in ``stored``."""
+    hf = family.write_config(config)
+    hf["dtype"] = hf["torch_dtype"] = str(stored or torch.float32).removeprefix("torch.")
+    return hf
+
+
+def write_directory_files(tmp: Path, family: Family, hf: dict, tokenizer_from: str | Path | None) -> None:
+    """Everything of an exported directory but the weights: config.json, the family's extra files
+    (kvforge-typed: its modeling code), tokenizer files and generation_config.json."""
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for name, text in family.extra_files().items():
+        (tmp / name).write_text(text)
+    _copy_tokenizer(tokenizer_from, tmp, hf)
 
 
 def _copy_tokenizer(source: str | Path | None, tmp: Path, hf: dict) -> None:

@@ -35,6 +35,8 @@ class ZeroQKVBiases:
             return
         for index, spec in enumerate(config.layers):
             prefix = f"model.layers.{index}.self_attn."
+            if f"{prefix}q_proj.weight" not in tensors:
+                continue  # written layer by layer: this part holds other layers
             reference = tensors[f"{prefix}q_proj.weight"]
             widths = {"q_proj": config.n_heads, "k_proj": spec.n_kv_heads, "v_proj": spec.n_kv_heads}
             for name, heads in widths.items():

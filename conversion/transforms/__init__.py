@@ -33,7 +33,7 @@ TRANSFORMS: dict[str, Callable] = {
 }
 
 # Option names that are not about the target form (how to fit it).
-FIT_OPTIONS = ("sequential", "refine_steps", "progress")
+FIT_OPTIONS = ("sequential", "refine_steps", "progress", "device", "sink")
 
 _CHECKS: dict[str, Callable] = {
     "gqa": gqa_config,

@@ -9,16 +9,19 @@ replacement, and advance the stream through either the source layer or the conve
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from kvforge.arch import CausalLM, ModelConfig
 from kvforge.arch.cache import KVView
 from kvforge.arch.model import DecoderLayer, rotary_embeddings
 from kvforge.arch.rope import RotaryEmbedding
 
-from .common import StateDict
+from .common import layer_prefix
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,14 +49,72 @@ def check_calibration(
     return calibration
 
 
-def build_model(config: ModelConfig, state_dict: StateDict) -> CausalLM:
-    """An fp32 eval-mode model holding ``state_dict`` (strict: every weight must be there)."""
+def build_model(
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    streamed: Iterable[int] = (),
+) -> CausalLM:
+    """An eval-mode model holding ``state_dict`` in ``dtype`` on ``device`` (strict: every weight must be
+    there). Tensors are copied in one at a time, so a lazily read state dict never exists twice.
+
+    ``streamed`` layers keep no weights: each forward of such a layer reads them from ``state_dict``
+    and drops them after, so memory holds the resident part only (sampling from a model larger than
+    the memory budget, at the price of re-reading those layers at every decoding step)."""
     with torch.device("meta"):
         model = CausalLM(config)
-    model.to_empty(device="cpu")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)
+    model.to(dtype)
+    parameters = model.state_dict()
+    missing, unexpected = sorted(set(parameters) - set(state_dict)), sorted(set(state_dict) - set(parameters))
+    if missing or unexpected:
+        raise ValueError(f"build_model: missing tensors {missing[:6]}, unexpected tensors {unexpected[:6]}")
+    layers = model.model.layers
+    held = {index: layers[index] for index in sorted(set(streamed))}
+    for index in held:
+        layers[index] = nn.Identity()  # kept out of the allocation below
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, parameter in model.state_dict().items():
+            parameter.copy_(state_dict[name])
+    for index, layer in held.items():
+        layers[index] = layer
+        _stream_weights(layer, state_dict, layer_prefix(index), device, dtype)
     model.model.rotary.apply(lambda m: m.reset_parameters() if isinstance(m, RotaryEmbedding) else None)
-    return model.float().eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def _stream_weights(layer: nn.Module, state_dict, prefix: str, device, dtype) -> None:
+    names = list(layer.state_dict())
+
+    def load(module: nn.Module, args) -> None:
+        weights = {name: state_dict[prefix + name].to(device, dtype) for name in names}
+        module.load_state_dict(weights, strict=True, assign=True)
+
+    def drop(module: nn.Module, args, output) -> None:
+        module.to(device="meta")
+
+    layer.register_forward_pre_hook(load)
+    layer.register_forward_hook(drop)
+
+
+def source_layer(
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    index: int,
+    device: torch.device | str = "cpu",
+) -> DecoderLayer:
+    """Layer ``index`` of the source in fp32 on ``device``: only its own tensors are read."""
+    with torch.device("meta"):
+        layer = DecoderLayer(config, index)
+    prefix = layer_prefix(index)
+    # copy=True: the layer never aliases the caller's tensors, which fitting may not modify
+    weights = {
+        name: state_dict[prefix + name].to(device, torch.float32, copy=True) for name in layer.state_dict()
+    }
+    layer.load_state_dict(weights, strict=True, assign=True)
+    return layer.eval().requires_grad_(False)
 
 
 def rope_tables(config: ModelConfig, seq_len: int) -> dict[str, Rope]:
@@ -65,10 +126,13 @@ def rope_tables(config: ModelConfig, seq_len: int) -> dict[str, Rope]:
 class LayerStream:
     """The residual stream of calibration sequences before layer ``next_layer``, in chunks."""
 
-    def __init__(self, model: CausalLM, ids: torch.Tensor, chunk_size: int = 8) -> None:
-        self.config = model.config
-        with torch.no_grad():
-            self.hidden = [model.model.embed_tokens(chunk) for chunk in ids.split(chunk_size)]
+    def __init__(
+        self, config: ModelConfig, embeddings: torch.Tensor, ids: torch.Tensor, chunk_size: int = 8
+    ) -> None:
+        """``embeddings``: the source's ``embed_tokens`` weight (any dtype; the stream is fp32 on its device)."""
+        self.config = config
+        ids = ids.to(embeddings.device)
+        self.hidden = [F.embedding(chunk, embeddings).float() for chunk in ids.split(chunk_size)]
         self.next_layer = 0
         self.views: dict[int, list[KVView]] = {}
         self.seq_len = ids.shape[1]
@@ -122,22 +186,36 @@ def load_calibration_ids(
 
 @torch.no_grad()
 def sample_calibration_ids(
-    config: ModelConfig, state_dict: StateDict, n_tokens: int = 16384, seq_len: int = 512, seed: int = 0
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    n_tokens: int = 16384,
+    seq_len: int = 512,
+    seed: int = 0,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    streamed: Iterable[int] = (),
 ) -> torch.Tensor:
     """Calibration text written by the source model itself: ``n_tokens // seq_len`` sequences sampled
-    at temperature 1 from BOS (BOS dropped). No corpus is read, so it cannot overlap an evaluation text."""
-    if config.bos_token_id is None:
-        raise ValueError("self-generated calibration starts from BOS, but the model has no bos_token_id")
+    at temperature 1 (the start token dropped). No corpus is read, so it cannot overlap an evaluation
+    text. Sequences start from BOS; a model without one starts where packed pretraining starts a
+    document, after EOS; with neither, from a random token. The model runs in ``dtype`` on ``device``
+    (the stored dtype keeps host memory at the checkpoint's size); ``streamed`` layers are read at
+    every step instead of held (:func:`build_model`)."""
     if not 0 < seq_len < config.max_seq_len or n_tokens < seq_len:
         raise ValueError(
             f"self-generated calibration: seq_len={seq_len} must be in 1..max_seq_len-1={config.max_seq_len - 1} "
-            f"(BOS comes first) and n_tokens={n_tokens} at least seq_len"
+            f"(the start token comes first) and n_tokens={n_tokens} at least seq_len"
         )
     from kvforge.arch import generate
 
-    model = build_model(config, state_dict)
+    model = build_model(config, state_dict, dtype=dtype, device=device, streamed=streamed)
     rows = n_tokens // seq_len
-    start = torch.full((rows, 1), config.bos_token_id, dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    first = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    if first is not None:
+        start = torch.full((rows, 1), first, dtype=torch.long, device=device)
+    else:
+        start = torch.randint(config.vocab_size, (rows, 1), generator=generator, device=device)
     ids = generate(model, start, seq_len, temperature=1.0, generator=generator)
-    return ids[:, 1:]
+    return ids[:, 1:].cpu()

@@ -25,7 +25,7 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
-from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count
+from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count, map_layers
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import HeadTargets, group_cost, merge_group, output_blocks
 from .rotary import from_pairs, scale_pairs
@@ -80,10 +80,15 @@ def to_cla(
     sequential: bool = True,
     refine_steps: int = 0,
     progress: bool = False,
+    device: str | torch.device = "cpu",
+    sink: Sink | None = None,
 ) -> tuple[ModelConfig, StateDict]:
+    """``device`` and ``sink`` as in :func:`~.gqa.to_gqa`."""
     new_config, groups = cla_layout(config, factor=factor, init=init, offset=offset)
     if init != "fit":
-        return new_config, _copy_or_average(config, state_dict, groups, init)
+        return new_config, map_layers(
+            new_config, state_dict, groups, lambda part: _copy_or_average(config, part, groups, init), sink
+        )
     calibration = check_calibration(calibration, config, "to_cla")
 
     def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
@@ -92,8 +97,10 @@ def to_cla(
             return [new_attention(new_config, contexts[0].index, weights)]
         return _fit_group(config, new_config, contexts)
 
-    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress)
-    return new_config, convert_attention(config, state_dict, new_config, calibration, build, groups, options)
+    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress, device=device)
+    return new_config, convert_attention(
+        config, state_dict, new_config, calibration, build, groups, options, sink=sink
+    )
 
 
 def _copy_or_average(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
 import torch
 
 from kvforge.arch import ModelConfig
@@ -9,8 +12,69 @@ from kvforge.arch import ModelConfig
 StateDict = dict[str, torch.Tensor]
 
 
+EMBEDDINGS = "model.embed_tokens.weight"
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
 def attn_prefix(layer: int) -> str:
-    return f"model.layers.{layer}.self_attn."
+    return f"{layer_prefix(layer)}self_attn."
+
+
+class Sink(Protocol):
+    """Where a transform puts its output tensors, a few at a time (a dict, or shards on disk), with
+    the config they belong to (the target's, known before the first write)."""
+
+    def write(self, tensors: StateDict, config: ModelConfig) -> None: ...
+
+
+class DictSink:
+    """The in-memory sink: ``tensors`` is the transform's output state dict."""
+
+    def __init__(self) -> None:
+        self.tensors: StateDict = {}
+
+    def write(self, tensors: StateDict, config: ModelConfig) -> None:
+        self.tensors.update(tensors)
+
+
+def sink_result(sink: Sink) -> StateDict:
+    """What a transform returns: the state dict it built, or ``{}`` when it wrote to the caller's sink."""
+    return sink.tensors if isinstance(sink, DictSink) else {}
+
+
+def layer_names(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[int, list[str]]]:
+    """Names outside the layers (embeddings, final norm, head), and each layer's names (keys only)."""
+    other: list[str] = []
+    layers: dict[int, list[str]] = {}
+    for name in state_dict:
+        parts = name.split(".", 3)
+        if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+            layers.setdefault(int(parts[2]), []).append(name)
+        else:
+            other.append(name)
+    return other, layers
+
+
+def map_layers(
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    groups: list[list[int]],
+    change: Callable[[StateDict], StateDict],
+    sink: Sink | None = None,
+) -> StateDict:
+    """Apply ``change`` to the tensors of each group of layers in turn (``config``: the target's) (one group in memory at a time)
+    and write the result to ``sink``; tensors outside the layers pass through. Returns the new state
+    dict (``{}`` when it went to ``sink``)."""
+    out = sink if sink is not None else DictSink()
+    other, layers = layer_names(state_dict)
+    out.write({name: state_dict[name] for name in other}, config)
+    for group in groups:
+        part = {name: state_dict[name] for index in group for name in layers.get(index, [])}
+        out.write(change(part), config)
+    return sink_result(out)
 
 
 def copy_state_dict(state_dict: StateDict) -> StateDict:

@@ -78,8 +78,8 @@ def refit_output_projection(units: list[FitUnit], ridge: float = 1e-3) -> None:
         captured: list[torch.Tensor] = []
         hook = o_proj.register_forward_pre_hook(_appender(captured))
         n_in = o_proj.in_features + (o_proj.bias is not None)
-        lhs = torch.zeros(n_in, n_in, dtype=torch.float64)
-        rhs = torch.zeros(n_in, o_proj.out_features, dtype=torch.float64)
+        lhs = torch.zeros(n_in, n_in, dtype=torch.float64, device=o_proj.weight.device)
+        rhs = torch.zeros(n_in, o_proj.out_features, dtype=torch.float64, device=o_proj.weight.device)
         try:
             for chunk in range(len(unit.inputs)):
                 captured.clear()
@@ -96,7 +96,7 @@ def refit_output_projection(units: list[FitUnit], ridge: float = 1e-3) -> None:
         # pin a direction down (heads reading one K/V attend alike), keep the merge's answer instead
         # of large cancelling weights.
         strength = ridge * lhs.diagonal().mean().clamp_min(1e-30)
-        lhs += strength * torch.eye(n_in, dtype=lhs.dtype)
+        lhs += strength * torch.eye(n_in, dtype=lhs.dtype, device=lhs.device)
         prior = o_proj.weight.detach().to(torch.float64)
         if o_proj.bias is not None:
             prior = torch.cat((prior, o_proj.bias.detach().to(torch.float64).unsqueeze(-1)), dim=1)

@@ -20,7 +20,7 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
-from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count
+from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count, map_layers
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import best_partition, group_cost, merge_group, output_blocks
 from .rotary import from_pairs, scale_pairs
@@ -70,21 +70,30 @@ def to_gqa(
     sequential: bool = True,
     refine_steps: int = 0,
     progress: bool = False,
+    device: str | torch.device = "cpu",
+    sink: Sink | None = None,
 ) -> tuple[ModelConfig, StateDict]:
     """``n_kv_heads`` K/V heads on every layer. ``calibration``: ``(batch, seq)`` ids of text that is
-    not the evaluation text (``aligned`` also works without, from the weights alone)."""
+    not the evaluation text (``aligned`` also works without, from the weights alone). ``device``: where
+    the layers run and the fits are computed; ``sink``: where the output tensors go, one layer at a
+    time (default: the returned dict)."""
     new_config = gqa_config(config, n_kv_heads=n_kv_heads, method=method)
     calibration = check_calibration(calibration, config, "to_gqa")
+    every_layer = [[index] for index in range(config.n_layers)]
     if method == "mean":
-        return new_config, _mean_pool_all(config, state_dict, n_kv_heads)
+        return new_config, map_layers(
+            new_config, state_dict, every_layer, lambda part: _mean_pool_all(config, part, n_kv_heads), sink
+        )
     if all(spec.n_kv_heads == n_kv_heads for spec in config.layers):
-        return new_config, copy_state_dict(state_dict)
+        return new_config, map_layers(new_config, state_dict, every_layer, dict, sink)
 
     def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
         return [_aligned_layer(config, new_config, ctx) for ctx in contexts]
 
-    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress)
-    return new_config, convert_attention(config, state_dict, new_config, calibration, build, options=options)
+    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress, device=device)
+    return new_config, convert_attention(
+        config, state_dict, new_config, calibration, build, options=options, sink=sink
+    )
 
 
 def to_mqa(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor | None = None, **options):
@@ -124,6 +133,7 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
 
 # ------------------------------------------------------------------------------------------ mean
 def _mean_pool_all(config: ModelConfig, state_dict: StateDict, n_kv_heads: int) -> StateDict:
+    """Mean-pool the K/V of every layer ``state_dict`` holds (all of them, or one layer's part)."""
     out = copy_state_dict(state_dict)
     for index, spec in enumerate(config.layers):
         if spec.kv_from is not None:

@@ -42,21 +42,41 @@ def _spread(latent: torch.Tensor) -> float:
     return float(rms.std() / rms.mean())
 
 
+def quadratic_fit(latent: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares symmetric ``P`` with ``cᵀ P c ≈ 1`` for every latent ``c``.
+
+    Linear in the ``r(r+1)/2`` entries of ``P``. With more tokens than entries, solved on those
+    features; with fewer (a latent of 512 and 4k tokens: 131k unknowns), the minimum-norm solution
+    is a combination ``Σ_t α_t f_t`` of the tokens' features, whose Gram matrix
+    ``f_s·f_t = 2 (c_s·c_t)² - Σ_i c_si² c_ti²`` needs no ``(tokens × r²/2)`` matrix: then
+    ``P = 2 G - diag(G)`` with ``G = Σ_t α_t c_t c_tᵀ``."""
+    tokens, rank = latent.shape
+    if rank * (rank + 1) // 2 <= tokens:
+        rows, cols = torch.triu_indices(rank, rank, device=latent.device)
+        features = latent[:, rows] * latent[:, cols] * torch.where(rows == cols, 1.0, 2.0)
+        target = torch.ones(tokens, 1, dtype=torch.float64, device=latent.device)
+        packed = torch.linalg.lstsq(features, target).solution[:, 0]
+        P = torch.zeros(rank, rank, dtype=torch.float64, device=latent.device)
+        P[rows, cols] = packed
+        return P + P.mT - torch.diag(P.diagonal())
+    squares = latent.pow(2)
+    kernel = 2 * (latent @ latent.mT).pow(2) - squares @ squares.mT
+    eigvals, eigvecs = torch.linalg.eigh(kernel)  # pseudo-inverse: rank-deficient kernels are fine
+    keep = eigvals > eigvals.max() * tokens * torch.finfo(torch.float64).eps
+    ones = torch.ones(tokens, dtype=torch.float64, device=latent.device)
+    alpha = eigvecs[:, keep] @ ((eigvecs[:, keep].mT @ ones) / eigvals[keep])
+    G = latent.mT @ (latent * alpha.unsqueeze(-1))
+    return 2 * G - torch.diag(G.diagonal())
+
+
 def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
     """``latent``: ``(tokens, r)`` calibration latents (float64). ``flatten=False`` keeps the basis."""
     latent = latent[:MAX_TOKENS].detach().to(torch.float64)
     rank = latent.shape[1]
-    eye = torch.eye(rank, dtype=torch.float64)
+    eye = torch.eye(rank, dtype=torch.float64, device=latent.device)
     basis = basis_inv = eye
     if flatten:
-        rows, cols = torch.triu_indices(rank, rank)
-        features = latent[:, rows] * latent[:, cols] * torch.where(rows == cols, 1.0, 2.0)
-        target = torch.ones(len(latent), 1, dtype=torch.float64)
-        packed = torch.linalg.lstsq(features, target).solution[:, 0]
-        P = torch.zeros(rank, rank, dtype=torch.float64)
-        P[rows, cols] = packed
-        P = P + P.mT - torch.diag(P.diagonal())
-        eigvals, eigvecs = torch.linalg.eigh(P)
+        eigvals, eigvecs = torch.linalg.eigh(quadratic_fit(latent))
         if eigvals.max() > 0:
             # cᵀPc ≈ 1 means ‖Mc‖ ≈ 1; scale by √r so the mapped latent keeps rms ≈ 1.
             eigvals = eigvals.clamp_min(EIGEN_FLOOR * eigvals.max()) * rank

@@ -12,7 +12,7 @@ accumulated so far (``h_src - h_new``), so every layer also repairs what earlier
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from kvforge.arch import ModelConfig
 from kvforge.arch.model import DecoderLayer
 
-from .calibration import LayerStream, Rope, build_model, rope_tables
-from .common import StateDict, attn_prefix, copy_state_dict
+from .calibration import LayerStream, Rope, rope_tables, source_layer
+from .common import EMBEDDINGS, DictSink, Sink, StateDict, attn_prefix, layer_names, sink_result
 from .fitting import FitUnit, refine_attention, refit_output_projection, relative_error
 
 # Relative reconstruction error below which a block counts as exact (fp32 round-off is ~1e-14):
@@ -54,40 +54,48 @@ class FitOptions:
     refine_steps: int = 0
     refine_lr: float = 3e-3
     progress: bool = False
+    device: str | torch.device = "cpu"  # where the layers run and the fits are computed
 
 
 def convert_attention(
     config: ModelConfig,
-    state_dict: StateDict,
+    state_dict: Mapping[str, torch.Tensor],
     new_config: ModelConfig,
     calibration: torch.Tensor | None,
     build: Build,
     groups: list[list[int]] | None = None,
     options: FitOptions | None = None,
     report: dict | None = None,
+    sink: Sink | None = None,
 ) -> StateDict:
     """New state dict for ``new_config``: attention weights from ``build`` (+ fitting), the rest copied.
-    ``report`` (optional) receives the relative reconstruction error of every group."""
+    ``report`` (optional) receives the relative reconstruction error of every group.
+
+    One group of layers is in memory (fp32, on ``options.device``) at a time: its source layers are
+    read from ``state_dict`` (a dict, or tensors read from disk on access), converted, written to
+    ``sink`` (default: a dict, returned) with the layer's other tensors, and the calibration stream
+    advances past it."""
     options = options or FitOptions()
     groups = groups or [[index] for index in range(config.n_layers)]
-    source_model = build_model(config, state_dict)
-    out = copy_state_dict(state_dict)
-    for index in range(config.n_layers):
-        for name in list(out):
-            if name.startswith(attn_prefix(index)):
-                del out[name]
+    device = torch.device(options.device)
+    dtype = state_dict_dtype(state_dict)
+    out = sink if sink is not None else DictSink()
+    other, names = layer_names(state_dict)
+    out.write({name: state_dict[name] for name in other}, new_config)
     source_stream = new_stream = None
     seq_len = calibration.shape[1] if calibration is not None else 1
-    source_ropes, ropes = rope_tables(config, seq_len), rope_tables(new_config, seq_len)
+    source_ropes = {k: tuple(t.to(device) for t in v) for k, v in rope_tables(config, seq_len).items()}
+    ropes = {k: tuple(t.to(device) for t in v) for k, v in rope_tables(new_config, seq_len).items()}
     if calibration is not None:
-        source_stream = LayerStream(source_model, calibration)
+        source_stream = LayerStream(config, state_dict[EMBEDDINGS].to(device), calibration)
         new_stream = source_stream.copy() if options.sequential else source_stream
     bar = tqdm(groups, desc="converting attention", unit="group", disable=not options.progress, leave=False)
     for group in bar:
-        contexts = [_context(source_model, index, None, None, None, None, None) for index in group]
+        layers = {index: source_layer(config, state_dict, index, device) for index in group}
+        contexts = [_context(layers, index, None, None, None, None, None) for index in group]
         if calibration is not None:
             contexts = _calibrated_contexts(
-                config, new_config, source_model, group, source_stream, new_stream, source_ropes, ropes
+                config, new_config, layers, group, source_stream, new_stream, source_ropes, ropes
             )
         modules = build(contexts)
         if calibration is not None:
@@ -106,15 +114,28 @@ def convert_attention(
             if report is not None:
                 report[tuple(group)] = relative_error(units)
             if new_stream is not source_stream:
-                _advance(new_config, source_model, group, modules, new_stream, ropes)
-            _advance(config, source_model, group, None, source_stream, source_ropes)
+                _advance(new_config, layers, group, modules, new_stream, ropes)
+            _advance(config, layers, group, None, source_stream, source_ropes)
         for module, index in zip(modules, group):
-            for name, tensor in module.state_dict().items():
-                out[attn_prefix(index) + name] = tensor.detach().clone().to(state_dict_dtype(state_dict))
-    return out
+            kept = {
+                name: state_dict[name]
+                for name in names.get(index, [])
+                if not name.startswith(attn_prefix(index))
+            }
+            new = {
+                attn_prefix(index) + name: t.detach().to("cpu", dtype, copy=True)
+                for name, t in module.state_dict().items()
+            }
+            out.write({**kept, **new}, new_config)
+        del layers, contexts, modules
+    return sink_result(out)
 
 
-def state_dict_dtype(state_dict: StateDict) -> torch.dtype:
+def state_dict_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the floating-point weights (read from the headers when ``state_dict`` is lazy)."""
+    stored = getattr(state_dict, "dtype", None)
+    if stored is not None:
+        return stored
     return next(t.dtype for t in state_dict.values() if t.is_floating_point())
 
 
@@ -127,20 +148,18 @@ def new_attention(config: ModelConfig, index: int, weights: StateDict) -> nn.Mod
     return module.requires_grad_(False)
 
 
-def _context(model, index, source_inputs, inputs, targets, source_rope, rope) -> LayerContext:
-    return LayerContext(
-        index, model.model.layers[index].self_attn, source_inputs, inputs, targets, source_rope, rope
-    )
+def _context(layers, index, source_inputs, inputs, targets, source_rope, rope) -> LayerContext:
+    return LayerContext(index, layers[index].self_attn, source_inputs, inputs, targets, source_rope, rope)
 
 
 @torch.no_grad()
-def _calibrated_contexts(config, new_config, model, group, source_stream, new_stream, source_ropes, ropes):
+def _calibrated_contexts(config, new_config, layers, group, source_stream, new_stream, source_ropes, ropes):
     """Activations for every layer of ``group``. Inside a group the stream advances through the
     source layers (the converted owner does not exist yet); after it, through the converted ones."""
     src, new = source_stream.copy(), new_stream.copy()
     contexts: list[LayerContext] = []
     for position, index in enumerate(group):
-        layer = model.model.layers[index]
+        layer = layers[index]
         source_rope = source_ropes[config.layers[index].attention]
         source_inputs = src.attention_inputs(layer)
         inputs = source_inputs if new is src else new.attention_inputs(layer)
@@ -150,7 +169,7 @@ def _calibrated_contexts(config, new_config, model, group, source_stream, new_st
         else:  # repair the residual-stream error accumulated before this layer
             targets = [t + (hs - hn) for t, hs, hn in zip(targets, src.hidden, new.hidden)]
         rope = ropes[new_config.layers[index].attention]
-        contexts.append(_context(model, index, source_inputs, inputs, targets, source_rope, rope))
+        contexts.append(_context(layers, index, source_inputs, inputs, targets, source_rope, rope))
         if position + 1 < len(group):
             src.advance(layer, source_rope)
             if new is not src:
@@ -165,11 +184,11 @@ def _same_up_to_roundoff(a: list[torch.Tensor], b: list[torch.Tensor], tol: floa
     return diff <= tol**2 * sum(float(x.double().pow(2).sum()) for x in a)
 
 
-def _advance(config: ModelConfig, model, group, modules, stream: LayerStream, ropes) -> None:
+def _advance(config: ModelConfig, layers, group, modules, stream: LayerStream, ropes) -> None:
     """Move ``stream`` past ``group``, through ``modules`` (converted attention) or the source layers."""
     readers = {spec.kv_from for spec in config.layers if spec.kv_from is not None}
     for position, index in enumerate(group):
-        layer = model.model.layers[index]
+        layer = layers[index]
         if modules is not None:
             layer = _with_attention(layer, modules[position], config.layers[index])
         stream.advance(

@@ -16,6 +16,7 @@ and the merged value is the top ``head_dim`` right singular subspace of the stac
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -46,6 +47,46 @@ class HeadTargets:
         heads = list(heads)
         return torch.einsum("hkd,hkl,hle->de", self.value[heads], self.out_gram[heads], self.value[heads])
 
+    @functools.cached_property
+    def _out_root(self) -> torch.Tensor:
+        """``L_h`` with ``L_h L_hᵀ = O_hᵀ O_h`` per head: ``(n_q, head_dim, head_dim)``."""
+        eigvals, eigvecs = torch.linalg.eigh(self.out_gram.to(torch.float64))
+        return eigvecs * eigvals.clamp_min(0).sqrt().unsqueeze(-2)
+
+    @functools.cached_property
+    def _value_cross(self) -> torch.Tensor:
+        """Gram of every head's value factor rows: ``(n_q·head_dim, n_q·head_dim)``; a group's value
+        spectrum is that of its diagonal block (computed once, read by every candidate group)."""
+        factor = self.value_factor(range(len(self.value)))
+        return factor @ factor.mT
+
+    @functools.cached_property
+    def _key_cross(self) -> torch.Tensor:
+        """``⟨κ_h, κ_g⟩`` per pair, scaled by ``√(w_h w_g)``: ``(pairs, n_q, n_q)`` Hermitian."""
+        weighted = self.key_weight.clamp_min(1e-30).sqrt().unsqueeze(-1) * self.key  # (n_q, pairs, d)
+        return torch.einsum("hpd,gpd->phg", weighted, weighted.conj())
+
+    def merge_errors(self, heads: Sequence[int], value_dim: int) -> tuple[float, float]:
+        """The key and value errors of merging ``heads`` (as :func:`merge_keys`/:func:`merge_values`
+        compute them), from the heads' Gram blocks: ``len(heads)``-sized eigenproblems only."""
+        heads = list(heads)
+        keys = self._key_cross[:, heads][:, :, heads]
+        key_error = float(torch.linalg.eigvalsh(keys)[:, :-1].clamp_min(0).sum())
+        head_dim = self.value.shape[1]
+        rows = torch.tensor([h * head_dim + k for h in heads for k in range(head_dim)], device=keys.device)
+        block = self._value_cross[rows][:, rows]
+        value_error = float(torch.linalg.eigvalsh(block).flip(0)[value_dim:].clamp_min(0).sum())
+        return key_error, value_error
+
+    def value_factor(self, heads: Sequence[int]) -> torch.Tensor:
+        """``A`` with ``AᵀA = value_gram(heads)``: ``(len(heads)·head_dim, d)``, the rows ``L_hᵀ V_h``.
+        Its singular values give the value gram's spectrum from a ``len(heads)·head_dim``-sized problem
+        instead of a ``d_model``-sized one (a 512² instead of a 2049² eigenproblem at 2048 wide)."""
+        heads = list(heads)
+        return (self._out_root[heads].mT @ self.value[heads].to(torch.float64)).reshape(
+            -1, self.value.shape[-1]
+        )
+
 
 @dataclass
 class MergedHead:
@@ -63,30 +104,25 @@ def merge_keys(targets: HeadTargets, heads: Sequence[int]) -> tuple[torch.Tensor
     copies of one head returns that head's weights exactly (and ``α = 1``)."""
     heads = list(heads)
     weight = targets.key_weight[heads].clamp_min(1e-30)  # (n, pairs)
-    n_pairs, dim = targets.key.shape[1:]
-    key = torch.zeros(n_pairs, dim, dtype=torch.complex128)
-    alpha = torch.zeros(len(heads), n_pairs, dtype=torch.complex128)
-    error = 0.0
-    for pair in range(n_pairs):
-        members = targets.key[heads, pair]  # (n, d)
-        stacked = weight[:, pair].sqrt().unsqueeze(-1) * members
-        _, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
-        error += float((S[1:] ** 2).sum())
-        direction = Vh[0]  # row h of `stacked` ≈ (S₀ U[h, 0]) · Vh[0]
-        anchor = members[int((stacked.abs() ** 2).sum(-1).argmax())]
-        key[pair] = (anchor @ direction.conj()) * direction
-        alpha[:, pair] = (members @ key[pair].conj()) / (key[pair].abs() ** 2).sum().clamp_min(1e-300)
+    members = targets.key[heads].transpose(0, 1)  # (pairs, n, d)
+    stacked = weight.mT.sqrt().unsqueeze(-1) * members
+    _, S, Vh = torch.linalg.svd(stacked, full_matrices=False)  # one batched SVD for every pair
+    error = float((S[:, 1:] ** 2).sum())
+    direction = Vh[:, 0]  # (pairs, d): row h of `stacked` ≈ (S₀ U[h, 0]) · Vh[0]
+    heaviest = (stacked.abs() ** 2).sum(-1).argmax(-1)  # (pairs,)
+    anchor = members[torch.arange(len(members), device=members.device), heaviest]  # (pairs, d)
+    key = (anchor * direction.conj()).sum(-1, keepdim=True) * direction
+    energy = (key.abs() ** 2).sum(-1).clamp_min(1e-300)  # (pairs,)
+    alpha = (members * key.conj().unsqueeze(1)).sum(-1).mT / energy  # (n, pairs)
     return key, alpha, error
 
 
 def merge_values(targets: HeadTargets, heads: Sequence[int], value_dim: int) -> tuple[torch.Tensor, float]:
     """The top ``value_dim`` principal subspace of ``[O_h V_h]_h``, spanned by the heaviest head's
     value rows projected on it (copies of one head merge into exactly that head)."""
-    gram = targets.value_gram(heads)
-    eigvals, eigvecs = torch.linalg.eigh(gram)
-    order = eigvals.argsort(descending=True)
-    basis = eigvecs[:, order[:value_dim]].mT  # (value_dim, d) orthonormal rows
-    error = float(eigvals[order[value_dim:]].clamp_min(0).sum())
+    _, S, Vh = torch.linalg.svd(targets.value_factor(heads), full_matrices=False)
+    basis = Vh[:value_dim]  # (value_dim, d) orthonormal rows: the top eigenvectors of value_gram(heads)
+    error = float((S[value_dim:] ** 2).sum())
     heads = list(heads)
     energy = torch.einsum(
         "hkd,hkl,hld->h", targets.value[heads], targets.out_gram[heads], targets.value[heads]
@@ -114,10 +150,7 @@ def group_cost(
     targets: HeadTargets, heads: Sequence[int], value_dim: int, totals: tuple[float, float]
 ) -> float:
     """Relative key error + relative value error of merging ``heads`` (0 when they are copies)."""
-    _, _, key_error = merge_keys(targets, heads)
-    gram = targets.value_gram(heads)
-    eigvals = torch.linalg.eigvalsh(gram).flip(0)
-    value_error = float(eigvals[value_dim:].clamp_min(0).sum())
+    key_error, value_error = targets.merge_errors(heads, value_dim)
     return key_error / max(totals[0], 1e-30) + value_error / max(totals[1], 1e-30)
 
 
@@ -142,7 +175,9 @@ def best_partition(
     n: int, size: int, cost: Callable[[tuple[int, ...]], float], exhaustive_limit: int = 5000
 ) -> list[tuple[int, ...]]:
     """The grouping of ``range(n)`` into groups of ``size`` with the lowest total cost: exhaustive
-    when there are few, else consecutive groups improved by pairwise swaps until no swap helps."""
+    when there are few, else consecutive groups improved by pairwise swaps until no swap helps, a
+    group scored by the costs of its pairs (``n(n-1)/2`` evaluations of two-member groups, instead of
+    hundreds of full-size candidates each needing a ``size·head_dim``-sized eigenproblem)."""
     cached: dict[tuple[int, ...], float] = {}
 
     def group_cost_cached(group: tuple[int, ...]) -> float:
@@ -156,6 +191,11 @@ def best_partition(
             balanced_partitions(list(range(n)), size),
             key=lambda groups: sum(group_cost_cached(g) for g in groups),
         )
+    pair_costs = {pair: group_cost_cached(pair) for pair in itertools.combinations(range(n), 2)}
+
+    def score(group: tuple[int, ...]) -> float:
+        return sum(pair_costs[pair] for pair in itertools.combinations(sorted(group), 2))
+
     groups = [tuple(range(start, start + size)) for start in range(0, n, size)]
     improved = True
     while improved:
@@ -164,8 +204,8 @@ def best_partition(
             for i, j in itertools.product(range(size), range(size)):
                 new_a = (*groups[a][:i], groups[b][j], *groups[a][i + 1 :])
                 new_b = (*groups[b][:j], groups[a][i], *groups[b][j + 1 :])
-                before = group_cost_cached(groups[a]) + group_cost_cached(groups[b])
-                if group_cost_cached(new_a) + group_cost_cached(new_b) < before - 1e-12:
+                before = score(groups[a]) + score(groups[b])
+                if score(new_a) + score(new_b) < before - 1e-12:
                     groups[a], groups[b] = tuple(sorted(new_a)), tuple(sorted(new_b))
                     improved = True
     return groups

@@ -35,8 +35,8 @@ import torch
 
 from kvforge.arch import LayerSpec, ModelConfig
 
-from .calibration import LayerStream, build_model, check_calibration
-from .common import StateDict, check_gqa_source
+from .calibration import LayerStream, check_calibration, rope_tables, source_layer
+from .common import EMBEDDINGS, Sink, StateDict, check_gqa_source
 from .latent_norm import LatentNorm, fit_latent_norm
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import merge_keys
@@ -150,6 +150,8 @@ def to_mla(
     refine_steps: int = 0,
     progress: bool = False,
     report: MLAReport | None = None,
+    device: str | torch.device = "cpu",
+    sink: Sink | None = None,
 ) -> tuple[ModelConfig, StateDict]:
     """Every layer becomes MLA with a ``kv_lora_rank`` latent and ``rope_dims`` rotary dims per
     rotary key (DeepSeek's ``qk_rope_head_dim``); cached floats per token and layer:
@@ -157,7 +159,8 @@ def to_mla(
 
     ``rotary_residual=False`` drops what the shared rotary key misses instead of carrying it in the
     latent; ``flatten_norm=False`` only fits ``kv_a_layernorm``'s weight (both are ablations).
-    ``report`` (an :class:`MLAReport`) receives the chosen pairs and the per-layer residual errors."""
+    ``report`` (an :class:`MLAReport`) receives the chosen pairs and the per-layer residual errors.
+    ``device`` and ``sink`` as in :func:`~.gqa.to_gqa`."""
     check_mla_options(
         config,
         kv_lora_rank=kv_lora_rank,
@@ -167,11 +170,11 @@ def to_mla(
         rotary_residual=rotary_residual,
     )
     calibration = check_calibration(calibration, config, "to_mla")
-    statistics = _rope_statistics(config, state_dict, calibration) if calibration is not None else {}
+    statistics = _rope_statistics(config, state_dict, calibration, device) if calibration is not None else {}
     scores = _pair_scores(config, state_dict, statistics)
     pairs = select_pairs(config.head_dim // 2, rope_dims // 2, rope_selection, scores)
     theta = exported_theta(config.rope_theta, config.head_dim, pairs)
-    check_exportable(pair_frequencies(config), pairs, theta)
+    check_exportable(pair_frequencies(config), pairs, theta, config.rope_scaling)
     if report is not None:
         report.pairs, report.theta = pairs, theta
     plan = MLAPlan(pairs, theta, layout, statistics, rotary_residual, flatten_norm, report)
@@ -180,8 +183,10 @@ def to_mla(
     def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
         return [_mla_layer(config, new_config, plan, ctx) for ctx in contexts]
 
-    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress)
-    return new_config, convert_attention(config, state_dict, new_config, calibration, build, options=options)
+    options = FitOptions(sequential=sequential, refine_steps=refine_steps, progress=progress, device=device)
+    return new_config, convert_attention(
+        config, state_dict, new_config, calibration, build, options=options, sink=sink
+    )
 
 
 def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLAPlan) -> ModelConfig:
@@ -209,7 +214,9 @@ def _check_source(config: ModelConfig) -> None:
     unsupported = {
         "qk_norm": config.qk_norm,
         "attention_bias": config.attention_bias,
-        "rope_scaling": config.rope_scaling is not None,
+        # linear and llama3 scale each frequency on its own, so the kept pairs keep theirs under the same
+        # scaling with the exported theta; yarn's ramp depends on the rotary width, which changes.
+        "rope_scaling of type yarn": config.rope_scaling is not None and config.rope_scaling.type == "yarn",
         "kv_from (shared K/V)": any(spec.kv_from is not None for spec in config.layers),
     }
     for name, present in unsupported.items():
@@ -219,15 +226,18 @@ def _check_source(config: ModelConfig) -> None:
             )
 
 
-def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor) -> dict:
-    """Rotary statistics of every layer of the source on the calibration ids (one stream pass)."""
-    model = build_model(config, state_dict)
-    stream = LayerStream(model, calibration)
-    freqs = pair_frequencies(config)
-    rope = model.model.rotary["gqa"](torch.arange(calibration.shape[1]), torch.float32)
+def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor, device) -> dict:
+    """Rotary statistics of every layer of the source on the calibration ids (one stream pass, one
+    layer in memory at a time)."""
+    device = torch.device(device)
+    stream = LayerStream(config, state_dict[EMBEDDINGS].to(device), calibration)
+    freqs = pair_frequencies(config).to(device)
+    rope = tuple(t.to(device) for t in rope_tables(config, calibration.shape[1])["gqa"])
     statistics = {}
-    for index, layer in enumerate(model.model.layers):
-        statistics[index] = rope_statistics(layer.self_attn, stream.attention_inputs(layer), freqs)
+    for index in range(config.n_layers):
+        layer = source_layer(config, state_dict, index, device)
+        stats = rope_statistics(layer.self_attn, stream.attention_inputs(layer), freqs)
+        statistics[index] = stats
         stream.advance(layer, rope)
     return statistics
 
@@ -236,8 +246,10 @@ def _pair_scores(config: ModelConfig, state_dict: StateDict, statistics: dict) -
     """How much each pair is worth keeping rotary, summed over layers and heads."""
     if statistics:
         return sum(stats.loss_if_position_free().sum(0) for stats in statistics.values())
-    model = build_model(config, state_dict)
-    return sum(weight_scores(layer.self_attn).sum(0) for layer in model.model.layers)
+    return sum(
+        weight_scores(source_layer(config, state_dict, index).self_attn).sum(0)
+        for index in range(config.n_layers)
+    )
 
 
 def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx: LayerContext):
@@ -249,7 +261,9 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     q_pairs = as_pairs(attn.q_proj.weight, n_heads)  # (H, P, d) on x
     stats = plan.statistics.get(ctx.index)
     phase = (
-        stats.phase_factors() if stats is not None else torch.ones(q_pairs.shape[:2], dtype=torch.complex128)
+        stats.phase_factors()
+        if stats is not None
+        else torch.ones(q_pairs.shape[:2], dtype=torch.complex128, device=q_pairs.device)
     )
 
     # 1. rotary part
@@ -270,7 +284,7 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
             nope_keys = torch.cat((nope_keys, residual), dim=1)
     else:
         k_pe = from_pairs(as_pairs(attn.k_proj.weight, attn.n_kv_heads)[:, kept])
-        alpha = torch.ones(n_heads, len(kept), dtype=torch.complex128)
+        alpha = torch.ones(n_heads, len(kept), dtype=torch.complex128, device=q_pairs.device)
     q_pe = from_pairs(q_pairs[:, kept] * alpha.conj().unsqueeze(-1)).reshape(
         n_heads, 2 * len(kept), config.d_model
     )
@@ -301,7 +315,9 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
             if plan.report is not None:
                 plan.report.latent_norm[ctx.index] = norm
         rho = norm.weight if norm is not None else 1.0
-        weights["kv_a_layernorm.weight"] = torch.full((basis.shape[0],), rho, dtype=torch.float64)
+        weights["kv_a_layernorm.weight"] = torch.full(
+            (basis.shape[0],), rho, dtype=torch.float64, device=basis.device
+        )
 
     # MLA scores use qk_head_dim**-0.5: rescale the query so logits keep the source's scale.
     q_scale = (new_config.qk_head_dim**0.5) * attn.scale

@@ -56,19 +56,22 @@ def rope_statistics(
     matrix product with the attention matrix per chunk, no ``(t, s, pair)`` temporaries."""
     n_heads, n_kv, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
     n_pairs = head_dim // 2
-    A = torch.zeros(n_heads, n_pairs, dtype=torch.complex128)
-    B = torch.zeros(n_heads, n_pairs, dtype=torch.float64)
+    device = freqs.device
+    A = torch.zeros(n_heads, n_pairs, dtype=torch.complex128, device=device)
+    B = torch.zeros(n_heads, n_pairs, dtype=torch.float64, device=device)
     freqs = freqs.to(torch.float32)
     for chunk in inputs:
         for x in chunk.split(rows_per_step):
             batch, seq, _ = x.shape
-            angle = torch.arange(seq, dtype=torch.float32).unsqueeze(-1) * freqs  # (seq, P)
+            angle = torch.arange(seq, dtype=torch.float32, device=device).unsqueeze(-1) * freqs  # (seq, P)
             q = attn.q_proj(x).view(batch, seq, n_heads, head_dim).transpose(1, 2)  # (b, H, t, dh)
             k = attn.k_proj(x).view(batch, seq, n_kv, head_dim).transpose(1, 2)
             k = k.repeat_interleave(n_heads // n_kv, dim=1)
             cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
             scores = (_rotate(q, cos, sin) @ _rotate(k, cos, sin).mT) * attn.scale
-            delta = torch.arange(seq).unsqueeze(1) - torch.arange(seq).unsqueeze(0)
+            delta = torch.arange(seq, device=device).unsqueeze(1) - torch.arange(
+                seq, device=device
+            ).unsqueeze(0)
             allowed = delta >= 0
             if attn.window is not None:
                 allowed &= delta < attn.window
@@ -132,10 +135,13 @@ def exported_theta(source_theta: float, head_dim: int, pairs: list[int]) -> floa
     return float(source_theta ** (2 * step * len(pairs) / head_dim))
 
 
-def check_exportable(source_freqs: torch.Tensor, pairs: list[int], theta: float) -> None:
-    """The DeepseekV3 frequencies for ``theta`` must equal the kept pairs' (no silent approximation)."""
+def check_exportable(source_freqs: torch.Tensor, pairs: list[int], theta: float, scaling=None) -> None:
+    """The DeepseekV3 frequencies for ``theta`` (and the source's pointwise ``scaling``, linear or
+    llama3, applied to them as to the source's) must equal the kept pairs' (no silent approximation)."""
+    from kvforge.arch.rope import rope_frequencies
+
     m = len(pairs)
-    exported = theta ** (-torch.arange(m, dtype=torch.float64) / m)
+    exported = rope_frequencies(2 * m, theta, scaling)[0].to(torch.float64)
     kept = source_freqs[pairs]
     if not torch.allclose(exported, kept, rtol=1e-6, atol=0):
         raise ValueError(

@@ -26,7 +26,7 @@ class Whitening:
     @classmethod
     def from_gram(cls, gram: torch.Tensor, ridge: float = 1e-9) -> Whitening:
         gram = gram.to(torch.float64)
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         R = torch.linalg.cholesky(gram + ridge * gram.diagonal().mean().clamp_min(1e-30) * eye).mT
         return cls(R, torch.linalg.inv(R))
 
@@ -37,11 +37,11 @@ class Whitening:
 
     def rows_to_white(self, rows: torch.Tensor) -> torch.Tensor:
         """Projection rows on ``x`` → coefficients on ``u`` (``a·x = (a Rᵀ)·u``)."""
-        return rows @ self.R.mT.to(rows.dtype)
+        return rows @ self.R.mT.to(rows.device, rows.dtype)
 
     def rows_from_white(self, coefs: torch.Tensor) -> torch.Tensor:
         """Coefficients on ``u`` → projection rows on ``x``."""
-        return coefs @ self.R_inv.mT.to(coefs.dtype)
+        return coefs @ self.R_inv.mT.to(coefs.device, coefs.dtype)
 
 
 def head_targets(
@@ -57,7 +57,7 @@ def head_targets(
     def white(rows: torch.Tensor) -> torch.Tensor:
         if cross is None:
             return whitening.rows_to_white(rows)
-        return rows @ cross.mT.to(rows.dtype) @ whitening.R_inv.to(rows.dtype)
+        return rows @ cross.mT.to(rows.device, rows.dtype) @ whitening.R_inv.to(rows.device, rows.dtype)
 
     kv_of = torch.arange(n_heads) // rep
     keys = white(as_pairs(rows_with_bias(attn.k_proj), n_kv))[kv_of]

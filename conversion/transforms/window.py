@@ -9,7 +9,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import StateDict, is_count
+from .common import Sink, StateDict, is_count, map_layers
 from .sinks import fit_sinks
 
 
@@ -59,16 +59,26 @@ def to_window(
     *,
     windows: int | list[int | None],
     sinks: bool = False,
+    device: str | torch.device = "cpu",
+    sink: Sink | None = None,
 ) -> tuple[ModelConfig, StateDict]:
-    """:func:`window_config` on the config; the weights are returned as they are (a new dict), plus
-    with ``sinks`` one sink logit per head of each windowed layer, fitted on ``calibration`` so that
-    the windowed layer keeps its source's attention weights on the keys it still sees."""
+    """:func:`window_config` on the config; the weights are returned as they are (a new dict, or
+    copied to ``sink`` layer by layer), plus with ``sinks`` one sink logit per head of each windowed
+    layer, fitted on ``calibration`` so that the windowed layer keeps its source's attention weights on
+    the keys it still sees (that fit holds the whole model in memory). ``device`` is accepted for a
+    uniform call and unused."""
     target = window_config(config, windows=windows, sinks=sinks)
     if not sinks:
-        return target, dict(state_dict)
+        return target, map_layers(
+            target, state_dict, [[index] for index in range(config.n_layers)], dict, sink
+        )
     if calibration is None:
         raise ValueError(
             "to_window: sinks=True fits the sinks on calibration data; pass calibration token ids "
             "(kvforge convert --calib FILE or --calib self)"
         )
-    return target, fit_sinks(config, target, state_dict, calibration, "to_window")
+    fitted = fit_sinks(config, target, dict(state_dict), calibration, "to_window")
+    if sink is None:
+        return target, fitted
+    sink.write(fitted, target)
+    return target, {}

@@ -26,12 +26,12 @@ def test_convert_to_gqa_with_calibration_writes_a_stock_llama(tmp_path, capsys):
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
 
 
-def test_convert_to_mla_writes_a_stock_deepseek_v3(tmp_path, capsys):
+def test_convert_to_mla_self_calibrates_by_default_and_writes_a_stock_deepseek_v3(tmp_path, capsys):
     out = tmp_path / "mla"
-    assert (
-        main(["convert", STORIES, str(out), "--to", "mla", "--kv-lora-rank", "28", "--rope-dims", "4"]) == 0
-    )
-    assert "DeepseekV3ForCausalLM" in capsys.readouterr().out
+    args = ["convert", STORIES, str(out), "--to", "mla", "--kv-lora-rank", "28", "--rope-dims", "4"]
+    assert main([*args, "--calib-tokens", "128", "--calib-seq-len", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "128 tokens sampled from" in printed and "DeepseekV3ForCausalLM" in printed
     hf = json.loads((out / "config.json").read_text())
     assert (hf["kv_lora_rank"], hf["qk_rope_head_dim"]) == (28, 4)
 

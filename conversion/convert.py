@@ -1,0 +1,205 @@
+"""Convert a model directory into another one layer at a time: the one entry point of the CLI and training.
+
+``convert_checkpoint(src, out, "gqa", {"n_kv_heads": 8})`` validates the options against SRC's
+config and the config against SRC's safetensors headers (nothing large is allocated before), reads
+one layer's tensors at a time (:class:`~kvforge.conversion.checkpoint.CheckpointWeights`), runs the
+transform's math in fp32 on ``device`` (default: CUDA when available), carries the calibration
+hidden states from layer to layer, and writes each converted layer as its own safetensors shard
+into a temporary sibling of OUT that is renamed into place at the end (a failure leaves nothing).
+The whole model never exists in fp32; host memory is about one layer plus the embeddings, except
+while ``calibration="self"`` samples text, which runs the model in its stored dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from kvforge.arch import ModelConfig, parse_dtype
+
+from .atomic import atomic_directory
+from .checkpoint import CheckpointWeights, checkpoint_entries
+from .families import plan_export
+from .pretrained import EMBEDDINGS, LM_HEAD, check_tensors, export_config, load_config, write_directory_files
+from .weights import SAFETENSORS, SAFETENSORS_INDEX
+
+log = logging.getLogger(__name__)
+CALIBRATION_SEQ_LEN = 512
+STREAM_ABOVE_BYTES = 2**30
+RUNTIME_OPTIONS = ("device", "progress")  # what the converter adds; a transform may not take them
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None/``auto`` = CUDA when available, else CPU; CUDA asked for without CUDA is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available (allowed here: 'cpu', 'auto')")
+    return device
+
+
+class ShardWriter:
+    """A :class:`~kvforge.conversion.transforms.common.Sink` writing each part it receives as one
+    safetensors shard under ``directory`` (in the export family's layout and ``dtype``)."""
+
+    def __init__(self, directory: Path, family: str | None, dtype: torch.dtype | None) -> None:
+        self.directory, self.family_name, self.dtype = directory, family, dtype
+        self.plan = self.config = None
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.shapes: dict[str, torch.Tensor] = {}
+        self.stored: torch.dtype | None = None
+
+    def write(self, tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
+        if self.plan is None:
+            self.config, self.plan = config, plan_export(config, self.family_name)
+        tensors = {
+            name: t.to(self.dtype) if self.dtype and t.is_floating_point() else t
+            for name, t in tensors.items()
+        }
+        self.shapes.update(
+            {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in tensors.items()}
+        )
+        if config.tie_embeddings:
+            tensors.pop(LM_HEAD, None)  # transformers re-ties it on load
+        self.plan.family.to_hf(tensors, config, {})
+        if not tensors:
+            return
+        self.stored = self.stored or next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+        path = self.directory / f"part-{len(self.parts):05d}.safetensors"
+        save_file(
+            {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, path, {"format": "pt"}
+        )
+        self.parts.append((path, list(tensors)))
+
+    def finish(self, config: ModelConfig, tokenizer_from: Path) -> None:
+        """Check the written shapes against ``config``, name the shards as transformers expects, and write
+        the index, config.json, tokenizer and generation config."""
+        if self.config is None:
+            raise ValueError("the transform wrote no tensors")
+        if self.config.tie_embeddings and EMBEDDINGS in self.shapes:
+            self.shapes.setdefault(LM_HEAD, self.shapes[EMBEDDINGS])
+        check_tensors(config, self.shapes, "converted model")
+        hf = export_config(self.plan.family, config, self.stored)
+        total = len(self.parts)
+        weight_map, size = {}, 0
+        for number, (path, names) in enumerate(self.parts, start=1):
+            name = SAFETENSORS if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
+            os.replace(path, self.directory / name)
+            size += (self.directory / name).stat().st_size
+            weight_map.update(dict.fromkeys(names, name))
+        if total > 1:
+            index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_directory_files(self.directory, self.plan.family, hf, tokenizer_from)
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    transform: str,
+    options: dict | None = None,
+    *,
+    device: str | torch.device | None = None,
+    calibration: str | Path | torch.Tensor | None = "self",
+    calib_tokens: int = 16384,
+    calib_seq_len: int | None = None,
+    seed: int = 0,
+    family: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[Path, ModelConfig, ModelConfig]:
+    """Convert the model directory ``src`` with ``TRANSFORMS[transform](**options)`` and export it to ``out``.
+
+    ``calibration``: ``"self"`` (default: text sampled from ``src`` itself, ``calib_tokens`` tokens in
+    sequences of ``calib_seq_len``, seed ``seed``), a text file (not your evaluation text), a
+    ``(batch, seq)`` tensor of token ids, or None (from the weights alone). ``family``: export family
+    (None: the simplest stock class that holds the result, else kvforge-typed). ``dtype``: stored dtype
+    of the output (default: the source's). Returns ``(out, source config, converted config)``."""
+    from .transforms import TRANSFORMS, check_options, load_calibration_ids, sample_calibration_ids
+
+    src, out = Path(src), Path(out)
+    if out.exists() and not overwrite:  # before any reading
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    options = dict(options or {})
+    entries = checkpoint_entries(src)  # headers only, each checked against its file
+    config, source_family, hf = load_config(src, entries)  # sizes checked against the headers
+    check_options(transform, config, **options)
+    weights = CheckpointWeights(src, config, source_family, hf, entries)  # every shape checked
+    device = resolve_device(device)
+    ids = None
+    if calibration is not None and uses_calibration(transform, options):
+        sampled = isinstance(calibration, str) and calibration == "self"
+        seq_len = calib_seq_len or min(CALIBRATION_SEQ_LEN, config.max_seq_len - sampled)  # BOS comes first
+        if isinstance(calibration, torch.Tensor):
+            ids = calibration
+        elif sampled:
+            log.info(
+                "sampling %d calibration tokens from %s (seed %d) on %s", calib_tokens, src, seed, device
+            )
+            ids = sample_calibration_ids(
+                config,
+                weights,
+                calib_tokens,
+                seq_len,
+                seed,
+                device=device,
+                dtype=weights.dtype,
+                streamed=_streamed_while_sampling(config, weights, device),
+            )
+        else:
+            ids = load_calibration_ids(calibration, src, calib_tokens, seq_len)
+    stored = parse_dtype(dtype) if dtype is not None else None
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, family, stored)
+        options = {**_runtime(transform, device, progress), **options}
+        new_config = _run_transform(TRANSFORMS[transform], config, weights, ids, options, writer)
+        writer.finish(new_config, src)
+    return out, config, new_config
+
+
+def _streamed_while_sampling(config: ModelConfig, weights: CheckpointWeights, device: torch.device) -> range:
+    """Sampling runs the whole model at every step. On the host, a checkpoint over 1 GiB keeps its
+    first half of layers resident and re-reads the second half at each step, so host memory stays
+    near half the checkpoint (the budget) instead of all of it; a GPU holds every layer."""
+    if device.type != "cpu" or weights.nbytes <= STREAM_ABOVE_BYTES:
+        return range(0)
+    return range(config.n_layers // 2, config.n_layers)
+
+
+def _run_transform(function, config, weights, ids, options: dict, writer: ShardWriter) -> ModelConfig:
+    """Call a transform with the runtime options it takes. One that takes a ``sink`` streams layer by
+    layer; one that does not (gta, gla, chunked) works on the whole state dict in memory, written at
+    the end - the streaming bound does not hold for those yet."""
+    accepted = inspect.signature(function).parameters
+    options = {
+        name: value for name, value in options.items() if name in accepted or name not in RUNTIME_OPTIONS
+    }
+    if "sink" in accepted:
+        return function(config, weights, ids, **options, sink=writer)[0]
+    new_config, state_dict = function(config, dict(weights), ids, **options)
+    writer.write(state_dict, new_config)
+    return new_config
+
+
+def uses_calibration(transform: str, options: dict) -> bool:
+    """Whether the transform fits anything to calibration activations with these options (mean-pooling,
+    copying K/V, chunks and plain windows do not, so no text is sampled for them)."""
+    if transform in ("gqa", "mqa"):
+        return options.get("method", "aligned") == "aligned"
+    if transform == "cla":
+        return options.get("init", "fit") == "fit"
+    if transform == "window":
+        return bool(options.get("sinks", False))
+    return transform in ("mla", "gta", "gla")
+
+
+def _runtime(transform: str, device: torch.device, progress: bool) -> dict:
+    return {"device": device} if transform == "window" else {"device": device, "progress": progress}
