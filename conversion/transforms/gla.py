@@ -79,7 +79,7 @@ def _latents(config: ModelConfig, state_dict: StateDict, calibration: torch.Tens
     """Per layer: the pre-norm latent rows ``a`` (``kv_a`` latent part, no norm) and the source's
     normalised latent ``c`` over the calibration tokens."""
     model = build_model(config, state_dict)
-    stream = LayerStream(model, calibration)
+    stream = LayerStream(model.config, model.model.embed_tokens.weight, calibration)
     ropes = rope_tables(config, calibration.shape[1])
     out = []
     for layer in model.model.layers:

@@ -93,7 +93,7 @@ def tie_group(
 def input_grams(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor) -> list[torch.Tensor]:
     """``E[x xᵀ]`` of every layer's attention input on the source model (float64)."""
     model = build_model(config, state_dict)
-    stream = LayerStream(model, calibration)
+    stream = LayerStream(model.config, model.model.embed_tokens.weight, calibration)
     ropes = rope_tables(config, calibration.shape[1])
     grams = []
     for layer in model.model.layers:

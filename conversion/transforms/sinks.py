@@ -87,7 +87,7 @@ def fit_sinks(
     for index in todo:
         out[f"{attn_prefix(index)}sinks"] = torch.zeros(target.n_heads)
     model = build_model(target, out)
-    stream = LayerStream(model, calibration)
+    stream = LayerStream(model.config, model.model.embed_tokens.weight, calibration)
     ropes = rope_tables(target, calibration.shape[1])
     for index, layer in enumerate(model.model.layers):
         if index in todo:
