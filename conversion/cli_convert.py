@@ -1,6 +1,6 @@
 """Change the attention of a model directory into a KV-efficient form and export it.
 
-    kvforge convert SRC OUT --to gqa|mqa|mla|cla|window [form options]
+    kvforge convert SRC OUT --to gqa|mqa|mla|cla|window|chunked|gta|gla [form options]
                     [--calib self|FILE|none --calib-tokens N] [--refine-steps N] [--device auto|cpu|cuda]
                     [--family auto] [--dtype bf16] [--overwrite]
 
