@@ -155,10 +155,10 @@ def check_convert(convert: Convert) -> None:
     """Refuse an unknown transform or option before anything is read (a multi-process run converts later,
     on rank 0)."""
     for step in [convert] if isinstance(convert, dict) else convert:
-        _transform_and_options(step)
+        transform_and_options(step)
 
 
-def _transform_and_options(convert: dict[str, Any]) -> tuple[str, Any, dict[str, Any], list[str]]:
+def transform_and_options(convert: dict[str, Any]) -> tuple[str, Any, dict[str, Any], list[str]]:
     options = dict(convert)
     name = options.pop("to", None)
     if name not in TRANSFORMS:
@@ -178,7 +178,7 @@ def _transform_and_options(convert: dict[str, Any]) -> tuple[str, Any, dict[str,
 def apply_transform(
     config: ModelConfig, state_dict: StateDict, convert: dict[str, Any], calibration: torch.Tensor | None
 ) -> tuple[ModelConfig, StateDict]:
-    name, transform, options, allowed = _transform_and_options(convert)
+    name, transform, options, allowed = transform_and_options(convert)
     try:
         return transform(config, state_dict, calibration, **options)
     except TypeError as err:  # e.g. a required option is missing

@@ -18,7 +18,14 @@ from typing import Any
 
 from kvforge.conversion.atomic import atomic_file
 
-from .model_source import CalibrationConfig, Convert, apply_transform, calibration_tokens, changed_parameters
+from .model_source import (
+    CalibrationConfig,
+    Convert,
+    apply_transform,
+    calibration_tokens,
+    changed_parameters,
+    transform_and_options,
+)
 
 CONVERTED_DIR = "converted"
 RECIPE_FILE = "conversion.json"
@@ -37,15 +44,24 @@ def conversion_recipe(
 def convert_to_directory(
     init_from: str, convert: Convert, calibration: CalibrationConfig | None, out: Path
 ) -> frozenset[str]:
-    """Load ``init_from``, apply the transform(s), export to ``out`` atomically; the changed parameter names.
+    """Convert ``init_from`` into ``out`` (atomically); the names of the parameters it changed.
 
-    The one place a run converts: issue 16's streaming ``convert_checkpoint(...)`` plugs in here."""
+    One transform streams through ``convert_checkpoint`` (a layer in memory at a time, the math on CUDA
+    when there is one), and the changed names are found by reading the two directories tensor by tensor.
+    A chain of transforms still runs in memory on the whole state dict."""
     from kvforge.conversion import load_pretrained, save_pretrained
+    from kvforge.conversion.convert import convert_checkpoint, open_checkpoint
 
-    source = load_pretrained(init_from)
     tokens = calibration_tokens(calibration, init_from) if calibration else None
+    steps = [convert] if isinstance(convert, dict) else list(convert)
+    if len(steps) == 1:
+        name, _, options, _ = transform_and_options(steps[0])
+        convert_checkpoint(init_from, out, name, options, calibration=tokens, overwrite=True)
+        source, converted = open_checkpoint(init_from), open_checkpoint(out)
+        return changed_parameters(source.config, source, converted.config, converted)
+    source = load_pretrained(init_from)
     config, state_dict = source.config, source.state_dict
-    for step in [convert] if isinstance(convert, dict) else convert:
+    for step in steps:
         config, state_dict = apply_transform(config, state_dict, step, tokens)
     changed = changed_parameters(source.config, source.state_dict, config, state_dict)
     save_pretrained(config, state_dict, out, tokenizer_from=init_from, overwrite=True)
