@@ -233,6 +233,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--redo", action="store_true", help="ignore saved results and measure everything again"
     )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help=f"comma-separated measurements not to take this run (saved ones are still shown), of {list(MEASUREMENTS)}",
+    )
     parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     parser.add_argument(
         "--plots",
@@ -271,8 +276,11 @@ def fingerprint(args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def run_row(name: str, data: StudyData, store: ResultStore) -> dict[str, float | None]:
-    """Every measurement of one row: cached ones read back, the others computed (models built once)."""
+def run_row(
+    name: str, data: StudyData, store: ResultStore, skip: frozenset[str] = frozenset()
+) -> dict[str, float | None]:
+    """Every measurement of one row: cached ones read back, the others computed (models built once),
+    except those in ``skip`` that were never saved (they stay ``None``)."""
     models = RowModels(name, data)
     store.use_row(name, json.loads(json.dumps(models.row.convert)))  # as JSON reads it back
     values: dict[str, float | None] = {}
@@ -280,6 +288,9 @@ def run_row(name: str, data: StudyData, store: ResultStore) -> dict[str, float |
         saved = store.get(name, measurement) if cached else None
         if saved is not None:
             values[measurement] = saved
+            continue
+        if measurement in skip:
+            values[measurement] = None
             continue
         values[measurement] = measure(models, data)
         if values[measurement] is None:  # does not apply to this row
@@ -328,6 +339,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     unknown = [row for row in rows if row not in ROWS]
     if unknown:
         raise SystemExit(f"--rows: {unknown} are not study rows; allowed: {list(ROWS)}")
+    skip = frozenset(name for name in args.skip.split(",") if name)
+    if skip - MEASUREMENTS.keys():
+        raise SystemExit(
+            f"--skip: {sorted(skip - MEASUREMENTS.keys())} are not measurements; allowed: {list(MEASUREMENTS)}"
+        )
     torch.manual_seed(0)
     pretrained = load_pretrained(args.source)
     data = load_study_data(args, pretrained)
@@ -337,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         f"({data.heldout.ids.numel():,} held out), {args.steps} uptraining steps of {args.batch} x "
         f"{args.block} tokens; results in {store.path}"
     )
-    results = {name: run_row(name, data, store) for name in rows}
+    results = {name: run_row(name, data, store, skip) for name in rows}
     mha_bytes = kv_bytes_per_token(mha_equivalent(pretrained.config), data.context, torch.float32)
     columns, table_rows = table(results, mha_bytes)
     title = (

@@ -100,3 +100,17 @@ def test_a_row_whose_definition_changed_is_measured_again(tmp_path, counted, mon
     assert results["swa-64"]["kv_bytes_per_token"] == pytest.approx(
         results["gqa-4"]["kv_bytes_per_token"] / 8
     )
+
+
+def test_skipped_measurements_are_not_taken_and_a_later_run_takes_them(tmp_path, counted):
+    first = _study(tmp_path, "--rows", "mqa", "--skip", "uptrained_ce_nll,decode_tokens_per_s")
+    assert "uptrained_ce_nll" not in counted and "decode_tokens_per_s" not in counted
+    assert first["mqa"]["uptrained_ce_nll"] is None and first["mqa"]["uptrained_distill_nll"] is not None
+    counted.clear()
+    _study(tmp_path, "--rows", "mqa")
+    assert counted == {"uptrained_ce_nll": 1, "decode_tokens_per_s": 1}
+
+
+def test_an_unknown_measurement_to_skip_names_the_allowed_ones(tmp_path):
+    with pytest.raises(SystemExit, match="uptrained_ce_nll"):
+        _study(tmp_path, "--rows", "mqa", "--skip", "ce")
