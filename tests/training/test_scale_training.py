@@ -90,42 +90,73 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _two_nodes(path, out, *extra):
-    """``torchrun --nnodes 2`` twice on this machine (one process per "node", c10d rendezvous over
-    loopback, gloo), as a SLURM or multi-host launch would start them."""
+def _fit_command(path, out, *extra) -> list[str]:
+    fit = ["train.py", "fit", "--config", str(path), "--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    fit += ["--trainer.strategy", "fsdp2", "--trainer.default_root_dir", str(out)]
+    return [*fit, *recorder_args(out / "ranks"), *extra]
+
+
+def _start_nodes(commands: list[tuple[list[str], dict[str, str]]], out) -> list[dict]:
+    """Start one process per "node" (command, extra environment), wait for all, read their records."""
     import os
     import subprocess
-    import sys
 
     from tests.conftest import REPO
 
-    port = _free_port()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
-    launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", out.name]
-    fit = ["train.py", "fit", "--config", str(path), "--trainer.num_nodes", "2", "--trainer.devices", "1"]
-    fit += [
-        "--trainer.strategy",
-        "fsdp2",
-        "--trainer.default_root_dir",
-        str(out),
-        *recorder_args(out / "ranks"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [
         subprocess.Popen(
-            [*launcher, "--node-rank", str(rank), *fit, *extra],
+            command,
             cwd=REPO,
-            env=env,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in (0, 1)
+        for command, env in commands
     ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]
     return records(out / "ranks")
+
+
+def _two_nodes(path, out, *extra):
+    """``torchrun --nnodes 2`` twice on this machine (one process per "node", c10d rendezvous over
+    loopback, gloo), as a multi-host launch would start them."""
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launcher += [
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv-id",
+        out.name,
+    ]
+    fit = _fit_command(path, out, *extra)
+    return _start_nodes([([*launcher, "--node-rank", str(rank), *fit], {}) for rank in (0, 1)], out)
+
+
+def _two_slurm_tasks(path, out, *extra):
+    """What ``srun`` starts for ``#SBATCH --nodes=2 --ntasks-per-node=1``: the script itself once per
+    task, with the SLURM_* variables Lightning's SLURMEnvironment reads (no torchrun, no Lightning
+    launcher: the processes are created externally)."""
+    import sys
+
+    slurm = {
+        "SLURM_JOB_NAME": "kvforge-test",  # not "bash"/"interactive", which Lightning treats as no SLURM
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "2",
+        "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_LOCALID": "0",
+        "MASTER_PORT": str(_free_port()),
+    }
+    fit = [sys.executable, *_fit_command(path, out, *extra)]
+    tasks = [{**slurm, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)} for rank in (0, 1)]
+    return _start_nodes([(fit, env) for env in tasks], out)
 
 
 def test_two_nodes_by_torchrun_agree_and_resume(config, uninterrupted):
@@ -138,3 +169,15 @@ def test_two_nodes_by_torchrun_agree_and_resume(config, uninterrupted):
     assert resumed[0]["mean"] == resumed[1]["mean"]
     assert resumed[0]["mean"] == pytest.approx(uninterrupted["mean"][HALF:], abs=TOLERANCE)
     assert resumed[0]["checksum"] == pytest.approx(uninterrupted["checksum"], rel=TOLERANCE)
+
+
+def test_two_nodes_as_srun_starts_them_agree_and_resume(config, uninterrupted):
+    """The SLURM launch of docs/training.md, with the environment srun gives each task."""
+    root, path = config
+    first = _two_slurm_tasks(path, root / "slurm", "--trainer.max_steps", str(HALF))
+    assert [r["world"] for r in first] == [2, 2]
+    assert first[0]["mean"] == first[1]["mean"]
+    assert first[0]["mean"] == pytest.approx(uninterrupted["mean"][:HALF], abs=TOLERANCE)
+    resumed = _two_slurm_tasks(path, root / "slurm", "--trainer.max_steps", str(STEPS), "--ckpt_path", "last")
+    assert resumed[0]["mean"] == resumed[1]["mean"]
+    assert resumed[0]["mean"] == pytest.approx(uninterrupted["mean"][HALF:], abs=TOLERANCE)
