@@ -39,7 +39,8 @@ def count_parameters(config: ModelConfig, layer_index: int | None = None) -> int
     specs = config.layers if layer_index is None else [config.layers[layer_index]]
     total = root_parameters(config) if layer_index is None else 0
     for spec in specs:
-        total += 2 * d + 3 * d * config.ffn_dim  # two norms + SwiGLU
+        norms = 4 if config.sandwich_norms else 2  # Gemma's sandwich adds a norm after attention and MLP
+        total += norms * d + 3 * d * config.ffn_dim  # norms + gated MLP
         params = {"gqa": _gqa_params, "mla": _mla_params, "gta": _gta_params, "gla": _mla_params}
         total += params[spec.attention](config, spec)
         total += config.n_heads if spec.sinks else 0

@@ -61,6 +61,12 @@ class DecoderLayer(nn.Module):
         return h + mlp_out, kv
 
 
+def embedding_multiplier(d_model: int, dtype: torch.dtype) -> float:
+    """Gemma's embedding scale: sqrt(d_model) as float32 rounded to the weights' dtype (transformers keeps
+    it as a float32 buffer cast to the weight dtype; in bf16 sqrt(3072) = 55.4256 becomes 55.5)."""
+    return float(torch.tensor(d_model**0.5, dtype=torch.float32).to(dtype))
+
+
 WINDOW_ROPE = "gqa_window"
 
 
@@ -128,10 +134,8 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(seq, device=input_ids.device) + start
         h = self.embed_tokens(input_ids)
-        if (
-            self.config.embed_scale
-        ):  # Gemma: sqrt(d_model) as float32, rounded to the hidden dtype, as transformers
-            h = h * float(torch.tensor(self.config.d_model**0.5, dtype=torch.float32).to(h.dtype))
+        if self.config.embed_scale:
+            h = h * embedding_multiplier(self.config.d_model, h.dtype)
         ropes = {form: rotary(positions, h.dtype) for form, rotary in self.rotary.items()}
         views: dict[int, KVView] = {}
         for layer in self.layers:

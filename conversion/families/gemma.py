@@ -77,6 +77,58 @@ class GemmaLayerTypes:
 
 
 @dataclass(frozen=True)
+class GemmaRecipe:
+    """The traits a Gemma class always has, checked together so a refusal lists every one missing."""
+
+    name: str  # "Gemma 2" / "Gemma 3"
+    qk_norm: bool
+    fields: tuple[str, ...] = ("norm_unit_offset", "sandwich_norms", "embed_scale", "qk_norm")
+
+    def expected(self) -> dict[str, tuple[bool, str]]:
+        return {
+            "norm_unit_offset": (True, "RMSNorms that scale by 1 + weight (norm_unit_offset)"),
+            "sandwich_norms": (True, "norms on the attention and MLP outputs (sandwich_norms)"),
+            "embed_scale": (True, "embeddings scaled by sqrt(hidden_size) (embed_scale)"),
+            "qk_norm": (
+                self.qk_norm,
+                "per-head q/k norms (qk_norm)" if self.qk_norm else "no q/k norm (qk_norm)",
+            ),
+        }
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        fields.update({name: value for name, (value, _) in self.expected().items()})
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
+        pass
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        missing = [what for name, (value, what) in self.expected().items() if getattr(config, name) != value]
+        if not missing:
+            return None
+        return (
+            f"{self.name} always has {'; '.join(missing)}, and this model does not. No choice of weights "
+            "makes an RMSNorm the identity (nor adds one), and rewriting norm or embedding weights would not "
+            "be bit-exact, so there is no exact export"
+        )
+
+
+@dataclass(frozen=True)
+class QueryScale:
+    """``query_pre_attn_scalar``: kvforge's None (head_dim's scale) is written as head_dim itself."""
+
+    fields: tuple[str, ...] = ("query_pre_attn_scalar",)
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        fields["query_pre_attn_scalar"] = reader.get("query_pre_attn_scalar", int, 256)
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
+        hf["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
 class Causal:
     """``use_bidirectional_attention`` must be off: kvforge decoders are causal."""
 
@@ -149,7 +201,7 @@ class Gemma3Rope:
         sliding.setdefault("rope_theta", reader.get("rope_local_base_freq", float, self.local_theta))
         top = {k: v for k, v in reader.data.items() if k not in ("rope_parameters", "rope_scaling")}
         Rope().read(ConfigReader({**top, "rope_parameters": full}, reader.source), fields)
-        local: dict[str, Any] = {}
+        local: dict[str, Any] = {"max_seq_len": fields["max_seq_len"]}
         Rope().read(ConfigReader({**top, "rope_parameters": sliding}, f"{reader.source} {SLIDING}"), local)
         if local["rope_scaling"] is not None:
             raise reader.error(
@@ -194,13 +246,10 @@ def gemma_keys(
         TokenKey("eos_token_id", "eos_token_id", default=1),
         TokenKey("pad_token_id", "pad_token_id", default=0),
         Key("hidden_activation", "mlp_activation", str, "gelu_pytorch_tanh"),
-        Key("query_pre_attn_scalar", "query_pre_attn_scalar", int, 256),
+        QueryScale(),
         Key("final_logit_softcapping", "final_logit_softcap", float, final_softcap, nullable=True),
         SharedBias(),
         Causal(bidirectional_off),
-        Const("norm_unit_offset", True, "Gemma's RMSNorm scales by 1 + weight"),
-        Const("sandwich_norms", True, "Gemma normalises the attention and MLP outputs too (sandwich norms)"),
-        Const("embed_scale", True, "Gemma scales the embeddings by sqrt(hidden_size)"),
     )
 
 
@@ -213,7 +262,7 @@ GEMMA2 = StockFamily(
         GQALayers(GemmaLayerTypes(sliding_every=None), default_kv_heads=4),
         Rope(),
         Const("window_rope_theta", None, "Gemma 2 rotates every layer with one RoPE base"),
-        Const("qk_norm", False, "Gemma 2 has no q/k norm"),
+        GemmaRecipe("Gemma 2", qk_norm=False),
     ),
     renames=NORM_RENAMES,
 )
@@ -226,7 +275,7 @@ GEMMA3_TEXT = StockFamily(
         Gemma3AttnSoftcap(),
         GQALayers(GemmaLayerTypes(sliding_every=6), default_kv_heads=4),
         Gemma3Rope(),
-        Const("qk_norm", True, "Gemma 3 always normalises q and k per head"),
+        GemmaRecipe("Gemma 3", qk_norm=True),
     ),
     renames=NORM_RENAMES,
 )
