@@ -173,3 +173,29 @@ def test_window_hybrid_with_the_gemma3_recipe_exports_as_stock_gemma3(tmp_path):
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (load_hf(out)(ids).logits - model(ids)).abs().max().item() <= LOGITS_ATOL
+
+
+def test_gemma2_training_losses_see_the_capped_logits(gemma):
+    """The fused LM-head losses apply final_logit_softcapping per chunk: equal to the loss on forward()'s
+    (capped) logits, for cross-entropy and for distillation from a soft-capped teacher."""
+    _, pretrained = gemma("gemma2")
+    model = kvforge_model(pretrained)
+    ids = token_ids(2, 24)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        logits = model(inputs)
+        expected_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        assert (model.loss(inputs, targets, chunk_size=7) - expected_ce).abs().item() <= 1e-5
+        teacher_hidden = model.hidden_states(inputs)
+        _, ce, kl = model.distillation_loss(
+            inputs,
+            targets,
+            teacher_hidden,
+            model.lm_head.weight,
+            alpha=0.5,
+            temperature=1.0,
+            chunk_size=7,
+            teacher_softcap=pretrained.config.final_logit_softcap,
+        )
+    assert (ce - expected_ce).abs().item() <= 1e-5
+    assert kl.abs().item() <= 1e-6  # a model distilled from itself, both heads capped alike
