@@ -179,3 +179,21 @@ def test_transformers_4_style_rope_keys_import_like_transformers(tmp_path):
     ids = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (load_hf(path)(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_gemma3_transformers_4_rope_keys_import_like_transformers():
+    """rope_theta + rope_scaling (global layers) and rope_local_base_freq (sliding layers)."""
+    legacy = dict(
+        MINIMAL,
+        rope_theta=500000.0,
+        rope_local_base_freq=2000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
+    ours = FAMILIES["gemma3_text"].read_config(ConfigReader(dict(legacy), "legacy"))
+    theirs = transformers.Gemma3TextConfig(**legacy).rope_parameters
+    assert ours.rope_theta == theirs["full_attention"]["rope_theta"] == 500000.0
+    assert (ours.rope_scaling.type, ours.rope_scaling.factor) == (
+        "linear",
+        theirs["full_attention"]["factor"],
+    )
+    assert ours.window_rope_theta == theirs["sliding_attention"]["rope_theta"] == 2000.0
