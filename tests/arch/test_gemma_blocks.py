@@ -76,3 +76,27 @@ def test_unit_offset_norms_start_at_zero_so_a_fresh_model_scales_by_one():
 def test_bad_gemma_fields_are_clear_errors(changes, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, **changes)
+
+
+def test_activation_estimate_counts_sandwich_norms_within_20_percent_of_measured():
+    """Gemma 3's recipe (no soft-cap: on CPU a capped model runs eager attention, which saves the score
+    matrix the estimate assumes fused kernels never store)."""
+    from kvforge.arch.memory import estimate_training_memory
+    from tests.arch.test_memory import _saved_activation_bytes
+
+    config = ModelConfig(
+        vocab_size=64,
+        d_model=128,
+        n_layers=4,
+        n_heads=8,
+        max_seq_len=512,
+        ffn_dim=352,
+        mlp_activation="gelu_pytorch_tanh",
+        norm_unit_offset=True,
+        sandwich_norms=True,
+        embed_scale=True,
+        qk_norm=True,
+    )
+    measured = _saved_activation_bytes(CausalLM(config), torch.randint(0, 64, (2, 257)))
+    estimate = estimate_training_memory(config, batch=2, seq_len=256).activations
+    assert 0.8 * measured <= estimate <= 1.2 * measured
