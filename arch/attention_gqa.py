@@ -25,15 +25,20 @@ class GQAAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, spec.n_kv_heads, config.head_dim
         self.window, self.chunk, self.rope = spec.window, spec.chunk, spec.rope
         self.owns_kv = spec.kv_from is None
-        self.scale = self.head_dim**-0.5
+        # Gemma scales scores by query_pre_attn_scalar^-1/2, which need not be head_dim's.
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcap
         self.backend = config.attention_backend
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=bias)
         if self.owns_kv:
             self.add_kv_projections(config.d_model, bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.o_proj_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm and self.owns_kv else None
+        offset = config.norm_unit_offset
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps, offset) if config.qk_norm else None
+        self.k_norm = (
+            RMSNorm(self.head_dim, config.norm_eps, offset) if config.qk_norm and self.owns_kv else None
+        )
         self.sinks = new_sinks(self.n_heads) if spec.sinks else None
 
     def add_kv_projections(self, d_model: int, bias: bool) -> None:
@@ -99,5 +104,6 @@ class GQAAttention(nn.Module):
             backend=self.backend,
             document_ids=document_ids,
             sinks=self.sinks,
+            softcap=self.softcap,
         )
         return self.o_proj(out.reshape(batch, seq, -1)), kv

@@ -17,6 +17,8 @@ ATTENTION_FORMS = ("gqa", "mla", "gta", "gla")
 LATENT_FORMS = ("mla", "gla")  # forms that cache a latent (the MLA sizes of ModelConfig)
 ROPE_TYPES = ("linear", "llama3", "yarn")
 MLA_ABSORB = ("auto", "always", "never")
+# MLP activations: SwiGLU's silu (Llama) and GeGLU's tanh-approximated / exact gelu (Gemma 2/3).
+MLP_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclass
@@ -100,6 +102,22 @@ class ModelConfig:
     o_proj_bias: bool = False
     qk_norm: bool = False
     init_std: float = 0.02
+    # Gemma 2/3 traits; the defaults are the Llama recipe. `mlp_activation` gates the MLP (silu = SwiGLU,
+    # gelu_pytorch_tanh = GeGLU). `norm_unit_offset`: every RMSNorm scales by (1 + weight), the stored
+    # weight being the offset (kept as stored, so it round-trips bit-exactly). `sandwich_norms`: the
+    # attention and MLP outputs are normalised too before their residual add. `embed_scale`: embeddings
+    # times sqrt(d_model) (in the hidden dtype). `query_pre_attn_scalar`: scores scale by its -1/2
+    # power instead of head_dim's. Soft-capping: cap * tanh(x / cap) on attention scores / final logits.
+    # `window_rope_theta`: sliding layers rotate with this base and no scaling (Gemma 3's
+    # rope_local_base_freq); global layers keep rope_theta and rope_scaling.
+    mlp_activation: str = "silu"
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    embed_scale: bool = False
+    query_pre_attn_scalar: int | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    window_rope_theta: float | None = None
     # MLA sizes (DeepSeek names); required when any layer is "mla".
     kv_lora_rank: int | None = None
     q_lora_rank: int | None = None
@@ -167,6 +185,7 @@ class ModelConfig:
             self._validate_gla()
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling)
+        self._validate_gemma_traits()
         if self.mla_absorb not in MLA_ABSORB:
             raise ValueError(
                 f"ModelConfig.mla_absorb={self.mla_absorb!r}: allowed values are {list(MLA_ABSORB)}"
@@ -331,6 +350,37 @@ class ModelConfig:
                     f"ModelConfig.mla_rope_heads={self.mla_rope_heads}: gla layers (layer {index}) share one "
                     "rotary key across latent heads (allowed: 1)"
                 )
+
+    def _validate_gemma_traits(self) -> None:
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.mlp_activation={self.mlp_activation!r}: allowed values are {list(MLP_ACTIVATIONS)}"
+            )
+        for name in (
+            "query_pre_attn_scalar",
+            "attn_logit_softcap",
+            "final_logit_softcap",
+            "window_rope_theta",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be positive or None (off)")
+        if self.window_rope_theta is not None:
+            for index, spec in enumerate(self.layers):
+                if spec.window is not None and (spec.attention != "gqa" or not spec.rope):
+                    raise ValueError(
+                        f"ModelConfig.window_rope_theta={self.window_rope_theta}: layer {index} slides but is "
+                        f"{spec.attention!r}{'' if spec.rope else ' without RoPE'}; a separate RoPE base for "
+                        "sliding layers applies to gqa layers with RoPE only (allowed: window_rope_theta=None)"
+                    )
+        for name in ("attn_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            for index, spec in enumerate(self.layers):
+                if value is not None and spec.attention not in ("gqa", "gta"):
+                    raise ValueError(
+                        f"ModelConfig.{name}={value}: layer {index} is {spec.attention!r}, whose attention "
+                        f"does not implement it (gqa and gta layers do; allowed for this model: {name}=None)"
+                    )
 
     # ----------------------------------------------------------------------------------------------
     @property

@@ -39,7 +39,8 @@ def count_parameters(config: ModelConfig, layer_index: int | None = None) -> int
     specs = config.layers if layer_index is None else [config.layers[layer_index]]
     total = root_parameters(config) if layer_index is None else 0
     for spec in specs:
-        total += 2 * d + 3 * d * config.ffn_dim  # two norms + SwiGLU
+        norms = 4 if config.sandwich_norms else 2  # Gemma's sandwich adds a norm after attention and MLP
+        total += norms * d + 3 * d * config.ffn_dim  # norms + gated MLP
         params = {"gqa": _gqa_params, "mla": _mla_params, "gta": _gta_params, "gla": _mla_params}
         total += params[spec.attention](config, spec)
         total += config.n_heads if spec.sinks else 0
@@ -88,7 +89,8 @@ def _mla_params(config: ModelConfig, spec: LayerSpec) -> int:
 def activation_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
     """Values autograd keeps per token for one layer's backward (fused attention, no scores)."""
     d, heads = config.d_model, config.n_heads
-    common = 6 * d + 4 * config.ffn_dim
+    norms = 4 if config.sandwich_norms else 2  # Gemma's sandwich norms save 3·d each, like the others
+    common = 3 * norms * d + 4 * config.ffn_dim
     if spec.attention in ("gqa", "gta"):  # gta: keys and values are materialised as in gqa
         q_dim, kv_dim = heads * config.head_dim, spec.n_kv_heads * config.head_dim
         own_kv = 2 * kv_dim if spec.kv_from is None else 0

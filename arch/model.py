@@ -20,7 +20,7 @@ from .attention_gta import GTAAttention
 from .attention_mla import MLAAttention
 from .cache import KVCache, KVView, LayerCache, allocate_layer_cache
 from .config import LayerSpec, ModelConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, softcap
 from .rope import RotaryEmbedding
 
 ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention, "gta": GTAAttention, "gla": GLAAttention}
@@ -31,10 +31,16 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.index = index
         self.spec: LayerSpec = config.layers[index]
-        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        # Llama names: post_attention_layernorm is the norm *before* the MLP. Gemma's sandwich adds a norm
+        # on each sub-block's output (Gemma calls the attention one post_attention_layernorm and the
+        # pre-MLP one pre_feedforward_layernorm; its family table renames them).
+        d, eps, offset = config.d_model, config.norm_eps, config.norm_unit_offset
+        self.input_layernorm = RMSNorm(d, eps, offset)
         self.self_attn = ATTENTION_CLASSES[self.spec.attention](config, self.spec)
-        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.ffn_dim)
+        self.post_attention_layernorm = RMSNorm(d, eps, offset)
+        self.mlp = SwiGLU(d, config.ffn_dim, config.mlp_activation)
+        self.attention_output_layernorm = RMSNorm(d, eps, offset) if config.sandwich_norms else None
+        self.post_feedforward_layernorm = RMSNorm(d, eps, offset) if config.sandwich_norms else None
 
     def forward(
         self,
@@ -46,8 +52,29 @@ class DecoderLayer(nn.Module):
         document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVView]:
         attn_out, kv = self.self_attn(self.input_layernorm(x_btd), rope, cache, start, shared, document_ids)
+        if self.attention_output_layernorm is not None:
+            attn_out = self.attention_output_layernorm(attn_out)
         h = x_btd + attn_out
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        if self.post_feedforward_layernorm is not None:
+            mlp_out = self.post_feedforward_layernorm(mlp_out)
+        return h + mlp_out, kv
+
+
+def embedding_multiplier(d_model: int, dtype: torch.dtype) -> float:
+    """Gemma's embedding scale: sqrt(d_model) as float32 rounded to the weights' dtype (transformers keeps
+    it as a float32 buffer cast to the weight dtype; in bf16 sqrt(3072) = 55.4256 becomes 55.5)."""
+    return float(torch.tensor(d_model**0.5, dtype=torch.float32).to(dtype))
+
+
+WINDOW_ROPE = "gqa_window"
+
+
+def rotary_key(config: ModelConfig, spec: LayerSpec) -> str:
+    """Which rotary table of :func:`rotary_embeddings` a layer reads."""
+    if config.window_rope_theta is not None and spec.window is not None:
+        return WINDOW_ROPE
+    return spec.attention
 
 
 def rotary_embeddings(config: ModelConfig) -> dict[str, RotaryEmbedding]:
@@ -55,6 +82,8 @@ def rotary_embeddings(config: ModelConfig) -> dict[str, RotaryEmbedding]:
     rotary = {}
     if "gqa" in config.forms:
         rotary["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+    if config.window_rope_theta is not None:  # Gemma 3: sliding layers rotate with their own base, unscaled
+        rotary[WINDOW_ROPE] = RotaryEmbedding(config.head_dim, config.window_rope_theta, None)
     for form in ("mla", "gla"):  # MLA's decoupled rotary key: one table for both latent forms
         if form in config.forms:
             theta = config.mla_rope_theta or config.rope_theta
@@ -75,7 +104,7 @@ class Decoder(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_unit_offset)
         self.rotary = nn.ModuleDict(rotary_embeddings(config))
         # Layers whose K/V another layer reads: their view is kept until the forward pass ends.
         self.kv_sources = {spec.kv_from for spec in config.layers if spec.kv_from is not None}
@@ -105,13 +134,15 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(seq, device=input_ids.device) + start
         h = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            h = h * embedding_multiplier(self.config.d_model, h.dtype)
         ropes = {form: rotary(positions, h.dtype) for form, rotary in self.rotary.items()}
         views: dict[int, KVView] = {}
         for layer in self.layers:
             spec = layer.spec
             shared = views[spec.kv_from] if spec.kv_from is not None else None
             entry = cache[layer.index] if cache is not None else None
-            args = (h, ropes[spec.attention], entry, start, shared, document_ids)
+            args = (h, ropes[rotary_key(self.config, spec)], entry, start, shared, document_ids)
             if self.gradient_checkpointing and self.training:
                 h, view = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -177,7 +208,11 @@ class CausalLM(nn.Module):
         hidden = self.model(input_ids, cache=cache, positions=positions, document_ids=document_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden)
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states, soft-capped when the model caps its logits (Gemma 2)."""
+        return softcap(self.lm_head(hidden), self.config.final_logit_softcap)
 
     def loss(
         self,
@@ -194,7 +229,12 @@ class CausalLM(nn.Module):
         document's first token) is the caller's to keep or set to ``ignore_index``."""
         hidden = self.model(input_ids, positions=positions, document_ids=document_ids)
         return linear_cross_entropy(
-            hidden, self.lm_head.weight, targets, ignore_index=ignore_index, chunk_size=chunk_size
+            hidden,
+            self.lm_head.weight,
+            targets,
+            ignore_index=ignore_index,
+            chunk_size=chunk_size,
+            softcap=self.config.final_logit_softcap,
         )
 
     def hidden_states(
@@ -218,10 +258,12 @@ class CausalLM(nn.Module):
         reverse: bool = False,
         chunk_size: int = 1024,
         document_ids: torch.Tensor | None = None,
+        teacher_softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, ce, kl)`` of distillation from a teacher's final hidden states and LM head weight, both
         heads applied one chunk of tokens at a time (:mod:`kvforge.kernels.distillation`): the full
-        logits of neither model are materialised."""
+        logits of neither model are materialised. Each head is soft-capped as its model caps it: this
+        model's ``final_logit_softcap``, the teacher's ``teacher_softcap`` (its config's)."""
         hidden = self.model(input_ids, document_ids=document_ids)
         return linear_distillation_loss(
             hidden,
@@ -233,6 +275,8 @@ class CausalLM(nn.Module):
             temperature=temperature,
             reverse=reverse,
             chunk_size=chunk_size,
+            softcap=self.config.final_logit_softcap,
+            teacher_softcap=teacher_softcap,
         )
 
     def new_cache(

@@ -190,7 +190,9 @@ class CheckpointWeights(Mapping):
         from .pretrained import check_tensors
 
         self.root, self.config, self.family, self.hf = Path(root), config, family, hf
-        self.entries = dict(entries) if entries is not None else checkpoint_entries(root)
+        stored = dict(entries) if entries is not None else checkpoint_entries(root)
+        # Keyed by kvforge names; a family that renames (Gemma's norms) reads the stored name back.
+        self.entries = {family.kvforge_name(name): entry for name, entry in stored.items()}
         if config.tie_embeddings and EMBEDDINGS in self.entries:
             self.entries[LM_HEAD] = self.entries[EMBEDDINGS]
         check_tensors(config, self.meta(), str(root))
@@ -203,7 +205,8 @@ class CheckpointWeights(Mapping):
         }
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensors = {name: read_entry(self.entries[name], name)}
+        stored = self.family.hf_name(name)
+        tensors = {stored: read_entry(self.entries[name], stored)}
         self.family.to_kvforge(tensors, self.config, self.hf)
         return tensors[name]
 

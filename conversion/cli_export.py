@@ -20,7 +20,18 @@ import logging
 from pathlib import Path
 
 # Kept literal so that `kvforge --help` does not import torch; a test checks it against FAMILIES.
-FAMILY_CHOICES = ("auto", "deepseek_v2", "deepseek_v3", "kvforge", "llama", "mistral", "qwen2", "qwen3")
+FAMILY_CHOICES = (
+    "auto",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gemma2",
+    "gemma3_text",
+    "kvforge",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

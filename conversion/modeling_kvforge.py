@@ -22,7 +22,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvforge.arch import CausalLM, KVCache, ModelConfig
-from kvforge.arch.layers import RMSNorm
+from kvforge.arch.layers import RMSNorm, softcap
 from kvforge.arch.rope import RotaryEmbedding
 
 
@@ -91,7 +91,10 @@ class KVForgeForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(input_ids.shape[0], self.model.config.max_seq_len)
         hidden = self.model(input_ids, cache=past_key_values if use_cache else None)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = softcap(
+            self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden),
+            self.model.config.final_logit_softcap,
+        )
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)

@@ -16,16 +16,23 @@ import math
 
 import torch
 
-from .auto import LAST_RESORT, attention_case, note_runtime_failure, resolve_auto
-from .backends import BACKENDS, AttentionFn, Backend, available_backends, register_backend
+from .auto import attention_case, last_resort, note_runtime_failure, resolve_auto
+from .backends import BACKENDS, AttentionFn, Backend, available_backends, register_backend, softcap_backends
 from .documents import check_document_ids, document_mask
 from .errors import BackendUnavailable
 from .masks import chunk_mask, combine, length_mask
 from .sinks import check_sinks, fold_in_sinks
 
 
-def _features(mask, document_ids, kv_lens, sinks=None, chunk=None) -> frozenset[str]:
-    given = {"mask": mask, "documents": document_ids, "kv_lens": kv_lens, "sinks": sinks, "chunk": chunk}
+def _features(mask, document_ids, kv_lens, sinks=None, chunk=None, softcap=None) -> frozenset[str]:
+    given = {
+        "mask": mask,
+        "documents": document_ids,
+        "kv_lens": kv_lens,
+        "sinks": sinks,
+        "chunk": chunk,
+        "softcap": softcap,
+    }
     return frozenset(name for name, value in given.items() if value is not None)
 
 
@@ -42,6 +49,7 @@ def resolve_backend(
     kv_lens: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> str:
     """The backend name a call would run on (``auto`` resolved)."""
     if backend != "auto":
@@ -55,7 +63,7 @@ def resolve_backend(
         k,
         v,
         _case(q, k, causal, window, mask, document_ids, chunk),
-        _features(mask, document_ids, kv_lens, sinks, chunk),
+        _features(mask, document_ids, kv_lens, sinks, chunk, softcap),
     )
 
 
@@ -70,7 +78,9 @@ def _case(q, k, causal, window, mask, document_ids, chunk=None) -> str:
     )
 
 
-def _validate(q, k, v, causal, window, document_ids, kv_lens, sinks=None, chunk=None) -> None:
+def _validate(q, k, v, causal, window, document_ids, kv_lens, sinks=None, chunk=None, softcap=None) -> None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap!r} must be a positive number (cap · tanh(score / cap)) or None")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be (batch, seq, heads, dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -119,11 +129,19 @@ def _run(
     kv_lens: torch.Tensor | None,
     sinks: torch.Tensor | None = None,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Lower what ``backend`` does not handle natively to a boolean mask (sinks: one extra key),
     then call it."""
-    native: dict[str, torch.Tensor] = {}
+    native: dict[str, torch.Tensor | float] = {}
     v_dim = v.shape[-1]
+    if softcap is not None:  # a nonlinearity of the scores: no mask or extra key can stand in for it
+        if "softcap" not in backend.native:
+            raise BackendUnavailable(
+                f"backend={backend.name!r} cannot apply attention-logit soft-capping (softcap={softcap}); "
+                f"use one of {softcap_backends()} or 'auto'"
+            )
+        native["softcap"] = softcap
     if chunk is not None:
         mask = combine(chunk_mask(q.shape[1], k.shape[1], chunk, device=q.device), mask)
     if document_ids is not None:
@@ -174,6 +192,7 @@ def attention(
     kv_lens: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention; returns ``(batch, q_len, n_heads, v_head_dim)``.
 
@@ -184,11 +203,13 @@ def attention(
     are filled (a static cache buffer); queries then align to the last *filled* key.
     ``sinks`` ``(n_heads,)``: a learned logit per query head that absorbs probability mass (gpt-oss,
     see :mod:`.sinks`). ``chunk`` C: chunked local attention - key 0 starts a chunk and a query sees
-    only the keys of its own chunk of C positions (Llama 4's ``attention_chunk_size``).
+    only the keys of its own chunk of C positions (Llama 4's ``attention_chunk_size``). ``softcap`` c:
+    scaled scores become ``c · tanh(score / c)`` before masking and softmax (Gemma 2); only backends
+    that apply it natively run such a call (``auto`` routes to them, a named other backend refuses).
     An explicitly named backend that cannot run the call raises :class:`BackendUnavailable`; ``auto``
     never does (it falls back, saying so once).
     """
-    _validate(q, k, v, causal, window, document_ids, kv_lens, sinks, chunk)
+    _validate(q, k, v, causal, window, document_ids, kv_lens, sinks, chunk, softcap)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     kwargs = dict(
@@ -200,17 +221,18 @@ def attention(
         kv_lens=kv_lens,
         sinks=sinks,
         chunk=chunk,
+        softcap=softcap,
     )
     if backend != "auto":
         return _run(BACKENDS[resolve_backend(backend, q)], q, k, v, **kwargs)
     case = _case(q, k, causal, window, mask, document_ids, chunk)
-    features = _features(mask, document_ids, kv_lens, sinks, chunk)
+    features = _features(mask, document_ids, kv_lens, sinks, chunk, softcap)
     while True:
         name = resolve_auto(q, k, v, case, features)
         try:
             return _run(BACKENDS[name], q, k, v, **kwargs)
         except BackendUnavailable as err:
-            if name == LAST_RESORT:
+            if name == last_resort(features):
                 raise
             note_runtime_failure(name, q, k, v, case, err)
 

@@ -18,7 +18,15 @@ from .log import log_once
 
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 CASES = ("causal", "window", "documents", "mask", "prefix", "decode", "full")
-LAST_RESORT = "sdpa"  # runs every call (torch falls back to its math kernel)
+LAST_RESORT = "sdpa"  # runs every call (torch falls back to its math kernel)...
+SOFTCAP_LAST_RESORT = "eager"  # ...except soft-capped ones (no SDPA kernel caps scores): the reference does
+SOFTCAP_FALLBACK = {"cuda": ("flex", SOFTCAP_LAST_RESORT)}  # per device type; others: eager only
+
+
+def last_resort(features: frozenset[str]) -> str:
+    """The backend that runs every call with these features."""
+    return SOFTCAP_LAST_RESORT if "softcap" in features else LAST_RESORT
+
 
 # (backend, signature) -> error of a backend that failed at run time: auto skips it from then on.
 _runtime_failures: dict[tuple, str] = {}
@@ -138,13 +146,20 @@ def resolve_auto(
     order, row = table_order(q.device, q.dtype, case, k.shape[1])
     sig = signature(q, k, v, case) if _runtime_failures else None
     skipped = []
-    for name in (*order, LAST_RESORT):
+    closing = (LAST_RESORT,)
+    if "softcap" in features:
+        closing = SOFTCAP_FALLBACK.get(q.device.type, (SOFTCAP_LAST_RESORT,))
+    for name in (*order, *closing):
         backend = BACKENDS.get(name)
         if backend is None:
             reason = "not a registered backend"
+        elif "softcap" in features and "softcap" not in backend.native:
+            reason = "it cannot apply attention-logit soft-capping"
         elif sig is not None and (name, sig) in _runtime_failures:
             reason = f"it failed on a call like this one: {_runtime_failures[name, sig]}"
-        elif not backend.takes_mask and ("mask" in features or features - {"mask"} - backend.native):
+        elif not backend.takes_mask and (
+            "mask" in features or features - {"mask", "softcap"} - backend.native
+        ):
             reason = f"it cannot apply this call's {'/'.join(sorted(features))} without a dense mask"
         else:
             reason = backend.unavailable(q, k, v)
@@ -158,7 +173,7 @@ def resolve_auto(
                 )
             return name
         skipped.append((name, reason))
-    return LAST_RESORT  # unreachable: sdpa always runs
+    return closing[-1]  # unreachable: sdpa (eager for soft-capped calls) always runs
 
 
 def note_runtime_failure(name: str, q, k, v, case: str, err: Exception) -> None:

@@ -37,7 +37,7 @@ def _always_installed() -> bool:
 class Backend:
     name: str
     fn: AttentionFn
-    native: frozenset[str] = frozenset()  # subset of {"documents", "kv_lens", "sinks"}
+    native: frozenset[str] = frozenset()  # subset of {"documents", "kv_lens", "sinks", "softcap"}
     takes_mask: bool = True
     unavailable: Unavailable = _runs_anywhere  # why it cannot run these inputs, or None
     installed: Callable[[], bool] = _always_installed  # can it run on this machine at all
@@ -79,13 +79,13 @@ def _sdpa_backend(kernel: str) -> Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "eager": Backend("eager", eager_attention, native=frozenset({"sinks"})),
+    "eager": Backend("eager", eager_attention, native=frozenset({"sinks", "softcap"})),
     "sdpa": Backend("sdpa", sdpa_attention),
     **{f"sdpa-{kernel}": _sdpa_backend(kernel) for kernel in SDPA_KERNELS},
     "flex": Backend(
         "flex",
         flex_attention_fn,
-        native=frozenset({"documents", "kv_lens", "sinks"}),
+        native=frozenset({"documents", "kv_lens", "sinks", "softcap"}),
         unavailable=flex_unavailable,
     ),
     "flash": Backend(
@@ -117,6 +117,11 @@ def register_backend(
 ) -> None:
     """Add a backend ``fn(q, k, v, *, causal, window, scale, mask, **native)``."""
     BACKENDS[name] = Backend(name, fn, frozenset(native), takes_mask, unavailable or _runs_anywhere)
+
+
+def softcap_backends() -> list[str]:
+    """Backends that apply attention-logit soft-capping (the others refuse a soft-capped call)."""
+    return [name for name, backend in BACKENDS.items() if "softcap" in backend.native]
 
 
 def available_backends() -> list[str]:

@@ -15,9 +15,19 @@ import torch
 IGNORE_INDEX = -100
 
 
+def capped_logits(raw: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(cap · tanh(raw / cap), d logits / d raw = 1 − tanh²)`` of one chunk; uncapped: ``(raw, None)``.
+    The fused losses multiply their logit gradient by the derivative, so a soft-capped head (Gemma 2's
+    ``final_logit_softcapping``) trains through the same chunks."""
+    if softcap is None:
+        return raw, None
+    tanh = torch.tanh(raw / softcap)
+    return tanh * softcap, 1.0 - tanh.square()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int, softcap: float | None):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid_all = targets != ignore_index
         acc_dtype = _at_least_fp32(hidden).dtype
@@ -29,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             valid = valid_all[start : start + chunk_size]
-            logits = _at_least_fp32(h @ weight.t())
+            logits, slope = capped_logits(_at_least_fp32(h @ weight.t()), softcap)
             lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(t.shape[0], device=t.device)
             safe_t = t.clamp(min=0)
@@ -39,6 +49,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
                 grad_logits[rows, safe_t] -= 1.0
                 grad_logits.mul_((valid.to(acc_dtype) / n_valid).unsqueeze(1))
+                if slope is not None:
+                    grad_logits.mul_(slope)
                 grad_hidden[start : start + chunk_size] = grad_logits.to(hidden.dtype) @ weight
                 grad_weight.addmm_(grad_logits.t(), _at_least_fp32(h))
         if want_grad:
@@ -48,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +74,14 @@ def linear_cross_entropy(
     *,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 1024,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (``ignore_index`` rows skipped).
 
     ``hidden`` (..., d), ``weight`` (vocab, d), ``targets`` (...). Differentiable in ``hidden`` and ``weight``.
+    ``softcap`` c: the logits are ``c · tanh(hidden @ weight.T / c)`` (a soft-capped LM head).
     """
+    check_softcap(softcap)
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} must agree on leading dims"
@@ -74,4 +89,10 @@ def linear_cross_entropy(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    return _LinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_size)
+    cap = None if softcap is None else float(softcap)
+    return _LinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_size, cap)
+
+
+def check_softcap(softcap: float | None, name: str = "softcap") -> None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}={softcap!r} must be a positive number (the logit cap) or None")

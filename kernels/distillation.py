@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .cross_entropy import IGNORE_INDEX, _at_least_fp32
+from .cross_entropy import IGNORE_INDEX, _at_least_fp32, capped_logits, check_softcap
 
 # float32 (chunk × vocab) blocks alive at once at the peak of one chunk: student logits (reused for the
 # CE softmax), teacher log-probabilities (in place), student log-probabilities, one distribution and one
@@ -59,7 +59,18 @@ def _chunk(s, t, y, valid, temperature: float, reverse: bool, want_grad: bool):
 class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, teacher_hidden, teacher_weight, targets, alpha, temperature, reverse, chunk_size
+        ctx,
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        targets,
+        alpha,
+        temperature,
+        reverse,
+        chunk_size,
+        softcap,
+        teacher_softcap,
     ):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid_all = targets != IGNORE_INDEX
@@ -72,8 +83,9 @@ class _LinearDistillation(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h, valid = hidden[rows], valid_all[rows].to(acc_dtype)
-            s = _at_least_fp32(h @ weight.t()).to(acc_dtype)
-            t = _at_least_fp32(teacher_hidden[rows] @ teacher_weight.t()).to(acc_dtype)
+            s, slope = capped_logits(_at_least_fp32(h @ weight.t()).to(acc_dtype), softcap)
+            t_raw = _at_least_fp32(teacher_hidden[rows] @ teacher_weight.t()).to(acc_dtype)
+            t, _ = capped_logits(t_raw, teacher_softcap)
             ce_sum, kl_sum, ce_grad, kl_grad = _chunk(
                 s, t, targets[rows], valid, temperature, reverse, want_grad
             )
@@ -82,6 +94,8 @@ class _LinearDistillation(torch.autograd.Function):
                 grad_logits = ce_grad.mul_(alpha).add_(kl_grad, alpha=kl_scale)
                 del kl_grad
                 grad_logits.mul_((valid / n_valid).unsqueeze(1))
+                if slope is not None:
+                    grad_logits.mul_(slope)
                 grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight
                 grad_weight.addmm_(grad_logits.t(), _at_least_fp32(h).to(acc_dtype))
         ce, kl = sums / n_valid
@@ -93,7 +107,7 @@ class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None, None
+        return (grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 10))
 
 
 def linear_distillation_loss(
@@ -107,6 +121,8 @@ def linear_distillation_loss(
     temperature: float = 1.0,
     reverse: bool = False,
     chunk_size: int = 1024,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, kl)`` of the student ``hidden @ weight.T`` distilled from ``teacher_hidden @
     teacher_weight.T`` against ``targets`` (``IGNORE_INDEX`` rows skipped); ``kl`` is the unscaled KL at
@@ -114,8 +130,11 @@ def linear_distillation_loss(
 
     ``hidden`` (..., d), ``weight`` (vocab, d), ``teacher_hidden`` (..., d_teacher), ``teacher_weight``
     (vocab, d_teacher), ``targets`` (...). ``loss`` is differentiable in ``hidden`` and ``weight``; the
-    teacher gets no gradient, ``ce`` and ``kl`` are for logging.
+    teacher gets no gradient, ``ce`` and ``kl`` are for logging. ``softcap`` / ``teacher_softcap``: each
+    head's final-logit soft-cap (``c · tanh(logits / c)``, Gemma 2), applied per chunk; None = uncapped.
     """
+    check_softcap(softcap)
+    check_softcap(teacher_softcap, "teacher_softcap")
     if hidden.shape[:-1] != targets.shape or teacher_hidden.shape[:-1] != targets.shape:
         raise ValueError(
             f"hidden {tuple(hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)} and targets "
@@ -138,4 +157,6 @@ def linear_distillation_loss(
         float(temperature),
         bool(reverse),
         chunk_size,
+        None if softcap is None else float(softcap),
+        None if teacher_softcap is None else float(teacher_softcap),
     )

@@ -19,6 +19,7 @@ def eager_attention(
     scale: float,
     mask: torch.Tensor | None,
     sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     batch, q_len, n_heads, _ = q.shape
     k_len, n_kv_heads = k.shape[1], k.shape[2]
@@ -28,6 +29,8 @@ def eager_attention(
     k_bksd = k.float().transpose(1, 2)
     v_bksd = v.float().transpose(1, 2)
     scores = torch.einsum("bkgqd,bksd->bkgqs", q_bkgqd, k_bksd) * scale
+    if softcap is not None:  # Gemma 2: cap the scaled scores before the mask, as transformers does
+        scores = torch.tanh(scores / softcap) * softcap
 
     keep = causal_window_mask(q_len, k_len, causal=causal, window=window, device=q.device)
     if mask is not None:

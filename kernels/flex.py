@@ -129,6 +129,16 @@ def _masking_score_mod(
     return score_mod
 
 
+def _softcap_score_mod(cap: float, then):
+    """``cap · tanh(score / cap)`` on the (already scaled) score, then ``then`` (masking) if given."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        capped = torch.tanh(score / cap) * cap
+        return capped if then is None else then(capped, b, h, q_idx, kv_idx)
+
+    return score_mod
+
+
 def flex_attention_fn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,6 +151,7 @@ def flex_attention_fn(
     document_ids: torch.Tensor | None = None,
     kv_lens: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     batch, q_len, n_heads, _ = q.shape
     k_len = k.shape[1]
@@ -155,6 +166,8 @@ def flex_attention_fn(
     if kv_lens is not None or mask is not None:
         full_mask = None if mask is None else mask.expand(batch, n_heads, q_len, k_len)
         score_mod = _masking_score_mod(batch, q_len, causal, window, kv_lens, full_mask)
+    if softcap is not None:
+        score_mod = _softcap_score_mod(softcap, score_mod)
     try:
         out = _flex_fn(q.device)(
             q.transpose(1, 2),

@@ -239,6 +239,7 @@ class KVForgeLM(pl.LightningModule):
                 temperature=self.distill.temperature,
                 reverse=self.distill.kl == "reverse",
                 chunk_size=self.distill.chunk_size,
+                teacher_softcap=teacher.config.final_logit_softcap,
                 **documents,
             )
         self.log("train/loss", loss, prog_bar=True)

@@ -9,6 +9,8 @@ class an export goes to.
 | qwen3         | yes    | yes    | q/k norm; per-layer windows (layer_types)                    |
 | deepseek_v2   | yes    | yes    | MLA, dense MLP                                               |
 | deepseek_v3   | yes    | yes    | MLA, dense MLP (the default target for MLA)                  |
+| gemma2        | yes    | yes    | Gemma recipe, soft-capping, alternating windows (layer_types)|
+| gemma3_text   | yes    | yes    | Gemma recipe, q/k norm, per-layer-type RoPE and windows      |
 | kvforge       | yes    | yes    | anything else (needs trust_remote_code and kvforge installed)|
 """
 
@@ -20,6 +22,7 @@ from kvforge.arch import ModelConfig
 
 from .base import StockFamily
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from .gemma import GEMMA2, GEMMA3_TEXT
 from .kvforge import KVForgeFamily
 from .llama import LLAMA, MISTRAL
 from .qwen import QWEN2, QWEN3
@@ -28,10 +31,11 @@ from .schema import ConfigReader
 Family = StockFamily | KVForgeFamily
 KVFORGE = KVForgeFamily()
 FAMILIES: dict[str, Family] = {
-    family.model_type: family for family in (LLAMA, MISTRAL, QWEN2, QWEN3, DEEPSEEK_V2, DEEPSEEK_V3, KVFORGE)
+    family.model_type: family
+    for family in (LLAMA, MISTRAL, QWEN2, QWEN3, DEEPSEEK_V2, DEEPSEEK_V3, GEMMA2, GEMMA3_TEXT, KVFORGE)
 }
 # Automatic export picks the first stock family that can hold the model (simplest class first).
-EXPORT_PREFERENCE = (LLAMA, MISTRAL, QWEN3, QWEN2, DEEPSEEK_V3)
+EXPORT_PREFERENCE = (LLAMA, MISTRAL, QWEN3, QWEN2, DEEPSEEK_V3, GEMMA3_TEXT, GEMMA2)
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_moe", "olmoe", "dbrx", "jamba", "llama4")
 
 
@@ -48,6 +52,11 @@ def family_of(reader: ConfigReader) -> Family:
         raise reader.error(
             f"model_type={model_type!r} needs the checkpoint's own modeling code (auto_map); kvforge never "
             f"runs code from a checkpoint. Supported model types: {supported}"
+        )
+    if model_type == "gemma3":
+        raise reader.error(
+            "model_type='gemma3' is Gemma 3's multimodal wrapper; kvforge imports the text model "
+            "(model_type 'gemma3_text', Gemma3ForCausalLM: the text_config with its language-model weights)"
         )
     if model_type in MOE_MODEL_TYPES:
         raise reader.error(

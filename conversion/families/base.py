@@ -54,6 +54,24 @@ class RowPermutation:
         self._apply(tensors, config, inverse=True)
 
 
+def rename_layer_leaves(tensors: StateDict, renames: dict[str, str]) -> None:
+    """Rename ``model.layers.N.<leaf>.…`` by ``renames[leaf]`` in place, all names at once (so a rename
+    may reuse a name another one frees, as Gemma's norms do)."""
+    if not renames or not any(_renamed(name, renames) != name for name in tensors):
+        return
+    renamed = {_renamed(name, renames): tensor for name, tensor in tensors.items()}
+    tensors.clear()
+    tensors.update(renamed)
+
+
+def _renamed(name: str, renames: dict[str, str]) -> str:
+    parts = name.split(".")
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[3] in renames:
+        parts[3] = renames[parts[3]]
+        return ".".join(parts)
+    return name
+
+
 @dataclass(frozen=True)
 class StockFamily:
     """A stock transformers class: AutoModelForCausalLM, vLLM and SGLang load it without remote code."""
@@ -63,7 +81,16 @@ class StockFamily:
     table: Sequence[Codec]
     layouts: Callable[[dict[str, Any]], Sequence[TensorLayout]] = lambda hf: ()
     notes: Callable[[ModelConfig], list[str]] = lambda config: []
+    # Per-layer module names that differ: {HF name: kvforge name}, e.g. Gemma's post_attention_layernorm
+    # (after attention) is kvforge's attention_output_layernorm. A bijection: export inverts it.
+    renames: dict[str, str] = field(default_factory=dict)
     stock: bool = field(default=True, init=False)
+
+    def kvforge_name(self, hf_name: str) -> str:
+        return _renamed(hf_name, self.renames)
+
+    def hf_name(self, kvforge_name: str) -> str:
+        return _renamed(kvforge_name, {kv: hf for hf, kv in self.renames.items()})
 
     @property
     def fields(self) -> set[str]:
@@ -102,9 +129,11 @@ class StockFamily:
         return {}
 
     def to_kvforge(self, tensors: StateDict, config: ModelConfig, hf: dict[str, Any]) -> None:
+        rename_layer_leaves(tensors, self.renames)
         for layout in self.layouts(hf):
             layout.to_kvforge(tensors, config)
 
     def to_hf(self, tensors: StateDict, config: ModelConfig, hf: dict[str, Any]) -> None:
         for layout in self.layouts(hf):
             layout.to_hf(tensors, config)
+        rename_layer_leaves(tensors, {kv: hf_name for hf_name, kv in self.renames.items()})

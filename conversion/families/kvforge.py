@@ -62,6 +62,12 @@ class KVForgeFamily:
             "kvforge": config.to_dict(),
         }
 
+    def kvforge_name(self, hf_name: str) -> str:
+        return hf_name  # kvforge-typed directories store kvforge's own names
+
+    def hf_name(self, kvforge_name: str) -> str:
+        return kvforge_name
+
     def notes(self, config: ModelConfig) -> list[str]:
         return [STOCK_WARNING]
 

@@ -28,7 +28,22 @@ def decoder_keys(*, max_positions: int, bos: int | None, eos: int | None) -> tup
         TokenKey("pad_token_id", "pad_token_id", default=None),
         Fixed("hidden_act", "silu"),
         Rope(),
+        *LLAMA_RECIPE,
     )
+
+
+# What Gemma 2/3 add (kvforge.conversion.families.gemma), absent from every Llama-shaped family.
+_NOT_GEMMA = "this family is a Llama-style decoder"
+LLAMA_RECIPE: tuple[Codec, ...] = (
+    Const("mlp_activation", "silu", f"{_NOT_GEMMA} (SwiGLU: hidden_act silu)"),
+    Const("norm_unit_offset", False, f"{_NOT_GEMMA} (its RMSNorm scales by the weight, not 1 + weight)"),
+    Const("sandwich_norms", False, f"{_NOT_GEMMA} (no norms on the attention/MLP outputs)"),
+    Const("embed_scale", False, f"{_NOT_GEMMA} (embeddings are not scaled by sqrt(hidden_size))"),
+    Const("query_pre_attn_scalar", None, f"{_NOT_GEMMA} (scores are scaled by head_dim^-1/2)"),
+    Const("attn_logit_softcap", None, f"{_NOT_GEMMA} (no attention soft-capping)"),
+    Const("final_logit_softcap", None, f"{_NOT_GEMMA} (no final-logit soft-capping)"),
+    Const("window_rope_theta", None, f"{_NOT_GEMMA} (one RoPE base for every layer)"),
+)
 
 
 LLAMA = StockFamily(

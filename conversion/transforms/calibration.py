@@ -18,7 +18,7 @@ from torch import nn
 
 from kvforge.arch import CausalLM, ModelConfig
 from kvforge.arch.cache import KVView
-from kvforge.arch.model import DecoderLayer, rotary_embeddings
+from kvforge.arch.model import DecoderLayer, embedding_multiplier, rotary_embeddings
 from kvforge.arch.rope import RotaryEmbedding
 
 from .common import layer_prefix
@@ -133,6 +133,9 @@ class LayerStream:
         self.config = config
         ids = ids.to(embeddings.device)
         self.hidden = [F.embedding(chunk, embeddings).float() for chunk in ids.split(chunk_size)]
+        if config.embed_scale:  # as the decoder scales them (Gemma)
+            scale = embedding_multiplier(config.d_model, embeddings.dtype)
+            self.hidden = [h * scale for h in self.hidden]
         self.next_layer = 0
         self.views: dict[int, list[KVView]] = {}
         self.seq_len = ids.shape[1]

@@ -16,7 +16,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import StateDict, is_count
+from .common import StateDict, check_rope_kept, is_count
 
 
 def chunked_config(
@@ -49,7 +49,9 @@ def chunked_config(
             )
         rope = spec.rope and not (is_global and nope)
         layers.append(dataclasses.replace(spec, chunk=None if is_global else chunk, window=None, rope=rope))
-    return dataclasses.replace(config, layers=layers, pattern=None)
+    target = dataclasses.replace(config, layers=layers, pattern=None)
+    check_rope_kept(config, target, "to_chunked")
+    return target
 
 
 def to_chunked(

@@ -93,3 +93,24 @@ def check_gqa_source(config: ModelConfig, what: str) -> None:
 def is_count(value: object) -> bool:
     """An int that is not a bool (YAML ``true`` and ``"2"`` must not pass as a head count)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_rope_kept(source: ModelConfig, target: ModelConfig, what: str) -> None:
+    """A transform that makes layers slide (or stop sliding) must not change their RoPE: where sliding
+    layers rotate with their own base (Gemma 3's ``window_rope_theta``), such a layer would."""
+    if source.window_rope_theta is None:
+        return
+    scaling = source.rope_scaling
+    local = f"window_rope_theta={source.window_rope_theta}, unscaled"
+    full = f"rope_theta={source.rope_theta}, " + (
+        f"{scaling.type} x{scaling.factor}" if scaling else "unscaled"
+    )
+    for index, (before, after) in enumerate(zip(source.layers, target.layers)):
+        if (before.window is None) != (after.window is None):
+            was, becomes = (full, local) if before.window is None else (local, full)
+            raise ValueError(
+                f"{what}: layer {index} would change from {'global' if before.window is None else 'sliding'} to "
+                f"{'sliding' if before.window is None else 'global'} attention, and with it its RoPE ({was} -> "
+                f"{becomes}): this model rotates sliding and global layers differently (Gemma 3). Change only "
+                "the window sizes of the layers that already slide"
+            )

@@ -28,6 +28,7 @@ import dataclasses
 import torch
 
 from kvforge.arch import ModelConfig
+from kvforge.arch.model import rotary_key
 
 from .calibration import LayerStream, build_model, check_calibration, rope_tables
 from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict
@@ -99,7 +100,7 @@ def input_grams(config: ModelConfig, state_dict: StateDict, calibration: torch.T
     for layer in model.model.layers:
         xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in stream.attention_inputs(layer)]).double()
         grams.append(xs.mT @ xs / xs.shape[0])
-        stream.advance(layer, ropes[layer.spec.attention])
+        stream.advance(layer, ropes[rotary_key(config, layer.spec)])
     return grams
 
 

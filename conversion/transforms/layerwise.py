@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kvforge.arch import ModelConfig
-from kvforge.arch.model import DecoderLayer
+from kvforge.arch.model import DecoderLayer, rotary_key
 
 from .calibration import LayerStream, Rope, rope_tables, source_layer
 from .common import EMBEDDINGS, DictSink, Sink, StateDict, attn_prefix, layer_names, sink_result
@@ -100,7 +100,12 @@ def convert_attention(
         modules = build(contexts)
         if calibration is not None:
             units = [
-                FitUnit(module, ctx.inputs, ctx.targets, ropes[new_config.layers[ctx.index].attention])
+                FitUnit(
+                    module,
+                    ctx.inputs,
+                    ctx.targets,
+                    ropes[rotary_key(new_config, new_config.layers[ctx.index])],
+                )
                 for module, ctx in zip(modules, contexts)
             ]
             for unit, index in zip(units, group):
@@ -160,7 +165,7 @@ def _calibrated_contexts(config, new_config, layers, group, source_stream, new_s
     contexts: list[LayerContext] = []
     for position, index in enumerate(group):
         layer = layers[index]
-        source_rope = source_ropes[config.layers[index].attention]
+        source_rope = source_ropes[rotary_key(config, config.layers[index])]
         source_inputs = src.attention_inputs(layer)
         inputs = source_inputs if new is src else new.attention_inputs(layer)
         targets = [layer.self_attn(x, source_rope, None, 0, None)[0] for x in source_inputs]
@@ -168,7 +173,7 @@ def _calibrated_contexts(config, new_config, layers, group, source_stream, new_s
             inputs = source_inputs
         else:  # repair the residual-stream error accumulated before this layer
             targets = [t + (hs - hn) for t, hs, hn in zip(targets, src.hidden, new.hidden)]
-        rope = ropes[new_config.layers[index].attention]
+        rope = ropes[rotary_key(new_config, new_config.layers[index])]
         contexts.append(_context(layers, index, source_inputs, inputs, targets, source_rope, rope))
         if position + 1 < len(group):
             src.advance(layer, source_rope)
@@ -193,7 +198,7 @@ def _advance(config: ModelConfig, layers, group, modules, stream: LayerStream, r
             layer = _with_attention(layer, modules[position], config.layers[index])
         stream.advance(
             layer,
-            ropes[config.layers[index].attention],
+            ropes[rotary_key(config, config.layers[index])],
             reads=config.layers[index].kv_from,
             keep_view=index in readers,
         )
@@ -208,4 +213,6 @@ def _with_attention(layer: DecoderLayer, attention: nn.Module, spec) -> DecoderL
     replacement.self_attn = attention
     replacement.post_attention_layernorm = layer.post_attention_layernorm
     replacement.mlp = layer.mlp
+    replacement.attention_output_layernorm = layer.attention_output_layernorm  # Gemma's sandwich norms
+    replacement.post_feedforward_layernorm = layer.post_feedforward_layernorm
     return replacement

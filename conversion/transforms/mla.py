@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvforge.arch import LayerSpec, ModelConfig
+from kvforge.arch.model import rotary_key
 
 from .calibration import LayerStream, check_calibration, rope_tables, source_layer
 from .common import EMBEDDINGS, Sink, StateDict, check_gqa_source
@@ -232,13 +233,13 @@ def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: to
     device = torch.device(device)
     stream = LayerStream(config, state_dict[EMBEDDINGS].to(device), calibration)
     freqs = pair_frequencies(config).to(device)
-    rope = tuple(t.to(device) for t in rope_tables(config, calibration.shape[1])["gqa"])
+    ropes = {k: tuple(t.to(device) for t in v) for k, v in rope_tables(config, calibration.shape[1]).items()}
     statistics = {}
     for index in range(config.n_layers):
         layer = source_layer(config, state_dict, index, device)
         stats = rope_statistics(layer.self_attn, stream.attention_inputs(layer), freqs)
         statistics[index] = stats
-        stream.advance(layer, rope)
+        stream.advance(layer, ropes[rotary_key(config, config.layers[index])])
     return statistics
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kvforge.arch import ModelConfig
+from kvforge.arch.model import rotary_key
 from kvforge.kernels.masks import causal_window_mask, chunk_mask, combine
 
 from .calibration import LayerStream, build_model, check_calibration, rope_tables
@@ -94,7 +95,7 @@ def fit_sinks(
             spec, before = target.layers[index], source.layers[index]
             stats = []
             for x in stream.attention_inputs(layer):
-                (q, k, v), scale = layer.self_attn.heads(x, ropes[spec.attention])
+                (q, k, v), scale = layer.self_attn.heads(x, ropes[rotary_key(target, spec)])
                 wanted, _ = local_stats(q, k, v, scale, before.window, before.chunk)
                 local, lse = local_stats(q, k, v, scale, spec.window, spec.chunk)
                 stats.append((lse, local.square().sum(-1), (local * wanted).sum(-1)))
@@ -102,5 +103,5 @@ def fit_sinks(
             sinks = best_sinks(lse, own, cross)
             layer.self_attn.sinks.copy_(sinks)
             out[f"{attn_prefix(index)}sinks"] = sinks.clone()
-        stream.advance(layer, ropes[target.layers[index].attention])
+        stream.advance(layer, ropes[rotary_key(target, target.layers[index])])
     return out

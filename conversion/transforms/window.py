@@ -9,7 +9,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import Sink, StateDict, is_count, map_layers
+from .common import Sink, StateDict, check_rope_kept, is_count, map_layers
 from .sinks import fit_sinks
 
 
@@ -45,11 +45,18 @@ def window_config(
                 f"to_window: sinks=True on layer {index}, which reads layer {spec.kv_from}'s K/V; sinks are "
                 "fitted on layers that own their K/V (window the model before to_cla)"
             )
+    if sinks and config.attn_logit_softcap is not None:
+        raise ValueError(
+            f"to_window: sinks=True on a model with attn_logit_softcap={config.attn_logit_softcap}: the sink fit "
+            "models uncapped attention scores (allowed here: sinks=False)"
+        )
     layers = [
         dataclasses.replace(spec, window=w, sinks=spec.sinks or (sinks and w is not None))
         for spec, w in zip(config.layers, tiled)
     ]
-    return dataclasses.replace(config, layers=layers, pattern=None)
+    target = dataclasses.replace(config, layers=layers, pattern=None)
+    check_rope_kept(config, target, "to_window")
+    return target
 
 
 def to_window(

@@ -98,6 +98,34 @@ VARIANTS: dict[str, tuple[type, dict]] = {
         transformers.DeepseekV3Config,
         dict(_MLA, q_lora_rank=None, rope_interleave=False, attention_bias=True, num_nextn_predict_layers=0),
     ),
+    # Gemma: GeGLU, 1 + w norms, sandwich norms, scaled embeddings, query_pre_attn_scalar != head_dim,
+    # tied embeddings (Gemma's default); caps small enough that tanh bends these scores and logits.
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+        ),
+    ),
+    "gemma3_text": (
+        transformers.Gemma3TextConfig,
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+            final_logit_softcapping=4.0,
+        ),
+    ),
 }
 
 

@@ -28,6 +28,8 @@ CONFIG_CLASSES = {
     "qwen3": transformers.Qwen3Config,
     "deepseek_v2": transformers.DeepseekV2Config,
     "deepseek_v3": transformers.DeepseekV3Config,
+    "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
 }
 # Only the keys our tables require; everything else takes the default of both sides.
 MINIMAL = dict(
@@ -59,13 +61,23 @@ def test_absent_keys_read_as_the_transformers_config_class_defaults(family):
     assert ours.max_seq_len == theirs.max_position_embeddings
     assert ours.norm_eps == theirs.rms_norm_eps
     assert ours.tie_embeddings == theirs.tie_word_embeddings
-    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
+    if family.model_type == "gemma3_text":  # one RoPE entry per layer type
+        assert ours.rope_theta == theirs.rope_parameters["full_attention"]["rope_theta"]
+        assert ours.window_rope_theta == theirs.rope_parameters["sliding_attention"]["rope_theta"]
+    else:
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.rope_scaling is None
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
         theirs.bos_token_id,
         theirs.eos_token_id,
         theirs.pad_token_id,
     )
     assert ours.attention_bias == getattr(theirs, "attention_bias", family.model_type == "qwen2")
+    if family.model_type.startswith("gemma"):
+        assert ours.mlp_activation == theirs.hidden_activation
+        assert ours.query_pre_attn_scalar == theirs.query_pre_attn_scalar
+        assert ours.final_logit_softcap == theirs.final_logit_softcapping
+        assert ours.attn_logit_softcap == theirs.attn_logit_softcapping
     if ours.layers[0].attention == "gqa":
         assert ours.n_kv_heads == theirs.num_key_value_heads
         assert ours.head_dim == (getattr(theirs, "head_dim", None) or 256 // 32)
@@ -82,6 +94,14 @@ def test_deepseek_v3_default_kv_heads_differing_from_the_head_count_is_refused()
         FAMILIES["deepseek_v3"].read_config(ConfigReader(minimal, "minimal"))
 
 
+GEMMA_RECIPE = dict(
+    mlp_activation="gelu_pytorch_tanh",
+    norm_unit_offset=True,
+    sandwich_norms=True,
+    embed_scale=True,
+    query_pre_attn_scalar=16,
+    tie_embeddings=True,
+)
 EXPRESSIBLE = {
     "llama": lambda: tiny_form("gqa", attention_bias=True, o_proj_bias=True, tie_embeddings=True),
     "mistral": lambda: tiny_form("mqa").replace(pattern=[{"n_kv_heads": 1, "window": 7}]),
@@ -90,6 +110,14 @@ EXPRESSIBLE = {
     "deepseek_v2": lambda: tiny_form("mla", q_lora_rank=12, eos_token_id=[2, 3]),
     "deepseek_v3": lambda: tiny_form(
         "mla", rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 16, "mscale_all_dim": 1.0}
+    ),
+    "gemma2": lambda: tiny_form("swa", **GEMMA_RECIPE, attn_logit_softcap=50.0, final_logit_softcap=30.0),
+    "gemma3_text": lambda: tiny_form(
+        "swa",
+        **GEMMA_RECIPE,
+        qk_norm=True,
+        window_rope_theta=10000.0,
+        rope_scaling={"type": "linear", "factor": 8.0},
     ),
 }
 
@@ -151,3 +179,21 @@ def test_transformers_4_style_rope_keys_import_like_transformers(tmp_path):
     ids = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (load_hf(path)(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_gemma3_transformers_4_rope_keys_import_like_transformers():
+    """rope_theta + rope_scaling (global layers) and rope_local_base_freq (sliding layers)."""
+    legacy = dict(
+        MINIMAL,
+        rope_theta=500000.0,
+        rope_local_base_freq=2000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
+    ours = FAMILIES["gemma3_text"].read_config(ConfigReader(dict(legacy), "legacy"))
+    theirs = transformers.Gemma3TextConfig(**legacy).rope_parameters
+    assert ours.rope_theta == theirs["full_attention"]["rope_theta"] == 500000.0
+    assert (ours.rope_scaling.type, ours.rope_scaling.factor) == (
+        "linear",
+        theirs["full_attention"]["factor"],
+    )
+    assert ours.window_rope_theta == theirs["sliding_attention"]["rope_theta"] == 2000.0
