@@ -4,8 +4,8 @@ the unconverted model, on one or more ranks; per-rank peak memory beside ``Memor
     PYTHONPATH=. python benchmarks/scale_training.py --shape 0.27b --devices 2 --strategy fsdp2   # CPU, gloo
     PYTHONPATH=. python benchmarks/scale_training.py --smoke                                      # tiny, seconds
 
-The source (``--workdir``/source, written once, bf16 safetensors, random weights: 0.27B = 16 × 1024,
-0.95B = 16 × 2048, the shapes of the conversion benchmarks) is converted by the run itself
+The source (``--workdir``/source, written once by ``benchmarks.scale_checkpoints`` a shard at a time, bf16
+safetensors, random weights: its shapes, 0.27B = 16 × 1024, 0.95B = 16 × 2048, 8B) is converted by the run itself
 (``init_from`` + ``convert``: mean-pooled GQA, on global rank 0 only), and is also the teacher. The
 rows: training start (seconds to the first step, peak RSS until then), the steps with the teacher
 (median step, tokens/s), the per-rank peak (RSS on CPU: ``getrusage``, the whole process; CUDA:
@@ -33,14 +33,12 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from kvforge.arch import CausalLM, ModelConfig  # noqa: E402
+from benchmarks.scale_checkpoints import SHAPES as CHECKPOINT_SHAPES  # noqa: E402
+from benchmarks.scale_checkpoints import Shape, write_checkpoint  # noqa: E402
 from kvforge.arch.memory import GiB  # noqa: E402
 
-SHAPES = {
-    "0.27b": dict(vocab_size=32000, d_model=1024, n_layers=16, n_heads=16, ffn_dim=2816, max_seq_len=4096),
-    "0.95b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, ffn_dim=5632, max_seq_len=4096),
-    "smoke": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64),
-}
+# The scale benchmarks' shapes (benchmarks/scale_checkpoints.py), plus a tiny one for a smoke run.
+SHAPES = {**CHECKPOINT_SHAPES, "smoke": Shape(2, 64, 4, 4, 128, vocab_size=256, max_seq_len=64, shards=1)}
 
 
 class RandomBlocks(Dataset):
@@ -70,23 +68,71 @@ class RandomData(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
 
+class Timeline:
+    """Resident bytes sampled every ``interval`` seconds in a thread, with named marks: where in a step
+    the memory goes (tracemalloc does not see torch's allocations)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.start, self.samples, self.marks = time.perf_counter(), [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self.thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            self.samples.append((time.perf_counter() - self.start, rss()))
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.perf_counter() - self.start, rss(), peak_rss()))
+
+    def finish(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"samples": self.samples, "marks": self.marks}
+
+
 class Measure(pl.Callback):
     """Per rank: seconds to the first step and peak RSS then, each step's wall time, the final peaks and
-    ``MemoryCheck``'s estimate, written to ``<directory>/rank<r>.json``."""
+    ``MemoryCheck``'s estimate, written to ``<directory>/rank<r>.json``; with ``timeline``, resident bytes
+    sampled through the run with the hooks marked."""
 
-    def __init__(self, directory: Path, memory_check) -> None:
+    def __init__(self, directory: Path, memory_check, timeline: bool = False) -> None:
         self.directory, self.memory_check = directory, memory_check
         self.created = time.perf_counter()
         self.seconds: list[float] = []
         self.start_seconds = self.start_rss = None
+        self.timeline = Timeline() if timeline else None
+
+    def _mark(self, name: str) -> None:
+        if self.timeline is not None:
+            self.timeline.mark(name)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._mark("setup")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._mark("fit_start (model and teacher built)")
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._mark("forward done")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._mark("backward done")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._mark("before optimizer step")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._mark(f"step {batch_idx} start")
         _sync()
         if self.start_seconds is None:
             self.start_seconds, self.start_rss = time.perf_counter() - self.created, peak_rss()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._mark(f"step {batch_idx} end")
         _sync()
         self.seconds.append(time.perf_counter() - self._start)
         # before ModelCheckpoint's hook (Lightning runs checkpoint callbacks last): the training peak alone
@@ -111,6 +157,8 @@ class Measure(pl.Callback):
             "teacher_dtype": str(next(pl_module.teacher.parameters()).dtype),
             "student_parameters": sum(p.numel() for p in pl_module.model.parameters()),
         }
+        if self.timeline is not None:
+            record["timeline"] = self.timeline.finish()
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
         trainer.strategy.barrier("measured")
@@ -121,6 +169,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def rss() -> int:
+    """Resident bytes of this process now (``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def peak_rss() -> int:
     """Peak resident bytes of this process so far: ``VmHWM`` (getrusage's ru_maxrss would carry the peak
     of the process that started this one across ``exec``)."""
@@ -128,20 +184,6 @@ def peak_rss() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def write_source(shape: dict, out: Path) -> Path:
-    """A random-weight MHA checkpoint of ``shape`` as bf16 safetensors (kept if already there)."""
-    from kvforge.conversion import save_pretrained
-
-    if (out / "config.json").is_file():
-        return out
-    config = ModelConfig(**shape)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = CausalLM(config)
-    state = {name: t.to("cpu", torch.bfloat16) for name, t in model.state_dict().items()}
-    del model
-    return save_pretrained(config, state, out, family="llama", dtype="bf16", overwrite=True)
 
 
 def train(args: argparse.Namespace) -> list[dict]:
@@ -157,7 +199,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     shape = SHAPES[args.shape]
     source = workdir / f"source-{args.shape}"
     if "LOCAL_RANK" not in os.environ:  # the launching process; the ranks Lightning starts find it written
-        write_source(shape, source)
+        write_checkpoint(shape, source)  # one shard in memory at a time: not this process's peak
     module = KVForgeLM(
         init_from=str(source),
         convert={"to": "gqa", "n_kv_heads": args.n_kv_heads, "method": "mean"},
@@ -166,12 +208,12 @@ def train(args: argparse.Namespace) -> list[dict]:
         activation_checkpointing=args.activation_checkpointing,
         compile=args.compile,
     )
-    block = min(args.seq, shape["max_seq_len"])
-    data = RandomData(shape["vocab_size"], block, args.batch, args.batch * args.steps * args.devices)
+    block = min(args.seq, shape.max_seq_len)
+    data = RandomData(shape.vocab_size, block, args.batch, args.batch * args.steps * args.devices)
     memory = MemoryCheck(margin=0.0)
     records = workdir / f"run-{args.shape}-{args.strategy}-{args.devices}" / "ranks"
     cuda = torch.cuda.is_available() and not args.cpu
-    callbacks = [memory, Measure(records, memory)]
+    callbacks = [memory, Measure(records, memory, timeline=args.timeline)]
     if args.export:  # a checkpoint at the last step, exported afterwards
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -286,6 +328,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--export", action="store_true", help="checkpoint the last step and time its export")
+    parser.add_argument("--timeline", action="store_true", help="sample each rank's RSS through the run")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where CUDA is available")
     parser.add_argument("--workdir", default="/tmp/kvforge-scale-training")
     parser.add_argument("--out", help="write the rows as JSON here")

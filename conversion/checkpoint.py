@@ -103,15 +103,16 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> T
     return TensorEntry(path, dtype, tuple(shape), begin, end)
 
 
-def read_entry(entry: TensorEntry, name: str) -> torch.Tensor:
-    """Read one tensor into a buffer of its exact size; non-finite values are an error naming it."""
+def read_entry(entry: TensorEntry, name: str, check_finite: bool = True) -> torch.Tensor:
+    """Read one tensor into a buffer of its exact size; non-finite values are an error naming it (unless
+    ``check_finite`` is False: an export copies what it is given)."""
     buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
     with open(entry.file, "rb") as handle:
         handle.seek(entry.begin)
         if handle.readinto(buffer.numpy()) != entry.nbytes:
             raise ValueError(f"{entry.file}: tensor {name!r} is cut short; truncated download?")
     tensor = buffer.view(entry.dtype).reshape(entry.shape)
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
             f"{entry.file}: tensor {name!r} holds {bad} non-finite values (NaN/inf) of {tensor.numel()}; "
@@ -176,7 +177,7 @@ class CheckpointWeights(Mapping):
     """A read-only state dict (kvforge names and layout) whose tensors are read from disk on access.
 
     Construction reads headers only and checks every shape against ``config``; ``len``/``keys``/``in``
-    never touch tensor data. Tied embeddings answer ``lm_head.weight`` with the embeddings, as
+    never touch tensor data; ``check_finite`` refuses NaN/inf as each tensor is read. Tied embeddings answer ``lm_head.weight`` with the embeddings, as
     :func:`~kvforge.conversion.load_pretrained` does."""
 
     def __init__(
@@ -186,10 +187,12 @@ class CheckpointWeights(Mapping):
         family,
         hf: dict,
         entries: dict[str, TensorEntry] | None = None,
+        check_finite: bool = True,
     ) -> None:
         from .pretrained import check_tensors
 
         self.root, self.config, self.family, self.hf = Path(root), config, family, hf
+        self.check_finite = check_finite
         stored = dict(entries) if entries is not None else checkpoint_entries(root)
         # Keyed by kvforge names; a family that renames (Gemma's norms) reads the stored name back.
         self.entries = {family.kvforge_name(name): entry for name, entry in stored.items()}
@@ -206,7 +209,7 @@ class CheckpointWeights(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         stored = self.family.hf_name(name)
-        tensors = {stored: read_entry(self.entries[name], stored)}
+        tensors = {stored: read_entry(self.entries[name], stored, check_finite=self.check_finite)}
         self.family.to_kvforge(tensors, self.config, self.hf)
         return tensors[name]
 

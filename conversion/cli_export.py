@@ -71,17 +71,16 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
     from rich.console import Console
 
-    from kvforge.conversion import load_pretrained, plan_export
+    from kvforge.conversion import plan_export
 
     console = Console(highlight=False)
-    pretrained = load_pretrained(src, allow_pickle=args.allow_pickle, progress=True)
-    config = pretrained.config
+    config, source_family, weights = open_source(src, args.allow_pickle)
     plan = plan_export(config, None if args.family == "auto" else args.family)
     family = plan.family
-    console.print(f"Read {src}: {pretrained.family}, {config.n_layers} layers, {config.d_model} wide")
+    console.print(f"Read {src}: {source_family}, {config.n_layers} layers, {config.d_model} wide")
     out = save_quietly(
         config,
-        pretrained.state_dict,
+        weights,
         args.out,
         family=family.model_type,
         tokenizer_from=src,
@@ -99,6 +98,22 @@ def run(args: argparse.Namespace) -> int:
         style = "bold yellow" if family.stock else "bold red"
         console.print(f"[{style}]{'note' if family.stock else 'WARNING'}:[/] {note}")
     return 0
+
+
+def open_source(src: Path, allow_pickle: bool):
+    """``(config, family name, weights)`` of a model directory. Safetensors weights stay on disk, read
+    tensor by tensor as the export writes them (headers and shapes checked first); pickle weights are
+    read whole (``torch.load`` has no partial read)."""
+    from kvforge.conversion import load_config, load_pretrained
+    from kvforge.conversion.convert import open_checkpoint
+    from kvforge.conversion.weights import weight_shards
+
+    load_config(src)  # a missing or unreadable config.json is the first thing to say
+    if any(Path(file).suffix == ".safetensors" for file in weight_shards(src, allow_pickle=allow_pickle)):
+        weights = open_checkpoint(src, check_finite=False)
+        return weights.config, weights.family.model_type, weights
+    pretrained = load_pretrained(src, allow_pickle=allow_pickle, progress=True)
+    return pretrained.config, pretrained.family, pretrained.state_dict
 
 
 def save_quietly(config, state_dict, out, **options) -> Path:

@@ -24,7 +24,8 @@ from kvforge.arch import CausalLM, ModelConfig, parse_dtype
 from .atomic import atomic_directory
 from .families import Family, family_of, plan_export
 from .families.schema import ConfigReader
-from .weights import read_weights, write_weights
+from .streamed_write import source_meta, write_streamed
+from .weights import read_weights
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -116,7 +117,7 @@ def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: 
 
 def save_pretrained(
     config: ModelConfig,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
     out: str | Path,
     *,
     family: str | None = None,
@@ -129,27 +130,37 @@ def save_pretrained(
     """Export to ``out`` as ``family`` (None: the simplest stock class that holds the model, else a
     kvforge-typed directory; :func:`~kvforge.conversion.families.plan_export` says which and why).
 
-    Tensors keep their dtype unless ``dtype`` is given (floating tensors only). The directory is
-    built next to ``out`` and renamed into place: an existing ``out`` is refused unless ``overwrite``,
-    and a failure leaves nothing behind. What the user should know about the target (a kvforge-typed
-    directory that stock servers will not load, zero biases added, ...) is logged as warnings."""
+    Tensors keep their dtype unless ``dtype`` is given (floating tensors only). ``state_dict`` may be a
+    lazy mapping (a checkpoint read tensor by tensor, an FSDP2 model gathered layer by layer): the
+    weights are written one decoder layer at a time (:func:`~kvforge.conversion.streamed_write.write_streamed`),
+    so the whole model is never held, cast or copied at once. The directory is built next to ``out`` and
+    renamed into place: an existing ``out`` is refused unless ``overwrite``, and a failure leaves nothing
+    behind. What the user should know about the target (a kvforge-typed directory that stock servers
+    will not load, zero biases added, ...) is logged as warnings."""
     plan = plan_export(config, family)
     chosen = plan.family
-    tensors = dict(state_dict)
-    if config.tie_embeddings and EMBEDDINGS in tensors:
-        tensors.setdefault(LM_HEAD, tensors[EMBEDDINGS])
-    check_tensors(config, tensors, "save_pretrained(state_dict)")
-    if config.tie_embeddings:
-        tensors.pop(LM_HEAD)  # transformers re-ties it on load; safetensors refuses shared tensors
-    if dtype is not None:
-        dtype = parse_dtype(dtype)
-        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-    hf = export_config(
-        chosen, config, next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    meta = source_meta(state_dict)
+    if config.tie_embeddings and EMBEDDINGS in meta:
+        meta.setdefault(LM_HEAD, meta[EMBEDDINGS])
+    check_tensors(config, meta, "save_pretrained(state_dict)")
+    # transformers re-ties a tied head on load; safetensors refuses shared tensors
+    skip = frozenset({LM_HEAD}) if config.tie_embeddings else frozenset()
+    target = parse_dtype(dtype) if dtype is not None else None
+    stored = next(
+        (target or t.dtype for name, t in meta.items() if name not in skip and t.is_floating_point()), None
     )
-    chosen.to_hf(tensors, config, hf)
+    hf = export_config(chosen, config, stored)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_weights(tensors, tmp, max_shard_size=max_shard_size, progress=progress)
+        write_streamed(
+            state_dict,
+            tmp,
+            lambda tensors: chosen.to_hf(tensors, config, hf),
+            dtype=target,
+            skip=skip,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            meta=meta,
+        )
         write_directory_files(tmp, chosen, hf, tokenizer_from)
     for note in plan.notes:
         log.warning("%s: %s", out, note)

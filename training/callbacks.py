@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .export import export_dtype, export_model
+from .shard_transfer import GatheredWeights
 
 
 def _rows(batch: dict) -> int:
@@ -32,7 +34,8 @@ class TokenThroughput(ThroughputMonitor):
 
 class HFExport(pl.Callback):
     """At the end of ``fit``, write the trained model as a Hugging Face directory with its tokenizer
-    (through ``kvforge.conversion.save_pretrained``).
+    (through ``kvforge.conversion.save_pretrained``, a decoder layer at a time; under FSDP2 each layer is
+    gathered to global rank 0 as it is written).
 
     Args:
         dirpath: output directory; ``None`` = ``<run dir>/hf``.
@@ -64,21 +67,37 @@ class HFExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        state = full_state_dict(pl_module.model)  # collective under FSDP2: every rank calls it
+        weights = export_weights(pl_module.model)
+        gathered = isinstance(weights, GatheredWeights)
         if not trainer.is_global_zero:
+            if gathered:
+                weights.serve()  # rank 0 gathers the model layer by layer as it writes
             return
         out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "hf"
         try:
             dtype = self.dtype or export_dtype(trainer.precision)
-            export_model(pl_module.config, state, out, pl_module.tokenizer_dir, overwrite=True, dtype=dtype)
+            export_model(pl_module.config, weights, out, pl_module.tokenizer_dir, overwrite=True, dtype=dtype)
         except ValueError as err:  # a form no export family covers yet: the checkpoint still has it
             rank_zero_warn(f"HF export skipped: {err}")
             return
+        finally:
+            if gathered:
+                weights.finish()
         rank_zero_info(f"Exported the trained model to {out}")
 
 
+def export_weights(model) -> Mapping:
+    """What the export reads: under FSDP2 the full tensors gathered a layer at a time as rank 0 writes them
+    (:class:`~kvforge.training.shard_transfer.GatheredWeights`), never the whole model at once; otherwise the
+    model's own tensors (cast and moved to the CPU a layer at a time by the writer)."""
+    if hasattr(model, "reshard"):  # an FSDP2 module
+        return GatheredWeights(model)
+    return model.state_dict()
+
+
 def full_state_dict(model) -> dict:
-    """The unsharded state dict on CPU (gathered under FSDP2)."""
+    """The unsharded state dict on CPU (gathered whole under FSDP2: for tests and small models; the export
+    streams instead, :func:`export_weights`)."""
     if hasattr(model, "reshard"):  # an FSDP2 module
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

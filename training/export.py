@@ -63,10 +63,10 @@ def export_dtype(precision: str | None) -> str | None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None, **options) -> Path:
-    """``dtype`` None = :func:`export_dtype` of the run's precision. Only the weights are read, cast as
-    they are read (see ``load_training_checkpoint``)."""
+    """``dtype`` None = :func:`export_dtype` of the run's precision. Only the weights are read, a decoder
+    layer at a time as they are written, cast as they are read (see ``load_training_checkpoint``)."""
     from .loading import load_training_checkpoint, training_precision
 
     dtype = dtype or export_dtype(training_precision(checkpoint))
-    config, state, tokenizer_dir = load_training_checkpoint(checkpoint, dtype)
+    config, state, tokenizer_dir = load_training_checkpoint(checkpoint, dtype, lazy=True)
     return export_model(config, state, out, tokenizer_dir, dtype=dtype, **options)

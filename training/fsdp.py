@@ -6,14 +6,15 @@ as pure data parallelism (every device a data-parallel rank), sharding each deco
 final norm and the LM head. ``CausalLM.loss`` and ``CausalLM.distillation_loss`` read the LM head's
 weight directly (fused chunked losses) and ``CausalLM.hidden_states`` stops before it, so they are
 registered as forward methods: FSDP gathers the root's parameters around them. Weights are loaded by
-broadcasting global rank 0's full state dict into the shards (``load_full_state``); the frozen teacher
-is sharded the same way (``shard_frozen``).
+broadcasting global rank 0's weights into the shards one tensor at a time, read from disk as they are
+sent (``load_full_state``); the frozen teacher is sharded the same way (``shard_frozen``).
 """
 
 from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -102,14 +103,11 @@ def _register_forward_methods(model: CausalLM) -> None:
         register_fsdp_forward_method(model, name)
 
 
-def load_full_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> None:
-    """Load a full (unsharded) state dict into an FSDP2 model: global rank 0 holds it (the other ranks pass
-    ``None``) and broadcasts one tensor at a time; every rank keeps only its own shard of each."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def load_full_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | None) -> None:
+    """Load full (unsharded) weights into an FSDP2 model: global rank 0 holds them (the other ranks pass
+    ``None``) - a dict, or better a lazy mapping that reads each tensor from disk when asked - and
+    broadcasts one tensor at a time; every rank keeps only its own shard of each
+    (:func:`~kvforge.training.shard_transfer.broadcast_into_shards`)."""
+    from .shard_transfer import broadcast_into_shards
 
-    full = state_dict if dist.get_rank() == 0 else {}
-    if full is None:
-        raise ValueError("load_full_state: global rank 0 needs the state dict to broadcast")
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full, options=options)
+    broadcast_into_shards(model, state_dict)

@@ -9,6 +9,7 @@ unpickled) and brings the tokenizer directory its run used.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from kvforge.arch import CausalLM, ModelConfig, parse_dtype
 MODEL_PREFIX = "model."  # KVForgeLM holds the CausalLM as ``self.model``
 CHECKPOINT_KEY = "kvforge"  # KVForgeLM.on_save_checkpoint's entry: model config + tokenizer directory
 DCP_METADATA = "meta.pt"  # what Lightning writes next to the shards of a distributed checkpoint
+DCP_PREFIX = "state_dict."  # where Lightning puts the module's tensors in a distributed checkpoint
 
 
 @dataclass
@@ -36,20 +38,21 @@ def is_training_checkpoint(path: Path) -> bool:
 
 
 def load_training_checkpoint(
-    path: str | Path, dtype: torch.dtype | str | None = None
-) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    path: str | Path, dtype: torch.dtype | str | None = None, lazy: bool = False
+) -> tuple[ModelConfig, Mapping[str, torch.Tensor], str | None]:
     """``(ModelConfig, model state dict, tokenizer directory or None)`` of a kvforge training checkpoint.
 
     Only the model's weights are read: from a ``.ckpt`` file memory-mapped (the optimizer state in it is
     never touched), from a distributed checkpoint a group of tensors at a time (``read_dcp_weights``).
-    ``dtype`` casts floating-point weights as they are read."""
+    ``dtype`` casts floating-point weights as they are read. ``lazy``: the weights as a
+    :class:`CheckpointTensors` mapping that reads (and casts) a tensor or a group only when asked, for an
+    export that writes a layer at a time."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         if path.is_dir():
             checkpoint = torch.load(path / DCP_METADATA, map_location="cpu", weights_only=True)
-            checkpoint["state_dict"] = read_dcp_weights(path, dtype)
         else:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
@@ -58,12 +61,57 @@ def load_training_checkpoint(
         raise ValueError(f"{path} is not a kvforge training checkpoint (no {CHECKPOINT_KEY!r} entry)")
     meta = checkpoint[CHECKPOINT_KEY]
     target = parse_dtype(dtype) if dtype is not None else None
-    state = {
-        name.removeprefix(MODEL_PREFIX): _cast(tensor, target)
-        for name, tensor in checkpoint["state_dict"].items()
-        if name.startswith(MODEL_PREFIX)
-    }
+    weights = CheckpointTensors(path, checkpoint.get("state_dict"), target)
+    state = weights if lazy else weights.read_many(list(weights))
     return ModelConfig.from_dict(meta["model_config"]), state, meta.get("tokenizer_dir")
+
+
+class CheckpointTensors(Mapping):
+    """The model weights of a training checkpoint (kvforge names, ``model.`` removed), read when asked:
+    from the memory-mapped state dict of a ``.ckpt`` file, or from a distributed checkpoint's shards (a
+    group in one read, :meth:`read_many`). Floating-point tensors are cast to ``dtype`` as they are read."""
+
+    def __init__(self, path: Path, mapped: dict | None, dtype: torch.dtype | None) -> None:
+        self.path, self.dtype, self.mapped = path, dtype, mapped
+        if path.is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            entries = FileSystemReader(path).read_metadata().state_dict_metadata.items()
+            self.shapes = {
+                name.removeprefix(DCP_PREFIX + MODEL_PREFIX): (entry.size, entry.properties.dtype)
+                for name, entry in entries
+                if name.startswith(DCP_PREFIX + MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)
+            }
+        else:
+            mapped = mapped or {}
+            self.shapes = {
+                name.removeprefix(MODEL_PREFIX): (t.shape, t.dtype)
+                for name, t in mapped.items()
+                if name.startswith(MODEL_PREFIX)
+            }
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        return {
+            name: _cast(torch.empty(shape, dtype=dtype, device="meta"), self.dtype)
+            for name, (shape, dtype) in self.shapes.items()
+        }
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read_many([name])[name]
+
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        if not self.path.is_dir():
+            return {name: _cast(self.mapped[MODEL_PREFIX + name], self.dtype) for name in names}
+        keys = [DCP_PREFIX + MODEL_PREFIX + name for name in names]
+        read = read_dcp_weights(self.path, self.dtype, keys=keys)
+        return {name: read[MODEL_PREFIX + name] for name in names}
 
 
 def training_precision(path: str | Path) -> str | None:
@@ -81,19 +129,24 @@ def training_precision(path: str | Path) -> str | None:
 
 
 def read_dcp_weights(
-    path: Path, dtype: torch.dtype | str | None = None, group_bytes: int = 1 << 30
+    path: Path,
+    dtype: torch.dtype | str | None = None,
+    group_bytes: int = 1 << 30,
+    keys: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The model weights (``state_dict.*``) of a distributed checkpoint, without the optimizer state and
-    without merging it anywhere: tensors are read straight from the shards, about ``group_bytes`` at a
-    time, and cast to ``dtype`` before the next group is read."""
+    """The model weights (``state_dict.*``, or only ``keys``) of a distributed checkpoint, without the
+    optimizer state and without merging it anywhere: tensors are read straight from the shards, about
+    ``group_bytes`` at a time, and cast to ``dtype`` before the next group is read."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    prefix = "state_dict."
+    prefix, wanted = DCP_PREFIX, None if keys is None else set(keys)
     entries = [
         (name, meta)
         for name, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items()
-        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        if name.startswith(prefix)
+        and isinstance(meta, TensorStorageMetadata)
+        and (wanted is None or name in wanted)
     ]
     target = parse_dtype(dtype) if dtype is not None else None
     weights: dict[str, torch.Tensor] = {}

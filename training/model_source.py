@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,19 +58,30 @@ class StartingPoint:
     def has_weights(self) -> bool:
         return self.state_dict is not None or self.weights_dir is not None
 
-    def weights(self, rank_zero_only: bool = False) -> StateDict | None:
+    def weights(self, rank_zero_only: bool = False, lazy: bool = False) -> Mapping[str, torch.Tensor] | None:
         """The student's full state dict (read from ``weights_dir`` if not in memory); ``None`` on ranks other
-        than global rank 0 when ``rank_zero_only``."""
+        than global rank 0 when ``rank_zero_only``. ``lazy``: a directory's weights stay on disk, each tensor
+        read when asked for (``open_checkpoint``: what FSDP2's rank 0 broadcasts, one tensor at a time)."""
         if self.state_dict is not None or (rank_zero_only and not _global_rank_zero()):
             return self.state_dict
-        return load_pretrained(self.weights_dir).state_dict
+        return _read(self.weights_dir, lazy)
 
-    def teacher_weights(self, rank_zero_only: bool = False) -> StateDict | None:
+    def teacher_weights(
+        self, rank_zero_only: bool = False, lazy: bool = False
+    ) -> Mapping[str, torch.Tensor] | None:
         if self.teacher is not None:
             return self.teacher.state_dict
         if rank_zero_only and not _global_rank_zero():
             return None
-        return load_pretrained(self.teacher_dir).state_dict
+        return _read(self.teacher_dir, lazy)
+
+
+def _read(directory: str | Path, lazy: bool) -> Mapping[str, torch.Tensor]:
+    if lazy:
+        from kvforge.conversion.convert import open_checkpoint
+
+        return open_checkpoint(directory)
+    return load_pretrained(directory).state_dict
 
 
 def _global_rank_zero() -> bool:

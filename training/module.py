@@ -199,7 +199,7 @@ class KVForgeLM(pl.LightningModule):
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights()  # also re-derives the RoPE tables, which to_empty leaves uninitialised
             if start.has_weights:
-                load_full_state(model, start.weights(rank_zero_only=True))
+                load_full_state(model, start.weights(rank_zero_only=True, lazy=True))
         elif start.has_weights:
             model.load_state_dict(start.weights())
         start.state_dict = None
@@ -207,7 +207,7 @@ class KVForgeLM(pl.LightningModule):
         if start.teacher_config is not None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             dtype = compute_dtype(self.trainer.precision) if self._trainer is not None else torch.float32
-            teacher_state = start.teacher_weights(rank_zero_only=fsdp)
+            teacher_state = start.teacher_weights(rank_zero_only=fsdp, lazy=fsdp)
             self.__dict__["teacher"] = build_teacher(start.teacher_config, teacher_state, dtype, device, mesh)
             start.teacher = None
 

@@ -42,7 +42,8 @@ def test_export_of_a_truncated_model_writes_nothing(stories_copy, tmp_path, caps
     weights = stories_copy / "model.safetensors"
     weights.write_bytes(_corrupt(weights.read_bytes(), "truncated"))
     assert main(["export", str(stories_copy), str(tmp_path / "out")]) == 2
-    assert "not a valid safetensors file" in capsys.readouterr().err
+    # export reads the headers first (it streams tensor by tensor): the tensor cut off is named
+    assert "truncated download?" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

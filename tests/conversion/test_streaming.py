@@ -66,9 +66,9 @@ def test_conversion_reads_each_source_tensor_one_layer_at_a_time(tmp_path, monke
     reads: list[str] = []
     original = checkpoint_module.read_entry
 
-    def spy(entry, name):
+    def spy(entry, name, **options):
         reads.append(name)
-        return original(entry, name)
+        return original(entry, name, **options)
 
     monkeypatch.setattr(checkpoint_module, "read_entry", spy)
     convert_checkpoint(

@@ -31,29 +31,41 @@ def _distributed_checkpoint(path, precision):
 
 
 @pytest.fixture
-def read_keys(monkeypatch):
-    """The checkpoint entries DCP reads."""
-    keys: list[str] = []
+def read_calls(monkeypatch):
+    """The checkpoint entries of each read DCP makes."""
+    calls: list[list[str]] = []
     original = FileSystemReader.read_data
 
     def read_data(self, plan, planner):
-        keys.extend(item.storage_index.fqn for item in plan.items)
+        calls.append([item.storage_index.fqn for item in plan.items])
         return original(self, plan, planner)
 
     monkeypatch.setattr(FileSystemReader, "read_data", read_data)
-    return keys
+    return calls
 
 
-def test_bf16_run_exports_bf16_weights_without_reading_the_optimizer_state(tmp_path, read_keys):
+def test_export_reads_one_decoder_layer_at_a_time(tmp_path, read_calls):
+    weights = _distributed_checkpoint(tmp_path / "last.ckpt", "32-true")
+    exported = load_pretrained(export_checkpoint(tmp_path / "last.ckpt", tmp_path / "hf"))
+    assert sorted(key for call in read_calls for key in call) == sorted(
+        f"state_dict.model.{n}" for n in weights
+    )
+    for call in read_calls:  # one layer's tensors, or one tensor outside the layers
+        assert len({key.split(".")[3] if ".layers." in key else key for key in call}) == 1, call
+    assert all(torch.equal(exported.state_dict[name], t) for name, t in weights.items())
+
+
+def test_bf16_run_exports_bf16_weights_without_reading_the_optimizer_state(tmp_path, read_calls):
     weights = _distributed_checkpoint(tmp_path / "last.ckpt", "bf16-mixed")
     exported = load_pretrained(export_checkpoint(tmp_path / "last.ckpt", tmp_path / "hf"))
+    read_keys = [key for call in read_calls for key in call]
     assert read_keys and all(key.startswith("state_dict.") for key in read_keys)
     for name, tensor in weights.items():
         assert exported.state_dict[name].dtype == torch.bfloat16
         torch.testing.assert_close(exported.state_dict[name], tensor.bfloat16(), rtol=0, atol=0)
 
 
-def test_dtype_overrides_the_run_precision(tmp_path, read_keys):
+def test_dtype_overrides_the_run_precision(tmp_path, read_calls):
     weights = _distributed_checkpoint(tmp_path / "last.ckpt", "bf16-mixed")
     exported = load_pretrained(export_checkpoint(tmp_path / "last.ckpt", tmp_path / "hf", dtype="fp32"))
     for name, tensor in weights.items():
