@@ -2,7 +2,7 @@
 quality zero-shot and after a fixed uptraining budget (with and without distillation), and how fast it
 decodes, starting from the real MHA checkpoint in ../shared/data.
 
-    python -m benchmarks.kv_study [--out runs/kv_study] [--rows mha,gqa-2] [--markdown] [--plots DIR]
+    python -m benchmarks.kv_study [--out runs/kv_study] [--rows mha,gqa-2] [--skip uptrained_ce_nll] [--markdown] [--plots DIR]
 
 Resumable: every finished measurement of every row is saved at once in OUT/results.json, and a rerun
 with the same settings skips it (``--redo`` measures again). Decode speed is re-measured on every run,
