@@ -32,6 +32,7 @@ from kvforge.arch import ModelConfig
 
 from .base import StockFamily
 from .layers import FULL, SLIDING, GQALayers, single_window
+from .llama import size_keys
 from .rope import Rope, _scaling_dict
 from .schema import Codec, ConfigReader, Const, Key, SharedBias, TokenKey
 
@@ -233,15 +234,8 @@ def gemma_keys(
 ) -> tuple[Codec, ...]:
     """What Gemma 2 and Gemma 3 text share."""
     return (
-        Key("vocab_size", "vocab_size", int),
-        Key("hidden_size", "d_model", int),
-        Key("num_hidden_layers", "n_layers", int),
-        Key("num_attention_heads", "n_heads", int),
-        Key("intermediate_size", "ffn_dim", int),
+        *size_keys(max_positions=max_positions, tie=True),
         Key("head_dim", "head_dim", int, 256),
-        Key("max_position_embeddings", "max_seq_len", int, max_positions),
-        Key("rms_norm_eps", "norm_eps", float, 1e-6),
-        Key("tie_word_embeddings", "tie_embeddings", bool, True),
         TokenKey("bos_token_id", "bos_token_id", default=2),
         TokenKey("eos_token_id", "eos_token_id", default=1),
         TokenKey("pad_token_id", "pad_token_id", default=0),

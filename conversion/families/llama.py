@@ -12,8 +12,8 @@ from .rope import Rope
 from .schema import Codec, Const, Fixed, Key, SharedBias, TokenKey
 
 
-def decoder_keys(*, max_positions: int, bos: int | None, eos: int | None) -> tuple[Codec, ...]:
-    """Keys every family here shares: sizes, norm eps, tying, special ids, activation, RoPE."""
+def size_keys(*, max_positions: int, tie: bool) -> tuple[Codec, ...]:
+    """Keys every family shares (Gemma too): sizes, norm eps, tying."""
     return (
         Key("vocab_size", "vocab_size", int),
         Key("hidden_size", "d_model", int),
@@ -22,7 +22,14 @@ def decoder_keys(*, max_positions: int, bos: int | None, eos: int | None) -> tup
         Key("intermediate_size", "ffn_dim", int),
         Key("max_position_embeddings", "max_seq_len", int, max_positions),
         Key("rms_norm_eps", "norm_eps", float, 1e-6),
-        Key("tie_word_embeddings", "tie_embeddings", bool, False),
+        Key("tie_word_embeddings", "tie_embeddings", bool, tie),
+    )
+
+
+def decoder_keys(*, max_positions: int, bos: int | None, eos: int | None) -> tuple[Codec, ...]:
+    """Keys every Llama-shaped family here shares: sizes, norm eps, tying, special ids, activation, RoPE."""
+    return (
+        *size_keys(max_positions=max_positions, tie=False),
         TokenKey("bos_token_id", "bos_token_id", default=bos),
         TokenKey("eos_token_id", "eos_token_id", default=eos),
         TokenKey("pad_token_id", "pad_token_id", default=None),
