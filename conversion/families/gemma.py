@@ -218,6 +218,9 @@ class Gemma3Rope:
             FULL: {"rope_type": "default", "rope_theta": config.rope_theta, **(scaling or {})},
             SLIDING: {"rope_type": "default", "rope_theta": local},
         }
+        # The same values under the transformers-4 keys, which servers pinned to transformers 4.x
+        # (vLLM, SGLang releases) read; transformers 5 merges them into rope_parameters unchanged.
+        hf.update(rope_theta=config.rope_theta, rope_scaling=scaling, rope_local_base_freq=local)
 
     def why_not(self, config: ModelConfig) -> str | None:
         sliding = any(spec.window is not None for spec in config.layers)

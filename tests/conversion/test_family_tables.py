@@ -197,3 +197,23 @@ def test_gemma3_transformers_4_rope_keys_import_like_transformers():
         theirs["full_attention"]["factor"],
     )
     assert ours.window_rope_theta == theirs["sliding_attention"]["rope_theta"] == 2000.0
+
+
+def test_gemma3_export_writes_the_transformers_4_rope_keys_beside_rope_parameters():
+    """Servers pinned to transformers 4.x read rope_theta/rope_scaling/rope_local_base_freq: the export
+    writes them, and they alone describe the same model as rope_parameters (to us and to transformers)."""
+    legacy = dict(
+        MINIMAL,
+        rope_theta=500000.0,
+        rope_local_base_freq=2000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
+    family = FAMILIES["gemma3_text"]
+    config = family.read_config(ConfigReader(dict(legacy), "legacy"))
+    written = family.write_config(config)
+    assert (written["rope_theta"], written["rope_local_base_freq"]) == (500000.0, 2000.0)
+    assert written["rope_scaling"]["factor"] == 8.0
+    flat_only = {k: v for k, v in written.items() if k != "rope_parameters"}
+    assert family.read_config(ConfigReader(flat_only, "flat")) == config
+    both = transformers.Gemma3TextConfig(**written).rope_parameters
+    assert both == transformers.Gemma3TextConfig(**flat_only).rope_parameters
