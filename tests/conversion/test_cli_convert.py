@@ -32,6 +32,7 @@ def test_convert_to_mla_self_calibrates_by_default_and_writes_a_stock_deepseek_v
     assert main([*args, "--calib-tokens", "128", "--calib-seq-len", "64"]) == 0
     printed = capsys.readouterr().out
     assert "128 tokens sampled from" in printed and "DeepseekV3ForCausalLM" in printed
+    assert "Refinement: 200 Adam steps per layer (--refine-steps auto on cpu)" in printed  # d_model 64
     hf = json.loads((out / "config.json").read_text())
     assert (hf["kv_lora_rank"], hf["qk_rope_head_dim"]) == (28, 4)
 
@@ -81,6 +82,26 @@ def test_unknown_target_form_is_refused_by_the_parser(tmp_path, capsys):
     assert "invalid choice: 'mamba'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_bad_refine_steps_are_refused_by_the_parser(tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "convert",
+                STORIES,
+                str(tmp_path / "out"),
+                "--to",
+                "gqa",
+                "--n-kv-heads",
+                "2",
+                "--refine-steps",
+                value,
+            ]
+        )
+    assert f"{value!r} is not 'auto' or a number of steps >= 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -88,3 +109,19 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
     assert main(["convert", STORIES, str(out), "--to", "window", "--windows", "64"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "value, device, d_model, steps",
+    [
+        ("auto", "cuda", 4096, 200),  # a GPU refines an 8B model in minutes
+        ("auto", "cpu", 512, 200),  # small models: seconds on the CPU
+        ("auto", "cpu", 2048, 0),  # 0.95B on 2 cores: ~1 h of refinement against ~15 min of conversion
+        (0, "cuda", 4096, 0),
+        (50, "cpu", 4096, 50),
+    ],
+)
+def test_refine_steps_auto_refines_where_it_is_cheap(value, device, d_model, steps):
+    from kvforge.conversion.cli_convert import resolve_refine_steps
+
+    assert resolve_refine_steps(value, torch.device(device), d_model) == steps
