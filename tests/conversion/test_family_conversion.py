@@ -62,7 +62,13 @@ def _check_export(out, stock_type):
 
 
 @pytest.mark.parametrize(
-    ("family", "stock_type"), [("llama3-rope", "llama"), ("qwen2-biases", "qwen2"), ("llama-no-bos", "llama")]
+    ("family", "stock_type"),
+    [
+        ("llama3-rope", "llama"),
+        ("qwen2-biases", "qwen2"),
+        ("qwen3-qk-norm", "qwen3"),
+        ("llama-no-bos", "llama"),
+    ],
 )
 def test_aligned_gqa_converts_and_exports_to_the_stock_class(family_dirs, tmp_path, family, stock_type):
     _convert(family_dirs[family], tmp_path / family, "gqa", {"n_kv_heads": 2})
