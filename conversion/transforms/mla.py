@@ -51,6 +51,7 @@ from .mla_rope import (
     select_pairs,
     weight_scores,
 )
+from .qk_norm import linearised
 from .rotary import as_pairs, from_pairs, pair_frequencies
 from .whitening import flat_inputs, head_targets, layer_whitening, rows_with_bias, split_bias
 
@@ -213,13 +214,13 @@ def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLA
         attention_bias=config.attention_bias,
         o_proj_bias=config.attention_bias or config.o_proj_bias,
         mla_q_bias=config.attention_bias,
+        qk_norm=False,  # q/k norms became linear stand-ins (see .qk_norm.linearised)
     )
 
 
 def _check_source(config: ModelConfig) -> None:
     check_gqa_source(config, "to_mla")
     unsupported = {
-        "qk_norm": config.qk_norm,
         # linear and llama3 scale each frequency on its own, so the kept pairs keep theirs under the same
         # scaling with the exported theta; yarn's ramp depends on the rotary width, which changes.
         "rope_scaling of type yarn": config.rope_scaling is not None and config.rope_scaling.type == "yarn",
@@ -242,7 +243,8 @@ def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: to
     statistics = {}
     for index in range(config.n_layers):
         layer = source_layer(config, state_dict, index, device)
-        stats = rope_statistics(layer.self_attn, stream.attention_inputs(layer), freqs)
+        inputs = stream.attention_inputs(layer)
+        stats = rope_statistics(linearised(layer.self_attn, inputs), inputs, freqs)
         statistics[index] = stats
         stream.advance(layer, ropes[rotary_key(config, config.layers[index])])
     return statistics
@@ -253,13 +255,13 @@ def _pair_scores(config: ModelConfig, state_dict: StateDict, statistics: dict) -
     if statistics:
         return sum(stats.loss_if_position_free().sum(0) for stats in statistics.values())
     return sum(
-        weight_scores(source_layer(config, state_dict, index).self_attn).sum(0)
+        weight_scores(linearised(source_layer(config, state_dict, index).self_attn, None)).sum(0)
         for index in range(config.n_layers)
     )
 
 
 def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx: LayerContext):
-    attn = ctx.source
+    attn = linearised(ctx.source, ctx.source_inputs)  # q/k norms (Qwen3) -> linear stand-ins
     n_heads, head_dim, bias = config.n_heads, config.head_dim, config.attention_bias
     kept, free = plan.pairs, plan.free_pairs(head_dim // 2)
     # With biases every row acts on [x, 1] (whitening included): a bias is one more input coordinate.

@@ -117,3 +117,10 @@ def test_qwen2_biases_go_through_mla_to_a_kvforge_typed_export(family_dirs, tmp_
     converted = _check_export(out, "kvforge")
     assert converted.config.mla_q_bias and converted.config.mla_latent_norm
     assert "q_proj has no bias" in plan_export(converted.config).notes[0]
+
+
+def test_qwen3_qk_norm_goes_through_mla_to_a_stock_deepseek_v3(family_dirs, tmp_path):
+    """The norms become linear stand-ins (approximate): nothing left that DeepseekV3 lacks."""
+    out = tmp_path / "qwen3-mla"
+    _convert(family_dirs["qwen3-qk-norm"], out, "mla", {"kv_lora_rank": 32, "rope_dims": 8})
+    assert not _check_export(out, "deepseek_v3").config.qk_norm
