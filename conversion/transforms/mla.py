@@ -225,6 +225,8 @@ def _check_source(config: ModelConfig) -> None:
         # scaling with the exported theta; yarn's ramp depends on the rotary width, which changes.
         "rope_scaling of type yarn": config.rope_scaling is not None and config.rope_scaling.type == "yarn",
         "kv_from (shared K/V)": any(spec.kv_from is not None for spec in config.layers),
+        # MLA layers rotate with one base; Gemma 3's sliding layers have their own.
+        "window_rope_theta (a separate RoPE base for sliding layers)": config.window_rope_theta is not None,
     }
     for name, present in unsupported.items():
         if present:
