@@ -24,6 +24,11 @@ Per layer:
 
 ``layout="kvforge"`` with every pair kept and full rank is lossless (per-head rotary keys, no latent
 norm): the bound the tests check.
+
+Qwen2 biases go through exactly (rows act on ``[x, 1]``; value bias → ``o_proj``'s bias, position-free
+key bias dropped as softmax-invariant, rotary key bias → ``kv_a_proj_with_mqa``'s bias, query bias →
+``q_proj``'s bias, ``mla_q_bias``: kvforge-typed). Qwen3 q/k norms are replaced by linear stand-ins
+(approximate, :func:`.qk_norm.linearised`).
 """
 
 from __future__ import annotations
