@@ -124,3 +124,30 @@ def test_qwen3_qk_norm_goes_through_mla_to_a_stock_deepseek_v3(family_dirs, tmp_
     out = tmp_path / "qwen3-mla"
     _convert(family_dirs["qwen3-qk-norm"], out, "mla", {"kv_lora_rank": 32, "rope_dims": 8})
     assert not _check_export(out, "deepseek_v3").config.qk_norm
+
+
+@pytest.mark.parametrize(
+    ("family", "transform", "options"),
+    [
+        ("qwen2-biases", "mla", {"kv_lora_rank": 32, "rope_dims": 4}),
+        ("qwen3-qk-norm", "gqa", {"n_kv_heads": 2}),
+        ("qwen3-qk-norm", "mla", {"kv_lora_rank": 32, "rope_dims": 8}),
+    ],
+)
+def test_streamed_conversion_of_the_family_equals_the_in_memory_transform(
+    family_dirs, tmp_path, family, transform, options
+):
+    """convert_checkpoint (one layer at a time from disk) computes what the in-memory transform does."""
+    from kvforge.conversion.transforms import TRANSFORMS
+
+    source = load_pretrained(family_dirs[family])
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(3))
+    config, expected = TRANSFORMS[transform](source.config, source.state_dict, ids, **options)
+    out, _, streamed_config = convert_checkpoint(
+        family_dirs[family], tmp_path / family, transform, options, device="cpu", calibration=ids
+    )
+    assert streamed_config == config
+    converted = load_pretrained(out).state_dict
+    assert set(converted) == set(expected)
+    for key, tensor in expected.items():
+        assert (converted[key].double() - tensor.double()).abs().max().item() <= 1e-5, key
