@@ -3,8 +3,8 @@
 Qwen3 computes ``q = g_q ⊙ y/rms(y)`` with ``y = W_q,h x`` per head before RoPE (keys alike, ``g_k``
 shared by the heads), so keys are not linear in the input and the complex per-pair scales of the
 aligned merge (:mod:`.merge`) cannot move into the query. A map on ``y`` passes through the norm and
-RoPE unchanged iff it keeps ``rms(y)``, commutes with ``diag(g)`` and with every rotation: a sign
-``±1`` per rotary pair. Hence:
+RoPE unchanged iff it keeps ``rms(y)``, commutes with ``diag(g)`` and with every rotation: for gains
+that differ within a pair (the generic case), a sign ``±1`` per rotary pair. Hence:
 
 - aligned GQA (:func:`merge_signed`): each head's key rows are normalised by ``σ_h``, the head's RMS
   on the calibration inputs (its weights' RMS without calibration), aligned to the group's heaviest
