@@ -13,7 +13,7 @@ Two ways to compute the same attention:
 
 kvforge generalisations for lossless conversion (not loadable by stock DeepseekV3):
 ``mla_rope_heads > 1`` gives each group of heads its own rotary key; ``mla_latent_norm=False``
-drops ``kv_a_layernorm``.
+drops ``kv_a_layernorm``; ``mla_q_bias`` biases ``q_proj`` (a Qwen2 query bias).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class MLAAttention(nn.Module):
         d_model, bias = config.d_model, config.attention_bias
         q_out = self.n_heads * (self.nope_dim + self.rope_dim)
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(d_model, q_out, bias=False)
+            self.q_proj = nn.Linear(d_model, q_out, bias=config.mla_q_bias)
         else:  # DeepSeek's low-rank query: q_b_proj(norm(q_a_proj(x)))
             self.q_proj = None
             self.q_a_proj = nn.Linear(d_model, config.q_lora_rank, bias=bias)

@@ -128,6 +128,9 @@ class ModelConfig:
     mla_rope_heads: int = 1
     mla_latent_norm: bool = True
     mla_rope_theta: float | None = None
+    # A bias on MLA's q_proj (q_lora_rank=None): a Qwen2 query bias through to_mla (b_q·k varies with the key,
+    # so nothing else holds it). DeepseekV3's q_proj has none: such a model exports kvforge-typed.
+    mla_q_bias: bool = False
     # Per-layer forms: `layers` explicitly, or `pattern` tiled over n_layers, or all default GQA.
     pattern: list[LayerSpec] | None = None
     layers: list[LayerSpec] | None = None
@@ -321,6 +324,11 @@ class ModelConfig:
         _check_positive(self, ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"))
         if self.q_lora_rank is not None:
             _check_positive(self, ("q_lora_rank",))
+            if self.mla_q_bias:
+                raise ValueError(
+                    f"ModelConfig.mla_q_bias=True biases q_proj, which q_lora_rank={self.q_lora_rank} replaces by "
+                    "q_a_proj/q_b_proj (biased by attention_bias): allowed with q_lora_rank=None only"
+                )
         if self.qk_nope_head_dim < 0:
             raise ValueError(f"ModelConfig.qk_nope_head_dim={self.qk_nope_head_dim}: must be >= 0")
         if self.qk_rope_head_dim % 2:

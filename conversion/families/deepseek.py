@@ -74,6 +74,7 @@ class MLALayers:
         "mla_rope_heads",
         "mla_latent_norm",
         "mla_rope_theta",
+        "mla_q_bias",
         *MLA_SIZES,
     )
 
@@ -112,6 +113,8 @@ class MLALayers:
             return f"mla_rope_heads={config.mla_rope_heads}; DeepSeek has one rotary key shared by all heads"
         if not config.mla_latent_norm:
             return "mla_latent_norm=False; DeepSeek always normalises the latent (kv_a_layernorm)"
+        if config.mla_q_bias:
+            return "mla_q_bias=True; DeepSeek's q_proj has no bias (attention_bias biases q_a_proj, kv_a_proj, o_proj)"
         if config.mla_rope_theta not in (None, config.rope_theta):
             return f"mla_rope_theta={config.mla_rope_theta} differs from rope_theta={config.rope_theta}"
         return None

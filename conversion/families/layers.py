@@ -30,6 +30,7 @@ MLA_FIELDS = (
     "mla_rope_heads",
     "mla_latent_norm",
     "mla_rope_theta",
+    "mla_q_bias",
 )
 
 

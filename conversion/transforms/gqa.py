@@ -8,7 +8,9 @@
   ``o_proj``) - see :mod:`.merge` - then, with calibration ids, refit ``o_proj`` by least squares
   against the source block's output (and optionally refine, :mod:`.fitting`). Query heads are
   permuted so that each group is contiguous, as the GQA layout requires; copies of one head (an
-  MHA checkpoint made from a GQA one) merge exactly.
+  MHA checkpoint made from a GQA one) merge exactly. With q/k norm (Qwen3) keys are not linear in the
+  input: heads merge as normalised heads aligned by a sign per rotary pair (:mod:`.qk_norm`;
+  approximate, exact for copies), ``k_norm`` kept on the merged head.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from kvforge.arch import ModelConfig
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count, map_layers
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
-from .merge import best_partition, group_cost, merge_group, output_blocks
+from .merge import best_partition, group_cost, merge_keys, merge_values, output_blocks
+from .qk_norm import merge_signed, normalised_targets, signed_group_cost
 from .rotary import from_pairs, scale_pairs
 from .whitening import head_targets, layer_whitening, rows_with_bias, split_bias
 
@@ -50,10 +53,6 @@ def gqa_config(config: ModelConfig, *, n_kv_heads: int, method: str = "aligned")
                 f"to_gqa: layer {index} has n_kv_heads={spec.n_kv_heads}, which n_kv_heads={n_kv_heads} "
                 "does not divide; mean-pooling needs whole groups of heads (method='aligned' does not)"
             )
-    if method == "aligned" and config.qk_norm:
-        raise ValueError(
-            "to_gqa: method='aligned' needs keys that are linear in the input; with qk_norm use method='mean'"
-        )
     if method == "aligned" and any(spec.kv_from is not None for spec in config.layers):
         raise ValueError("to_gqa: method='aligned' needs unshared layers; apply to_gqa before to_cla")
     layers = [dataclasses.replace(spec, n_kv_heads=n_kv_heads) for spec in config.layers]
@@ -106,21 +105,26 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
     n_heads, head_dim, bias = config.n_heads, config.head_dim, config.attention_bias
     whitening, source_whitening, cross = layer_whitening(ctx, bias, config.d_model)
     targets = head_targets(attn, whitening, source_whitening, cross)
+    # q/k norm (Qwen3): normalised heads, aligned by signs only - the one map the norm lets through
+    cost, merge_keys_of = group_cost, merge_keys
+    if config.qk_norm:
+        targets, cost, merge_keys_of = normalised_targets(targets, attn), signed_group_cost, merge_signed
     size = n_heads // new_config.layers[ctx.index].n_kv_heads
     totals = (targets.key_energy(range(n_heads)), float(targets.value_gram(range(n_heads)).trace()))
-    groups = best_partition(n_heads, size, lambda g: group_cost(targets, g, head_dim, totals))
+    groups = best_partition(n_heads, size, lambda g: cost(targets, g, head_dim, totals))
 
     q_rows, k_rows, v_rows, o_cols = [], [], [], []
     q_source = rows_with_bias(attn.q_proj)
     o_blocks = attn.o_proj.weight.to(torch.float64).reshape(-1, n_heads, head_dim)
     for group in groups:
-        merged = merge_group(targets, group, head_dim)
-        k_rows.append(from_pairs(whitening.rows_from_white(merged.key).unsqueeze(0)))
-        v_rows.append(whitening.rows_from_white(merged.value))
-        blocks = output_blocks(targets, group, merged.value)
+        key, alpha, _ = merge_keys_of(targets, group)
+        value, _ = merge_values(targets, group, head_dim)
+        k_rows.append(from_pairs(whitening.rows_from_white(key).unsqueeze(0)))
+        v_rows.append(whitening.rows_from_white(value))
+        blocks = output_blocks(targets, group, value)
         for position, head in enumerate(group):
             rows = q_source[head * head_dim : (head + 1) * head_dim]
-            q_rows.append(scale_pairs(rows, 1, merged.alpha[position].conj().unsqueeze(0)))
+            q_rows.append(scale_pairs(rows, 1, alpha[position].conj().unsqueeze(0)))
             o_cols.append(o_blocks[:, head] @ blocks[position])
     weights = {
         **split_bias("q_proj", torch.cat(q_rows), bias),
@@ -128,6 +132,10 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
         **split_bias("v_proj", torch.cat(v_rows), bias),
         "o_proj.weight": torch.cat(o_cols, dim=1),
     }
+    if config.o_proj_bias:
+        weights["o_proj.bias"] = attn.o_proj.bias
+    if config.qk_norm:  # the gains stay: every head's norm, and the merged key's, scale alike
+        weights.update({"q_norm.weight": attn.q_norm.weight, "k_norm.weight": attn.k_norm.weight})
     return new_attention(new_config, ctx.index, weights)
 
 

@@ -24,10 +24,16 @@ Per layer:
 
 ``layout="kvforge"`` with every pair kept and full rank is lossless (per-head rotary keys, no latent
 norm): the bound the tests check.
+
+Qwen2 biases go through exactly (rows act on ``[x, 1]``; value bias → ``o_proj``'s bias, position-free
+key bias dropped as softmax-invariant, rotary key bias → ``kv_a_proj_with_mqa``'s bias, query bias →
+``q_proj``'s bias, ``mla_q_bias``: kvforge-typed). Qwen3 q/k norms are replaced by linear stand-ins
+(approximate, :func:`.qk_norm.linearised`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -50,8 +56,9 @@ from .mla_rope import (
     select_pairs,
     weight_scores,
 )
+from .qk_norm import linearised
 from .rotary import as_pairs, from_pairs, pair_frequencies
-from .whitening import flat_inputs, head_targets, layer_whitening
+from .whitening import flat_inputs, head_targets, layer_whitening, rows_with_bias, split_bias
 
 LAYOUTS = ("deepseek", "kvforge")
 
@@ -207,18 +214,24 @@ def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLA
         # Every layer is MLA now: rope_theta only drives the kept pairs (DeepseekV3 reads rope_theta).
         rope_theta=plan.theta,
         mla_rope_theta=None,
+        # Qwen2 biases (see _mla_layer): rotary key bias -> kv_a_proj's bias, value bias -> o_proj's bias,
+        # query bias -> q_proj's bias (kvforge-typed: DeepseekV3's q_proj has none).
+        attention_bias=config.attention_bias,
+        o_proj_bias=config.attention_bias or config.o_proj_bias,
+        mla_q_bias=config.attention_bias,
+        qk_norm=False,  # q/k norms became linear stand-ins (see .qk_norm.linearised)
     )
 
 
 def _check_source(config: ModelConfig) -> None:
     check_gqa_source(config, "to_mla")
     unsupported = {
-        "qk_norm": config.qk_norm,
-        "attention_bias": config.attention_bias,
         # linear and llama3 scale each frequency on its own, so the kept pairs keep theirs under the same
         # scaling with the exported theta; yarn's ramp depends on the rotary width, which changes.
         "rope_scaling of type yarn": config.rope_scaling is not None and config.rope_scaling.type == "yarn",
         "kv_from (shared K/V)": any(spec.kv_from is not None for spec in config.layers),
+        # MLA layers rotate with one base; Gemma 3's sliding layers have their own.
+        "window_rope_theta (a separate RoPE base for sliding layers)": config.window_rope_theta is not None,
     }
     for name, present in unsupported.items():
         if present:
@@ -237,7 +250,8 @@ def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: to
     statistics = {}
     for index in range(config.n_layers):
         layer = source_layer(config, state_dict, index, device)
-        stats = rope_statistics(layer.self_attn, stream.attention_inputs(layer), freqs)
+        inputs = stream.attention_inputs(layer)
+        stats = rope_statistics(linearised(layer.self_attn, inputs), inputs, freqs)
         statistics[index] = stats
         stream.advance(layer, ropes[rotary_key(config, config.layers[index])])
     return statistics
@@ -248,18 +262,23 @@ def _pair_scores(config: ModelConfig, state_dict: StateDict, statistics: dict) -
     if statistics:
         return sum(stats.loss_if_position_free().sum(0) for stats in statistics.values())
     return sum(
-        weight_scores(source_layer(config, state_dict, index).self_attn).sum(0)
+        weight_scores(linearised(source_layer(config, state_dict, index).self_attn, None)).sum(0)
         for index in range(config.n_layers)
     )
 
 
 def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx: LayerContext):
-    attn = ctx.source
-    n_heads, head_dim = config.n_heads, config.head_dim
+    attn = linearised(ctx.source, ctx.source_inputs)  # q/k norms (Qwen3) -> linear stand-ins
+    n_heads, head_dim, bias = config.n_heads, config.head_dim, config.attention_bias
     kept, free = plan.pairs, plan.free_pairs(head_dim // 2)
-    whitening, source_whitening, cross = layer_whitening(ctx, False, config.d_model)
+    # With biases every row acts on [x, 1] (whitening included): a bias is one more input coordinate.
+    whitening, source_whitening, cross = layer_whitening(ctx, bias, config.d_model)
     targets = head_targets(attn, whitening, source_whitening, cross)
-    q_pairs = as_pairs(attn.q_proj.weight, n_heads)  # (H, P, d) on x
+    # Position-free keys and values without their biases: a constant key part adds q·b_k, the same for
+    # every key of a query (softmax-invariant); a constant value b_v comes out of the softmax as b_v
+    # (weights sum to 1) and moves to o_proj's bias. Rotary keys keep theirs (it rotates with the key).
+    linear = head_targets(without_kv_bias(attn), whitening, source_whitening, cross) if bias else targets
+    q_pairs = as_pairs(rows_with_bias(attn.q_proj), n_heads)  # (H, P, d [+1]) on x [, 1]
     stats = plan.statistics.get(ctx.index)
     phase = (
         stats.phase_factors()
@@ -268,7 +287,7 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     )
 
     # 1. rotary part
-    nope_pairs, nope_keys = free, targets.key[:, free]
+    nope_pairs, nope_keys = free, linear.key[:, free]
     if plan.layout == "deepseek":
         kept_targets = dataclasses.replace(
             targets, key=targets.key[:, kept], key_weight=targets.key_weight[:, kept]
@@ -284,32 +303,31 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
             residual = targets.key[:, kept] - alpha.unsqueeze(-1) * key
             nope_keys = torch.cat((nope_keys, residual), dim=1)
     else:
-        k_pe = from_pairs(as_pairs(attn.k_proj.weight, attn.n_kv_heads)[:, kept])
+        k_pe = from_pairs(as_pairs(rows_with_bias(attn.k_proj), attn.n_kv_heads)[:, kept])
         alpha = torch.ones(n_heads, len(kept), dtype=torch.complex128, device=q_pairs.device)
-    q_pe = from_pairs(q_pairs[:, kept] * alpha.conj().unsqueeze(-1)).reshape(
-        n_heads, 2 * len(kept), config.d_model
-    )
+    width = q_pairs.shape[-1]  # d_model (+1 with biases)
+    q_pe = from_pairs(q_pairs[:, kept] * alpha.conj().unsqueeze(-1)).reshape(n_heads, 2 * len(kept), width)
 
     # 2. position-free part: the query absorbs the best fixed replacement of each lost rotation
     n_nope = 2 * len(nope_pairs)
     q_nope = from_pairs(q_pairs[:, nope_pairs] * phase[:, nope_pairs].unsqueeze(-1))
-    q_nope = q_nope.reshape(n_heads, n_nope, config.d_model)
-    k_nope = from_pairs(nope_keys).reshape(n_heads, n_nope, config.d_model)  # whitened
+    q_nope = q_nope.reshape(n_heads, n_nope, width)
+    k_nope = from_pairs(nope_keys).reshape(n_heads, n_nope, width)  # whitened
 
     # 3. joint latent of position-free keys and values
     value_energy = torch.einsum("hkd,hkl,hld->h", targets.value, targets.out_gram, targets.value)
     q_white = source_whitening.rows_to_white(q_nope)
     score_weight = (q_white @ q_white.mT) * (attn.scale**2 * value_energy).view(-1, 1, 1)
-    gram = torch.einsum("hkd,hkl,hle->de", k_nope, score_weight, k_nope) + targets.value_gram(range(n_heads))
+    gram = torch.einsum("hkd,hkl,hle->de", k_nope, score_weight, k_nope) + linear.value_gram(range(n_heads))
     eigvals, eigvecs = torch.linalg.eigh(gram)
     basis = eigvecs[:, eigvals.argsort(descending=True)[: new_config.kv_lora_rank]].mT  # (r, d) orthonormal
-    kv_b = torch.cat((k_nope @ basis.mT, targets.value @ basis.mT), dim=1)  # (H, nope + v, r)
+    kv_b = torch.cat((k_nope @ basis.mT, linear.value @ basis.mT), dim=1)  # (H, nope + v, r)
 
     # 4. latent norm: calibrated basis and weight (see .latent_norm)
     latent_rows = whitening.rows_from_white(basis)
     weights = {}
     if new_config.mla_latent_norm:
-        latent = flat_inputs(ctx.inputs, False) @ latent_rows.mT if ctx.inputs is not None else None
+        latent = flat_inputs(ctx.inputs, bias) @ latent_rows.mT if ctx.inputs is not None else None
         norm = fit_latent_norm(latent, flatten=plan.flatten_norm) if latent is not None else None
         if norm is not None:
             latent_rows, kv_b = norm.basis @ latent_rows, kv_b @ norm.basis_inv @ norm.readout
@@ -322,8 +340,35 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
 
     # MLA scores use qk_head_dim**-0.5: rescale the query so logits keep the source's scale.
     q_scale = (new_config.qk_head_dim**0.5) * attn.scale
-    weights["q_proj.weight"] = torch.cat((q_nope, q_pe), dim=1).reshape(-1, config.d_model) * q_scale
-    weights["kv_a_proj_with_mqa.weight"] = torch.cat((latent_rows, k_pe))
+    weights.update(split_bias("q_proj", torch.cat((q_nope, q_pe), dim=1).reshape(-1, width) * q_scale, bias))
+    weights.update(split_bias("kv_a_proj_with_mqa", torch.cat((latent_rows, k_pe)), bias))
     weights["kv_b_proj.weight"] = kv_b.reshape(-1, basis.shape[0])
     weights["o_proj.weight"] = attn.o_proj.weight.to(torch.float64)
+    if new_config.o_proj_bias:
+        weights["o_proj.bias"] = _output_bias(attn)
     return new_attention(new_config, ctx.index, weights)
+
+
+def _output_bias(attn) -> torch.Tensor:
+    """``o_proj``'s bias once the value bias leaves the values: ``b_o + Σ_h O_h b_v,h``."""
+    o_weight = attn.o_proj.weight.to(torch.float64)
+    bias = torch.zeros(o_weight.shape[0], dtype=torch.float64, device=o_weight.device)
+    if attn.o_proj.bias is not None:
+        bias += attn.o_proj.bias.to(torch.float64)
+    if attn.v_proj.bias is not None:
+        heads = attn.v_proj.bias.to(torch.float64).view(attn.n_kv_heads, attn.head_dim)
+        bias += o_weight @ heads.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=0).reshape(-1)
+    return bias
+
+
+def without_kv_bias(attn: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of a GQA module whose ``k_proj``/``v_proj`` biases are zero (rows ``[W | 0]``)."""
+    stripped = copy.copy(attn)
+    stripped._modules = dict(attn._modules)
+    for name in ("k_proj", "v_proj"):
+        source = getattr(attn, name)
+        zeroed = torch.nn.Linear(source.in_features, source.out_features, device="meta")
+        zeroed.weight = source.weight
+        zeroed.bias = torch.nn.Parameter(torch.zeros_like(source.bias), requires_grad=False)
+        stripped._modules[name] = zeroed
+    return stripped

@@ -45,6 +45,10 @@ MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4)
         ),
         ({"pattern": [LayerSpec("mla", n_kv_heads=2)], **MLA}, r"layers\[0\]\.n_kv_heads=2: only gqa"),
         ({"pattern": [LayerSpec("mla")], "mla_rope_heads": 3, **MLA}, r"mla_rope_heads=3"),
+        (
+            {"pattern": [LayerSpec("mla")], "mla_q_bias": True, "q_lora_rank": 8, **MLA},
+            r"mla_q_bias=True.*q_lora_rank=8.*q_lora_rank=None only",
+        ),
         ({"pattern": [LayerSpec()] * 3}, r"pattern has 3 entries.*n_layers=4"),
         ({"layers": [LayerSpec()] * 3}, r"layers has 3 entries but n_layers=4"),
         ({"d_model": 30}, r"head_dim.*d_model=30"),

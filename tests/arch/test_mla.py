@@ -9,6 +9,20 @@ from kvforge.arch import CausalLM, KVView
 from tests.conftest import tiny_form
 
 
+def test_a_query_bias_decodes_with_the_cache_as_without():
+    """``mla_q_bias`` (a Qwen2 query bias through to_mla): the absorbed decode reads the biased query too."""
+    config = tiny_form("mla", mla_q_bias=True)
+    model = CausalLM(config).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.normal_()
+        ids = torch.randint(0, config.vocab_size, (1, 12))
+        full = model(ids)
+        cache = model.new_cache(1, 12, torch.float32)
+        steps = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(12)], dim=1)
+    assert (steps - full).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("rope_heads", [1, 2, 8])
 @pytest.mark.parametrize("q_lora_rank", [None, 16])
 def test_absorbed_attention_equals_expanded(rope_heads, q_lora_rank):

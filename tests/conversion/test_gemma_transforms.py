@@ -33,7 +33,7 @@ TABLE = [
     ("gemma2", "mla", {"kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"layer 0 is 'mla', whose attention"),
     ("gemma2", "gla", {"n_latent_heads": 2, "kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"'mla', whose"),
     ("gemma3_text", "gqa", {"n_kv_heads": 1, "method": "mean"}, WORKS, "gemma3_text"),
-    ("gemma3_text", "gqa", {"n_kv_heads": 1}, REFUSED, r"with qk_norm use method='mean'"),
+    ("gemma3_text", "gqa", {"n_kv_heads": 1}, WORKS, "gemma3_text"),  # q/k norm: sign-aligned heads
     ("gemma3_text", "mqa", {"method": "mean"}, WORKS, "gemma3_text"),
     ("gemma3_text", "window", {"windows": [3, None, 3]}, WORKS, "gemma3_text"),
     ("gemma3_text", "window", {"windows": [3, None, 3], "sinks": True}, WORKS, "kvforge"),
@@ -47,8 +47,14 @@ TABLE = [
     ),
     ("gemma3_text", "cla", {"factor": 3, "init": "mean"}, REFUSED, r"have different window"),
     ("gemma3_text", "gta", {}, REFUSED, r"qk_norm=True is not supported"),
-    ("gemma3_text", "mla", {"kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"sources with qk_norm"),
-    ("gemma3_text", "gla", {"n_latent_heads": 2, "kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"qk_norm"),
+    ("gemma3_text", "mla", {"kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"sources with window_rope_theta"),
+    (
+        "gemma3_text",
+        "gla",
+        {"n_latent_heads": 2, "kv_lora_rank": 16, "rope_dims": 4},
+        REFUSED,
+        r"sources with window_rope_theta",
+    ),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvforge.arch import CausalLM
@@ -103,8 +104,9 @@ def test_aligned_without_calibration_still_beats_mean_pooling():
     assert aligned < mean - 1.0
 
 
-def test_calibrated_gqa_on_a_random_model_with_biases_loads_strictly():
-    config = tiny_form("mha", attention_bias=True)
+@pytest.mark.parametrize("o_proj_bias", [False, True])  # Qwen2 / Llama's attention_bias
+def test_calibrated_gqa_on_a_random_model_with_biases_loads_strictly(o_proj_bias):
+    config = tiny_form("mha", attention_bias=True, o_proj_bias=o_proj_bias)
     source = CausalLM(config).state_dict()
     calibration = torch.randint(0, config.vocab_size, (2, 32))
     new_config, state_dict = to_gqa(config, source, calibration, n_kv_heads=2)
