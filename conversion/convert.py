@@ -184,9 +184,9 @@ def _streamed_while_sampling(config: ModelConfig, weights: CheckpointWeights, de
 
 
 def _run_transform(function, config, weights, ids, options: dict, writer: ShardWriter) -> ModelConfig:
-    """Call a transform with the runtime options it takes. One that takes a ``sink`` streams layer by
-    layer; one that does not (gta, gla, chunked) works on the whole state dict in memory, written at
-    the end - the streaming bound does not hold for those yet."""
+    """Call a transform with the runtime options it takes. One that takes a ``sink`` (every built-in
+    transform) streams layer by layer; one that does not (a transform registered from outside) gets
+    the whole state dict in memory and is written at the end - the streaming bound does not hold for it."""
     accepted = inspect.signature(function).parameters
     options = {
         name: value for name, value in options.items() if name in accepted or name not in RUNTIME_OPTIONS
