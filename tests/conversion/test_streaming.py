@@ -160,7 +160,7 @@ def test_self_calibration_is_the_default(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", ["gqa-aligned", "mla-deepseek", "cla-fit"])
+@pytest.mark.parametrize("case", ["gqa-aligned", "mla-deepseek", "cla-fit", "gta"])
 def test_conversion_on_cuda_matches_the_cpu_conversion(case, tmp_path):
     """The math runs on the GPU; fp32/fp64 kernels differ from the CPU's only by round-off."""
     name, options = CASES[case]
