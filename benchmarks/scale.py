@@ -40,6 +40,10 @@ CONVERSIONS = {
     "mla-512+64": ("mla", {"kv_lora_rank": 512, "rope_dims": 64}),
     "cla-2": ("cla", {"factor": 2}),
     "window-1024": ("window", {"windows": 1024}),
+    "window-1024+sinks": ("window", {"windows": 1024, "sinks": True}),
+    "chunked-1024": ("chunked", {"chunk": 1024, "global_every": 4}),
+    "gta": ("gta", {}),
+    "gla-2": ("gla", {"n_latent_heads": 2, "kv_lora_rank": 512, "rope_dims": 64}),
 }
 
 
@@ -69,7 +73,9 @@ def convert_worker(args: argparse.Namespace) -> None:
 
     name, options = CONVERSIONS[args.conversion]
     options = (
-        {**options, "refine_steps": args.refine_steps} if name != "window" and args.refine_steps else options
+        {**options, "refine_steps": args.refine_steps}
+        if name in ("gqa", "mqa", "mla", "cla") and args.refine_steps
+        else options
     )
     convert_checkpoint(
         args.checkpoint,

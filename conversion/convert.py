@@ -16,6 +16,8 @@ import inspect
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -165,6 +167,54 @@ def convert_checkpoint(
     return out, config, new_config
 
 
+def convert_chain(
+    src: str | Path,
+    out: str | Path,
+    steps: list[tuple[str, dict]],
+    *,
+    family: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    **options,
+) -> tuple[Path, ModelConfig, ModelConfig]:
+    """:func:`convert_checkpoint` through several ``(transform, options)`` steps in turn, each one streamed
+    from the directory the step before wrote. Those intermediate directories (kvforge-typed, in the
+    source's dtype) live in a temporary directory beside ``out``, each removed once the next step has
+    read it, all of them on failure; ``out`` is written atomically by the last step, with ``family``
+    and ``dtype``. ``options`` (device, calibration, ...) go to every step. Returns
+    ``(out, source config, converted config)``."""
+    src, out = Path(src), Path(out)
+    if not steps:
+        raise ValueError("convert_chain: steps is empty; give at least one (transform, options) pair")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if len(steps) == 1:
+        name, step_options = steps[0]
+        return convert_checkpoint(
+            src, out, name, step_options, family=family, dtype=dtype, overwrite=overwrite, **options
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.chain-", dir=out.parent) as work:
+        current, source_config = src, None
+        for number, (name, step_options) in enumerate(steps):
+            last = number == len(steps) - 1
+            target = out if last else Path(work) / f"step-{number}"
+            written, config, new_config = convert_checkpoint(
+                current,
+                target,
+                name,
+                step_options,
+                family=family if last else "kvforge",
+                dtype=dtype if last else None,
+                overwrite=overwrite and last,
+                **options,
+            )
+            if current != src:
+                shutil.rmtree(current)  # read to the end: only the newest intermediate is kept
+            current, source_config = written, source_config or config
+    return out, source_config, new_config
+
+
 def open_checkpoint(path: str | Path, check_finite: bool = True) -> CheckpointWeights:
     """A model directory's weights as a lazy read-only mapping: headers validated, every shape checked
     against its config, each tensor read from disk only when asked for (NaN/inf refused unless not
@@ -184,9 +234,9 @@ def _streamed_while_sampling(config: ModelConfig, weights: CheckpointWeights, de
 
 
 def _run_transform(function, config, weights, ids, options: dict, writer: ShardWriter) -> ModelConfig:
-    """Call a transform with the runtime options it takes. One that takes a ``sink`` streams layer by
-    layer; one that does not (gta, gla, chunked) works on the whole state dict in memory, written at
-    the end - the streaming bound does not hold for those yet."""
+    """Call a transform with the runtime options it takes. One that takes a ``sink`` (every built-in
+    transform) streams layer by layer; one that does not (a transform registered from outside) gets
+    the whole state dict in memory and is written at the end - the streaming bound does not hold for it."""
     accepted = inspect.signature(function).parameters
     options = {
         name: value for name, value in options.items() if name in accepted or name not in RUNTIME_OPTIONS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,10 @@ def resolve_starting_point(
     calibration: CalibrationConfig | None,
     teacher_dir: str | None,
     want_teacher: bool,
+    work_dir: str | Path | None = None,
 ) -> StartingPoint:
+    """In one process: the model config, or ``init_from``'s weights (converted through ``convert`` when given,
+    streamed, with a temporary directory under ``work_dir``: :func:`convert_in_work_dir`), and the teacher."""
     if (model is None) == (init_from is None):
         raise ValueError(
             "give exactly one of model (a ModelConfig: train from scratch) and init_from (a model directory: "
@@ -113,18 +117,48 @@ def resolve_starting_point(
         return StartingPoint(model, teacher=teacher)
     if not Path(init_from).is_dir():
         raise FileNotFoundError(f"model.init_from={init_from!r} is not a directory")
-    source = load_pretrained(init_from)
-    config, state_dict, changed = source.config, source.state_dict, frozenset()
     if convert:
-        tokens = calibration_tokens(calibration, init_from) if calibration else None
-        for step in [convert] if isinstance(convert, dict) else convert:
-            config, state_dict = apply_transform(config, state_dict, step, tokens)
-        changed = changed_parameters(source.config, source.state_dict, config, state_dict)
+        source, (student, changed) = None, convert_in_work_dir(init_from, convert, calibration, work_dir)
+    else:
+        source = student = load_pretrained(init_from)
+        changed = frozenset()
     teacher = None
     if want_teacher:
-        teacher = load_pretrained(teacher_dir) if teacher_dir else source
-        check_teacher_vocabulary(teacher.config, config)
-    return StartingPoint(config, state_dict, teacher, changed, init_from)
+        teacher = load_pretrained(teacher_dir) if teacher_dir else source or load_pretrained(init_from)
+        check_teacher_vocabulary(teacher.config, student.config)
+    return StartingPoint(student.config, student.state_dict, teacher, changed, init_from)
+
+
+def convert_in_work_dir(
+    init_from: str, convert: Convert, calibration: CalibrationConfig | None, work_dir: str | Path | None
+) -> tuple[Pretrained, frozenset[str]]:
+    """A one-process run's conversion: streamed into a temporary directory under ``work_dir`` (the run
+    directory; None: the system's temporary directory), read back into memory, removed."""
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".kvforge-convert-", dir=work_dir) as tmp:
+        changed = convert_to_directory(init_from, convert, calibration, Path(tmp) / "converted")
+        return load_pretrained(Path(tmp) / "converted"), changed
+
+
+def convert_to_directory(
+    init_from: str | Path, convert: Convert, calibration: CalibrationConfig | None, out: Path
+) -> frozenset[str]:
+    """Convert ``init_from`` into ``out`` (atomically); the names of the parameters it changed.
+
+    Every step streams through ``convert_checkpoint`` (a layer in memory at a time, the math on CUDA when
+    there is one); a chain of steps goes through one intermediate directory per step, beside ``out``
+    (``convert_chain``). The changed names are found by reading the two directories tensor by tensor."""
+    from kvforge.conversion.convert import convert_chain, open_checkpoint
+
+    tokens = calibration_tokens(calibration, str(init_from)) if calibration else None
+    steps = []
+    for step in [convert] if isinstance(convert, dict) else list(convert):
+        name, _, options, _ = transform_and_options(step)
+        steps.append((name, options))
+    convert_chain(init_from, out, steps, calibration=tokens, overwrite=True)
+    source, converted = open_checkpoint(init_from), open_checkpoint(out)
+    return changed_parameters(source.config, source, converted.config, converted)
 
 
 def locate_starting_point(

@@ -141,8 +141,9 @@ class KVForgeLM(pl.LightningModule):
     def _resolve(self) -> StartingPoint:
         model, init_from, convert, calibration, teacher_dir = self._recipe
         if not _multi_process():
+            work_dir = self._trainer.default_root_dir if self._trainer is not None else None
             return resolve_starting_point(
-                model, init_from, convert, calibration, teacher_dir, self.distill is not None
+                model, init_from, convert, calibration, teacher_dir, self.distill is not None, work_dir
             )
         weights_dir, changed = init_from, frozenset()
         if convert:

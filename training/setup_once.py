@@ -6,7 +6,7 @@ which Lightning runs on rank 0 while the other ranks wait on a barrier without a
 config from it, and the weights: each DDP rank all of them, FSDP2 rank 0 alone, broadcasting to the
 others' shards (``KVForgeLM.configure_model``). ``conversion.json`` beside the weights records the
 recipe and the parameters the conversion changed; a later run (a resume) with the same recipe reuses
-the directory instead of converting again. The run directory must be visible to every node (it holds the
+the directory instead of converting again. The conversion streams (:func:`~.model_source.convert_to_directory`). The run directory must be visible to every node (it holds the
 distributed checkpoints too).
 """
 
@@ -18,14 +18,7 @@ from typing import Any
 
 from kvforge.conversion.atomic import atomic_file
 
-from .model_source import (
-    CalibrationConfig,
-    Convert,
-    apply_transform,
-    calibration_tokens,
-    changed_parameters,
-    transform_and_options,
-)
+from .model_source import CalibrationConfig, Convert, convert_to_directory
 
 CONVERTED_DIR = "converted"
 RECIPE_FILE = "conversion.json"
@@ -39,33 +32,6 @@ def conversion_recipe(
     return json.loads(
         json.dumps({"init_from": str(Path(init_from).resolve()), "convert": convert, "calibration": calib})
     )
-
-
-def convert_to_directory(
-    init_from: str, convert: Convert, calibration: CalibrationConfig | None, out: Path
-) -> frozenset[str]:
-    """Convert ``init_from`` into ``out`` (atomically); the names of the parameters it changed.
-
-    One transform streams through ``convert_checkpoint`` (a layer in memory at a time, the math on CUDA
-    when there is one), and the changed names are found by reading the two directories tensor by tensor.
-    A chain of transforms still runs in memory on the whole state dict."""
-    from kvforge.conversion import load_pretrained, save_pretrained
-    from kvforge.conversion.convert import convert_checkpoint, open_checkpoint
-
-    tokens = calibration_tokens(calibration, init_from) if calibration else None
-    steps = [convert] if isinstance(convert, dict) else list(convert)
-    if len(steps) == 1:
-        name, _, options, _ = transform_and_options(steps[0])
-        convert_checkpoint(init_from, out, name, options, calibration=tokens, overwrite=True)
-        source, converted = open_checkpoint(init_from), open_checkpoint(out)
-        return changed_parameters(source.config, source, converted.config, converted)
-    source = load_pretrained(init_from)
-    config, state_dict = source.config, source.state_dict
-    for step in steps:
-        config, state_dict = apply_transform(config, state_dict, step, tokens)
-    changed = changed_parameters(source.config, source.state_dict, config, state_dict)
-    save_pretrained(config, state_dict, out, tokenizer_from=init_from, overwrite=True)
-    return changed
 
 
 def prepare_converted(

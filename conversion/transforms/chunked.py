@@ -16,7 +16,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import StateDict, check_rope_kept, is_count
+from .common import Sink, StateDict, check_rope_kept, is_count, map_layers
 
 
 def chunked_config(
@@ -62,6 +62,9 @@ def to_chunked(
     chunk: int,
     global_every: int | None = 4,
     nope: bool = True,
+    sink: Sink | None = None,
 ) -> tuple[ModelConfig, StateDict]:
-    """:func:`chunked_config` on the config; the weights are returned as they are (a new dict)."""
-    return chunked_config(config, chunk=chunk, global_every=global_every, nope=nope), dict(state_dict)
+    """:func:`chunked_config` on the config; the weights are returned as they are (a new dict, or
+    copied to ``sink`` layer by layer)."""
+    target = chunked_config(config, chunk=chunk, global_every=global_every, nope=nope)
+    return target, map_layers(target, state_dict, [[index] for index in range(config.n_layers)], dict, sink)

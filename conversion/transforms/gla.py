@@ -22,10 +22,12 @@ import dataclasses
 import torch
 
 from kvforge.arch import ModelConfig
+from kvforge.arch.model import rotary_key
 
-from .calibration import LayerStream, build_model, check_calibration, rope_tables
-from .common import StateDict, attn_prefix, copy_state_dict, is_count
+from .calibration import LayerStream, check_calibration, rope_tables, source_layer
+from .common import EMBEDDINGS, Sink, StateDict, attn_prefix, is_count, map_layers
 from .mla import to_mla
+from .stages import StageSink
 from .whitening import Whitening
 
 
@@ -74,26 +76,43 @@ def gla_config(config: ModelConfig, *, n_latent_heads: int, **mla_options) -> Mo
     return config
 
 
-@torch.no_grad()
-def _latents(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor) -> list[tuple]:
-    """Per layer: the pre-norm latent rows ``a`` (``kv_a`` latent part, no norm) and the source's
-    normalised latent ``c`` over the calibration tokens."""
-    model = build_model(config, state_dict)
-    stream = LayerStream(model.config, model.model.embed_tokens.weight, calibration)
-    ropes = rope_tables(config, calibration.shape[1])
-    out = []
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        raw = torch.cat(
-            [
-                attn.kv_a_proj_with_mqa(x)[..., : attn.kv_lora_rank].flatten(0, 1)
-                for x in stream.attention_inputs(layer)
-            ]
-        )
-        normed = attn.kv_a_layernorm(raw) if attn.kv_a_layernorm is not None else raw
-        out.append((raw.double(), normed.double()))
-        stream.advance(layer, ropes["mla"])
-    return out
+class _GLAStage:
+    """Per layer of an MLA model: its latents on calibration (the stream through the MLA layers
+    before it), then :func:`_split_layer`."""
+
+    def __init__(
+        self, config: ModelConfig, target: ModelConfig, calibration: torch.Tensor | None, device
+    ) -> None:
+        self.config, self.target, self.calibration = config, target, calibration
+        self.device = torch.device(device)
+        self.stream: LayerStream | None = None
+
+    def other(self, tensors: StateDict) -> StateDict:
+        if self.calibration is not None:
+            self.stream = LayerStream(self.config, tensors[EMBEDDINGS].to(self.device), self.calibration)
+            tables = rope_tables(self.config, self.calibration.shape[1])
+            self.ropes = {k: tuple(t.to(self.device) for t in v) for k, v in tables.items()}
+        return tensors
+
+    @torch.no_grad()
+    def layer(self, index: int, tensors: StateDict) -> StateDict:
+        latents = None
+        if self.stream is not None:
+            layer = source_layer(self.config, tensors, index, self.device)
+            latents = _latents(layer, self.stream.attention_inputs(layer))
+            self.stream.advance(layer, self.ropes[rotary_key(self.config, self.config.layers[index])])
+        dtype = tensors[f"{attn_prefix(index)}kv_b_proj.weight"].dtype
+        new = _split_layer(self.config, self.target, tensors, index, latents)
+        return {**tensors, **{name: tensor.to(dtype) for name, tensor in new.items()}}
+
+
+def _latents(layer: torch.nn.Module, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm latent rows ``a`` (``kv_a`` latent part, no norm) and the source's normalised
+    latent ``c`` over the calibration tokens (float64, on the host)."""
+    attn = layer.self_attn
+    raw = torch.cat([attn.kv_a_proj_with_mqa(x)[..., : attn.kv_lora_rank].flatten(0, 1) for x in inputs])
+    normed = attn.kv_a_layernorm(raw) if attn.kv_a_layernorm is not None else raw
+    return raw.double().cpu(), normed.double().cpu()
 
 
 def _split_layer(config, target, state_dict, index, latents) -> dict[str, torch.Tensor]:
@@ -149,19 +168,25 @@ def to_gla(
     calibration: torch.Tensor | None = None,
     *,
     n_latent_heads: int,
+    progress: bool = False,
+    device: str | torch.device = "cpu",
+    sink: Sink | None = None,
     **mla_options,
 ) -> tuple[ModelConfig, StateDict]:
     """GLA with ``n_latent_heads`` latent heads. An MHA/GQA source goes through :func:`to_mla` first
-    (``mla_options``: its ``kv_lora_rank``, ``rope_dims``, ...; the DeepSeek layout, one rotary key)."""
+    (``mla_options``: its ``kv_lora_rank``, ``rope_dims``, ...; the DeepSeek layout, one rotary key),
+    whose layers are split as they come out. One layer at a time: ``device`` runs the calibration
+    streams (and to_mla's fits); ``sink`` receives the output layer by layer (default: the returned dict)."""
     gla_config(config, n_latent_heads=n_latent_heads, **mla_options)
     calibration = check_calibration(calibration, config, "to_gla")
+
+    def make(mla: ModelConfig) -> tuple[_GLAStage, ModelConfig]:
+        target = gla_config(mla, n_latent_heads=n_latent_heads)
+        return _GLAStage(mla, target, calibration, device), target
+
+    staged = StageSink(make, sink)
     if config.forms == {"gqa"}:
-        config, state_dict = to_mla(config, state_dict, calibration, **mla_options)
-    target = gla_config(config, n_latent_heads=n_latent_heads)
-    latents = _latents(config, state_dict, calibration) if calibration is not None else None
-    out = copy_state_dict(state_dict)
-    for index in range(config.n_layers):
-        dtype = state_dict[f"{attn_prefix(index)}kv_b_proj.weight"].dtype
-        layer = _split_layer(config, target, state_dict, index, None if latents is None else latents[index])
-        out.update({name: tensor.to(dtype) for name, tensor in layer.items()})
-    return target, out
+        to_mla(config, state_dict, calibration, **mla_options, progress=progress, device=device, sink=staged)
+    else:
+        map_layers(config, state_dict, [[index] for index in range(config.n_layers)], dict, staged)
+    return staged.target, staged.result()

@@ -30,8 +30,9 @@ import torch
 from kvforge.arch import ModelConfig
 from kvforge.arch.model import rotary_key
 
-from .calibration import LayerStream, build_model, check_calibration, rope_tables
-from .common import StateDict, attn_prefix, check_gqa_source, copy_state_dict
+from .calibration import LayerStream, check_calibration, rope_tables, source_layer
+from .common import EMBEDDINGS, Sink, StateDict, attn_prefix, check_gqa_source
+from .stages import run_stage
 from .whitening import Whitening
 
 
@@ -90,50 +91,68 @@ def tie_group(
     return w_k[rotary].double(), tied, torch.cat((d1, u), dim=1)
 
 
-@torch.no_grad()
-def input_grams(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor) -> list[torch.Tensor]:
-    """``E[x xᵀ]`` of every layer's attention input on the source model (float64)."""
-    model = build_model(config, state_dict)
-    stream = LayerStream(model.config, model.model.embed_tokens.weight, calibration)
-    ropes = rope_tables(config, calibration.shape[1])
-    grams = []
-    for layer in model.model.layers:
-        xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in stream.attention_inputs(layer)]).double()
-        grams.append(xs.mT @ xs / xs.shape[0])
-        stream.advance(layer, ropes[rotary_key(config, layer.spec)])
-    return grams
-
-
 def to_gta(
-    config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor | None = None
+    config: ModelConfig,
+    state_dict: StateDict,
+    calibration: torch.Tensor | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    sink: Sink | None = None,
 ) -> tuple[ModelConfig, StateDict]:
     """GTA with one tied state per source K/V head (chain :func:`to_gqa` first for fewer groups).
-    ``calibration`` sets the input covariance of the tying fit (without it: the weights alone)."""
+    ``calibration`` sets the input covariance of the tying fit (without it: the weights alone).
+    One layer at a time: ``device`` runs the calibration stream (the fits stay on the host, in
+    float64); ``sink`` receives the output layer by layer (default: the returned dict)."""
     target = gta_config(config)
     calibration = check_calibration(calibration, config, "to_gta")
-    grams = input_grams(config, state_dict, calibration) if calibration is not None else None
-    out = copy_state_dict(state_dict)
+    return target, run_stage(config, state_dict, _GTAStage(config, calibration, device), target, sink)
+
+
+class _GTAStage:
+    """Per layer: the input covariance on the source model (calibration stream through the source
+    layers), then the tying of :func:`tie_layer`."""
+
+    def __init__(self, config: ModelConfig, calibration: torch.Tensor | None, device) -> None:
+        self.config, self.calibration, self.device = config, calibration, torch.device(device)
+        self.stream: LayerStream | None = None
+
+    def other(self, tensors: StateDict) -> StateDict:
+        if self.calibration is not None:
+            self.stream = LayerStream(self.config, tensors[EMBEDDINGS].to(self.device), self.calibration)
+            tables = rope_tables(self.config, self.calibration.shape[1])
+            self.ropes = {k: tuple(t.to(self.device) for t in v) for k, v in tables.items()}
+        return tensors
+
+    @torch.no_grad()
+    def layer(self, index: int, tensors: StateDict) -> StateDict:
+        gram = None
+        if self.stream is not None:
+            layer = source_layer(self.config, tensors, index, self.device)
+            xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.stream.attention_inputs(layer)]).double()
+            gram = (xs.mT @ xs / xs.shape[0]).cpu()
+            self.stream.advance(layer, self.ropes[rotary_key(self.config, self.config.layers[index])])
+        return tie_layer(self.config, index, tensors, gram)
+
+
+def tie_layer(config: ModelConfig, index: int, tensors: StateDict, gram: torch.Tensor | None) -> StateDict:
+    """Layer ``index``'s tensors with its attention made GTA (``gram``: its input covariance, or None)."""
+    prefix, n_kv_heads = attn_prefix(index), config.layers[index].n_kv_heads
     n_heads, head_dim = config.n_heads, config.head_dim
     rotary, plain = rotary_and_plain_rows(head_dim)
-    for index, spec in enumerate(config.layers):
-        prefix = attn_prefix(index)
-        dtype = state_dict[f"{prefix}q_proj.weight"].dtype
-        w_q = out.pop(f"{prefix}q_proj.weight").view(n_heads, head_dim, -1)
-        w_k = out.pop(f"{prefix}k_proj.weight").view(spec.n_kv_heads, head_dim, -1)
-        w_v = out.pop(f"{prefix}v_proj.weight").view(spec.n_kv_heads, head_dim, -1)
-        w_o = out.pop(f"{prefix}o_proj.weight").view(-1, n_heads, head_dim).double()
-        ties = [
-            tie_group(w_k[g], w_v[g], None if grams is None else grams[index]) for g in range(spec.n_kv_heads)
-        ]
-        group = n_heads // spec.n_kv_heads
-        o_new = torch.stack([w_o[:, h] @ ties[h // group][2] for h in range(n_heads)], dim=1)
-        new = {
-            "q_proj.weight": torch.cat((w_q[:, plain], w_q[:, rotary]), dim=1).reshape(
-                n_heads * head_dim, -1
-            ),
-            "kv_proj.weight": torch.cat([tie[1] for tie in ties]),
-            "k_rope_proj.weight": torch.stack([tie[0] for tie in ties]).mean(0),
-            "o_proj.weight": o_new.reshape(o_new.shape[0], -1),
-        }
-        out.update({prefix + name: tensor.to(dtype) for name, tensor in new.items()})
-    return target, out
+    out = dict(tensors)
+    dtype = tensors[f"{prefix}q_proj.weight"].dtype
+    w_q = out.pop(f"{prefix}q_proj.weight").view(n_heads, head_dim, -1)
+    w_k = out.pop(f"{prefix}k_proj.weight").view(n_kv_heads, head_dim, -1)
+    w_v = out.pop(f"{prefix}v_proj.weight").view(n_kv_heads, head_dim, -1)
+    w_o = out.pop(f"{prefix}o_proj.weight").view(-1, n_heads, head_dim).double()
+    ties = [tie_group(w_k[g], w_v[g], gram) for g in range(n_kv_heads)]
+    group = n_heads // n_kv_heads
+    o_new = torch.stack([w_o[:, h] @ ties[h // group][2] for h in range(n_heads)], dim=1)
+    new = {
+        "q_proj.weight": torch.cat((w_q[:, plain], w_q[:, rotary]), dim=1).reshape(n_heads * head_dim, -1),
+        "kv_proj.weight": torch.cat([tie[1] for tie in ties]),
+        "k_rope_proj.weight": torch.stack([tie[0] for tie in ties]).mean(0),
+        "o_proj.weight": o_new.reshape(o_new.shape[0], -1),
+    }
+    out.update({prefix + name: tensor.to(dtype) for name, tensor in new.items()})
+    return out

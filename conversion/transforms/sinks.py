@@ -24,8 +24,8 @@ from kvforge.arch import ModelConfig
 from kvforge.arch.model import rotary_key
 from kvforge.kernels.masks import causal_window_mask, chunk_mask, combine
 
-from .calibration import LayerStream, build_model, check_calibration, rope_tables
-from .common import StateDict, attn_prefix
+from .calibration import LayerStream, check_calibration, rope_tables, source_layer
+from .common import EMBEDDINGS, StateDict, attn_prefix
 
 COARSE_GRID = torch.arange(-20.0, 40.0, 0.25)
 FINE_STEP = 0.005
@@ -69,39 +69,47 @@ def best_sinks(lse: torch.Tensor, own: torch.Tensor, cross: torch.Tensor) -> tor
     return fine.gather(0, error(fine).argmin(0, keepdim=True))[0]
 
 
-@torch.no_grad()
-def fit_sinks(
-    source: ModelConfig,
-    target: ModelConfig,
-    state_dict: StateDict,
-    calibration: torch.Tensor,
-    what: str,
-) -> StateDict:
-    """``state_dict`` with a fitted ``self_attn.sinks`` for every layer of ``target`` that has sinks
-    and not already in ``state_dict``. ``target`` has the same weights as ``source`` with some
-    layers made local; each such layer is fitted to reproduce its ``source`` layer's attention."""
-    check_calibration(calibration, source, what)
-    out = dict(state_dict)
-    todo = [
-        i for i, spec in enumerate(target.layers) if spec.sinks and f"{attn_prefix(i)}sinks" not in state_dict
-    ]
-    for index in todo:
-        out[f"{attn_prefix(index)}sinks"] = torch.zeros(target.n_heads)
-    model = build_model(target, out)
-    stream = LayerStream(model.config, model.model.embed_tokens.weight, calibration)
-    ropes = rope_tables(target, calibration.shape[1])
-    for index, layer in enumerate(model.model.layers):
-        if index in todo:
-            spec, before = target.layers[index], source.layers[index]
+class SinkFitStage:
+    """A :class:`~.stages.LayerStage` giving every layer of ``target`` that has sinks, and none in its
+    tensors yet, a fitted ``self_attn.sinks``. ``target`` has the same weights as ``source`` with some
+    layers made local; each such layer is fitted to reproduce its ``source`` layer's attention, on the
+    inputs the converted layers before it (sinks included) give it. One layer in memory at a time."""
+
+    def __init__(
+        self,
+        source: ModelConfig,
+        target: ModelConfig,
+        calibration: torch.Tensor,
+        what: str,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.calibration = check_calibration(calibration, source, what)
+        self.source, self.target, self.device = source, target, torch.device(device)
+        tables = rope_tables(target, calibration.shape[1])
+        self.ropes = {k: tuple(t.to(self.device) for t in v) for k, v in tables.items()}
+
+    def other(self, tensors: StateDict) -> StateDict:
+        self.stream = LayerStream(self.target, tensors[EMBEDDINGS].to(self.device), self.calibration)
+        return tensors
+
+    @torch.no_grad()
+    def layer(self, index: int, tensors: StateDict) -> StateDict:
+        spec, before = self.target.layers[index], self.source.layers[index]
+        name = f"{attn_prefix(index)}sinks"
+        fit = spec.sinks and name not in tensors
+        out = {**tensors, name: torch.zeros(self.target.n_heads)} if fit else dict(tensors)
+        layer = source_layer(self.target, out, index, self.device)
+        rope = self.ropes[rotary_key(self.target, spec)]
+        if fit:
             stats = []
-            for x in stream.attention_inputs(layer):
-                (q, k, v), scale = layer.self_attn.heads(x, ropes[rotary_key(target, spec)])
+            for x in self.stream.attention_inputs(layer):
+                (q, k, v), scale = layer.self_attn.heads(x, rope)
                 wanted, _ = local_stats(q, k, v, scale, before.window, before.chunk)
                 local, lse = local_stats(q, k, v, scale, spec.window, spec.chunk)
                 stats.append((lse, local.square().sum(-1), (local * wanted).sum(-1)))
-            lse, own, cross = (torch.cat([s[j].flatten(0, 1) for s in stats]) for j in range(3))
+            lse, own, cross = (torch.cat([s[j].flatten(0, 1) for s in stats]).cpu() for j in range(3))
             sinks = best_sinks(lse, own, cross)
             layer.self_attn.sinks.copy_(sinks)
-            out[f"{attn_prefix(index)}sinks"] = sinks.clone()
-        stream.advance(layer, ropes[rotary_key(target, target.layers[index])])
-    return out
+            out[name] = sinks.clone()
+        self.stream.advance(layer, rope)
+        return out

@@ -10,7 +10,8 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .common import Sink, StateDict, check_rope_kept, is_count, map_layers
-from .sinks import fit_sinks
+from .sinks import SinkFitStage
+from .stages import run_stage
 
 
 def window_config(
@@ -72,8 +73,7 @@ def to_window(
     """:func:`window_config` on the config; the weights are returned as they are (a new dict, or
     copied to ``sink`` layer by layer), plus with ``sinks`` one sink logit per head of each windowed
     layer, fitted on ``calibration`` so that the windowed layer keeps its source's attention weights on
-    the keys it still sees (that fit holds the whole model in memory). ``device`` is accepted for a
-    uniform call and unused."""
+    the keys it still sees (one layer in memory at a time too; ``device`` runs that fit)."""
     target = window_config(config, windows=windows, sinks=sinks)
     if not sinks:
         return target, map_layers(
@@ -84,8 +84,5 @@ def to_window(
             "to_window: sinks=True fits the sinks on calibration data; pass calibration token ids "
             "(kvforge convert --calib FILE or --calib self)"
         )
-    fitted = fit_sinks(config, target, dict(state_dict), calibration, "to_window")
-    if sink is None:
-        return target, fitted
-    sink.write(fitted, target)
-    return target, {}
+    stage = SinkFitStage(config, target, calibration, "to_window", device)
+    return target, run_stage(config, state_dict, stage, target, sink)
