@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,7 @@ from kvforge.arch import (
 
 from .distill import DistillationConfig
 from .fsdp import apply_fsdp2, load_full_state
+from .host_allocator import HostAllocator
 from .loading import CHECKPOINT_KEY
 from .memory_check import compute_dtype
 from .model_source import (
@@ -63,6 +64,8 @@ class KVForgeLM(pl.LightningModule):
     attention_backend: overrides the model's attention backend (``eager``, ``sdpa``, ``flash``, ...).
     activation_checkpointing: recompute each decoder layer in the backward pass (less memory).
     compile: ``torch.compile`` each decoder layer.
+    host_allocator: ``pinned`` (default): pin glibc's mmap threshold in every training process, so that
+        freed tensors leave it (see ``host_allocator``); ``default``: leave the allocator as it is.
     """
 
     def __init__(
@@ -77,8 +80,13 @@ class KVForgeLM(pl.LightningModule):
         attention_backend: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        host_allocator: Literal["pinned", "default"] = "pinned",
     ) -> None:
         super().__init__()
+        # First, before any weights are read: in this process, then in each rank's first hook (prepare_data
+        # on rank 0, setup) for ranks that receive this module pickled.
+        self.host_allocator = HostAllocator(host_allocator)
+        self.host_allocator.apply()
         self.distill = distill if distill is not None and distill.alpha < 1 else None
         self.optim = optim or OptimizerConfig()
         if (model is None) == (init_from is None):
@@ -153,6 +161,7 @@ class KVForgeLM(pl.LightningModule):
         )
 
     def prepare_data(self) -> None:
+        self.host_allocator.apply()
         _, init_from, convert, calibration, _ = self._recipe
         if convert and _multi_process():
             prepare_converted(
@@ -212,6 +221,7 @@ class KVForgeLM(pl.LightningModule):
             start.teacher = None
 
     def setup(self, stage: str) -> None:
+        self.host_allocator.apply()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:  # for ThroughputMonitor's FLOPs and MFU
             block, batch = datamodule.block_size, datamodule.batch_size
