@@ -106,6 +106,7 @@ class Measure(pl.Callback):
         self.created = time.perf_counter()
         self.seconds: list[float] = []
         self.cpu_seconds: list[float] = []  # user + system, every thread of this process
+        self.system_seconds: list[float] = []  # of which system (page faults, mmap/munmap)
         self.start_seconds = self.start_rss = None
         self.timeline = Timeline() if timeline else None
 
@@ -133,13 +134,15 @@ class Measure(pl.Callback):
         _sync()
         if self.start_seconds is None:
             self.start_seconds, self.start_rss = time.perf_counter() - self.created, peak_rss()
-        self._start, self._start_cpu = time.perf_counter(), time.process_time()
+        self._start, self._start_times = time.perf_counter(), os.times()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._mark(f"step {batch_idx} end")
         _sync()
         self.seconds.append(time.perf_counter() - self._start)
-        self.cpu_seconds.append(time.process_time() - self._start_cpu)
+        times = os.times()
+        self.cpu_seconds.append(times.user + times.system - self._start_times.user - self._start_times.system)
+        self.system_seconds.append(times.system - self._start_times.system)
         # before ModelCheckpoint's hook (Lightning runs checkpoint callbacks last): the training peak alone
         self.step_peak = peak_rss()
         self.step_peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -153,6 +156,7 @@ class Measure(pl.Callback):
             "start_peak_rss": self.start_rss,
             "step_seconds": self.seconds,
             "step_cpu_seconds": self.cpu_seconds,
+            "step_system_seconds": self.system_seconds,
             "host_allocator": pl_module.host_allocator.state,
             "peak_rss": self.step_peak,
             "peak_cuda": self.step_peak_cuda,
@@ -300,6 +304,7 @@ def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
         "start_peak_gib": record["start_peak_rss"] / GiB,
         "step_s": step,
         "step_cpu_s": _median(record["step_cpu_seconds"][first:]),
+        "step_system_s": _median(record["step_system_seconds"][first:]),
         "host_allocator": record["host_allocator"],
         "tokens_per_s": args.batch * args.seq * record["world"] / step,
         "peak_gib": peak / GiB,
