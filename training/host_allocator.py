@@ -3,9 +3,10 @@
 Left alone, glibc raises its mmap threshold after the first large free, so later tensors of that size
 come from its heap, which it keeps after they are freed: a 0.27B run on CPU then holds about 0.6 GiB per
 rank more than it uses, above ``MemoryCheck``'s estimate (docs/results.md). Pinned, every buffer of at
-least 128 KiB is its own mapping, returned when freed. Applied on GPU hosts too: there the host holds the
-loading, the one-time conversion and checkpoint staging, and a step allocates little on the host, so the
-extra ``mmap``/``munmap`` costs nothing measurable. ``host_allocator: default`` leaves glibc as it is.
+least 128 KiB is its own mapping, returned when freed. The price is the kernel faulting in and zeroing each
+new mapping: 1.4-1.5x the CPU seconds of a CPU training step at 0.27B (docs/results.md). Applied on GPU
+hosts too: there the host holds the loading, the one-time conversion and checkpoint staging while the
+step's tensors are CUDA memory, so it pays few faults. ``host_allocator: default`` leaves glibc as it is.
 """
 
 from __future__ import annotations
