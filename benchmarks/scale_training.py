@@ -12,8 +12,8 @@ rows: training start (seconds to the first step, peak RSS until then), the steps
 ``max_memory_allocated``) and the estimate (``MemoryEstimate.total``: on CPU it includes the process's
 resident bytes before training, measured in ``MemoryCheck``), and each step's CPU seconds (user + system,
 the whole process: what a step costs on shared cores). ``--host-allocator default`` runs without the
-pinned mmap threshold every training process has by default (``KVForgeLM(host_allocator=...)``), to
-measure what the setting saves and costs. ``benchmarks/scale.py --jobs train`` runs this script. Data are
+pinned mmap threshold every training process has by default (``KVForgeLM(host_allocator=...)``) and
+``--host-allocator trim`` trims glibc's heap at every step instead, to measure what each saves and costs. ``benchmarks/scale.py --jobs train`` runs this script. Data are
 random tokens. Runs from a source checkout with torch, lightning, transformers and safetensors only.
 """
 
@@ -357,8 +357,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host-allocator",
         default="pinned",
-        choices=("pinned", "default"),
-        help="KVForgeLM's host_allocator: glibc's mmap threshold pinned (the default) or left alone",
+        choices=("pinned", "trim", "default"),
+        help="KVForgeLM's host_allocator: glibc's mmap threshold pinned (the default), malloc_trim at "
+        "every step, or left alone",
     )
     parser.add_argument("--out", help="write the rows as JSON here")
     return parser

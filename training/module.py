@@ -34,7 +34,7 @@ from kvforge.arch import (
 
 from .distill import DistillationConfig
 from .fsdp import apply_fsdp2, load_full_state
-from .host_allocator import HostAllocator
+from .host_allocator import DEFAULT_HOST_ALLOCATOR, HostAllocator
 from .loading import CHECKPOINT_KEY
 from .memory_check import compute_dtype
 from .model_source import (
@@ -65,7 +65,8 @@ class KVForgeLM(pl.LightningModule):
     activation_checkpointing: recompute each decoder layer in the backward pass (less memory).
     compile: ``torch.compile`` each decoder layer.
     host_allocator: ``pinned`` (default): pin glibc's mmap threshold in every training process, so that
-        freed tensors leave it (see ``host_allocator``); ``default``: leave the allocator as it is.
+        freed tensors leave it; ``trim``: give the heap's free pages back at the start of every step
+        (``malloc_trim``); ``default``: leave the allocator as it is (see ``host_allocator``).
     """
 
     def __init__(
@@ -80,7 +81,7 @@ class KVForgeLM(pl.LightningModule):
         attention_backend: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
-        host_allocator: Literal["pinned", "default"] = "pinned",
+        host_allocator: Literal["pinned", "trim", "default"] = DEFAULT_HOST_ALLOCATOR,
     ) -> None:
         super().__init__()
         # First, before any weights are read: in this process, then in each rank's first hook (prepare_data
@@ -231,6 +232,9 @@ class KVForgeLM(pl.LightningModule):
             self.flops_per_batch = per_token * block * batch
 
     # ------------------------------------------------------------------ steps
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.host_allocator.step()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher = self.__dict__["teacher"]
         inputs, targets = batch["input_ids"], batch["targets"]

@@ -166,10 +166,11 @@ def expected_host_allocator() -> str:
     import os
 
     from kvforge.conversion import host
+    from kvforge.training.host_allocator import DEFAULT_HOST_ALLOCATOR
 
     if host.ENVIRONMENT in os.environ:
         return "environment"
-    return "pinned" if host._glibc() is not None else "default"
+    return DEFAULT_HOST_ALLOCATOR if host.on_glibc() else "default"
 
 
 def cli_args(

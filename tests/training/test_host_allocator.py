@@ -1,6 +1,7 @@
-"""Every training process pins glibc's mmap threshold before it reads weights (``host_allocator``), a
-rank that receives the module pickled pins it again in its own process, and ``host_allocator: default``
-leaves the allocator alone. (That the pinned threshold gives freed tensors back: tests/conversion/test_host.py.)"""
+"""Every training process sets up its host allocator before it reads weights (``host_allocator``): ``pinned``
+pins glibc's mmap threshold, ``trim`` gives the heap's free pages back at the start of every step, a rank
+that receives the module pickled applies the setting again in its own process, and ``default`` leaves the
+allocator alone. (That both settings give freed tensors back: tests/conversion/test_host.py.)"""
 
 from __future__ import annotations
 
@@ -17,47 +18,69 @@ from kvforge.training import host_allocator
 from kvforge.training.host_allocator import HostAllocator
 from tests.training.helpers import tiny_corpus, tiny_data, tiny_module, trainer
 
+STEPS = 3
 
-class StateAtSetup(pl.Callback):
-    """The module's allocator state when the callbacks' ``setup`` runs: before the model is built."""
+
+class Recorder(pl.Callback):
+    """The module's allocator state when the callbacks' ``setup`` runs (before the model is built), and
+    the allocator calls made before each step's forward pass."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls, self.before_step = calls, []
 
     def setup(self, trainer, pl_module, stage) -> None:
         self.state = pl_module.host_allocator.state
 
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.before_step.append(list(self.calls))
+
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records each ``pin_mmap_threshold`` call instead of changing this test process's allocator."""
+    """Records each ``pin_mmap_threshold`` and ``malloc_trim`` call instead of changing this test
+    process's allocator."""
     calls = []
     monkeypatch.delenv(host.ENVIRONMENT, raising=False)
-    monkeypatch.setattr(host_allocator, "pin_mmap_threshold", lambda: calls.append(os.getpid()) or True)
+    monkeypatch.setattr(host_allocator, "pin_mmap_threshold", lambda: calls.append("pin") or True)
+    monkeypatch.setattr(host_allocator, "malloc_trim", lambda pad: calls.append(f"trim({pad})") or True)
+    monkeypatch.setattr(host_allocator, "on_glibc", lambda: True)
     return calls
 
 
-def _fit(tmp_path, **options) -> str:
-    recorder = StateAtSetup()
+def _fit(tmp_path, calls, **options) -> Recorder:
+    recorder = Recorder(calls)
     data = tiny_data(tiny_corpus(tmp_path), tmp_path / "cache")
-    trainer(tmp_path, 1, callbacks=[recorder]).fit(tiny_module(**options), datamodule=data)
-    return recorder.state
+    trainer(tmp_path, STEPS, callbacks=[recorder]).fit(tiny_module(**options), datamodule=data)
+    return recorder
 
 
 def test_a_training_process_pins_the_threshold_before_the_model_is_built(tmp_path, spy):
-    assert _fit(tmp_path) == "pinned"
-    assert spy == [os.getpid()]  # once per process, however many hooks ask
+    assert _fit(tmp_path, spy).state == "pinned"
+    assert spy == ["pin"]  # once per process, however many hooks ask; never a trim
+
+
+def test_host_allocator_trim_trims_before_every_step(tmp_path, spy):
+    recorder = _fit(tmp_path, spy, host_allocator="trim")
+    assert recorder.state == "trim"
+    assert spy == ["trim(0)"] * STEPS  # the threshold is left alone
+    # the first after setup and loading, each before its step's forward pass
+    assert recorder.before_step == [["trim(0)"] * (step + 1) for step in range(STEPS)]
 
 
 def test_host_allocator_default_leaves_glibc_alone(tmp_path, spy):
-    assert _fit(tmp_path, host_allocator="default") == "default"
+    assert _fit(tmp_path, spy, host_allocator="default").state == "default"
     assert spy == []
 
 
-@pytest.mark.skipif(host._glibc() is None, reason="the setting is glibc's")
-def test_the_real_setting_is_reported_pinned(monkeypatch):
+@pytest.mark.skipif(not host.on_glibc(), reason="the settings are glibc's")
+@pytest.mark.parametrize("mode", ["pinned", "trim"])
+def test_the_real_setting_is_reported(monkeypatch, mode):
     monkeypatch.delenv(host.ENVIRONMENT, raising=False)
-    allocator = HostAllocator()
+    allocator = HostAllocator(mode)
     assert allocator.state == "default"
     allocator.apply()
-    assert allocator.state == "pinned"
+    allocator.step()
+    assert allocator.state == mode
 
 
 def test_the_environment_variable_is_reported_and_wins(monkeypatch, spy):
@@ -71,6 +94,7 @@ PICKLED_INTO_A_NEW_PROCESS = """
 import pickle, sys
 from kvforge.training import host_allocator
 host_allocator.pin_mmap_threshold = lambda: True
+host_allocator.on_glibc = lambda: True
 allocator = pickle.loads(sys.stdin.buffer.read())
 before = allocator.state
 allocator.apply()
@@ -78,10 +102,11 @@ print(before, allocator.state)
 """
 
 
-def test_a_rank_that_receives_the_module_pickled_pins_again(spy):
-    allocator = HostAllocator()
+@pytest.mark.parametrize("mode", ["pinned", "trim"])
+def test_a_rank_that_receives_the_module_pickled_applies_it_again(spy, mode):
+    allocator = HostAllocator(mode)
     allocator.apply()
-    assert allocator.state == "pinned"
+    assert allocator.state == mode
     env = {k: v for k, v in os.environ.items() if k != host.ENVIRONMENT}
     result = subprocess.run(
         [sys.executable, "-c", PICKLED_INTO_A_NEW_PROCESS],
@@ -90,11 +115,11 @@ def test_a_rank_that_receives_the_module_pickled_pins_again(spy):
         env=env,
         check=True,
     )
-    assert result.stdout.decode().split() == ["default", "pinned"]
+    assert result.stdout.decode().split() == ["default", mode]
 
 
 def test_an_unknown_host_allocator_is_a_clear_error():
     with pytest.raises(
-        ValueError, match=r"host_allocator='tcmalloc': must be one of \['pinned', 'default'\]"
+        ValueError, match=r"host_allocator='tcmalloc': must be one of \['pinned', 'trim', 'default'\]"
     ):
         tiny_module(host_allocator="tcmalloc")
