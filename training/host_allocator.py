@@ -39,8 +39,9 @@ class HostAllocator:
         self._pid = os.getpid()
         self._active = pin_mmap_threshold() if self.mode == "pinned" else on_glibc()
 
-    def step(self) -> None:
-        """Called at the start of every training step: under ``trim``, give back the heap's free pages."""
+    def release(self) -> None:
+        """Called at the start of every training step, after its forward and after its backward pass: under
+        ``trim``, give the heaps' free pages back."""
         if self.mode == "trim":
             self.apply()
             malloc_trim(0)

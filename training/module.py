@@ -232,8 +232,12 @@ class KVForgeLM(pl.LightningModule):
             self.flops_per_batch = per_token * block * batch
 
     # ------------------------------------------------------------------ steps
+    # host_allocator: trim: each step's pass gives back what the one before freed
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.host_allocator.step()
+        self.host_allocator.release()
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.host_allocator.release()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher = self.__dict__["teacher"]
@@ -292,6 +296,7 @@ class KVForgeLM(pl.LightningModule):
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.host_allocator.release()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,5 +1,6 @@
 """Every training process sets up its host allocator before it reads weights (``host_allocator``): ``pinned``
-pins glibc's mmap threshold, ``trim`` gives the heap's free pages back at the start of every step, a rank
+pins glibc's mmap threshold, ``trim`` gives the heaps' free pages back at the start of every step, after its
+forward and after its backward pass, a rank
 that receives the module pickled applies the setting again in its own process, and ``default`` leaves the
 allocator alone. (That both settings give freed tensors back: tests/conversion/test_host.py.)"""
 
@@ -23,16 +24,20 @@ STEPS = 3
 
 class Recorder(pl.Callback):
     """The module's allocator state when the callbacks' ``setup`` runs (before the model is built), and
-    the allocator calls made before each step's forward pass."""
+    the allocator calls made before each step's backward pass (callbacks' hooks run before the module's)
+    and by the end of each step."""
 
     def __init__(self, calls: list) -> None:
-        self.calls, self.before_step = calls, []
+        self.calls, self.before_backward, self.step_end = calls, [], []
 
     def setup(self, trainer, pl_module, stage) -> None:
         self.state = pl_module.host_allocator.state
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        self.before_step.append(list(self.calls))
+        self.before_backward.append(len(self.calls))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_end.append(len(self.calls))
 
 
 @pytest.fixture
@@ -59,12 +64,13 @@ def test_a_training_process_pins_the_threshold_before_the_model_is_built(tmp_pat
     assert spy == ["pin"]  # once per process, however many hooks ask; never a trim
 
 
-def test_host_allocator_trim_trims_before_every_step(tmp_path, spy):
+def test_host_allocator_trim_trims_three_times_a_step(tmp_path, spy):
     recorder = _fit(tmp_path, spy, host_allocator="trim")
     assert recorder.state == "trim"
-    assert spy == ["trim(0)"] * STEPS  # the threshold is left alone
-    # the first after setup and loading, each before its step's forward pass
-    assert recorder.before_step == [["trim(0)"] * (step + 1) for step in range(STEPS)]
+    assert spy == ["trim(0)"] * 3 * STEPS  # the threshold is left alone
+    # before the forward pass (the first after setup and loading), after it, after the backward pass
+    assert recorder.before_backward == [3 * step + 1 for step in range(STEPS)]
+    assert recorder.step_end == [3 * (step + 1) for step in range(STEPS)]
 
 
 def test_host_allocator_default_leaves_glibc_alone(tmp_path, spy):
@@ -79,7 +85,7 @@ def test_the_real_setting_is_reported(monkeypatch, mode):
     allocator = HostAllocator(mode)
     assert allocator.state == "default"
     allocator.apply()
-    allocator.step()
+    allocator.release()
     assert allocator.state == mode
 
 
