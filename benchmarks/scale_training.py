@@ -11,10 +11,10 @@ rows: training start (seconds to the first step, peak RSS until then), the steps
 (median step, tokens/s), the per-rank peak (RSS on CPU: ``getrusage``, the whole process; CUDA:
 ``max_memory_allocated``) and the estimate (``MemoryEstimate.total``: on CPU it includes the process's
 resident bytes before training, measured in ``MemoryCheck``), and each step's CPU seconds (user + system,
-the whole process: what a step costs on shared cores). ``--host-allocator default`` runs without the
-pinned mmap threshold every training process has by default (``KVForgeLM(host_allocator=...)``) and
-``--host-allocator trim`` trims glibc's heap at every step instead, to measure what each saves and costs. ``benchmarks/scale.py --jobs train`` runs this script. Data are
-random tokens. Runs from a source checkout with torch, lightning, transformers and safetensors only.
+the whole process: what a step costs on shared cores). ``--host-allocator`` picks how the training
+processes treat glibc's heap (``KVForgeLM(host_allocator=...)``: ``trim``, the default, ``pinned`` or
+``default``), to measure what each saves and costs. ``benchmarks/scale.py --jobs train`` runs this script.
+Data are random tokens. Runs from a source checkout with torch, lightning, transformers and safetensors only.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from benchmarks.scale_checkpoints import SHAPES as CHECKPOINT_SHAPES  # noqa: E402
 from benchmarks.scale_checkpoints import Shape, write_checkpoint  # noqa: E402
 from kvforge.arch.memory import GiB  # noqa: E402
+from kvforge.training.host_allocator import DEFAULT_HOST_ALLOCATOR, HOST_ALLOCATORS  # noqa: E402
 
 # The scale benchmarks' shapes (benchmarks/scale_checkpoints.py), plus a tiny one for a smoke run.
 SHAPES = {**CHECKPOINT_SHAPES, "smoke": Shape(2, 64, 4, 4, 128, vocab_size=256, max_seq_len=64, shards=1)}
@@ -356,10 +357,10 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--host-allocator",
-        default="pinned",
-        choices=("pinned", "trim", "default"),
-        help="KVForgeLM's host_allocator: glibc's mmap threshold pinned (the default), malloc_trim at "
-        "every step, or left alone",
+        default=DEFAULT_HOST_ALLOCATOR,
+        choices=HOST_ALLOCATORS,
+        help="KVForgeLM's host_allocator: malloc_trim three times a step (trim), glibc's mmap threshold "
+        f"pinned (pinned) or glibc left alone (default); default {DEFAULT_HOST_ALLOCATOR}",
     )
     parser.add_argument("--out", help="write the rows as JSON here")
     return parser

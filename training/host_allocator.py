@@ -1,15 +1,17 @@
-"""The training process's host allocator (glibc): ``pinned`` (the default), ``trim`` or ``default``.
+"""The training process's host allocator (glibc): ``trim`` (the default), ``pinned`` or ``default``.
 
-Left alone, glibc raises its mmap threshold after the first large free, so later tensors of that size
-come from its heap, which it keeps after they are freed: a 0.27B run on CPU then holds 0.6-0.9 GiB per
-rank more than it uses, above ``MemoryCheck``'s estimate (docs/results.md). ``pinned`` fixes the threshold
-(``mallopt``): every buffer of at least 128 KiB is its own mapping, returned when freed; the price is the
-kernel faulting in and zeroing each new mapping, 1.4-1.5x the CPU seconds of a CPU training step at 0.27B.
-``trim`` leaves the threshold alone and calls ``malloc_trim(0)`` at the start of every training step
-(``step``), after setup and loading for the first: what the previous step freed leaves the process, while
-a step's own allocations reuse the heap and fault once per step at most. Both apply on GPU hosts too:
-there the host holds the loading, the one-time conversion and checkpoint staging while the step's tensors
-are CUDA memory, so they cost little. ``default`` leaves glibc as it is. Measured trade: docs/results.md.
+Left alone (``default``), glibc raises its mmap threshold after the first large free, so later tensors of
+that size come from its heap, which it keeps after they are freed: a 0.27B bf16-mixed run on CPU then holds
+0.6-0.9 GiB per rank more than it uses, 15-20 % above ``MemoryCheck``'s estimate on two FSDP2 ranks.
+``trim`` leaves the threshold alone and calls ``malloc_trim(0)`` three times a training step (``release``:
+at its start, the first after setup and loading, after its forward and after its backward pass): what was
+freed since leaves the process, while allocations in between reuse the heap. At 0.27B that keeps the peak
+within 8 % of the estimate for about 1.0-1.1x the CPU seconds of a step. ``pinned`` fixes the threshold
+(``mallopt``): every buffer of at least 128 KiB is its own mapping, returned when freed; it keeps the peak
+lowest (-4 %) but the kernel faults in and zeroes each new mapping, 1.4-1.5x the CPU seconds of a step.
+Both apply on GPU hosts too, where the host holds the loading, the one-time conversion and checkpoint
+staging while the step's tensors are CUDA memory (so there is little to trim or fault). Measured:
+docs/results.md, "What the host allocator costs".
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from kvforge.conversion.host import ENVIRONMENT, malloc_trim, on_glibc, pin_mmap_threshold
 
 HOST_ALLOCATORS = ("pinned", "trim", "default")
-DEFAULT_HOST_ALLOCATOR = "pinned"
+DEFAULT_HOST_ALLOCATOR = "trim"
 
 
 class HostAllocator:

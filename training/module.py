@@ -64,9 +64,9 @@ class KVForgeLM(pl.LightningModule):
     attention_backend: overrides the model's attention backend (``eager``, ``sdpa``, ``flash``, ...).
     activation_checkpointing: recompute each decoder layer in the backward pass (less memory).
     compile: ``torch.compile`` each decoder layer.
-    host_allocator: ``pinned`` (default): pin glibc's mmap threshold in every training process, so that
-        freed tensors leave it; ``trim``: give the heap's free pages back at the start of every step
-        (``malloc_trim``); ``default``: leave the allocator as it is (see ``host_allocator``).
+    host_allocator: ``trim`` (default): give glibc's free heap pages back three times a training step
+        (``malloc_trim``); ``pinned``: pin glibc's mmap threshold in every training process, so that freed
+        tensors leave it at once; ``default``: leave the allocator as it is (see ``host_allocator``).
     """
 
     def __init__(

@@ -1,8 +1,7 @@
-"""Every training process sets up its host allocator before it reads weights (``host_allocator``): ``pinned``
-pins glibc's mmap threshold, ``trim`` gives the heaps' free pages back at the start of every step, after its
-forward and after its backward pass, a rank
-that receives the module pickled applies the setting again in its own process, and ``default`` leaves the
-allocator alone. (That both settings give freed tensors back: tests/conversion/test_host.py.)"""
+"""Every training process sets up its host allocator before it reads weights (``host_allocator``): ``trim``
+(the default) gives the heaps' free pages back at the start of every step, after its forward and after its
+backward pass, ``pinned`` pins glibc's mmap threshold, a rank that receives the module pickled applies the
+setting again in its own process, and ``default`` leaves the allocator alone. (That both settings give freed tensors back: tests/conversion/test_host.py.)"""
 
 from __future__ import annotations
 
@@ -59,13 +58,13 @@ def _fit(tmp_path, calls, **options) -> Recorder:
     return recorder
 
 
-def test_a_training_process_pins_the_threshold_before_the_model_is_built(tmp_path, spy):
-    assert _fit(tmp_path, spy).state == "pinned"
+def test_host_allocator_pinned_pins_the_threshold_before_the_model_is_built(tmp_path, spy):
+    assert _fit(tmp_path, spy, host_allocator="pinned").state == "pinned"
     assert spy == ["pin"]  # once per process, however many hooks ask; never a trim
 
 
-def test_host_allocator_trim_trims_three_times_a_step(tmp_path, spy):
-    recorder = _fit(tmp_path, spy, host_allocator="trim")
+def test_a_training_process_trims_three_times_a_step_by_default(tmp_path, spy):
+    recorder = _fit(tmp_path, spy)
     assert recorder.state == "trim"
     assert spy == ["trim(0)"] * 3 * STEPS  # the threshold is left alone
     # before the forward pass (the first after setup and loading), after it, after the backward pass
@@ -91,9 +90,10 @@ def test_the_real_setting_is_reported(monkeypatch, mode):
 
 def test_the_environment_variable_is_reported_and_wins(monkeypatch, spy):
     monkeypatch.setenv(host.ENVIRONMENT, "65536")
-    allocator = HostAllocator()
-    allocator.apply()
-    assert allocator.state == "environment"
+    for mode in ("pinned", "trim"):
+        allocator = HostAllocator(mode)
+        allocator.apply()
+        assert allocator.state == "environment"
 
 
 PICKLED_INTO_A_NEW_PROCESS = """
