@@ -3,12 +3,15 @@
 Left alone (``default``), glibc raises its mmap threshold after the first large free, so later tensors of
 that size come from its heap, which it keeps after they are freed: a 0.27B bf16-mixed run on CPU then holds
 0.6-0.9 GiB per rank more than it uses, 15-20 % above ``MemoryCheck``'s estimate on two FSDP2 ranks.
-``trim`` leaves the threshold alone and calls ``malloc_trim(0)`` three times a training step (``release``:
-at its start, the first after setup and loading, after its forward and after its backward pass): what was
-freed since leaves the process, while allocations in between reuse the heap. At 0.27B that keeps the peak
-within 8 % of the estimate for about 1.0-1.1x the CPU seconds of a step. ``pinned`` fixes the threshold
-(``mallopt``): every buffer of at least 128 KiB is its own mapping, returned when freed; it keeps the peak
-lowest (-4 %) but the kernel faults in and zeroes each new mapping, 1.4-1.5x the CPU seconds of a step.
+``trim`` fixes the threshold at 4 MiB (``mallopt``: buffers of at least 4 MiB are their own mappings, given
+back when freed) and calls ``malloc_trim(0)`` three times a training step (``release``: at its start, the
+first after setup and loading, after its forward and after its backward pass): the smaller buffers freed
+since leave the process too, while the allocations in between reuse the heap. At 0.27B on two FSDP2 ranks
+that holds the peak at 0.98-0.99x the estimate over 5 steps for 1.1-1.2x the CPU seconds of a step (the
+trims alone: 1.11x the estimate, creeping up step by step; the 4 MiB threshold alone: 1.10 in one
+process). ``pinned`` fixes the threshold at 128 KiB: every larger buffer is its own mapping, returned when
+freed; the peak is lowest (0.96x) but the kernel faults in and zeroes each new mapping, 1.3-1.5x the CPU
+seconds of a step.
 Both apply on GPU hosts too, where the host holds the loading, the one-time conversion and checkpoint
 staging while the step's tensors are CUDA memory (so there is little to trim or fault). Measured:
 docs/results.md, "What the host allocator costs".
@@ -18,10 +21,11 @@ from __future__ import annotations
 
 import os
 
-from kvforge.conversion.host import ENVIRONMENT, malloc_trim, on_glibc, pin_mmap_threshold
+from kvforge.conversion.host import DEFAULT_THRESHOLD, ENVIRONMENT, malloc_trim, pin_mmap_threshold
 
 HOST_ALLOCATORS = ("pinned", "trim", "default")
 DEFAULT_HOST_ALLOCATOR = "trim"
+TRIM_THRESHOLD = 4 * 1024 * 1024  # ``trim``'s mmap threshold: the largest buffers leave at once
 
 
 class HostAllocator:
@@ -39,11 +43,11 @@ class HostAllocator:
         if self.mode == "default" or self._pid == os.getpid():
             return
         self._pid = os.getpid()
-        self._active = pin_mmap_threshold() if self.mode == "pinned" else on_glibc()
+        self._active = pin_mmap_threshold(TRIM_THRESHOLD if self.mode == "trim" else DEFAULT_THRESHOLD)
 
     def release(self) -> None:
         """Called at the start of every training step, after its forward and after its backward pass: under
-        ``trim``, give the heaps' free pages back."""
+        ``trim``, give the heaps' free pages back (``malloc_trim(0)``)."""
         if self.mode == "trim":
             self.apply()
             malloc_trim(0)

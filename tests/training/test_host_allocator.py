@@ -1,6 +1,6 @@
 """Every training process sets up its host allocator before it reads weights (``host_allocator``): ``trim``
-(the default) gives the heaps' free pages back at the start of every step, after its forward and after its
-backward pass, ``pinned`` pins glibc's mmap threshold, a rank that receives the module pickled applies the
+(the default) pins glibc's mmap threshold at 4 MiB and gives the heaps' free pages back at the start of
+every step, after its forward and after its backward pass, ``pinned`` pins glibc's mmap threshold, a rank that receives the module pickled applies the
 setting again in its own process, and ``default`` leaves the allocator alone. (That both settings give freed tensors back: tests/conversion/test_host.py.)"""
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def spy(monkeypatch):
     process's allocator."""
     calls = []
     monkeypatch.delenv(host.ENVIRONMENT, raising=False)
-    monkeypatch.setattr(host_allocator, "pin_mmap_threshold", lambda: calls.append("pin") or True)
+    monkeypatch.setattr(
+        host_allocator, "pin_mmap_threshold", lambda threshold: calls.append(f"pin({threshold})") or True
+    )
     monkeypatch.setattr(host_allocator, "malloc_trim", lambda pad: calls.append(f"trim({pad})") or True)
-    monkeypatch.setattr(host_allocator, "on_glibc", lambda: True)
     return calls
 
 
@@ -60,16 +61,17 @@ def _fit(tmp_path, calls, **options) -> Recorder:
 
 def test_host_allocator_pinned_pins_the_threshold_before_the_model_is_built(tmp_path, spy):
     assert _fit(tmp_path, spy, host_allocator="pinned").state == "pinned"
-    assert spy == ["pin"]  # once per process, however many hooks ask; never a trim
+    assert spy == ["pin(131072)"]  # once per process, however many hooks ask; never a trim
 
 
 def test_a_training_process_trims_three_times_a_step_by_default(tmp_path, spy):
     recorder = _fit(tmp_path, spy)
     assert recorder.state == "trim"
-    assert spy == ["trim(0)"] * 3 * STEPS  # the threshold is left alone
-    # before the forward pass (the first after setup and loading), after it, after the backward pass
-    assert recorder.before_backward == [3 * step + 1 for step in range(STEPS)]
-    assert recorder.step_end == [3 * (step + 1) for step in range(STEPS)]
+    # the threshold at 4 MiB once per process, then before the forward pass (the first after setup and
+    # loading), after it and after the backward pass
+    assert spy == [f"pin({4 * 2**20})"] + ["trim(0)"] * 3 * STEPS
+    assert recorder.before_backward == [3 * step + 2 for step in range(STEPS)]
+    assert recorder.step_end == [3 * (step + 1) + 1 for step in range(STEPS)]
 
 
 def test_host_allocator_default_leaves_glibc_alone(tmp_path, spy):
@@ -99,8 +101,7 @@ def test_the_environment_variable_is_reported_and_wins(monkeypatch, spy):
 PICKLED_INTO_A_NEW_PROCESS = """
 import pickle, sys
 from kvforge.training import host_allocator
-host_allocator.pin_mmap_threshold = lambda: True
-host_allocator.on_glibc = lambda: True
+host_allocator.pin_mmap_threshold = lambda threshold: True
 allocator = pickle.loads(sys.stdin.buffer.read())
 before = allocator.state
 allocator.apply()
