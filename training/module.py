@@ -65,8 +65,9 @@ class KVForgeLM(pl.LightningModule):
     activation_checkpointing: recompute each decoder layer in the backward pass (less memory).
     compile: ``torch.compile`` each decoder layer.
     host_allocator: ``trim`` (default): pin glibc's mmap threshold at 4 MiB and give its free heap pages
-        back three times a training step (``malloc_trim``); ``pinned``: pin glibc's mmap threshold in every training process, so that freed
-        tensors of 128 KiB and more leave it at once; ``default``: leave the allocator as it is (see ``host_allocator``).
+        back three times a training step (``malloc_trim``); ``pinned``: pin the threshold at 128 KiB, so
+        that every freed tensor of that size or more leaves at once; ``default``: leave the allocator as it
+        is (see ``host_allocator``).
     """
 
     def __init__(
