@@ -1,12 +1,17 @@
 """Scale: peak host memory (and CUDA memory) and time of kvforge jobs on random-weight checkpoints of real shape.
 
     PYTHONPATH=. python -m benchmarks.scale --jobs convert --shapes 0.27b,0.95b [--device cpu|cuda]
+    PYTHONPATH=. python -m benchmarks.scale --jobs train --shapes 0.27b --device cpu \
+        [--train-options "--devices 2 --strategy fsdp2 --precision bf16-mixed --steps 2"]
 
 Checkpoints come from :mod:`benchmarks.scale_checkpoints` (written once under --workdir). Every job
 runs in its own subprocess so that its peak resident memory (``ru_maxrss`` of that child, from
 ``os.wait4``) is its own; the target beside it is the issue's: 0.5 × the checkpoint's bytes on disk +
 1.5 GiB. A job is one function ``JOBS[name](args, shape_name, checkpoint) -> rows``; add rows for a new
-job (training, ...) by adding a function there.
+job by adding a function there. ``train`` is :mod:`benchmarks.scale_training` (uptraining the checkpoint
+converted to GQA, with the unconverted one as teacher, then ``kvforge export``) in a subprocess: its rows
+are the training start, one step with the teacher (target: 1.1 × ``MemoryCheck``'s estimate, issue 17)
+and the export (the conversion's target).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -121,7 +127,60 @@ def convert_job(args: argparse.Namespace, shape: str, checkpoint: Path) -> list[
     return rows
 
 
-JOBS = {"convert": convert_job}
+def train_job(args: argparse.Namespace, shape: str, checkpoint: Path) -> list[list[object]]:
+    """``benchmarks/scale_training.py --export`` on ``checkpoint``; the worst rank's figures, in this table's
+    columns. Peaks are the ranks' own (``VmHWM``; CUDA: ``max_memory_allocated``), not this child's."""
+    from benchmarks.scale_checkpoints import checkpoint_bytes
+
+    size = checkpoint_bytes(checkpoint) / GIB
+    out = Path(args.workdir) / f"{shape}-train.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "scale_training.py"), "--shape", shape]
+    command += ["--source", str(checkpoint), "--workdir", args.workdir, "--export", "--out", str(out)]
+    command += ["--cpu"] if args.device == "cpu" else []
+    run_measured([*command, *shlex.split(args.train_options)])
+    ranks = json.loads(out.read_text())
+    first = ranks[0]
+    setup = f"{first['world']} × {first['strategy']}, {first['precision']}"
+    cuda = first["peak_kind"] == "cuda"
+    peak = max(rank["peak_gib"] for rank in ranks)
+    within = all(rank["peak_vs_estimate"] <= 1.1 for rank in ranks)
+    target = max(1.1 * rank["estimate_gib"] for rank in ranks)
+    start = max(rank["start_peak_gib"] for rank in ranks)
+    export_target = 0.5 * size + 1.5
+    device = "cuda" if cuda else "cpu"
+    rows = [
+        [shape, f"train start ({setup})", size, device, first["start_s"], "-", start, "-", "-", "-"],
+        [
+            shape,
+            f"train step with teacher ({setup})",
+            size,
+            device,
+            first["step_s"],
+            first["step_cpu_s"],
+            "-" if cuda else peak,
+            target,
+            "yes" if within else "NO",
+            f"{peak:.2f}" if cuda else "-",
+        ],
+        [
+            shape,
+            "export (trained checkpoint)",
+            size,
+            "cpu",
+            first["export_s"],
+            "-",
+            first["export_peak_gib"],
+            export_target,
+            "yes" if first["export_peak_gib"] <= export_target else "NO",
+            "-",
+        ],
+    ]
+    for row in rows:
+        print(" | ".join(str(c) for c in row), flush=True)
+    return rows
+
+
+JOBS = {"convert": convert_job, "train": train_job}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         "--calib-tokens", type=int, default=4096, help="self-calibration tokens (default 4096)"
     )
     parser.add_argument("--refine-steps", type=int, default=0)
+    parser.add_argument(
+        "--train-options",
+        default="--devices 2 --strategy fsdp2 --precision bf16-mixed --steps 2",
+        help="benchmarks/scale_training.py options for --jobs train (see its --help)",
+    )
     parser.add_argument("--workdir", default="/tmp/kvforge-scale", help="where checkpoints and outputs go")
     parser.add_argument("--keep-outputs", action="store_true")
     parser.add_argument("--worker", choices=("convert",), help=argparse.SUPPRESS)

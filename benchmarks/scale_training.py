@@ -10,8 +10,11 @@ safetensors, random weights: its shapes, 0.27B = 16 × 1024, 0.95B = 16 × 2048,
 rows: training start (seconds to the first step, peak RSS until then), the steps with the teacher
 (median step, tokens/s), the per-rank peak (RSS on CPU: ``getrusage``, the whole process; CUDA:
 ``max_memory_allocated``) and the estimate (``MemoryEstimate.total``: on CPU it includes the process's
-resident bytes before training, measured in ``MemoryCheck``). Data are random tokens. Runs from a
-source checkout with torch, lightning, transformers and safetensors only.
+resident bytes before training, measured in ``MemoryCheck``), and each step's CPU seconds (user + system,
+the whole process: what a step costs on shared cores). ``--host-allocator`` picks how the training
+processes treat glibc's heap (``KVForgeLM(host_allocator=...)``: ``trim``, the default, ``pinned`` or
+``default``), to measure what each saves and costs. ``benchmarks/scale.py --jobs train`` runs this script.
+Data are random tokens. Runs from a source checkout with torch, lightning, transformers and safetensors only.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from benchmarks.scale_checkpoints import SHAPES as CHECKPOINT_SHAPES  # noqa: E402
 from benchmarks.scale_checkpoints import Shape, write_checkpoint  # noqa: E402
 from kvforge.arch.memory import GiB  # noqa: E402
+from kvforge.training.host_allocator import DEFAULT_HOST_ALLOCATOR, HOST_ALLOCATORS  # noqa: E402
 
 # The scale benchmarks' shapes (benchmarks/scale_checkpoints.py), plus a tiny one for a smoke run.
 SHAPES = {**CHECKPOINT_SHAPES, "smoke": Shape(2, 64, 4, 4, 128, vocab_size=256, max_seq_len=64, shards=1)}
@@ -102,6 +106,8 @@ class Measure(pl.Callback):
         self.directory, self.memory_check = directory, memory_check
         self.created = time.perf_counter()
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []  # user + system, every thread of this process
+        self.system_seconds: list[float] = []  # of which system (page faults, mmap/munmap)
         self.start_seconds = self.start_rss = None
         self.timeline = Timeline() if timeline else None
 
@@ -129,12 +135,15 @@ class Measure(pl.Callback):
         _sync()
         if self.start_seconds is None:
             self.start_seconds, self.start_rss = time.perf_counter() - self.created, peak_rss()
-        self._start = time.perf_counter()
+        self._start, self._start_times = time.perf_counter(), os.times()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._mark(f"step {batch_idx} end")
         _sync()
         self.seconds.append(time.perf_counter() - self._start)
+        times = os.times()
+        self.cpu_seconds.append(times.user + times.system - self._start_times.user - self._start_times.system)
+        self.system_seconds.append(times.system - self._start_times.system)
         # before ModelCheckpoint's hook (Lightning runs checkpoint callbacks last): the training peak alone
         self.step_peak = peak_rss()
         self.step_peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -147,6 +156,9 @@ class Measure(pl.Callback):
             "start_seconds": self.start_seconds,
             "start_peak_rss": self.start_rss,
             "step_seconds": self.seconds,
+            "step_cpu_seconds": self.cpu_seconds,
+            "step_system_seconds": self.system_seconds,
+            "host_allocator": pl_module.host_allocator.state,
             "peak_rss": self.step_peak,
             "peak_cuda": self.step_peak_cuda,
             "peak_rss_with_save": peak_rss(),
@@ -197,7 +209,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     workdir = Path(args.workdir)
     shape = SHAPES[args.shape]
-    source = workdir / f"source-{args.shape}"
+    source = Path(args.source) if args.source else workdir / f"source-{args.shape}"
     if "LOCAL_RANK" not in os.environ:  # the launching process; the ranks Lightning starts find it written
         write_checkpoint(shape, source)  # one shard in memory at a time: not this process's peak
     module = KVForgeLM(
@@ -207,6 +219,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         optim=OptimizerConfig(lr=1e-4, warmup_steps=1, total_steps=args.steps),
         activation_checkpointing=args.activation_checkpointing,
         compile=args.compile,
+        host_allocator=args.host_allocator,
     )
     block = min(args.seq, shape.max_seq_len)
     data = RandomData(shape.vocab_size, block, args.batch, args.batch * args.steps * args.devices)
@@ -277,8 +290,8 @@ def measure_export(checkpoint: Path, out: Path) -> dict:
 
 
 def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
-    steps = sorted(record["step_seconds"][min(warmup, len(record["step_seconds"]) - 1) :])
-    step = steps[len(steps) // 2]
+    first = min(warmup, len(record["step_seconds"]) - 1)
+    step = _median(record["step_seconds"][first:])
     peak = record["peak_cuda"] if record["peak_cuda"] is not None else record["peak_rss"]
     estimate = record["estimate_training"] if record["peak_cuda"] is not None else record["estimate_total"]
     return {
@@ -291,6 +304,9 @@ def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
         "start_s": record["start_seconds"],
         "start_peak_gib": record["start_peak_rss"] / GiB,
         "step_s": step,
+        "step_cpu_s": _median(record["step_cpu_seconds"][first:]),
+        "step_system_s": _median(record["step_system_seconds"][first:]),
+        "host_allocator": record["host_allocator"],
         "tokens_per_s": args.batch * args.seq * record["world"] / step,
         "peak_gib": peak / GiB,
         "peak_kind": "cuda" if record["peak_cuda"] is not None else "rss",
@@ -301,6 +317,10 @@ def summarise(record: dict, args: argparse.Namespace, warmup: int) -> dict:
         "export_s": record["export"]["seconds"] if "export" in record else None,
         "export_peak_gib": record["export"]["peak_rss"] / GiB if "export" in record else None,
     }
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -331,6 +351,17 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeline", action="store_true", help="sample each rank's RSS through the run")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where CUDA is available")
     parser.add_argument("--workdir", default="/tmp/kvforge-scale-training")
+    parser.add_argument(
+        "--source",
+        help="the source checkpoint's directory (default <workdir>/source-<shape>, written if missing)",
+    )
+    parser.add_argument(
+        "--host-allocator",
+        default=DEFAULT_HOST_ALLOCATOR,
+        choices=HOST_ALLOCATORS,
+        help="KVForgeLM's host_allocator: malloc_trim three times a step (trim), glibc's mmap threshold "
+        f"pinned (pinned) or glibc left alone (default); default {DEFAULT_HOST_ALLOCATOR}",
+    )
     parser.add_argument("--out", help="write the rows as JSON here")
     return parser
 

@@ -7,6 +7,9 @@ freed, every later tensor of that size lands on the heap and stays resident afte
 layer-by-layer conversion or a training step then holds the high-water mark of everything it ever
 freed. Setting the threshold explicitly (``mallopt``) turns that adjustment off. It is what the
 ``MALLOC_MMAP_THRESHOLD_`` environment variable does, but it works in a process that has already started.
+The cheaper alternative leaves the threshold alone and calls ``malloc_trim`` now and then: it gives back
+every free page of glibc's heaps (their top, and since glibc 2.8 whole free pages inside them too), so
+memory freed before the call leaves, while allocations between calls reuse the heap without faulting.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def on_glibc() -> bool:
+    """Whether this process's C library is glibc (the only one these settings apply to)."""
+    return _glibc() is not None
+
+
 def pin_mmap_threshold(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Serve allocations of at least ``threshold`` bytes with mmap from now on, so freeing them gives
     the memory back. Returns whether the setting is in force. A no-op (False) off glibc, and when
@@ -53,3 +61,16 @@ def pin_mmap_threshold(threshold: int = DEFAULT_THRESHOLD) -> bool:
     if done:
         log.debug("glibc mmap threshold pinned at %d bytes", threshold)
     return done
+
+
+def malloc_trim(pad: int = 0) -> bool:
+    """Give the free pages of every glibc heap (arena) back to the OS, keeping ``pad`` bytes at each heap's
+    top. Returns whether any memory was released. A no-op (False) off glibc."""
+    if pad < 0:
+        raise ValueError(f"malloc_trim: pad={pad} must be a number of bytes >= 0")
+    libc = _glibc()
+    if libc is None:
+        return False
+    released = bool(libc.malloc_trim(ctypes.c_size_t(pad)))
+    log.debug("malloc_trim(%d): %s", pad, "released memory" if released else "nothing to release")
+    return released

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,7 @@ from kvforge.arch import (
 
 from .distill import DistillationConfig
 from .fsdp import apply_fsdp2, load_full_state
+from .host_allocator import DEFAULT_HOST_ALLOCATOR, HostAllocator
 from .loading import CHECKPOINT_KEY
 from .memory_check import compute_dtype
 from .model_source import (
@@ -63,6 +64,10 @@ class KVForgeLM(pl.LightningModule):
     attention_backend: overrides the model's attention backend (``eager``, ``sdpa``, ``flash``, ...).
     activation_checkpointing: recompute each decoder layer in the backward pass (less memory).
     compile: ``torch.compile`` each decoder layer.
+    host_allocator: ``trim`` (default): pin glibc's mmap threshold at 4 MiB and give its free heap pages
+        back three times a training step (``malloc_trim``); ``pinned``: pin the threshold at 128 KiB, so
+        that every freed tensor of that size or more leaves at once; ``default``: leave the allocator as it
+        is (see ``host_allocator``).
     """
 
     def __init__(
@@ -77,8 +82,13 @@ class KVForgeLM(pl.LightningModule):
         attention_backend: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        host_allocator: Literal["pinned", "trim", "default"] = DEFAULT_HOST_ALLOCATOR,
     ) -> None:
         super().__init__()
+        # First, before any weights are read: in this process, then in each rank's first hook (prepare_data
+        # on rank 0, setup) for ranks that receive this module pickled.
+        self.host_allocator = HostAllocator(host_allocator)
+        self.host_allocator.apply()
         self.distill = distill if distill is not None and distill.alpha < 1 else None
         self.optim = optim or OptimizerConfig()
         if (model is None) == (init_from is None):
@@ -154,6 +164,7 @@ class KVForgeLM(pl.LightningModule):
         )
 
     def prepare_data(self) -> None:
+        self.host_allocator.apply()
         _, init_from, convert, calibration, _ = self._recipe
         if convert and _multi_process():
             prepare_converted(
@@ -213,6 +224,7 @@ class KVForgeLM(pl.LightningModule):
             start.teacher = None
 
     def setup(self, stage: str) -> None:
+        self.host_allocator.apply()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:  # for ThroughputMonitor's FLOPs and MFU
             block, batch = datamodule.block_size, datamodule.batch_size
@@ -222,6 +234,13 @@ class KVForgeLM(pl.LightningModule):
             self.flops_per_batch = per_token * block * batch
 
     # ------------------------------------------------------------------ steps
+    # host_allocator: trim: each step's pass gives back what the one before freed
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.host_allocator.release()
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.host_allocator.release()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher = self.__dict__["teacher"]
         inputs, targets = batch["input_ids"], batch["targets"]
@@ -279,6 +298,7 @@ class KVForgeLM(pl.LightningModule):
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.host_allocator.release()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -148,6 +148,7 @@ class RankRecorder(pl.Callback):
         checksum = sum(float(t.double().abs().sum()) for t in state.values())
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {"local": self.local, "mean": self.mean, "checksum": checksum, "world": trainer.world_size}
+        record["host_allocator"] = pl_module.host_allocator.state  # what this rank's process runs with
         teacher = pl_module.__dict__.get("teacher")
         if teacher is not None:
             params = list(teacher.parameters())
@@ -158,6 +159,18 @@ class RankRecorder(pl.Callback):
                 "requires_grad": any(p.requires_grad for p in params),
             }
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def expected_host_allocator() -> str:
+    """What a training process started from this one reports by default (``HostAllocator.state``)."""
+    import os
+
+    from kvforge.conversion import host
+    from kvforge.training.host_allocator import DEFAULT_HOST_ALLOCATOR
+
+    if host.ENVIRONMENT in os.environ:
+        return "environment"
+    return DEFAULT_HOST_ALLOCATOR if host.on_glibc() else "default"
 
 
 def cli_args(

@@ -10,6 +10,7 @@ import torch
 
 from kvforge.conversion import load_pretrained
 from kvforge.training.export import export_checkpoint
+from tests.training.helpers import expected_host_allocator
 from tests.training.launch import launch, one_process, uptrain_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -40,6 +41,7 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(config, singl
     assert rank0["mean"] == rank1["mean"]
     assert rank0["checksum"] == rank1["checksum"]
     assert rank0["local"] != rank1["local"]  # each rank trained on its own shard
+    assert rank0["host_allocator"] == rank1["host_allocator"] == expected_host_allocator()
     assert rank0["mean"] == pytest.approx(single["mean"], abs=1e-5)
     assert rank0["checksum"] == pytest.approx(single["checksum"], rel=1e-5)
 
@@ -49,6 +51,7 @@ def test_fsdp2_matches_one_process_and_its_checkpoint_resumes_and_exports(config
     out, first = _launch(config, "fsdp2", "fsdp2", "--trainer.max_steps", str(half))
     assert first[0]["mean"] == first[1]["mean"]
     assert first[0]["mean"] == pytest.approx(single["mean"][:half], abs=1e-5)
+    assert [rank["host_allocator"] for rank in first] == [expected_host_allocator()] * 2
     checkpoint = out / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir()  # a distributed (sharded) checkpoint
     _, resumed = _launch(config, "fsdp2", "fsdp2", "--trainer.max_steps", str(STEPS), "--ckpt_path", "last")
