@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kvforge.conversion import host
 
@@ -54,3 +55,43 @@ def test_environment_variable_wins(monkeypatch):
 def test_bad_threshold_is_a_clear_error():
     with pytest.raises(ValueError, match="threshold=0"):
         host.pin_mmap_threshold(0)
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_one_cpu_thread_sets_one_and_restores(two_threads):
+    with host.one_cpu_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_one_cpu_thread_restores_after_an_exception(two_threads):
+    with pytest.raises(RuntimeError, match="inside"), host.one_cpu_thread():
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+
+
+def test_one_cpu_thread_disabled_changes_nothing(two_threads):
+    with host.one_cpu_thread(enabled=False):
+        assert torch.get_num_threads() == 2
+
+
+def test_one_cpu_thread_gives_the_same_fit(two_threads):
+    """The per-layer fits' kind of math (Gram, eigh, solve in fp64) agrees to round-off (1e-10 relative)."""
+    x = torch.randn(512, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def fit() -> tuple[torch.Tensor, torch.Tensor]:
+        gram = x.mT @ x / len(x)
+        return torch.linalg.eigvalsh(gram), torch.linalg.solve(gram, x.mT @ x[:, :8])
+
+    threaded = fit()
+    with host.one_cpu_thread():
+        single = fit()
+    for a, b in zip(threaded, single):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
