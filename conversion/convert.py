@@ -26,6 +26,7 @@ from kvforge.arch import ModelConfig, parse_dtype
 from .atomic import atomic_directory
 from .checkpoint import CheckpointWeights, checkpoint_entries
 from .families import plan_export
+from .host import pin_mmap_threshold
 from .pretrained import EMBEDDINGS, LM_HEAD, check_tensors, export_config, load_config, write_directory_files
 from .weights import SAFETENSORS, SAFETENSORS_INDEX
 
@@ -125,6 +126,7 @@ def convert_checkpoint(
     of the output (default: the source's). Returns ``(out, source config, converted config)``."""
     from .transforms import TRANSFORMS, check_options, load_calibration_ids, sample_calibration_ids
 
+    pin_mmap_threshold()  # process-wide: every freed layer-sized tensor leaves the process (.host)
     src, out = Path(src), Path(out)
     if out.exists() and not overwrite:  # before any reading
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")

@@ -95,3 +95,15 @@ def test_one_cpu_thread_gives_the_same_fit(two_threads):
         single = fit()
     for a, b in zip(threaded, single):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_convert_checkpoint_pins_the_threshold_first(monkeypatch, tmp_path):
+    from kvforge.conversion import convert
+    from tests.conftest import shared_path
+
+    calls = []
+    monkeypatch.setattr(convert, "pin_mmap_threshold", lambda: calls.append("pinned") or True)
+    convert.convert_checkpoint(
+        shared_path("stories260K"), tmp_path / "out", "gqa", {"n_kv_heads": 2, "method": "mean"}, device="cpu"
+    )
+    assert calls == ["pinned"]
