@@ -107,3 +107,27 @@ def test_convert_checkpoint_pins_the_threshold_first(monkeypatch, tmp_path):
         shared_path("stories260K"), tmp_path / "out", "gqa", {"n_kv_heads": 2, "method": "mean"}, device="cpu"
     )
     assert calls == ["pinned"]
+
+
+def test_self_calibration_samples_on_one_thread_on_the_host(monkeypatch, tmp_path, two_threads):
+    from kvforge.conversion import convert, transforms
+    from tests.conftest import shared_path
+
+    sample = transforms.sample_calibration_ids
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "sample_calibration_ids", recording)
+    convert.convert_checkpoint(
+        shared_path("stories260K"),
+        tmp_path / "out",
+        "gqa",
+        {"n_kv_heads": 2},
+        device="cpu",
+        calib_tokens=64,
+        calib_seq_len=32,
+    )
+    assert threads == [1] and torch.get_num_threads() == 2
