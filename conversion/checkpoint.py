@@ -176,9 +176,10 @@ def check_config_sizes(hf: dict, entries: Mapping[str, TensorEntry], where: str)
 class CheckpointWeights(Mapping):
     """A read-only state dict (kvforge names and layout) whose tensors are read from disk on access.
 
-    Construction reads headers only and checks every shape against ``config``; ``len``/``keys``/``in``
-    never touch tensor data; ``check_finite`` refuses NaN/inf as each tensor is read. Tied embeddings answer ``lm_head.weight`` with the embeddings, as
-    :func:`~kvforge.conversion.load_pretrained` does."""
+        Construction reads headers only and checks every shape against ``config``; ``len``/``keys``/``in``
+        never touch tensor data; ``check_finite`` refuses NaN/inf when a tensor is first read (the file
+    is read-only input: later reads of the same tensor are not scanned again). Tied embeddings answer ``lm_head.weight`` with the embeddings, as
+        :func:`~kvforge.conversion.load_pretrained` does."""
 
     def __init__(
         self,
@@ -193,6 +194,7 @@ class CheckpointWeights(Mapping):
 
         self.root, self.config, self.family, self.hf = Path(root), config, family, hf
         self.check_finite = check_finite
+        self.scanned: set[str] = set()  # names already checked for NaN/inf (passes re-read tensors)
         stored = dict(entries) if entries is not None else checkpoint_entries(root)
         # Keyed by kvforge names; a family that renames (Gemma's norms) reads the stored name back.
         self.entries = {family.kvforge_name(name): entry for name, entry in stored.items()}
@@ -209,7 +211,10 @@ class CheckpointWeights(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         stored = self.family.hf_name(name)
-        tensors = {stored: read_entry(self.entries[name], stored, check_finite=self.check_finite)}
+        scan = self.check_finite and name not in self.scanned
+        tensors = {stored: read_entry(self.entries[name], stored, check_finite=scan)}
+        if scan:
+            self.scanned.add(name)
         self.family.to_kvforge(tensors, self.config, self.hf)
         return tensors[name]
 

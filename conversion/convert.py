@@ -28,6 +28,7 @@ from kvforge.arch import ModelConfig, parse_dtype
 from .atomic import atomic_directory
 from .checkpoint import CheckpointWeights, checkpoint_entries
 from .families import plan_export
+from .host import one_cpu_thread, pin_mmap_threshold
 from .pretrained import EMBEDDINGS, LM_HEAD, check_tensors, export_config, load_config, write_directory_files
 from .weights import SAFETENSORS, SAFETENSORS_INDEX
 
@@ -127,6 +128,9 @@ def convert_checkpoint(
     of the output (default: the source's). Returns ``(out, source config, converted config)``."""
     from .transforms import TRANSFORMS, check_options, load_calibration_ids, sample_calibration_ids
 
+    # process-wide: every freed layer-sized tensor leaves the process (.host); a training run's own
+    # host_allocator setting, made before, stands
+    pin_mmap_threshold(unless_settled=True)
     src, out = Path(src), Path(out)
     if out.exists() and not overwrite:  # before any reading
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -146,16 +150,19 @@ def convert_checkpoint(
             log.info(
                 "sampling %d calibration tokens from %s (seed %d) on %s", calib_tokens, src, seed, device
             )
-            ids = sample_calibration_ids(
-                config,
-                weights,
-                calib_tokens,
-                seq_len,
-                seed,
-                device=device,
-                dtype=weights.dtype,
-                streamed=_streamed_while_sampling(config, weights, device),
-            )
+            # A decoding step is ~100 small matmuls on a few rows: on shared cores a second thread
+            # mostly spins (0.27B: 0.10 CPU-s a step on one thread, 0.7-0.9 on two, and 3-7x the wall).
+            with one_cpu_thread(device.type == "cpu"):
+                ids = sample_calibration_ids(
+                    config,
+                    weights,
+                    calib_tokens,
+                    seq_len,
+                    seed,
+                    device=device,
+                    dtype=weights.dtype,
+                    streamed=_streamed_while_sampling(config, weights, device),
+                )
         else:
             ids = load_calibration_ids(calibration, src, calib_tokens, seq_len)
     stored = parse_dtype(dtype) if dtype is not None else None

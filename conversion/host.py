@@ -1,4 +1,10 @@
-"""The host process's memory: make freed large buffers go back to the OS (glibc only).
+"""The host process: its threads for small dense math, and its memory (freed large buffers go back to the OS).
+
+``one_cpu_thread()``: the per-layer fits (eigh, Cholesky, solves, SVDs of a few thousand rows) are too
+small for more than one thread; on shared cores the extra threads mostly spin-wait, costing 10-40x
+the CPU time for little or no wall time. The forward passes over the calibration tokens keep every thread.
+
+The memory (glibc only):
 
 glibc serves an allocation of at least ``M_MMAP_THRESHOLD`` bytes with its own ``mmap``, unmapped on
 free; smaller ones come from the heap, which it keeps. The threshold starts at 128 KiB but glibc raises
@@ -14,12 +20,16 @@ memory freed before the call leaves, while allocations between calls reuse the h
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import logging
 import os
 import sys
+from collections.abc import Iterator
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +56,20 @@ def on_glibc() -> bool:
     return _glibc() is not None
 
 
-def pin_mmap_threshold(threshold: int = DEFAULT_THRESHOLD) -> bool:
+_settled: int | None = None  # this process's choice: a pinned threshold, 0 = glibc's own; None = not made
+
+
+def pin_mmap_threshold(threshold: int = DEFAULT_THRESHOLD, *, unless_settled: bool = False) -> bool:
     """Serve allocations of at least ``threshold`` bytes with mmap from now on, so freeing them gives
-    the memory back. Returns whether the setting is in force. A no-op (False) off glibc, and when
-    ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins, and glibc has already applied it)."""
+    the memory back. Returns whether a pinned threshold is in force. A no-op (False) off glibc, and when
+    ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins, and glibc has already applied it).
+    ``unless_settled``: keep whatever this process already chose (a training run's ``host_allocator``,
+    including :func:`keep_glibc_threshold`): what a library step such as a conversion asks for."""
+    global _settled
     if threshold <= 0:
         raise ValueError(f"pin_mmap_threshold: threshold={threshold} must be a positive number of bytes")
+    if unless_settled and _settled is not None:
+        return _settled > 0
     if ENVIRONMENT in os.environ:
         return False
     libc = _glibc()
@@ -59,8 +77,16 @@ def pin_mmap_threshold(threshold: int = DEFAULT_THRESHOLD) -> bool:
         return False
     done = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
     if done:
+        _settled = threshold
         log.debug("glibc mmap threshold pinned at %d bytes", threshold)
     return done
+
+
+def keep_glibc_threshold() -> None:
+    """Settle on glibc's own (dynamic) threshold: later ``pin_mmap_threshold(unless_settled=True)`` calls
+    leave it alone."""
+    global _settled
+    _settled = 0
 
 
 def malloc_trim(pad: int = 0) -> bool:
@@ -74,3 +100,18 @@ def malloc_trim(pad: int = 0) -> bool:
     released = bool(libc.malloc_trim(ctypes.c_size_t(pad)))
     log.debug("malloc_trim(%d): %s", pad, "released memory" if released else "nothing to release")
     return released
+
+
+@contextlib.contextmanager
+def one_cpu_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(1)``, restoring the previous count after (also when
+    it raises). ``enabled=False`` changes nothing (the math runs on a GPU, where host threads idle)."""
+    if not enabled:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import os
 
-from kvforge.conversion.host import DEFAULT_THRESHOLD, ENVIRONMENT, malloc_trim, pin_mmap_threshold
+from kvforge.conversion.host import (
+    DEFAULT_THRESHOLD,
+    ENVIRONMENT,
+    keep_glibc_threshold,
+    malloc_trim,
+    pin_mmap_threshold,
+)
 
 HOST_ALLOCATORS = ("pinned", "trim", "default")
 DEFAULT_HOST_ALLOCATOR = "trim"
@@ -40,9 +46,12 @@ class HostAllocator:
         self._active = False
 
     def apply(self) -> None:
-        if self.mode == "default" or self._pid == os.getpid():
+        if self._pid == os.getpid():
             return
         self._pid = os.getpid()
+        if self.mode == "default":  # also for the one-time conversion in this process (no pin there)
+            keep_glibc_threshold()
+            return
         self._active = pin_mmap_threshold(TRIM_THRESHOLD if self.mode == "trim" else DEFAULT_THRESHOLD)
 
     def release(self) -> None:

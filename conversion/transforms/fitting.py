@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..host import one_cpu_thread
 from .calibration import Rope
 
 
@@ -101,7 +102,8 @@ def refit_output_projection(units: list[FitUnit], ridge: float = 1e-3) -> None:
         if o_proj.bias is not None:
             prior = torch.cat((prior, o_proj.bias.detach().to(torch.float64).unsqueeze(-1)), dim=1)
         rhs += strength * prior.mT
-        solution = torch.linalg.solve(lhs, rhs).mT.to(o_proj.weight.dtype)
+        with one_cpu_thread(lhs.device.type == "cpu"):
+            solution = torch.linalg.solve(lhs, rhs).mT.to(o_proj.weight.dtype)
         o_proj.weight.copy_(solution[:, : o_proj.in_features])
         if o_proj.bias is not None:
             o_proj.bias.copy_(solution[:, -1])

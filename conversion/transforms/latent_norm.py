@@ -21,6 +21,8 @@ import torch
 # conditioned (kv_b absorbs M⁻¹) at a small cost in flatness.
 EIGEN_FLOOR = 1e-2
 MAX_TOKENS = 65536
+# Ridges of the token kernel's Cholesky solve, in units of its round-off level, tried in order.
+KERNEL_RIDGES = (1.0, 100.0, 10000.0)
 
 
 @dataclass
@@ -60,13 +62,43 @@ def quadratic_fit(latent: torch.Tensor) -> torch.Tensor:
         P[rows, cols] = packed
         return P + P.mT - torch.diag(P.diagonal())
     squares = latent.pow(2)
-    kernel = 2 * (latent @ latent.mT).pow(2) - squares @ squares.mT
-    eigvals, eigvecs = torch.linalg.eigh(kernel)  # pseudo-inverse: rank-deficient kernels are fine
-    keep = eigvals > eigvals.max() * tokens * torch.finfo(torch.float64).eps
-    ones = torch.ones(tokens, dtype=torch.float64, device=latent.device)
-    alpha = eigvecs[:, keep] @ ((eigvecs[:, keep].mT @ ones) / eigvals[keep])
+    kernel = (latent @ latent.mT).square_().mul_(2).sub_(squares @ squares.mT)  # in place: 2 (c·c)² - ...
+    ones = torch.ones(tokens, 1, dtype=torch.float64, device=latent.device)
+    alpha = _min_norm_solve(kernel, ones)[:, 0]
     G = latent.mT @ (latent * alpha.unsqueeze(-1))
     return 2 * G - torch.diag(G.diagonal())
+
+
+def _min_norm_solve(kernel: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``kernel⁺ rhs`` for a PSD ``kernel`` (a Gram matrix) and ``rhs`` in its range, as a Cholesky
+    solve of ``kernel + λI``. ``λ`` is the round-off level ``n·eps·λ_max`` (where the pseudo-inverse
+    this replaces cut eigenvalues off): for a consistent system it changes only directions below
+    round-off, and it makes rank-deficient kernels (repeated tokens) factorable. ~n³/3 flops where an
+    eigendecomposition takes ~9n³ (and a second n² matrix). ``kernel`` is overwritten."""
+    tokens = len(kernel)
+    diagonal = kernel.diagonal()
+    largest = max(_largest_eigenvalue(kernel), float(diagonal.mean()), torch.finfo(kernel.dtype).tiny)
+    round_off = tokens * torch.finfo(kernel.dtype).eps * largest
+    added = 0.0
+    for factor in KERNEL_RIDGES:  # a larger ridge only when round-off made the kernel indefinite
+        diagonal.add_(factor * round_off - added)
+        added = factor * round_off
+        lower, info = torch.linalg.cholesky_ex(kernel)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, lower)
+    raise ValueError(
+        f"latent norm: the {tokens}-token kernel is not positive semi-definite even with a ridge of "
+        f"{KERNEL_RIDGES[-1]} x its round-off level; are the calibration latents finite?"
+    )
+
+
+def _largest_eigenvalue(matrix: torch.Tensor, steps: int = 16) -> float:
+    """A lower bound on a PSD matrix's largest eigenvalue (power iteration; n² flops a step)."""
+    vector = torch.ones(len(matrix), 1, dtype=matrix.dtype, device=matrix.device)
+    for _ in range(steps):
+        vector = matrix @ vector
+        vector /= vector.norm().clamp_min(torch.finfo(matrix.dtype).tiny)
+    return float(vector.mT @ matrix @ vector)
 
 
 def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:

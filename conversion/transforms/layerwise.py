@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from kvforge.arch import ModelConfig
 from kvforge.arch.model import DecoderLayer, rotary_key
 
+from ..host import one_cpu_thread
 from .calibration import LayerStream, Rope, rope_tables, source_layer
 from .common import EMBEDDINGS, DictSink, Sink, StateDict, attn_prefix, layer_names, sink_result
 from .fitting import FitUnit, refine_attention, refit_output_projection, relative_error
@@ -97,7 +98,8 @@ def convert_attention(
             contexts = _calibrated_contexts(
                 config, new_config, layers, group, source_stream, new_stream, source_ropes, ropes
             )
-        modules = build(contexts)
+        with one_cpu_thread(device.type == "cpu"):  # small dense fits: threads only spin (..host)
+            modules = build(contexts)
         if calibration is not None:
             units = [
                 FitUnit(

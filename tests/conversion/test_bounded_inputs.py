@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvforge.conversion import checkpoint
 from kvforge.conversion.checkpoint import read_header
-from kvforge.conversion.convert import convert_checkpoint
+from kvforge.conversion.convert import convert_checkpoint, open_checkpoint
 from kvforge.training.cli import main
 from tests.conftest import shared_path
 
@@ -89,6 +90,32 @@ def test_non_finite_weight_is_a_clear_error_naming_the_tensor(stories_copy, tmp_
             stories_copy, tmp_path / "out", "gqa", {"n_kv_heads": 2}, device="cpu", calibration=None
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_is_scanned_for_non_finite_values_on_its_first_read_only(stories_copy, monkeypatch):
+    scans = []
+
+    def spy(entry, name, check_finite=True):
+        scans.append(check_finite)
+        return read_entry(entry, name, check_finite)
+
+    read_entry = checkpoint.read_entry
+    monkeypatch.setattr(checkpoint, "read_entry", spy)
+    weights = open_checkpoint(stories_copy)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(weights[name], weights[name], rtol=0, atol=0)
+    assert scans == [True, False]
+
+
+def test_a_non_finite_tensor_is_refused_at_every_read(stories_copy):
+    tensors = load_file(stories_copy / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, stories_copy / "model.safetensors", {"format": "pt"})
+    weights = open_checkpoint(stories_copy)
+    for _ in range(2):  # a refused tensor is never marked as scanned
+        with pytest.raises(ValueError, match=rf"tensor '{name}' holds 1 non-finite values"):
+            weights[name]
 
 
 def test_inspect_says_the_weights_match_the_config(capsys):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kvforge.conversion import host
 
@@ -70,3 +71,98 @@ def test_bad_threshold_is_a_clear_error():
 def test_bad_trim_pad_is_a_clear_error():
     with pytest.raises(ValueError, match="pad=-1"):
         host.malloc_trim(-1)
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_one_cpu_thread_sets_one_and_restores(two_threads):
+    with host.one_cpu_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_one_cpu_thread_restores_after_an_exception(two_threads):
+    with pytest.raises(RuntimeError, match="inside"), host.one_cpu_thread():
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+
+
+def test_one_cpu_thread_disabled_changes_nothing(two_threads):
+    with host.one_cpu_thread(enabled=False):
+        assert torch.get_num_threads() == 2
+
+
+def test_one_cpu_thread_gives_the_same_fit(two_threads):
+    """The per-layer fits' kind of math (Gram, eigh, solve in fp64) agrees to round-off (1e-10 relative)."""
+    x = torch.randn(512, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def fit() -> tuple[torch.Tensor, torch.Tensor]:
+        gram = x.mT @ x / len(x)
+        return torch.linalg.eigvalsh(gram), torch.linalg.solve(gram, x.mT @ x[:, :8])
+
+    threaded = fit()
+    with host.one_cpu_thread():
+        single = fit()
+    for a, b in zip(threaded, single):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_convert_checkpoint_pins_the_threshold_first(monkeypatch, tmp_path):
+    from kvforge.conversion import convert
+    from tests.conftest import shared_path
+
+    calls = []
+    monkeypatch.setattr(convert, "pin_mmap_threshold", lambda **kw: calls.append(kw) or True)
+    convert.convert_checkpoint(
+        shared_path("stories260K"), tmp_path / "out", "gqa", {"n_kv_heads": 2, "method": "mean"}, device="cpu"
+    )
+    assert calls == [{"unless_settled": True}]  # a training run's own host_allocator setting stands
+
+
+def test_a_settled_choice_stands_against_later_library_pins(monkeypatch):
+    """A training run chooses first (trim's 4 MiB, or glibc's own threshold); its one-time conversion in
+    the same process must not re-pin at 128 KiB."""
+    pins = []
+    monkeypatch.setattr(host, "_settled", None)
+    monkeypatch.setattr(
+        host, "_glibc", lambda: type("libc", (), {"mallopt": lambda _, t: pins.append(t.value) or 1})
+    )
+    monkeypatch.delenv(host.ENVIRONMENT, raising=False)
+    assert host.pin_mmap_threshold(4 << 20)
+    assert host.pin_mmap_threshold(unless_settled=True) and pins == [4 << 20]
+    host.keep_glibc_threshold()
+    assert host.pin_mmap_threshold(unless_settled=True) is False and pins == [4 << 20]
+    assert host.pin_mmap_threshold() and pins == [
+        4 << 20,
+        host.DEFAULT_THRESHOLD,
+    ]  # an explicit pin still works
+
+
+def test_self_calibration_samples_on_one_thread_on_the_host(monkeypatch, tmp_path, two_threads):
+    from kvforge.conversion import convert, transforms
+    from tests.conftest import shared_path
+
+    sample = transforms.sample_calibration_ids
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "sample_calibration_ids", recording)
+    convert.convert_checkpoint(
+        shared_path("stories260K"),
+        tmp_path / "out",
+        "gqa",
+        {"n_kv_heads": 2},
+        device="cpu",
+        calib_tokens=64,
+        calib_seq_len=32,
+    )
+    assert threads == [1] and torch.get_num_threads() == 2

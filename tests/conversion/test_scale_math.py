@@ -26,6 +26,16 @@ def test_latent_quadratic_fit_with_fewer_tokens_than_unknowns_is_the_min_norm_so
         assert (quadratic_fit(latent) - expected).abs().max() <= 1e-9 * expected.abs().max()
 
 
+def test_latent_quadratic_fit_with_repeated_tokens_is_still_the_min_norm_solution():
+    """Repeated latents (the same token at the same position) make the token kernel singular; the
+    ridged Cholesky solve must still give the pseudo-inverse's answer (1e-9 relative)."""
+    torch.manual_seed(1)
+    unique = torch.randn(50, 16, dtype=torch.float64)  # 136 unknowns: the kernel path
+    latent = torch.cat((unique, unique[:30], unique[:5]))
+    expected = _direct_quadratic_fit(latent)
+    assert (quadratic_fit(latent) - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+
 def _targets(n_heads=6, head_dim=4, d=40, seed=0) -> HeadTargets:
     generator = torch.Generator().manual_seed(seed)
     out = torch.randn(n_heads, d, head_dim, generator=generator, dtype=torch.float64)
