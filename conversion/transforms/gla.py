@@ -22,12 +22,11 @@ import dataclasses
 import torch
 
 from kvforge.arch import ModelConfig
-from kvforge.arch.model import rotary_key
 
-from .calibration import LayerStream, check_calibration, rope_tables, source_layer
-from .common import EMBEDDINGS, Sink, StateDict, attn_prefix, is_count, map_layers
+from .calibration import check_calibration
+from .common import Sink, StateDict, attn_prefix, is_count, map_layers
 from .mla import to_mla
-from .stages import StageSink
+from .stages import MeasuredStage, StageSink
 from .whitening import Whitening
 
 
@@ -76,31 +75,20 @@ def gla_config(config: ModelConfig, *, n_latent_heads: int, **mla_options) -> Mo
     return config
 
 
-class _GLAStage:
+class _GLAStage(MeasuredStage):
     """Per layer of an MLA model: its latents on calibration (the stream through the MLA layers
     before it), then :func:`_split_layer`."""
 
     def __init__(
         self, config: ModelConfig, target: ModelConfig, calibration: torch.Tensor | None, device
     ) -> None:
-        self.config, self.target, self.calibration = config, target, calibration
-        self.device = torch.device(device)
-        self.stream: LayerStream | None = None
+        super().__init__(config, calibration, device)
+        self.target = target
 
-    def other(self, tensors: StateDict) -> StateDict:
-        if self.calibration is not None:
-            self.stream = LayerStream(self.config, tensors[EMBEDDINGS].to(self.device), self.calibration)
-            tables = rope_tables(self.config, self.calibration.shape[1])
-            self.ropes = {k: tuple(t.to(self.device) for t in v) for k, v in tables.items()}
-        return tensors
+    def measure(self, layer: torch.nn.Module, inputs: list[torch.Tensor]):
+        return _latents(layer, inputs)
 
-    @torch.no_grad()
-    def layer(self, index: int, tensors: StateDict) -> StateDict:
-        latents = None
-        if self.stream is not None:
-            layer = source_layer(self.config, tensors, index, self.device)
-            latents = _latents(layer, self.stream.attention_inputs(layer))
-            self.stream.advance(layer, self.ropes[rotary_key(self.config, self.config.layers[index])])
+    def convert(self, index: int, tensors: StateDict, latents) -> StateDict:
         dtype = tensors[f"{attn_prefix(index)}kv_b_proj.weight"].dtype
         new = _split_layer(self.config, self.target, tensors, index, latents)
         return {**tensors, **{name: tensor.to(dtype) for name, tensor in new.items()}}

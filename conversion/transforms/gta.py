@@ -28,11 +28,10 @@ import dataclasses
 import torch
 
 from kvforge.arch import ModelConfig
-from kvforge.arch.model import rotary_key
 
-from .calibration import LayerStream, check_calibration, rope_tables, source_layer
-from .common import EMBEDDINGS, Sink, StateDict, attn_prefix, check_gqa_source
-from .stages import run_stage
+from .calibration import check_calibration
+from .common import Sink, StateDict, attn_prefix, check_gqa_source
+from .stages import MeasuredStage, run_stage
 from .whitening import Whitening
 
 
@@ -108,29 +107,15 @@ def to_gta(
     return target, run_stage(config, state_dict, _GTAStage(config, calibration, device), target, sink)
 
 
-class _GTAStage:
+class _GTAStage(MeasuredStage):
     """Per layer: the input covariance on the source model (calibration stream through the source
     layers), then the tying of :func:`tie_layer`."""
 
-    def __init__(self, config: ModelConfig, calibration: torch.Tensor | None, device) -> None:
-        self.config, self.calibration, self.device = config, calibration, torch.device(device)
-        self.stream: LayerStream | None = None
+    def measure(self, layer: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
+        xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).double()
+        return (xs.mT @ xs / xs.shape[0]).cpu()
 
-    def other(self, tensors: StateDict) -> StateDict:
-        if self.calibration is not None:
-            self.stream = LayerStream(self.config, tensors[EMBEDDINGS].to(self.device), self.calibration)
-            tables = rope_tables(self.config, self.calibration.shape[1])
-            self.ropes = {k: tuple(t.to(self.device) for t in v) for k, v in tables.items()}
-        return tensors
-
-    @torch.no_grad()
-    def layer(self, index: int, tensors: StateDict) -> StateDict:
-        gram = None
-        if self.stream is not None:
-            layer = source_layer(self.config, tensors, index, self.device)
-            xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.stream.attention_inputs(layer)]).double()
-            gram = (xs.mT @ xs / xs.shape[0]).cpu()
-            self.stream.advance(layer, self.ropes[rotary_key(self.config, self.config.layers[index])])
+    def convert(self, index: int, tensors: StateDict, gram: torch.Tensor | None) -> StateDict:
         return tie_layer(self.config, index, tensors, gram)
 
 

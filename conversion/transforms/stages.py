@@ -17,8 +17,10 @@ from typing import Protocol
 import torch
 
 from kvforge.arch import ModelConfig
+from kvforge.arch.model import rotary_key
 
-from .common import DictSink, Sink, StateDict, layer_names, map_layers, sink_result
+from .calibration import LayerStream, rope_tables, source_layer
+from .common import EMBEDDINGS, DictSink, Sink, StateDict, layer_names, map_layers, sink_result
 
 
 class LayerStage(Protocol):
@@ -29,6 +31,38 @@ class LayerStage(Protocol):
     def layer(self, index: int, tensors: StateDict) -> StateDict:
         """Layer ``index``'s tensors (layers come in order), converted."""
         ...
+
+
+class MeasuredStage:
+    """A stage that first measures each source layer on the calibration stream (when there is one: the
+    stream through the source layers before it), then converts the layer with what it measured.
+    Subclasses give :meth:`measure` and :meth:`convert`."""
+
+    def __init__(self, config: ModelConfig, calibration: torch.Tensor | None, device) -> None:
+        self.config, self.calibration, self.device = config, calibration, torch.device(device)
+        self.stream: LayerStream | None = None
+
+    def other(self, tensors: StateDict) -> StateDict:
+        if self.calibration is not None:
+            self.stream = LayerStream(self.config, tensors[EMBEDDINGS].to(self.device), self.calibration)
+            tables = rope_tables(self.config, self.calibration.shape[1])
+            self.ropes = {k: tuple(t.to(self.device) for t in v) for k, v in tables.items()}
+        return tensors
+
+    @torch.no_grad()
+    def layer(self, index: int, tensors: StateDict) -> StateDict:
+        measured = None
+        if self.stream is not None:
+            layer = source_layer(self.config, tensors, index, self.device)
+            measured = self.measure(layer, self.stream.attention_inputs(layer))
+            self.stream.advance(layer, self.ropes[rotary_key(self.config, self.config.layers[index])])
+        return self.convert(index, tensors, measured)
+
+    def measure(self, layer: torch.nn.Module, inputs: list[torch.Tensor]):
+        raise NotImplementedError
+
+    def convert(self, index: int, tensors: StateDict, measured) -> StateDict:
+        raise NotImplementedError
 
 
 class StageSink:
