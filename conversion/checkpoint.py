@@ -103,10 +103,26 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> T
     return TensorEntry(path, dtype, tuple(shape), begin, end)
 
 
-def read_entry(entry: TensorEntry, name: str, check_finite: bool = True) -> torch.Tensor:
+def read_entry(
+    entry: TensorEntry, name: str, check_finite: bool = True, into: torch.Tensor | None = None
+) -> torch.Tensor:
     """Read one tensor into a buffer of its exact size; non-finite values are an error naming it (unless
-    ``check_finite`` is False: an export copies what it is given)."""
-    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    ``check_finite`` is False: an export copies what it is given). ``into``: a contiguous uint8 CPU
+    tensor of at least ``entry.nbytes`` (its start aligned to the element size) that is read into
+    instead of a new buffer; the result is then a view of it."""
+    if into is None:
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    elif (
+        into.dtype != torch.uint8
+        or into.device.type != "cpu"
+        or not into.is_contiguous()
+        or into.numel() < entry.nbytes
+    ):
+        raise ValueError(
+            f"read_entry: into must be a contiguous uint8 CPU tensor of at least {entry.nbytes} bytes"
+        )
+    else:
+        buffer = into[: entry.nbytes]
     with open(entry.file, "rb") as handle:
         handle.seek(entry.begin)
         if handle.readinto(buffer.numpy()) != entry.nbytes:
@@ -210,9 +226,14 @@ class CheckpointWeights(Mapping):
         }
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``self[name]``, read into ``into`` (uint8, at least ``nbytes(name)``) instead of a new buffer
+        when given: the result is then a view of it unless the family reorders the tensor."""
         stored = self.family.hf_name(name)
         scan = self.check_finite and name not in self.scanned
-        tensors = {stored: read_entry(self.entries[name], stored, check_finite=scan)}
+        tensors = {stored: read_entry(self.entries[name], stored, check_finite=scan, into=into)}
         if scan:
             self.scanned.add(name)
         self.family.to_kvforge(tensors, self.config, self.hf)

@@ -185,3 +185,40 @@ def test_sampling_with_streamed_layers_writes_the_same_text():
     held = sample_calibration_ids(source.config, source.state_dict, 256, 64, 0)
     streamed = sample_calibration_ids(source.config, source.state_dict, 256, 64, 0, streamed=range(2, 5))
     assert torch.equal(held, streamed)
+
+
+def test_sampling_streamed_from_disk_reads_into_one_reused_slab(monkeypatch):
+    """Layers streamed from the safetensors are read into one reused buffer (no new allocation per
+    tensor and step) and write the same text as the held model."""
+    from kvforge.conversion.convert import open_checkpoint
+    from kvforge.conversion.transforms import calibration, sample_calibration_ids
+
+    weights = open_checkpoint(shared_path("stories260K"))
+    held = sample_calibration_ids(weights.config, dict(weights), 256, 64, 0)
+    slabs, pointers, reads = [], set(), []
+    read = calibration.LayerSlab.read
+
+    def recording(self, source, names):
+        slabs.append(self)
+        tensors = read(self, source, names)
+        pointers.add(self.bytes.data_ptr())
+        reads.append(all(t.untyped_storage().data_ptr() == self.bytes.data_ptr() for t in tensors.values()))
+        return tensors
+
+    monkeypatch.setattr(calibration.LayerSlab, "read", recording)
+    streamed = sample_calibration_ids(weights.config, weights, 256, 64, 0, streamed=range(2, 5))
+    assert torch.equal(held, streamed)
+    assert len(slabs) == 3 * 64 and len(set(map(id, slabs))) == 1  # 3 layers x 64 steps, one slab
+    assert len(pointers) == 1 and all(reads)  # never reallocated; every tensor a view of it
+
+
+def test_read_entry_into_a_buffer_refuses_a_small_one():
+    from kvforge.conversion.checkpoint import checkpoint_entries, read_entry
+
+    entries = checkpoint_entries(shared_path("stories260K"))
+    name, entry = next((n, e) for n, e in entries.items() if e.dtype.is_floating_point and e.nbytes > 64)
+    fresh = read_entry(entry, name)
+    buffer = torch.zeros(entry.nbytes + 128, dtype=torch.uint8)
+    assert torch.equal(read_entry(entry, name, into=buffer[64:]), fresh)
+    with pytest.raises(ValueError, match=f"at least {entry.nbytes} bytes"):
+        read_entry(entry, name, into=torch.empty(entry.nbytes - 1, dtype=torch.uint8))
