@@ -229,7 +229,7 @@ class CheckpointWeights(Mapping):
         return self.read(name)
 
     def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        """``self[name]``, read into ``into`` (uint8, at least ``nbytes(name)``) instead of a new buffer
+        """``self[name]``, read into ``into`` (uint8, at least ``entries[name].nbytes``) instead of a new buffer
         when given: the result is then a view of it unless the family reorders the tensor."""
         stored = self.family.hf_name(name)
         scan = self.check_finite and name not in self.scanned

@@ -116,9 +116,8 @@ def _stream_weights(layer: nn.Module, state_dict, prefix: str, device, dtype, sl
     names = list(layer.state_dict())
 
     def load(module: nn.Module, args) -> None:
-        full = [prefix + name for name in names]
-        read = slab.read(state_dict, full) if slab is not None else {name: state_dict[name] for name in full}
-        weights = {name: read[prefix + name].to(device, dtype) for name in names}
+        source = state_dict if slab is None else slab.read(state_dict, [prefix + name for name in names])
+        weights = {name: source[prefix + name].to(device, dtype) for name in names}
         module.load_state_dict(weights, strict=True, assign=True)
 
     def drop(module: nn.Module, args, output) -> None:
