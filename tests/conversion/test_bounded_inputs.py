@@ -95,9 +95,9 @@ def test_non_finite_weight_is_a_clear_error_naming_the_tensor(stories_copy, tmp_
 def test_a_tensor_is_scanned_for_non_finite_values_on_its_first_read_only(stories_copy, monkeypatch):
     scans = []
 
-    def spy(entry, name, check_finite=True):
+    def spy(entry, name, check_finite=True, into=None):
         scans.append(check_finite)
-        return read_entry(entry, name, check_finite)
+        return read_entry(entry, name, check_finite, into)
 
     read_entry = checkpoint.read_entry
     monkeypatch.setattr(checkpoint, "read_entry", spy)
