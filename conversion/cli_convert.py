@@ -46,7 +46,11 @@ def torch_cpu():
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="model directory to convert (HF or kvforge-typed)")
+    parser.add_argument(
+        "src",
+        metavar="SRC",
+        help="model directory to convert (HF or kvforge-typed) or a llama.cpp .gguf file",
+    )
     parser.add_argument("out", metavar="OUT", help="directory to write; must not exist unless --overwrite")
     parser.add_argument("--to", required=True, choices=FORMS, help="target attention form")
     group = parser.add_argument_group("gqa / mqa")
@@ -244,11 +248,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kvforge.arch import kv_bytes_per_token
-    from kvforge.conversion import plan_export
+    from kvforge.conversion import gguf, plan_export
     from kvforge.conversion.convert import convert_checkpoint, resolve_device, uses_calibration
     from kvforge.conversion.pretrained import load_config
 
     console = Console(highlight=False)
+    src = gguf.model_directory(src, log=console.print)  # a .gguf file: its import, cached
     device = resolve_device(args.device)
     d_model = load_config(src)[0].d_model
     options = transform_options(

@@ -38,6 +38,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "kvforge_provenance.json",  # where the weights came from (a GGUF import); travels with them
 )
 EMBEDDINGS, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 log = logging.getLogger(__name__)

@@ -56,3 +56,17 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found (set KVFORGE_SHARED_DATA to the shared/data folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct imported from its GGUF (``make real-model``); skips the test when absent."""
+    from benchmarks.real_model_fetch import real_model_dir, real_models_root
+
+    found = real_model_dir()
+    if found is None:
+        pytest.skip(
+            f"the real model is not in {real_models_root()} ($KVFORGE_REAL_MODELS): "
+            "run `make real-model` (python -m benchmarks.real_models fetch) to fetch it"
+        )
+    return found

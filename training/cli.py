@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvforge.conversion.cli_convert",
         "change a model's attention into a KV-efficient form (GQA, MQA, MLA, CLA, windows) and export it",
     ),
+    "import": (
+        "kvforge.conversion.cli_import",
+        "import a llama.cpp GGUF file as a Hugging Face model directory",
+    ),
     "inspect": (
         "kvforge.conversion.cli_inspect",
         "per-layer attention forms, parameters and KV-cache bytes of a model directory",

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "models",
         nargs="*",
         metavar="MODEL",
-        help="model directories, Lightning .ckpt files or FSDP2 checkpoint directories",
+        help="model directories, llama.cpp .gguf files, Lightning .ckpt files or FSDP2 checkpoint directories",
     )
     parser.add_argument(
         "--text", action="append", default=[], metavar="FILE", help="evaluation text (repeatable)"
@@ -112,6 +112,8 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from kvforge.conversion import gguf
+
     from .loading import load_for_eval, resolve_device
     from .plots import write_plots
     from .report import EvalReport, new_report, print_report, write_json
@@ -139,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     reports = []
     for path, name in zip(args.models, names):
         loaded = load_for_eval(
-            path, device=settings.device, dtype=settings.dtype, tokenizer=args.tokenizer, name=name
+            gguf.model_directory(path),  # a .gguf file: its import, cached
+            device=settings.device,
+            dtype=settings.dtype,
+            tokenizer=args.tokenizer,
+            name=name,
         )
         reports.append(evaluate_model(loaded, settings))
     report = new_report(settings, reports, resolve_device(settings.device))
