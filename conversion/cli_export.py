@@ -1,6 +1,7 @@
 """Write a model directory as a stock Hugging Face class, or as a kvforge-typed directory.
 
     kvforge export SRC OUT [--family auto] [--dtype bf16] [--overwrite]
+    kvforge export SRC OUT.gguf --format gguf [--outtype f32|f16|bf16|q8_0]
 
 SRC is a Hugging Face directory (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) or a kvforge-typed
 one. With --family auto the model goes to the simplest stock class that holds it: Llama (GQA/MHA/MQA,
@@ -58,6 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read pickle weights (pytorch_model.bin) with torch.load(weights_only=True); off by default",
     )
     parser.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf (default): a Hugging Face directory; gguf: one llama.cpp GGUF file OUT (tokenizer and chat "
+        "template in its metadata; forms llama.cpp has no architecture for are refused)",
+    )
+    parser.add_argument(
+        "--outtype",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        default="f32",
+        help="--format gguf: type of the matrices (vectors stay f32; default f32)",
+    )
+    parser.add_argument(
         "--max-shard-size",
         default="5GB",
         help="largest safetensors file before the weights are split into shards (default 5GB)",
@@ -75,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False)
     config, source_family, weights = open_source(src, args.allow_pickle)
+    if args.format == "gguf":
+        from .cli_gguf import export_gguf_command
+
+        return export_gguf_command(args, config, weights, console)
     plan = plan_export(config, None if args.family == "auto" else args.family)
     family = plan.family
     console.print(f"Read {src}: {source_family}, {config.n_layers} layers, {config.d_model} wide")

@@ -123,7 +123,9 @@ class GGUFSource:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(_unsupported_architecture(self.path, self.architecture))
         self._check_types()
-        self.hf_config = _transformers_config(self.path)
+        biased = any(t.name.endswith(".attn_q.bias") for t in self.reader.tensors)
+        head_dim = _field(self.reader, f"{self.architecture}.attention.key_length", None)
+        self.hf_config = _transformers_config(self.path, attention_bias=biased, head_dim=head_dim)
         hf = self.hf_config.to_dict()
         hf.pop("quantization_config", None)
         reader = ConfigReader(hf, f"{self.path} (config read by transformers)")
@@ -264,10 +266,13 @@ _SPECIAL_TOKENS = {
 }
 
 
-def _transformers_config(path: Path):
-    """The transformers config ``from_pretrained(gguf_file=...)`` builds, with two repairs: special ids
-    outside the vocabulary (2**32 - 1 = none) become None, and float32 metadata (rms_norm_eps stored as
-    9.99999974e-06) is given back its shortest decimal form (1e-05)."""
+def _transformers_config(path: Path, attention_bias: bool, head_dim: int | None):
+    """The transformers config ``from_pretrained(gguf_file=...)`` builds, with four repairs: special ids
+    outside the vocabulary (2**32 - 1 = none) become None, float32 metadata (rms_norm_eps stored as
+    9.99999974e-06) is given back its shortest decimal form (1e-05), and a Llama whose file holds
+    attention biases says so (``attention_bias``; the reader never sets it, so it would drop them), and
+    ``head_dim`` comes from ``attention.key_length`` where the reader has no key for it (Qwen3, Gemma:
+    it would fall back to the class default, right only for the published sizes)."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -279,6 +284,10 @@ def _transformers_config(path: Path):
     for key, value in parsed.items():
         if isinstance(value, float) and float(np.float32(value)) == value:
             parsed[key] = float(str(np.float32(value)))
+    if head_dim is not None:
+        parsed.setdefault("head_dim", int(head_dim))
+    if attention_bias and parsed.get("model_type") in ("llama", "mistral"):
+        parsed["attention_bias"] = True
     return AutoConfig.for_model(**parsed)
 
 

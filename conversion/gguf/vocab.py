@@ -1,0 +1,69 @@
+"""The tokenizer of a model directory as GGUF metadata, read with the `gguf` package's own vocab classes
+(the ones llama.cpp's converter uses): a sentencepiece ``tokenizer.model`` (tokenizer model ``llama``:
+pieces, scores, token types) or a byte-level BPE ``tokenizer.json`` (``gpt2``: tokens and merges), then
+the special ids, ``add_bos``/``add_eos`` and the chat template (``SpecialVocab``).
+
+A BPE vocabulary also needs llama.cpp's name for its pre-tokenizer (``tokenizer.ggml.pre``): the one
+recorded when the directory was imported from a GGUF (``kvforge_provenance.json``), else ``gpt2``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
+
+from .reading import read_provenance
+
+VOCABS = (SentencePieceVocab, BpeVocab)
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, directory: Path | None, vocab_size: int) -> str:
+    """Write the tokenizer of ``directory`` into ``writer``; returns a line saying what was written."""
+    vocab = _open_vocab(directory) if directory is not None else None
+    if vocab is None:
+        raise ValueError(
+            f"{directory}: no tokenizer llama.cpp can use (a sentencepiece tokenizer.model or a byte-level BPE "
+            "tokenizer.json); llama.cpp cannot load a GGUF without one"
+        )
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    if len(tokens) > vocab_size:
+        raise ValueError(
+            f"{directory}: the tokenizer has {len(tokens)} tokens, the model's vocab_size is {vocab_size}"
+        )
+    for index in range(len(tokens), vocab_size):  # embedding rows without a token (padded vocabularies)
+        tokens.append(f"[PAD{index}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    pre = None
+    if vocab.tokenizer_model == "gpt2":
+        pre = (read_provenance(directory) or {}).get("tokenizer_pre") or "gpt2"
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    template = "a chat template" if special.chat_template else "no chat template"
+    return (
+        f"tokenizer {vocab.tokenizer_model}{f' (pre {pre})' if pre else ''}, {len(tokens)} tokens, {template}"
+    )
+
+
+def _open_vocab(directory: Path):
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
+    for kind in VOCABS:
+        if kind is SentencePieceVocab and not (Path(directory) / "tokenizer.model").is_file():
+            continue  # (it would look for one in the parent folder too)
+        try:
+            return kind(Path(directory))
+        except (FileNotFoundError, TypeError):
+            continue
+    return None

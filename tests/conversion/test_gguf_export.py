@@ -1,0 +1,145 @@
+"""GGUF export: what kvforge writes reads back (through transformers' GGUF reader) as the same weights,
+carries llama.cpp's metadata, and forms llama.cpp cannot run are refused by name and layer."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from kvforge.conversion import load_pretrained
+from kvforge.conversion.gguf import export_gguf, import_gguf
+from kvforge.training.cli import main
+from tests.conftest import shared_path
+from tests.conversion.hf_tiny import VOCAB, randomize_
+
+SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+)
+# Families llama.cpp runs, with the traits its graphs have (Gemma: default layer patterns, scalar = head_dim).
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, dict(num_key_value_heads=2)),
+    "llama-mqa-bias": (transformers.LlamaConfig, dict(num_key_value_heads=1, attention_bias=True)),
+    "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen3": (transformers.Qwen3Config, dict(num_key_value_heads=4, head_dim=16)),
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16),
+    ),
+    "gemma3_text": (
+        transformers.Gemma3TextConfig,
+        dict(num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16),
+    ),
+}
+
+
+def write_tokenizer(directory):
+    """A byte-level BPE vocabulary of VOCAB tokens (llama.cpp's `gpt2` model) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {symbol: index for index, symbol in enumerate(list(bytes_to_unicode().values())[:VOCAB])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='"', eos_token="#")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def exported(request, tmp_path_factory):
+    config_class, overrides = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config_class(**SIZES, **overrides), dtype=torch.float32
+    )
+    randomize_(model).save_pretrained(root / "hf")
+    write_tokenizer(root / "hf")
+    source = load_pretrained(root / "hf")
+    path, _ = export_gguf(source.config, source.state_dict, root / "model.gguf", tokenizer_from=root / "hf")
+    return root, path
+
+
+def test_gguf_export_reads_back_with_equal_weights(exported):
+    root, path = exported
+    back = load_file(import_gguf(path, root / "back", overwrite=True) / "model.safetensors")
+    source = load_file(root / "hf" / "model.safetensors")
+    assert set(back) == set(source)
+    unit_offset = json.loads((root / "hf" / "config.json").read_text())["model_type"].startswith("gemma")
+    for name, tensor in source.items():
+        if unit_offset and name.endswith("norm.weight"):  # stored as 1 + w: (w + 1) - 1 rounds in float32
+            torch.testing.assert_close(back[name], tensor, atol=2**-23, rtol=0)
+        else:
+            assert torch.equal(back[name], tensor), name
+
+
+def test_gguf_export_embeds_the_tokenizer_and_chat_template(exported):
+    _, path = exported
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert len(reader.get_field("tokenizer.ggml.tokens").contents()) == VOCAB
+    assert "m['content']" in reader.get_field("tokenizer.chat_template").contents()
+
+
+def test_gemma_windows_are_written_per_layer(exported):
+    root, path = exported
+    hf = json.loads((root / "hf" / "config.json").read_text())
+    if "layer_types" not in hf or not hf["model_type"].startswith("gemma"):
+        pytest.skip("no windows in this family")
+    reader = gguf.GGUFReader(path)
+    arch = reader.get_field("general.architecture").contents()
+    assert reader.get_field(f"{arch}.attention.sliding_window").contents() == 5
+    pattern = reader.get_field(f"{arch}.attention.sliding_window_pattern").contents()
+    assert pattern == [kind == "sliding_attention" for kind in hf["layer_types"]]
+
+
+def test_stories260k_q8_0_export_is_within_quantisation_error(tmp_path):
+    source = shared_path("stories260K")
+    assert (
+        main(["export", str(source), str(tmp_path / "s.gguf"), "--format", "gguf", "--outtype", "q8_0"]) == 0
+    )
+    reader = gguf.GGUFReader(tmp_path / "s.gguf")
+    assert reader.get_field("tokenizer.ggml.model").contents() == "llama"  # sentencepiece pieces and scores
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    back = load_file(import_gguf(tmp_path / "s.gguf", tmp_path / "back") / "model.safetensors")
+    for name, tensor in load_file(source / "model.safetensors").items():
+        # Q8_0: 8-bit values times one f16 scale per 32 → error ≤ half a step of the block's max / 127
+        torch.testing.assert_close(back[name], tensor, atol=tensor.abs().max().item() / 127, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--to", "cla", "--factor", "2", "--init", "first"],
+            r"cross-layer K/V sharing \(kv_from\) on layers \[1, 3\]",
+        ),
+        (
+            ["--to", "window", "--windows", "64,64,64,64,none"],
+            r"sliding windows on layers \[0, 1, 2, 3\].*attends globally",
+        ),
+        (["--to", "chunked", "--chunk", "64"], r"chunked attention on layers"),
+    ],
+)
+def test_forms_llama_cpp_cannot_run_are_refused_by_name_and_layer(tmp_path, capsys, args, message):
+    converted = tmp_path / "converted"
+    assert main(["convert", str(shared_path("stories260K")), str(converted), *args, "--calib", "none"]) == 0
+    assert main(["export", str(converted), str(tmp_path / "x.gguf"), "--format", "gguf"]) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.gguf").exists()
