@@ -109,9 +109,16 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(f"Wrote {out} as {family.architecture} (model_type {family.model_type!r})")
     if family.stock:
+        from kvforge.conversion.serving_lint import lint_serving
+
+        findings = lint_serving(out)
+        verdict = "passes" if not findings else f"{len(findings)} finding(s)"
         console.print(
-            "Stock class: loads with transformers AutoModelForCausalLM (no remote code), vLLM and SGLang."
+            "Stock class: loads with transformers AutoModelForCausalLM (no remote code); vLLM/SGLang config "
+            f"check (keys their loaders read; no engine was run): {verdict}"
         )
+        for finding in findings:
+            console.print(f"[bold {'red' if finding.level == 'error' else 'yellow'}]{finding}[/]")
     for note in plan.notes:
         style = "bold yellow" if family.stock else "bold red"
         console.print(f"[{style}]{'note' if family.stock else 'WARNING'}:[/] {note}")
