@@ -34,6 +34,8 @@ from gguf import GGMLQuantizationType, GGUFReader
 from ..families import Family, family_of
 from ..families.schema import ConfigReader
 from ..pretrained import save_pretrained
+from .deepseek2 import ARCH as DEEPSEEK2
+from .deepseek2 import deepseek2_config, deepseek2_names, join_kv_b
 
 PROVENANCE_FILE = "kvforge_provenance.json"
 # GGUF architecture -> what kvforge imports it as (transformers' reader covers these and kvforge has the family).
@@ -43,6 +45,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3",
     "gemma2": "Gemma 2",
     "gemma3": "Gemma 3 (text model)",
+    "deepseek2": "DeepSeek-V2/V3 MLA, dense MLP (read by kvforge: transformers' GGUF reader has no deepseek2)",
 }
 # Tensors llama.cpp adds that transformers' reader does not map, and why importing without them is wrong.
 UNMAPPED_MEANING = {"rope_freqs.weight": "Llama-3 RoPE frequency factors (rope_scaling)"}
@@ -123,9 +126,12 @@ class GGUFSource:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(_unsupported_architecture(self.path, self.architecture))
         self._check_types()
-        biased = any(t.name.endswith(".attn_q.bias") for t in self.reader.tensors)
-        head_dim = _field(self.reader, f"{self.architecture}.attention.key_length", None)
-        self.hf_config = _transformers_config(self.path, attention_bias=biased, head_dim=head_dim)
+        if self.architecture == DEEPSEEK2:
+            self.hf_config = deepseek2_config(self.reader, _field)
+        else:
+            biased = any(t.name.endswith(".attn_q.bias") for t in self.reader.tensors)
+            head_dim = _field(self.reader, f"{self.architecture}.attention.key_length", None)
+            self.hf_config = _transformers_config(self.path, attention_bias=biased, head_dim=head_dim)
         hf = self.hf_config.to_dict()
         hf.pop("quantization_config", None)
         reader = ConfigReader(hf, f"{self.path} (config read by transformers)")
@@ -155,7 +161,10 @@ class GGUFSource:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.hf_config)
         self.processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.hf)
-        hf_names = get_gguf_hf_weights_map(model, self.processor)
+        if self.architecture == DEEPSEEK2:
+            hf_names = deepseek2_names(model, self.config.n_layers)
+        else:
+            hf_names = get_gguf_hf_weights_map(model, self.processor)
         unmapped = [t.name for t in self.reader.tensors if t.name not in hf_names]
         if unmapped:
             meaning = "; ".join(f"{n}: {UNMAPPED_MEANING[n]}" for n in unmapped if n in UNMAPPED_MEANING)
@@ -164,7 +173,10 @@ class GGUFSource:
                 f"({len(unmapped)} in all{'; ' + meaning if meaning else ''}); importing without them "
                 "would compute a different model"
             )
-        return {self.family.kvforge_name(hf_names[t.name]): t for t in self.reader.tensors}
+        tensors: dict[str, list] = {}
+        for tensor in self.reader.tensors:  # kv_b_proj gathers its two halves, k_b first
+            tensors.setdefault(self.family.kvforge_name(hf_names[tensor.name]), []).append(tensor)
+        return tensors
 
     @property
     def natural_dtype(self) -> torch.dtype:
@@ -206,18 +218,30 @@ class GGUFWeights(Mapping):
 
     def meta(self) -> dict[str, torch.Tensor]:
         return {
-            name: torch.empty(tuple(reversed([int(d) for d in t.shape])), dtype=torch.float32, device="meta")
-            for name, t in self.source.tensors.items()
+            name: torch.empty(self._shape(parts), device="meta")
+            for name, parts in self.source.tensors.items()
         }
 
+    @staticmethod
+    def _shape(parts: list) -> tuple[int, ...]:
+        shapes = [tuple(reversed([int(d) for d in t.shape])) for t in parts]
+        if len(shapes) == 1:
+            return shapes[0]
+        (heads, rank, nope), (_, v_dim, _) = shapes  # attn_k_b, attn_v_b -> kv_b_proj
+        return (heads * (nope + v_dim), rank)
+
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self.source.tensors[name]
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        values = self.source.processor.process(weights=values, name=tensor.name).weights
+        parts = [self._values(tensor) for tensor in self.source.tensors[name]]
+        values = parts[0] if len(parts) == 1 else join_kv_b(*parts)
         hf_name = self.source.family.hf_name(name)
         tensors = {hf_name: torch.from_numpy(np.array(values, dtype=np.float32))}
         self.source.family.to_kvforge(tensors, self.source.config, self.source.hf)
         return tensors[name]
+
+    def _values(self, tensor) -> np.ndarray:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        return self.source.processor.process(weights=values.reshape(shape), name=tensor.name).weights
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.source.tensors)

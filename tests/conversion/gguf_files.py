@@ -10,6 +10,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+import transformers
+
+from tests.conversion.hf_tiny import VOCAB as FAMILY_VOCAB
 
 VOCAB = (
     ["<unk>", "<s>", "</s>", "▁"]
@@ -126,3 +129,63 @@ def gguf_name(hf_name: str) -> str:
         return "output_norm.weight"
     _, _, layer, *leaf = hf_name.split(".")
     return f"blk.{layer}.{LLAMA_NAMES['.'.join(leaf[:-1])]}.{leaf[-1]}"
+
+
+# Tiny random models of the families llama.cpp runs (GGUF export round trips, llama.cpp parity).
+SIZES = dict(
+    vocab_size=FAMILY_VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+)
+_MLA = dict(
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=12,
+    v_head_dim=16,
+    first_k_dense_replace=3,
+    num_nextn_predict_layers=0,
+)
+# Families llama.cpp runs, with the traits its graphs have (Gemma: default layer patterns, scalar = head_dim).
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, dict(num_key_value_heads=2)),
+    "llama-mqa-bias": (transformers.LlamaConfig, dict(num_key_value_heads=1, attention_bias=True)),
+    "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen3": (transformers.Qwen3Config, dict(num_key_value_heads=4, head_dim=16)),
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16),
+    ),
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(_MLA, q_lora_rank=None)),
+    "deepseek_v3-q-lora-tied": (
+        transformers.DeepseekV3Config,
+        dict(_MLA, q_lora_rank=24, tie_word_embeddings=True),
+    ),
+    "gemma3_text": (
+        transformers.Gemma3TextConfig,
+        dict(num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16),
+    ),
+}
+
+
+def write_tokenizer(directory):
+    """A byte-level BPE vocabulary of FAMILY_VOCAB tokens (llama.cpp's `gpt2` model) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {symbol: index for index, symbol in enumerate(list(bytes_to_unicode().values())[:FAMILY_VOCAB])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='"', eos_token="#")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(directory)

@@ -15,50 +15,8 @@ from kvforge.conversion import load_pretrained
 from kvforge.conversion.gguf import export_gguf, import_gguf
 from kvforge.training.cli import main
 from tests.conftest import shared_path
+from tests.conversion.gguf_files import FAMILIES, SIZES, write_tokenizer
 from tests.conversion.hf_tiny import VOCAB, randomize_
-
-SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=8,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=None,
-)
-# Families llama.cpp runs, with the traits its graphs have (Gemma: default layer patterns, scalar = head_dim).
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, dict(num_key_value_heads=2)),
-    "llama-mqa-bias": (transformers.LlamaConfig, dict(num_key_value_heads=1, attention_bias=True)),
-    "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
-    "qwen3": (transformers.Qwen3Config, dict(num_key_value_heads=4, head_dim=16)),
-    "gemma2": (
-        transformers.Gemma2Config,
-        dict(num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16),
-    ),
-    "gemma3_text": (
-        transformers.Gemma3TextConfig,
-        dict(num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16),
-    ),
-}
-
-
-def write_tokenizer(directory):
-    """A byte-level BPE vocabulary of VOCAB tokens (llama.cpp's `gpt2` model) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {symbol: index for index, symbol in enumerate(list(bytes_to_unicode().values())[:VOCAB])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='"', eos_token="#")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    tokenizer.save_pretrained(directory)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -66,7 +24,7 @@ def exported(request, tmp_path_factory):
     config_class, overrides = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     model = transformers.AutoModelForCausalLM.from_config(
-        config_class(**SIZES, **overrides), dtype=torch.float32
+        config_class(**{**SIZES, **overrides}), dtype=torch.float32
     )
     randomize_(model).save_pretrained(root / "hf")
     write_tokenizer(root / "hf")
