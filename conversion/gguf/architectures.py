@@ -14,10 +14,13 @@ its ``convert_hf_to_gguf.py`` (the converter that defines what a llama.cpp file 
 | gemma2    | gemma2          | every norm stored as 1 + w                         | untied head, scalar ≠ head_dim |
 | gemma3    | gemma3_text     | every norm (q/k too) stored as 1 + w               | attention soft-cap, scalar ≠ head_dim |
 | deepseek2 | deepseek_v2/v3  | kv_b_proj split into k_b (transposed) and v_b (MLA) | biases, rope scaling          |
+| granite_swa | llama, mistral, qwen2 with windows or sinks | Llama's, plus a sink logit per head | several window sizes |
 
-Gemma's windows are written per layer (``sliding_window_pattern`` as one flag per layer), so any
-pattern of one window size is exact. llama.cpp's llama/qwen2/qwen3 graphs attend globally whatever
-the file says: a windowed model exported there would load and compute something else, so it is refused.
+Windows are written per layer (``sliding_window_pattern``, one flag per layer), so any pattern of one
+window size is exact. llama.cpp's llama/qwen2/qwen3 graphs attend globally whatever the file says, so
+a Llama-recipe model with windows (or attention sinks) goes to ``granite_swa`` instead: Llama's graph
+with per-layer windows and sinks (Granite's embedding/residual/logit scales are 1 or unset). Qwen3's
+q/k norms have no such twin: windowed Qwen3 is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class GGUFArchitecture:
     why_not: Callable[[ModelConfig], str | None] = lambda config: None
     extra_tensors: Callable[[ModelConfig], Tensors] = lambda config: []  # global ones (rope_freqs)
     rope_scaling: tuple[str, ...] = ()  # rope_scaling types llama.cpp computes for this arch
+    names_from: str | None = None  # the gguf architecture whose tensor names it uses (None: its own)
 
 
 def _common(config: ModelConfig) -> dict[str, Any]:
@@ -77,6 +81,9 @@ def _windows(config: ModelConfig) -> dict[int, int]:
 
 def _global_only(arch: str) -> Callable[[ModelConfig], str | None]:
     def why_not(config: ModelConfig) -> str | None:
+        sinks = [index for index, spec in enumerate(config.layers) if spec.sinks]
+        if sinks:
+            return f"attention sinks on layers {sinks}: llama.cpp's {arch} architecture has none"
         windows = _windows(config)
         if windows:
             return (
@@ -200,6 +207,37 @@ def _deepseek_why_not(config: ModelConfig) -> str | None:
     return None
 
 
+def _swa_hparams(config: ModelConfig) -> dict[str, Any]:
+    windows = _windows(config)
+    return {
+        **_common(config),
+        "logit_scale": 1.0,  # granite_swa divides the logits by it; the other Granite scales stay unset
+        "attention.sliding_window": next(iter(windows.values()), config.max_seq_len),
+        "attention.sliding_window_pattern": [index in windows for index in range(config.n_layers)],
+    }
+
+
+NO_SINK = -1e30  # granite_swa requires a sink logit per head; exp(-1e30 - max) is exactly 0 in f32
+
+
+def _swa_tensors(config: ModelConfig, name: str, tensor: torch.Tensor) -> Tensors:
+    """Llama's tensors (rotary pairs) plus the per-head sink logits granite_swa always reads."""
+    if name.endswith(".self_attn.sinks"):
+        return [(f"blk.{name.split('.')[2]}.attn_sinks.weight", tensor)]
+    converted = _rotary_pairs(config, name, tensor)
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+    if name.endswith(".self_attn.q_proj.weight") and not config.layers[layer].sinks:
+        sinks = torch.full((config.n_heads,), NO_SINK, dtype=torch.float32, device=tensor.device)
+        converted.append((f"blk.{layer}.attn_sinks.weight", sinks))
+    return converted
+
+
+def _swa_why_not(config: ModelConfig) -> str | None:
+    if len(set(_windows(config).values())) > 1:
+        return f"several window sizes {sorted(set(_windows(config).values()))}: llama.cpp has one per model"
+    return None
+
+
 LLAMA = GGUFArchitecture(
     "llama",
     _common,
@@ -224,6 +262,18 @@ GEMMA3 = GGUFArchitecture(
     rope_scaling=("linear",),
 )
 DEEPSEEK2 = GGUFArchitecture("deepseek2", _deepseek_hparams, _split_kv_b, _deepseek_why_not)
+
+# Llama's recipe with per-layer sliding windows (one size) and attention sinks: llama.cpp's granite_swa
+# graph is Llama's (RMSNorm, SwiGLU, rotary pairs) plus both, with Granite's scales left at 1.
+GRANITE_SWA = GGUFArchitecture(
+    "granite_swa",
+    _swa_hparams,
+    _swa_tensors,
+    _swa_why_not,
+    _llama3_rope_freqs,
+    ("linear", "llama3"),
+    names_from="llama",
+)
 
 # HF family an export plans (kvforge.conversion.families) -> the llama.cpp architecture that runs it.
 BY_FAMILY: dict[str, GGUFArchitecture] = {

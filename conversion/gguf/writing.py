@@ -27,12 +27,13 @@ from gguf import GGMLQuantizationType as Q
 from kvforge.arch import ModelConfig
 
 from ..atomic import atomic_file
-from ..families import StockFamily, plan_export
+from ..families import FAMILIES, StockFamily, plan_export
 from ..pretrained import LM_HEAD, export_config
 from ..streamed_write import read_many, source_meta, tensor_groups
-from .architectures import BY_FAMILY, GGUFArchitecture
+from .architectures import BY_FAMILY, GRANITE_SWA, GGUFArchitecture
 from .vocab import add_tokenizer
 
+SWA_FAMILIES = ("llama", "mistral", "qwen2")  # Llama-recipe families whose windows go to granite_swa
 OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
@@ -49,15 +50,18 @@ def gguf_plan(config: ModelConfig, family: str | None = None) -> tuple[StockFami
         raise ValueError("llama.cpp cannot run this model: " + "; ".join(problems))
     plan = plan_export(config, family)
     if not plan.family.stock or plan.family.model_type not in BY_FAMILY:
-        reasons = "; ".join(plan.notes)
+        reasons = plan.notes[0] if plan.notes else f"{plan.family.model_type} has no llama.cpp architecture"
         raise ValueError(f"llama.cpp has no architecture for this model ({reasons})")
-    arch = BY_FAMILY[plan.family.model_type]
+    chosen, arch = plan.family, BY_FAMILY[plan.family.model_type]
+    windowed = any(spec.window is not None or spec.sinks for spec in config.layers)
+    if windowed and plan.family.model_type in SWA_FAMILIES:
+        chosen, arch = FAMILIES["llama"], GRANITE_SWA  # Llama's names and layout, granite_swa's graph
     problem = arch.why_not(config) or _rope_problem(config, arch)
     if problem:
         raise ValueError(
             f"cannot export as llama.cpp {arch.name!r} (from {plan.family.model_type}): {problem}"
         )
-    return plan.family, arch
+    return chosen, arch
 
 
 def form_problems(config: ModelConfig) -> list[str]:
@@ -68,7 +72,6 @@ def form_problems(config: ModelConfig) -> list[str]:
         "grouped-latent attention (gla)": lambda spec: spec.attention == "gla",
         "chunked attention": lambda spec: spec.chunk is not None,
         "NoPE layers (rope off)": lambda spec: not spec.rope,
-        "attention sinks": lambda spec: spec.sinks,
     }
     problems = []
     for form, has in checks.items():
@@ -113,11 +116,12 @@ def export_gguf(
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype={outtype!r}: allowed values are {sorted(OUTTYPES)}")
     chosen, arch = gguf_plan(config, family)
-    hf = export_config(chosen, config, torch.float32)
+    # config.json of the family, for its tensor layouts (Llama's naming for granite_swa has none)
+    hf = export_config(chosen, config, torch.float32) if chosen.why_not(config) is None else {}
     skip = {LM_HEAD} if config.tie_embeddings else set()
     meta = {n: t for n, t in source_meta(state_dict).items() if n not in skip}
     groups = tensor_groups(meta)
-    names = gguf.get_tensor_name_map(_model_arch(arch.name), config.n_layers)
+    names = gguf.get_tensor_name_map(_model_arch(arch.names_from or arch.name), config.n_layers)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.name)
         said = _write_metadata(writer, config, arch, outtype, name or out.stem, tokenizer_from)
@@ -160,6 +164,9 @@ def _gguf_tensors(tensors, config, family, arch, hf, names) -> Iterator[tuple[st
     family.to_hf(tensors, config, hf)
     for hf_name, tensor in tensors.items():
         for name, converted in arch.tensors(config, hf_name, tensor):
+            if name.startswith("blk."):  # already llama.cpp's name (tensors gguf has no HF name for)
+                yield name, converted
+                continue
             base, _, suffix = name.rpartition(".")
             gguf_name = names.get_name(base)
             if gguf_name is None:

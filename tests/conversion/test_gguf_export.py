@@ -89,8 +89,8 @@ def test_stories260k_q8_0_export_is_within_quantisation_error(tmp_path):
             r"cross-layer K/V sharing \(kv_from\) on layers \[1, 3\]",
         ),
         (
-            ["--to", "window", "--windows", "64,64,64,64,none"],
-            r"sliding windows on layers \[0, 1, 2, 3\].*attends globally",
+            ["--to", "window", "--windows", "32,64,64,64,none"],
+            r"llama.cpp has no architecture.*different windows \[32, 64\]",
         ),
         (["--to", "chunked", "--chunk", "64"], r"chunked attention on layers"),
     ],
@@ -101,3 +101,18 @@ def test_forms_llama_cpp_cannot_run_are_refused_by_name_and_layer(tmp_path, caps
     assert main(["export", str(converted), str(tmp_path / "x.gguf"), "--format", "gguf"]) == 2
     assert pytest.importorskip("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_llama_windows_export_as_granite_swa_with_a_per_layer_pattern(tmp_path):
+    # llama.cpp's llama graph ignores windows; granite_swa is Llama's graph with them (and sinks).
+    converted = tmp_path / "swa"
+    args = ["--to", "window", "--windows", "64,64,64,64,none"]
+    assert main(["convert", str(shared_path("stories260K")), str(converted), *args]) == 0
+    assert main(["export", str(converted), str(tmp_path / "swa.gguf"), "--format", "gguf"]) == 0
+    reader = gguf.GGUFReader(tmp_path / "swa.gguf")
+    assert reader.get_field("general.architecture").contents() == "granite_swa"
+    assert reader.get_field("granite_swa.attention.sliding_window").contents() == 64
+    assert reader.get_field("granite_swa.attention.sliding_window_pattern").contents() == [True] * 4 + [False]
+    assert reader.get_field("granite_swa.logit_scale").contents() == 1.0
+    sinks = {t.name: t.data for t in reader.tensors if t.name.endswith("attn_sinks.weight")}
+    assert len(sinks) == 5 and all((values == -1e30).all() for values in sinks.values())  # no sink: exp = 0
