@@ -55,7 +55,8 @@ def _convert(source: Path, *args: str) -> Callable[[Path], Path]:
         from kvforge.training.cli import main
 
         out = scratch / "-".join(["converted", source.name, *args]).replace("/", "_")
-        if not out.exists() and main(["convert", str(source), str(out), *args, "--calib", "none"]) != 0:
+        calibration = [] if "--calib" in args else ["--calib", "none"]  # parity needs no quality
+        if not out.exists() and main(["convert", str(source), str(out), *args, *calibration]) != 0:
             raise RuntimeError(f"kvforge convert {source} {' '.join(args)} failed")
         return out
 
@@ -93,6 +94,22 @@ ROWS = {
     "stories-gqa": Row("stories260K GQA 8q/4kv", lambda scratch: SHARED / "stories260K", TINYSTORIES, "GQA"),
     "stories-mqa": Row(
         "stories260K → MQA", _convert(SHARED / "stories260K", "--to", "mqa"), TINYSTORIES, "MQA"
+    ),
+    "stories-swa": Row(
+        "stories260K → windows 64 ×4 + global",
+        _convert(SHARED / "stories260K", "--to", "window", "--windows", "64,64,64,64,none"),
+        TINYSTORIES,
+        "GQA + sliding windows (granite_swa)",
+    ),
+    "stories-sinks": Row(
+        "stories260K → windows 64 + sinks",
+        _convert(
+            SHARED / "stories260K",
+            *("--to", "window", "--windows", "64,64,64,64,none", "--sinks"),
+            *("--calib", str(SHARED / "corpora" / "botchan.txt"), "--calib-tokens", "1024"),
+        ),
+        TINYSTORIES,
+        "GQA + windows + attention sinks (granite_swa)",
     ),
     "stories-mla": Row(
         "stories260K-mha → MLA 24+8",

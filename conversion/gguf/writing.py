@@ -15,6 +15,7 @@ converter keeps them; a q8_0 matrix whose rows are not a whole number of 32-valu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ def gguf_plan(config: ModelConfig, family: str | None = None) -> tuple[StockFami
     problems = form_problems(config)
     if problems:
         raise ValueError("llama.cpp cannot run this model: " + "; ".join(problems))
-    plan = plan_export(config, family)
+    # Sinks hold no stock HF family but granite_swa runs them: plan the names and layout without them.
+    without_sinks = [dataclasses.replace(spec, sinks=False) for spec in config.layers]
+    plan = plan_export(dataclasses.replace(config, layers=without_sinks, pattern=None), family)
     if not plan.family.stock or plan.family.model_type not in BY_FAMILY:
         reasons = plan.notes[0] if plan.notes else f"{plan.family.model_type} has no llama.cpp architecture"
         raise ValueError(f"llama.cpp has no architecture for this model ({reasons})")
