@@ -33,8 +33,10 @@ from kvforge.arch import generate, kv_cache_bytes
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.gguf import export_gguf
 
+# Starts with the BOS token as Llama-style templates do: chat prompts get no automatic BOS, neither in
+# transformers (apply_chat_template tokenizes without special tokens) nor in llama-cpp-python.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 PROMPTS = [
@@ -47,8 +49,10 @@ PROMPTS = [
 ]
 # llama.cpp's allocation log, e.g. "llama_kv_cache: size = 0.23 MiB (512 cells, 5 layers, ...), K (f16): 0.23 MiB, V (f16): 0.00 MiB"
 KV_LOG = re.compile(
-    r"llama_kv_cache: +size = +([\d.]+) MiB \((\d+) cells.*K \(f16\): +([\d.]+) MiB, V \(f16\): +([\d.]+) MiB"
+    r"llama_kv_cache: +size = +([\d.]+) MiB \( *(\d+) cells.*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB"
 )
+# Greedy, and nothing else: the server's defaults add a repeat penalty (1.1) that changes greedy picks.
+GREEDY = {"temperature": 0, "top_k": 1, "repeat_penalty": 1.0}
 
 
 def free_port() -> int:
@@ -79,10 +83,13 @@ def wait_ready(port: int, server: subprocess.Popen, seconds: float = 120) -> Non
 
 
 def local_greedy(model, tokenizer, ids: list[int], steps: int) -> str:
+    """kvforge's greedy continuation as text: the decoded whole minus the decoded prompt (a continuation
+    decoded alone loses the leading space a sentencepiece token carries)."""
     out = generate(model, torch.tensor([ids]), steps)[0, len(ids) :].tolist()
     if tokenizer.eos_token_id in out:
         out = out[: out.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(out)
+    prompt = tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode(ids + out, skip_special_tokens=True)[len(prompt) :]
 
 
 def main() -> int:
@@ -93,7 +100,7 @@ def main() -> int:
         "--requests", type=int, default=4, help="completion requests, and as many chat requests"
     )
     parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--n-ctx", type=int, default=512)
+    parser.add_argument("--n-ctx", type=int, default=4096, help="server context (cache cells)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -114,6 +121,7 @@ def main() -> int:
         log = open(scratch / "server.log", "w")  # noqa: SIM115 - the server writes it while we run
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
         command += ["--port", str(port), "--n_ctx", str(args.n_ctx), "--n_threads", "2"]
+        command += ["--type_k", "0", "--type_v", "0"]  # f32 K/V cache: kvforge's reference runs in f32
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(port, server)
@@ -121,27 +129,24 @@ def main() -> int:
                 served = post(
                     port,
                     "/v1/completions",
-                    {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0},
+                    {"prompt": prompt, "max_tokens": args.max_tokens, **GREEDY},
                 )
                 expected = local_greedy(model, tokenizer, tokenizer(prompt)["input_ids"], args.max_tokens)
                 same = served["choices"][0]["text"] == expected
                 failures += not same
-                rows.append(
-                    ["completion", prompt[:32], "yes" if same else f"NO: {served['choices'][0]['text']!r}"]
-                )
+                text = served["choices"][0]["text"]
+                rows.append(["completion", prompt[:32], "yes" if same else f"NO: {text!r} vs {expected!r}"])
             for prompt in PROMPTS[: args.requests]:
                 messages = [{"role": "user", "content": prompt}]
-                body = {"messages": messages, "max_tokens": args.max_tokens, "temperature": 0}
+                body = {"messages": messages, "max_tokens": args.max_tokens, **GREEDY}
                 served = post(port, "/v1/chat/completions", body)
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) else ids
-                if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-                    ids = [
-                        tokenizer.bos_token_id,
-                        *ids,
-                    ]  # llama.cpp adds BOS to the rendered prompt (add_bos)
+                # as transformers tokenizes a chat (no special tokens added: the template writes them)
+                rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
                 expected = local_greedy(model, tokenizer, ids, args.max_tokens)
                 text = served["choices"][0]["message"]["content"]
+                if served["usage"]["prompt_tokens"] != len(ids):
+                    text += f" [server prompt {served['usage']['prompt_tokens']} tokens, local {len(ids)}]"
                 same = text == expected
                 failures += not same
                 rows.append(["chat", prompt[:32], "yes" if same else f"NO: {text!r} vs {expected!r}"])
@@ -150,23 +155,23 @@ def main() -> int:
             server.wait(timeout=30)
             log.close()
         found = KV_LOG.search((scratch / "server.log").read_text())
-        cells = int(found.group(2)) if found else args.n_ctx
-        expected_bytes = kv_cache_bytes(pretrained.config, cells, "fp16")
         if found:
-            served_mib = float(found.group(1))
-            same = abs(served_mib - expected_bytes / 2**20) < 0.01
+            cells, cache_type = int(found.group(2)), found.group(3)
+            expected = kv_cache_bytes(pretrained.config, cells, {"f32": "fp32", "f16": "fp16"}[cache_type])
+            served_mib, v_mib = float(found.group(1)), float(found.group(6))
+            same = round(expected / 2**20, 2) == served_mib and v_mib == 0.0
             failures += not same
             rows.append(
                 [
                     "KV cache",
-                    f"{cells} cells, f16",
-                    f"llama.cpp {served_mib:.2f} MiB (K {found.group(3)}, V {found.group(4)}) vs kvforge "
-                    f"{expected_bytes / 2**20:.2f} MiB: {'equal' if same else 'DIFFERENT'}",
+                    f"{cells} cells, {cache_type}",
+                    f"llama.cpp {served_mib:.2f} MiB (K {found.group(4)}, V {v_mib:.2f}: the latent only) vs "
+                    f"kvforge inspect {expected / 2**20:.2f} MiB ({expected:,} bytes): {'equal' if same else 'DIFFERENT'}",
                 ]
             )
         else:
             failures += 1
-            rows.append(["KV cache", "-", "no llama_kv_cache line in the server log"])
+            rows.append(["KV cache", "-", "no llama_kv_cache size line in the server log"])
     print_table(
         "llama_cpp.server (127.0.0.1) vs kvforge greedy, MLA as deepseek2",
         ["request", "prompt", "equal"],

@@ -4,7 +4,8 @@ pieces, scores, token types) or a byte-level BPE ``tokenizer.json`` (``gpt2``: t
 the special ids, ``add_bos``/``add_eos`` and the chat template (``SpecialVocab``).
 
 A BPE vocabulary also needs llama.cpp's name for its pre-tokenizer (``tokenizer.ggml.pre``): the one
-recorded when the directory was imported from a GGUF (``kvforge_provenance.json``), else ``gpt2``.
+recorded when the directory was imported from a GGUF (``kvforge_provenance.json``), else ``gpt-2``
+(llama.cpp's name for the GPT-2 split regex of a plain byte-level pre-tokenizer).
 """
 
 from __future__ import annotations
@@ -44,13 +45,17 @@ def add_tokenizer(writer: gguf.GGUFWriter, directory: Path | None, vocab_size: i
     writer.add_tokenizer_model(vocab.tokenizer_model)
     pre = None
     if vocab.tokenizer_model == "gpt2":
-        pre = (read_provenance(directory) or {}).get("tokenizer_pre") or "gpt2"
+        pre = (read_provenance(directory) or {}).get("tokenizer_pre") or "gpt-2"
         writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     special = SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
+    if vocab.tokenizer_model == "gpt2" and not special.merges:
+        writer.add_token_merges(
+            []
+        )  # llama.cpp refuses a BPE vocabulary without the key (a byte-only one has none)
     template = "a chat template" if special.chat_template else "no chat template"
     return (
         f"tokenizer {vocab.tokenizer_model}{f' (pre {pre})' if pre else ''}, {len(tokens)} tokens, {template}"

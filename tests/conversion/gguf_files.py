@@ -177,13 +177,16 @@ FAMILIES = {
 
 
 def write_tokenizer(directory):
-    """A byte-level BPE vocabulary of FAMILY_VOCAB tokens (llama.cpp's `gpt2` model) with a chat template."""
+    """A byte-level BPE vocabulary of FAMILY_VOCAB tokens (llama.cpp's `gpt2` model: 95 single symbols and
+    6 merges) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {symbol: index for index, symbol in enumerate(list(bytes_to_unicode().values())[:FAMILY_VOCAB])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    merges = [("t", "h"), ("th", "e"), ("a", "n"), ("an", "d"), ("i", "n"), ("o", "n")]
+    symbols = list(bytes_to_unicode().values())[: FAMILY_VOCAB - len(merges)] + ["".join(m) for m in merges]
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='"', eos_token="#")
