@@ -14,8 +14,9 @@ their windows). It is exported with ``kvforge.conversion.gguf.export_gguf``, loa
   llama.cpp through its KV cache - MLA's latent cache, Gemma's sliding windows);
 - tokenizer: llama.cpp's tokenization of the text (from the GGUF metadata) vs transformers'.
 
-Tolerances by ``--outtype``: f32 1e-3 in log-probs (llama.cpp's f32 kernels accumulate in another
-order; the table shows the actual figure), f16/bf16 and q8_0 are reported as a perplexity delta.
+llama.cpp's KV cache is kept in f32 here (its default f16 rounds K/V). Tolerances by ``--outtype``: f32
+1e-3 in log-probs (1e-2 for Gemma: ggml's CPU GELU goes through an f16 table), f16/bf16 and q8_0 are
+reported as a perplexity delta.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINYSTORIES = SHARED / "corpora" / "tinystories_val_prefix.txt"
 WIKITEXT = SHARED / "corpora" / "wikitext2_test.txt"
 F32_TOLERANCE = 1e-3
+# ggml's CPU GELU (Gemma's GeGLU) looks f32 inputs up in an f16 table (GGML_GELU_FP16): ~4e-3 relative.
+GELU_F16_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Row:
     text: Path | None  # evaluation text (None: random token ids, for random-weight models)
     form: str
     tokenizer: Path | None = None  # the tokenizer of the ids (None: the model directory's own)
+    f32_tolerance: float = F32_TOLERANCE
 
 
 def _convert(source: Path, *args: str) -> Callable[[Path], Path]:
@@ -123,8 +127,20 @@ ROWS = {
     "smollm2": Row("SmolLM2-135M (real, Q4_1 import)", _real_model, WIKITEXT, "GQA 9q/3kv"),
     "qwen2": Row("tiny Qwen2 (random)", _tiny("qwen2"), None, "GQA + biases"),
     "qwen3": Row("tiny Qwen3 (random)", _tiny("qwen3"), None, "GQA + q/k norm"),
-    "gemma2": Row("tiny Gemma 2 (random)", _tiny("gemma2"), None, "GQA, windows 5 alternating, soft-caps"),
-    "gemma3": Row("tiny Gemma 3 (random)", _tiny("gemma3_text"), None, "GQA, windows 5, q/k norm"),
+    "gemma2": Row(
+        "tiny Gemma 2 (random)",
+        _tiny("gemma2"),
+        None,
+        "GQA, windows 5 alternating, soft-caps",
+        f32_tolerance=GELU_F16_TOLERANCE,
+    ),
+    "gemma3": Row(
+        "tiny Gemma 3 (random)",
+        _tiny("gemma3_text"),
+        None,
+        "GQA, windows 5, q/k norm",
+        f32_tolerance=GELU_F16_TOLERANCE,
+    ),
 }
 
 
@@ -235,16 +251,19 @@ def measure(row: Row, outtype: str, scratch: Path, n_tokens: int, greedy: int) -
         hf_ids = hf_tokenizer(words, add_special_tokens=False)["input_ids"]
         tokens_equal = "yes" if llm.tokenize(words.encode(), add_bos=False, special=False) == hf_ids else "NO"
     ppl_ours, ppl_theirs = perplexity(ours, ids), perplexity(theirs, ids)
+    worst = (theirs - ours).abs().max().item()
+    verdict = ("yes" if worst <= row.f32_tolerance else "NO") + f" (≤ {row.f32_tolerance:.0e})"
     return [
         row.name,
         row.form,
         outtype,
-        f"{(theirs - ours).abs().max().item():.1e}",
+        f"{worst:.1e}",
         f"{(theirs - stock).abs().max().item():.1e}" if stock is not None else "-",
         f"{ppl_ours:.4f}",
         f"{ppl_theirs - ppl_ours:+.4f}",
         f"{agree}/{greedy}",
         tokens_equal,
+        verdict if outtype == "f32" else "-",
     ]
 
 
@@ -258,6 +277,7 @@ COLUMNS = [
     "Δ ppl llama.cpp",
     "greedy equal",
     "tokenizer equal",
+    "f32 within tolerance",
 ]
 
 
@@ -281,7 +301,7 @@ def main() -> None:
                     print(f"skipped {key}: {err}")
                     break
                 except (ValueError, RuntimeError) as err:  # a row that fails is a row of the table
-                    rows.append([ROWS[key].name, ROWS[key].form, outtype, f"FAILED: {err}", *["-"] * 5])
+                    rows.append([ROWS[key].name, ROWS[key].form, outtype, f"FAILED: {err}", *["-"] * 6])
     print_table(
         f"llama.cpp (llama-cpp-python) vs kvforge on the same {args.tokens} tokens, CPU", COLUMNS, rows
     )

@@ -50,6 +50,12 @@ def test_gguf_export_embeds_the_tokenizer_and_chat_template(exported):
     _, path = exported
     reader = gguf.GGUFReader(path)
     assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert (
+        reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+    )  # llama.cpp's name for the GPT-2 split
+    assert (
+        len(reader.get_field("tokenizer.ggml.merges").contents()) == 6
+    )  # llama.cpp refuses BPE without merges
     assert len(reader.get_field("tokenizer.ggml.tokens").contents()) == VOCAB
     assert "m['content']" in reader.get_field("tokenizer.chat_template").contents()
 
