@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import transformers
 
+from tests.conversion.hf_tiny import _MLA as _HF_TINY_MLA
+from tests.conversion.hf_tiny import _SIZES
 from tests.conversion.hf_tiny import VOCAB as FAMILY_VOCAB
 
 VOCAB = (
@@ -132,28 +134,8 @@ def gguf_name(hf_name: str) -> str:
 
 
 # Tiny random models of the families llama.cpp runs (GGUF export round trips, llama.cpp parity).
-SIZES = dict(
-    vocab_size=FAMILY_VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=8,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=None,
-)
-_MLA = dict(
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=12,
-    v_head_dim=16,
-    first_k_dense_replace=3,
-    num_nextn_predict_layers=0,
-)
+SIZES = _SIZES  # hf_tiny's sizes (vocab FAMILY_VOCAB, 3 layers, d 64); MLA sizes from it too
+_MLA = {**_HF_TINY_MLA, "num_nextn_predict_layers": 0}  # its expert keys stay unused: every layer is dense
 # Families llama.cpp runs, with the traits its graphs have (Gemma: default layer patterns, scalar = head_dim).
 FAMILIES = {
     "llama": (transformers.LlamaConfig, dict(num_key_value_heads=2)),
