@@ -36,6 +36,8 @@ from ..families.schema import ConfigReader
 from ..pretrained import save_pretrained
 from .deepseek2 import ARCH as DEEPSEEK2
 from .deepseek2 import deepseek2_config, deepseek2_names, join_kv_b
+from .granite_swa import ARCH as GRANITE_SWA
+from .granite_swa import granite_swa_config, sink_layers, with_windows_and_sinks
 
 PROVENANCE_FILE = "kvforge_provenance.json"
 # GGUF architecture -> what kvforge imports it as (transformers' reader covers these and kvforge has the family).
@@ -46,6 +48,7 @@ ARCHITECTURES = {
     "gemma2": "Gemma 2",
     "gemma3": "Gemma 3 (text model)",
     "deepseek2": "DeepSeek-V2/V3 MLA, dense MLP (read by kvforge: transformers' GGUF reader has no deepseek2)",
+    "granite_swa": "Llama recipe with sliding windows and sinks, as kvforge writes it (read by kvforge)",
 }
 # Tensors llama.cpp adds that transformers' reader does not map, and why importing without them is wrong.
 UNMAPPED_MEANING = {"rope_freqs.weight": "Llama-3 RoPE frequency factors (rope_scaling)"}
@@ -74,7 +77,7 @@ def import_gguf(
             source.config,
             source.weights(),
             out,
-            family=source.family.model_type,
+            family=source.export_family,
             tokenizer_from=extras,
             overwrite=overwrite,
             dtype=dtype or source.natural_dtype,
@@ -128,6 +131,8 @@ class GGUFSource:
         self._check_types()
         if self.architecture == DEEPSEEK2:
             self.hf_config = deepseek2_config(self.reader, _field)
+        elif self.architecture == GRANITE_SWA:
+            self.hf_config = granite_swa_config(self.reader, _field)
         else:
             biased = any(t.name.endswith(".attn_q.bias") for t in self.reader.tensors)
             head_dim = _field(self.reader, f"{self.architecture}.attention.key_length", None)
@@ -137,6 +142,9 @@ class GGUFSource:
         reader = ConfigReader(hf, f"{self.path} (config read by transformers)")
         self.family: Family = family_of(reader)
         self.config = self.family.read_config(reader)
+        self.export_family: str | None = self.family.model_type
+        if self.architecture == GRANITE_SWA:  # windows/sinks: the export picks the family that holds them
+            self.config, self.export_family = with_windows_and_sinks(self.config, self.reader, _field), None
         self.hf = hf
         self.tensors = self._map_tensors()
 
@@ -160,12 +168,22 @@ class GGUFSource:
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.hf_config)
-        self.processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.hf)
+        tensors_as = "llama" if self.architecture == GRANITE_SWA else self.architecture  # Llama's layout
+        self.processor = TENSOR_PROCESSORS.get(tensors_as, TensorProcessor)(config=self.hf)
         if self.architecture == DEEPSEEK2:
             hf_names = deepseek2_names(model, self.config.n_layers)
         else:
             hf_names = get_gguf_hf_weights_map(model, self.processor)
-        unmapped = [t.name for t in self.reader.tensors if t.name not in hf_names]
+        if self.architecture == GRANITE_SWA:
+            sinks = sink_layers(self.reader)
+            hf_names.update({name: f"model.layers.{layer}.self_attn.sinks" for name, layer in sinks.items()})
+            no_sinks = {t.name for t in self.reader.tensors if t.name.endswith(".attn_sinks.weight")} - set(
+                sinks
+            )
+        else:
+            no_sinks = set()  # "no sink" logits (-1e30 on every head) are how granite_swa says: none
+        read = [t for t in self.reader.tensors if t.name not in no_sinks]
+        unmapped = [t.name for t in read if t.name not in hf_names]
         if unmapped:
             meaning = "; ".join(f"{n}: {UNMAPPED_MEANING[n]}" for n in unmapped if n in UNMAPPED_MEANING)
             raise ValueError(
@@ -174,7 +192,7 @@ class GGUFSource:
                 "would compute a different model"
             )
         tensors: dict[str, list] = {}
-        for tensor in self.reader.tensors:  # kv_b_proj gathers its two halves, k_b first
+        for tensor in read:  # kv_b_proj gathers its two halves, k_b first
             tensors.setdefault(self.family.kvforge_name(hf_names[tensor.name]), []).append(tensor)
         return tensors
 

@@ -122,3 +122,33 @@ def test_llama_windows_export_as_granite_swa_with_a_per_layer_pattern(tmp_path):
     assert reader.get_field("granite_swa.logit_scale").contents() == 1.0
     sinks = {t.name: t.data for t in reader.tensors if t.name.endswith("attn_sinks.weight")}
     assert len(sinks) == 5 and all((values == -1e30).all() for values in sinks.values())  # no sink: exp = 0
+
+
+def test_granite_swa_windows_and_sinks_read_back_with_equal_weights(tmp_path):
+    import dataclasses
+
+    converted = tmp_path / "swa"
+    args = ["--to", "window", "--windows", "64,64,64,64,none"]
+    assert main(["convert", str(shared_path("stories260K")), str(converted), *args]) == 0
+    source = load_pretrained(converted)
+    # sinks on two windowed layers (what `convert --to window --sinks` fits), random logits
+    layers = [
+        dataclasses.replace(spec, sinks=index in (1, 3)) for index, spec in enumerate(source.config.layers)
+    ]
+    config = dataclasses.replace(source.config, layers=layers, pattern=None)
+    weights = dict(source.state_dict)
+    for index in (1, 3):
+        weights[f"model.layers.{index}.self_attn.sinks"] = torch.randn(config.n_heads)
+    path, said = export_gguf(config, weights, tmp_path / "sinks.gguf", tokenizer_from=converted)
+    assert "granite_swa" in said[0]
+    back = load_pretrained(import_gguf(path, tmp_path / "back"))
+    assert [(spec.window, spec.sinks) for spec in back.config.layers] == [
+        (64, False),
+        (64, True),
+        (64, False),
+        (64, True),
+        (None, False),
+    ]
+    assert set(back.state_dict) == set(weights)
+    for name, tensor in weights.items():
+        assert torch.equal(back.state_dict[name], tensor), name
