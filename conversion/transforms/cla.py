@@ -26,12 +26,14 @@ from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count, map_layers
+from .key_metric import attention_metric
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import HeadTargets, group_cost, merge_group, output_blocks
-from .rotary import from_pairs, scale_pairs
+from .rotary import from_pairs, pair_frequencies, scale_pairs
 from .whitening import Whitening, flat_inputs, head_targets, rows_with_bias, split_bias
 
 INITS = ("fit", "first", "mean")
+METRIC = True
 KV_LEAVES = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight")
 
 
@@ -138,6 +140,15 @@ def _fit_group(
             cross = owner_x.mT @ source_x / len(owner_x)
             per_layer.append(head_targets(ctx.source, whitening, source_whitening, cross))
     targets = _concat(per_layer)
+    metric = None
+    if METRIC and owner.inputs is not None and not bias:
+        sources = [(ctx.source, ctx.source_inputs) for ctx in contexts]
+        metric = attention_metric(sources, owner.inputs, whitening, pair_frequencies(config), bias)
+        targets = dataclasses.replace(
+            targets,
+            key=targets.key @ metric.key_root.to(targets.key.dtype),
+            value=targets.value @ metric.value_root,
+        )
     everyone = range(len(contexts) * n_heads)
     totals = (targets.key_energy(everyone), float(targets.value_gram(everyone).trace()))
 
@@ -163,6 +174,15 @@ def _fit_group(
     for heads, group in zip(kv_groups, merged):
         for position, (head, out) in enumerate(zip(heads, output_blocks(targets, heads, group.value))):
             alpha[head], blocks[head] = group.alpha[position], out
+    if metric is not None:  # back from the metric's coordinates to the whitened ones
+        merged = [
+            dataclasses.replace(
+                group,
+                key=group.key @ metric.key_root_inv.to(group.key.dtype),
+                value=group.value @ metric.value_root_inv,
+            )
+            for group in merged
+        ]
     modules = []
     for position, (ctx, order) in enumerate(zip(contexts, orders)):
         q_source = rows_with_bias(ctx.source.q_proj)

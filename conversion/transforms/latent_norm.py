@@ -21,6 +21,9 @@ import torch
 # conditioned (kv_b absorbs M⁻¹) at a small cost in flatness.
 EIGEN_FLOOR = 1e-2
 MAX_TOKENS = 65536
+# "linear" regime: the largest calibration latent's mean square is this fraction of the norm's eps, so
+# ``rms(c)`` is eps-dominated for every token and the norm is a constant scale to within MARGIN / 2.
+LINEAR_MARGIN = 1e-3
 # Ridges of the token kernel's Cholesky solve, in units of its round-off level, tried in order.
 KERNEL_RIDGES = (1.0, 100.0, 10000.0)
 
@@ -123,3 +126,22 @@ def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
     gram += 1e-9 * gram.diagonal().mean() * eye
     readout = torch.linalg.solve(gram, normed.mT @ mapped).mT  # E[c' nᵀ] E[n nᵀ]⁻¹
     return LatentNorm(basis, basis_inv, readout, weight, _spread(latent), _spread(mapped))
+
+
+def linear_regime_scale(latent: torch.Tensor | None, rows: torch.Tensor, eps: float) -> float:
+    """The factor ``s`` that puts the latent ``c = s·(rows @ x)`` where ``RMSNorm(c) = c / √(eps + ms(c))``
+    is linear: ``ms(c) ≤ LINEAR_MARGIN · eps`` on every calibration token (``latent``: their unscaled
+    latents, ``(tokens, r)``), so the norm divides by ``√eps`` to within ``LINEAR_MARGIN / 2``; with a
+    weight ``√eps / s`` it returns the unscaled latent. Without calibration, the bound is
+    ``ms ≤ ‖rows‖₂² · ‖x‖² / r`` with ``‖x‖² ≤ 10·d`` (inputs leave an RMSNorm with gains near 1).
+
+    Exact algebra, at a numerical price: the latent entering the norm is ~√(LINEAR_MARGIN·eps) in size
+    (about 3e-5 for eps 1e-6): fine in fp32 and bf16 (same exponent range), subnormal in fp16, where its
+    rounding (~6e-8 absolute) is of the order of bf16's relative precision."""
+    rank = rows.shape[0]
+    if latent is not None and len(latent):
+        largest = float(latent.detach().to(torch.float64).pow(2).mean(-1).max())
+    else:
+        spectral = float(torch.linalg.matrix_norm(rows.to(torch.float64), ord=2))
+        largest = spectral**2 * 10 * rows.shape[1] / rank
+    return (LINEAR_MARGIN * eps / max(largest, 1e-300)) ** 0.5

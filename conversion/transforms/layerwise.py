@@ -30,6 +30,7 @@ from .fitting import FitUnit, refine_attention, refit_output_projection, relativ
 # Relative reconstruction error below which a block counts as exact (fp32 round-off is ~1e-14):
 # nothing is refitted, so lossless conversions stay bit-for-bit close to the source.
 EXACT = 1e-10
+REPAIR = True
 
 
 @dataclass
@@ -53,7 +54,7 @@ class FitOptions:
     sequential: bool = True
     refit_output: bool = True
     refine_steps: int = 0
-    refine_lr: float = 3e-3
+    refine_lr: float = 1e-2  # relative to each tensor's RMS (see .fitting.refine_attention)
     progress: bool = False
     device: str | torch.device = "cpu"  # where the layers run and the fits are computed
 
@@ -173,7 +174,7 @@ def _calibrated_contexts(config, new_config, layers, group, source_stream, new_s
         targets = [layer.self_attn(x, source_rope, None, 0, None)[0] for x in source_inputs]
         if _same_up_to_roundoff(src.hidden, new.hidden):  # the converted prefix is exact so far
             inputs = source_inputs
-        else:  # repair the residual-stream error accumulated before this layer
+        elif REPAIR:  # repair the residual-stream error accumulated before this layer
             targets = [t + (hs - hn) for t, hs, hn in zip(targets, src.hidden, new.hidden)]
         rope = ropes[rotary_key(new_config, new_config.layers[index])]
         contexts.append(_context(layers, index, source_inputs, inputs, targets, source_rope, rope))

@@ -40,11 +40,13 @@ from dataclasses import dataclass, field
 import torch
 
 from kvforge.arch import LayerSpec, ModelConfig
+from kvforge.arch.attention_mla import MLA_NORM_EPS
 from kvforge.arch.model import rotary_key
 
 from .calibration import LayerStream, check_calibration, rope_tables, source_layer
 from .common import EMBEDDINGS, Sink, StateDict, check_gqa_source
-from .latent_norm import LatentNorm, fit_latent_norm
+from .key_metric import attention_key_moments, centered_output_energy, centered_readout, to_metric, white_mean
+from .latent_norm import LatentNorm, fit_latent_norm, linear_regime_scale
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import merge_keys
 from .mla_rope import (
@@ -61,6 +63,10 @@ from .rotary import as_pairs, from_pairs, pair_frequencies
 from .whitening import flat_inputs, head_targets, layer_whitening, rows_with_bias, split_bias
 
 LAYOUTS = ("deepseek", "kvforge")
+# How the deepseek layout treats kv_a_layernorm: "linear" scales the latent into the norm's eps-dominated
+# regime (exact up to LINEAR_MARGIN); "flatten" picks the latent basis in which rms(c) varies least on
+# calibration and fits the weight; "weight" fits only the weight.
+LATENT_NORMS = ("linear", "flatten", "weight")
 
 
 @dataclass
@@ -82,7 +88,7 @@ class MLAPlan:
     layout: str
     statistics: dict[int, RopeStatistics]
     rotary_residual: bool = True  # carry what the shared rotary key misses in the latent
-    flatten_norm: bool = True  # calibrate the latent basis for kv_a_layernorm (else only its weight)
+    latent_norm: str = "linear"  # see LATENT_NORMS
     report: MLAReport | None = None
 
     @property
@@ -101,12 +107,14 @@ def check_mla_options(
     rope_selection: str = "contribution",
     layout: str = "deepseek",
     rotary_residual: bool = True,
-    flatten_norm: bool = True,
+    latent_norm: str = "linear",
 ) -> None:
     """Validate :func:`to_mla`'s options against the source config (no weights needed)."""
     _check_source(config)
     if layout not in LAYOUTS:
         raise ValueError(f"to_mla: layout={layout!r}: allowed values are {list(LAYOUTS)}")
+    if latent_norm not in LATENT_NORMS:
+        raise ValueError(f"to_mla: latent_norm={latent_norm!r}: allowed values are {list(LATENT_NORMS)}")
     if rope_selection not in STRATEGIES:
         raise ValueError(f"to_mla: rope_selection={rope_selection!r}: allowed values are {list(STRATEGIES)}")
     head_dim = config.head_dim
@@ -153,7 +161,7 @@ def to_mla(
     rope_selection: str = "contribution",
     layout: str = "deepseek",
     rotary_residual: bool = True,
-    flatten_norm: bool = True,
+    latent_norm: str = "linear",
     sequential: bool = True,
     refine_steps: int = 0,
     progress: bool = False,
@@ -166,7 +174,7 @@ def to_mla(
     ``kv_lora_rank + rope_dims`` (``deepseek``) or ``kv_lora_rank + n_kv_heads·rope_dims`` (``kvforge``).
 
     ``rotary_residual=False`` drops what the shared rotary key misses instead of carrying it in the
-    latent; ``flatten_norm=False`` only fits ``kv_a_layernorm``'s weight (both are ablations).
+    latent (an ablation); ``latent_norm`` chooses how ``kv_a_layernorm`` is handled (:data:`LATENT_NORMS`).
     ``report`` (an :class:`MLAReport`) receives the chosen pairs and the per-layer residual errors.
     ``device`` and ``sink`` as in :func:`~.gqa.to_gqa`."""
     check_mla_options(
@@ -176,6 +184,7 @@ def to_mla(
         rope_selection=rope_selection,
         layout=layout,
         rotary_residual=rotary_residual,
+        latent_norm=latent_norm,
     )
     calibration = check_calibration(calibration, config, "to_mla")
     statistics = _rope_statistics(config, state_dict, calibration, device) if calibration is not None else {}
@@ -185,7 +194,7 @@ def to_mla(
     check_exportable(pair_frequencies(config), pairs, theta, config.rope_scaling)
     if report is not None:
         report.pairs, report.theta = pairs, theta
-    plan = MLAPlan(pairs, theta, layout, statistics, rotary_residual, flatten_norm, report)
+    plan = MLAPlan(pairs, theta, layout, statistics, rotary_residual, latent_norm, report)
     new_config = mla_config(config, kv_lora_rank, rope_dims, plan)
 
     def build(contexts: list[LayerContext]) -> list[torch.nn.Module]:
@@ -211,6 +220,9 @@ def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLA
         v_head_dim=config.head_dim,
         mla_rope_heads=1 if deepseek else config.layers[0].n_kv_heads,
         mla_latent_norm=deepseek,
+        # In the linear regime the latent norm divides by sqrt(eps): servers that take its eps from
+        # rms_norm_eps (vLLM, SGLang, llama.cpp) must see the one transformers and kvforge fix.
+        norm_eps=MLA_NORM_EPS if deepseek and plan.latent_norm == "linear" else config.norm_eps,
         # Every layer is MLA now: rope_theta only drives the kept pairs (DeepseekV3 reads rope_theta).
         rope_theta=plan.theta,
         mla_rope_theta=None,
@@ -314,26 +326,53 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     q_nope = q_nope.reshape(n_heads, n_nope, width)
     k_nope = from_pairs(nope_keys).reshape(n_heads, n_nope, width)  # whitened
 
-    # 3. joint latent of position-free keys and values
-    value_energy = torch.einsum("hkd,hkl,hld->h", targets.value, targets.out_gram, targets.value)
+    # 3. joint latent of position-free keys and values. A position-free key's mean adds the same score
+    # to every key a query sees (softmax-invariant), so key errors are measured centered: in whitened
+    # coordinates (E[u uᵀ] = I, mean ū) the metric is I - ū ūᵀ. Values are measured uncentered (their
+    # mean passes through the softmax), and a score error costs in proportion to the *spread* of the
+    # head's output, so the key weight uses the centered value energy.
+    mean = white_mean(ctx.inputs, whitening, bias) if CENTERED and ctx.inputs is not None else None
+    value_energy = centered_output_energy(targets.value, targets.out_gram, mean)
     q_white = source_whitening.rows_to_white(q_nope)
     score_weight = (q_white @ q_white.mT) * (attn.scale**2 * value_energy).view(-1, 1, 1)
-    gram = torch.einsum("hkd,hkl,hle->de", k_nope, score_weight, k_nope) + linear.value_gram(range(n_heads))
+    k_metric = to_metric(k_nope, mean)
+    values, value_metric = linear.value, None
+    if VALUE_METRIC and ctx.inputs is not None and not bias:
+        freqs = pair_frequencies(config).to(values.device)
+        _, moment = attention_key_moments(attn, ctx.source_inputs, freqs, averaged=ctx.inputs)
+        R_inv = whitening.R_inv.to(torch.float64)
+        value_metric = R_inv.mT @ moment @ R_inv
+        evals, evecs = torch.linalg.eigh((value_metric + value_metric.mT) / 2)
+        root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.mT
+        value_gram = torch.einsum("hkd,hkl,hle->de", values @ root, linear.out_gram, values @ root)
+    else:
+        value_gram = linear.value_gram(range(n_heads))
+    gram = torch.einsum("hkd,hkl,hle->de", k_metric, score_weight, k_metric) + value_gram
     eigvals, eigvecs = torch.linalg.eigh(gram)
     basis = eigvecs[:, eigvals.argsort(descending=True)[: new_config.kv_lora_rank]].mT  # (r, d) orthonormal
-    kv_b = torch.cat((k_nope @ basis.mT, linear.value @ basis.mT), dim=1)  # (H, nope + v, r)
+    if value_metric is not None:  # least squares under the value metric G: V G Bᵀ (B G Bᵀ)⁻¹
+        value_rows = torch.linalg.solve(basis @ value_metric @ basis.mT, (values @ value_metric @ basis.mT).mT).mT
+    else:
+        value_rows = values @ basis.mT
+    kv_b = torch.cat((centered_readout(k_nope, basis, mean), value_rows), dim=1)  # (H, nope + v, r)
 
-    # 4. latent norm: calibrated basis and weight (see .latent_norm)
+    # 4. latent norm (see .latent_norm): linear regime, or a calibrated basis and weight
     latent_rows = whitening.rows_from_white(basis)
     weights = {}
     if new_config.mla_latent_norm:
         latent = flat_inputs(ctx.inputs, bias) @ latent_rows.mT if ctx.inputs is not None else None
-        norm = fit_latent_norm(latent, flatten=plan.flatten_norm) if latent is not None else None
-        if norm is not None:
-            latent_rows, kv_b = norm.basis @ latent_rows, kv_b @ norm.basis_inv @ norm.readout
-            if plan.report is not None:
-                plan.report.latent_norm[ctx.index] = norm
-        rho = norm.weight if norm is not None else 1.0
+        if plan.latent_norm == "linear":
+            scale = linear_regime_scale(latent, latent_rows, MLA_NORM_EPS)
+            latent_rows, rho = latent_rows * scale, MLA_NORM_EPS**0.5 / scale
+        else:
+            norm = (
+                fit_latent_norm(latent, flatten=plan.latent_norm == "flatten") if latent is not None else None
+            )
+            if norm is not None:
+                latent_rows, kv_b = norm.basis @ latent_rows, kv_b @ norm.basis_inv @ norm.readout
+                if plan.report is not None:
+                    plan.report.latent_norm[ctx.index] = norm
+            rho = norm.weight if norm is not None else 1.0
         weights["kv_a_layernorm.weight"] = torch.full(
             (basis.shape[0],), rho, dtype=torch.float64, device=basis.device
         )
@@ -347,6 +386,10 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     if new_config.o_proj_bias:
         weights["o_proj.bias"] = _output_bias(attn)
     return new_attention(new_config, ctx.index, weights)
+
+
+CENTERED = True
+VALUE_METRIC = False
 
 
 def _output_bias(attn) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Zero-shot conversion quality on a real pretrained checkpoint, with `kvforge convert`'s CLI defaults.
+
+    python -m benchmarks.real_models quality [--rows mla-320,mqa] [--windows 64] [--src DIR] [--markdown]
+
+Every row runs ``kvforge convert SRC OUT --to ...`` in a subprocess exactly as a user would (only the
+form's own flags, every other option at its default), records the command's wall time and peak RSS
+(``wait4`` on that process: the interpreter, torch and the conversion), then scores the output: mean
+next-token loss on WikiText-2 test (``shared/data/corpora/wikitext2_test.txt``, the model's tokenizer,
+no special tokens, one stream cut into non-overlapping windows of 512 tokens (2,048 for the rows that
+change how far attention reaches), no BOS), the procedure of TARGETS.md. ``--windows N`` scores the
+first N windows only (the whole text is ~600 windows of 512: about 20 min per row on 2 cores).
+
+Stock exports (Llama, DeepseekV3, ...) are reloaded with ``transformers.AutoModelForCausalLM`` and
+scored on the first two windows beside kvforge: the ``stock |Δ|`` column is the difference of the two
+losses there (the export computes what kvforge measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import markdown_table, print_table
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKITEXT = DATA / "corpora" / "wikitext2_test.txt"
+
+
+@dataclass
+class Row:
+    name: str
+    flags: list[str]
+    target: float | None = None  # Δ loss target (TARGETS.md / issue 26)
+    context: int = 512
+    note: str = ""
+    extra: list[str] = field(default_factory=list)
+
+
+ROWS = [
+    Row("mla-320", ["--to", "mla", "--kv-lora-rank", "320", "--rope-dims", "64"], 0.05, note="the source's KV budget"),
+    Row("mla-128", ["--to", "mla", "--kv-lora-rank", "128", "--rope-dims", "64"], 0.35, note="half the source's"),
+    Row("mqa", ["--to", "mqa"], 0.70),
+    Row("cla-2", ["--to", "cla", "--factor", "2"], 0.70),
+    Row("mqa-mean", ["--to", "gqa", "--n-kv-heads", "1", "--method", "mean"], note="GQA paper's mean-pool"),
+    Row("gqa-aligned-1", ["--to", "gqa", "--n-kv-heads", "1"], note="= mqa"),
+    Row("gta", ["--to", "gta"]),
+    Row("gla-3", ["--to", "gla", "--n-latent-heads", "3", "--kv-lora-rank", "192", "--rope-dims", "64"]),
+    Row("window-512", ["--to", "window", "--windows", "512"], context=2048),
+    Row("window-512-sinks", ["--to", "window", "--windows", "512", "--sinks"], context=2048),
+    Row("chunked-512", ["--to", "chunked", "--chunk", "512", "--global-every", "4"], context=2048),
+]
+
+
+def kvforge_command() -> list[str]:
+    script = Path(sys.executable).with_name("kvforge")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kvforge.cli"]
+
+
+def run_measured(command: list[str], log: Path) -> tuple[int, float, float]:
+    """``(returncode, wall seconds, peak RSS GiB)`` of one command (its own rusage, via ``wait4``)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 2**20
+
+
+def wikitext_ids(source: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    text = WIKITEXT.read_text(encoding="utf-8")
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def first_windows(ids: torch.Tensor, context: int, windows: int | None) -> torch.Tensor:
+    return ids if not windows else ids[: windows * context + 1]
+
+
+def kvforge_loss(directory: Path, ids: torch.Tensor, context: int) -> tuple[float, object]:
+    from kvforge.arch import CausalLM
+    from kvforge.arch.evaluate import windowed_nll
+    from kvforge.conversion import load_pretrained
+
+    loaded = load_pretrained(directory)
+    model = CausalLM(loaded.config).eval()
+    model.load_state_dict(loaded.state_dict)
+    return windowed_nll(model, ids, window=context, batch_size=4).mean, loaded.config
+
+
+def stock_loss(directory: Path, ids: torch.Tensor, context: int) -> float | None:
+    """Loss of the export in stock transformers on ``ids``, or None when it is kvforge-typed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if AutoConfig.from_pretrained(directory).model_type == "kvforge":
+        return None
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, ids.numel() - 1, context):
+            window = ids[start : start + context + 1]
+            logits = model(window[:-1].unsqueeze(0)).logits[0]
+            total += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+            count += window.numel() - 1
+    return total / count
+
+
+def main(argv: list[str] | None = None, source: Path | None = None) -> int:
+    import argparse
+
+    from kvforge.arch import kv_bytes_per_token
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.real_models quality", description=__doc__)
+    parser.add_argument("--src", type=Path, default=source, help="model directory (default: the fetched real model)")
+    parser.add_argument("--rows", help=f"comma list of {[row.name for row in ROWS]} (default: all)")
+    parser.add_argument("--windows", type=int, default=None, help="score the first N windows only")
+    parser.add_argument("--keep", type=Path, help="keep the converted directories here")
+    parser.add_argument("--json", type=Path, help="append one JSON line per row to this file")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    if args.src is None:
+        parser.error("no --src and the real model is not fetched: run `python -m benchmarks.real_models fetch`")
+    wanted = set(args.rows.split(",")) if args.rows else None
+    rows = [row for row in ROWS if wanted is None or row.name in wanted]
+    unknown = (wanted or set()) - {row.name for row in ROWS}
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; known: {[row.name for row in ROWS]}")
+
+    ids = wikitext_ids(args.src)
+    sources: dict[int, tuple[float, object]] = {}
+    columns = ["conversion", "KV bytes/tok vs source", "loss", "Δ loss", "target", "stock |Δ|", "wall s", "peak RSS GiB", "exported as"]
+    table = []
+    with tempfile.TemporaryDirectory(prefix="real-quality-") as tmp:
+        for row in rows:
+            eval_ids = first_windows(ids, row.context, args.windows)
+            if row.context not in sources:
+                sources[row.context] = kvforge_loss(args.src, eval_ids, row.context)
+            base, base_config = sources[row.context]
+            out = (args.keep or Path(tmp)) / row.name
+            command = [*kvforge_command(), "convert", str(args.src), str(out), *row.flags, "--overwrite"]
+            code, wall, peak = run_measured(command, Path(tmp) / f"{row.name}.log")
+            if code != 0:
+                print((Path(tmp) / f"{row.name}.log").read_text()[-2000:], file=sys.stderr)
+                table.append([row.name, "", "failed", "", "", "", f"{wall:.0f}", f"{peak:.2f}", f"exit {code}"])
+                continue
+            loss, config = kvforge_loss(out, eval_ids, row.context)
+            stock = stock_loss(out, eval_ids[: 2 * row.context + 1], row.context)
+            mine = kvforge_loss(out, eval_ids[: 2 * row.context + 1], row.context)[0] if stock is not None else None
+            architecture = json.loads((out / "config.json").read_text()).get("architectures", ["?"])[0]
+            ratio = kv_bytes_per_token(config, row.context, "bf16") / kv_bytes_per_token(base_config, row.context, "bf16")
+            delta = loss - base
+            met = "" if row.target is None else f"≤ +{row.target:.2f} {'met' if delta <= row.target else 'MISSED'}"
+            table.append(
+                [
+                    row.name + (f" @{row.context}" if row.context != 512 else ""),
+                    f"{ratio:.3f}",
+                    f"{loss:.4f}",
+                    f"{delta:+.4f}",
+                    met,
+                    "" if stock is None else f"{abs(stock - mine):.1e}",
+                    f"{wall:.0f}",
+                    f"{peak:.2f}",
+                    architecture,
+                ]
+            )
+            print(" | ".join(table[-1]), flush=True)
+            if args.json:
+                record = dict(zip(columns, table[-1]), source_loss=base, windows=args.windows, flags=row.flags)
+                with open(args.json, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+    scored = f"first {args.windows} windows" if args.windows else "the whole text"
+    print_table(f"Zero-shot, CLI defaults: {args.src.name}, WikiText-2 test ({scored})", columns, table)
+    if args.markdown:
+        print(markdown_table(columns, table))
+    return 0
