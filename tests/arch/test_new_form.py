@@ -17,9 +17,9 @@ from kvforge.arch.form_record import AttentionForm, Rotary
 from kvforge.arch.forms import register_form, unregister_form
 from kvforge.arch.memory import count_parameters, estimate_inference_memory, estimate_training_memory
 from kvforge.arch.rope import apply_rope
+from kvforge.cli.main import main
 from kvforge.conversion import save_pretrained
 from kvforge.kernels.attention import attention
-from kvforge.training.cli import main
 from tests.conftest import tiny_base
 
 TOL = 1e-5

@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from kvforge.arch import CausalLM, ModelConfig
+from kvforge.cli.export import FAMILY_CHOICES
 from kvforge.conversion import FAMILIES, load_pretrained, plan_export
-from kvforge.conversion.cli_export import FAMILY_CHOICES
 from kvforge.conversion.families import EXPORT_PREFERENCE
 from kvforge.conversion.families.layers import MLA_FIELDS
 from kvforge.conversion.families.schema import ConfigReader

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
+from kvforge.cli.main import build_parser, main
 from kvforge.conversion.transforms import TRANSFORMS
 from kvforge.conversion.transforms.record import Transform, option
 from kvforge.conversion.transforms.table import BEGIN, END, markdown_table
-from kvforge.training.cli import build_parser, main
 from kvforge.training.model_source import transform_and_options
 from tests.conftest import REPO, shared_path
 

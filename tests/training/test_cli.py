@@ -11,9 +11,9 @@ import transformers
 import yaml
 
 from kvforge.arch import CausalLM
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.transforms import TRANSFORMS
-from kvforge.training.cli import main
 from kvforge.training.lightning_cli import KVForgeCLI
 from tests.conftest import REPO
 from tests.training.helpers import cli_args, tiny_corpus, tiny_yaml

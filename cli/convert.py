@@ -36,19 +36,21 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from .cli_export import FAMILY_CHOICES
-from .transforms import TRANSFORMS, Transform
+import torch
+from rich.console import Console
+
+from kvforge.arch import kv_bytes_per_token
+from kvforge.conversion import plan_export
+from kvforge.conversion.convert import convert_checkpoint, resolve_device
+from kvforge.conversion.pretrained import load_config
+from kvforge.conversion.transforms import TRANSFORMS, Transform
+
+from .export import FAMILY_CHOICES
 
 RECIPE_REFINE_STEPS = 200
 CPU_REFINE_MAX_D_MODEL = 512
 # Options the command itself reads (``--refine-steps auto``), not generated from the dataclasses.
 COMMAND_OPTIONS = ("refine_steps",)
-
-
-def torch_cpu():
-    import torch
-
-    return torch.device("cpu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,7 +208,7 @@ def transform_options(args: argparse.Namespace, device=None, d_model: int = 0) -
         parse = item.metadata.get("parse")
         options[item.name] = parse(value) if parse is not None else value
     if "refine_steps" in names:
-        device = device if device is not None else torch_cpu()
+        device = device if device is not None else torch.device("cpu")
         options["refine_steps"] = resolve_refine_steps(args.refine_steps, device, d_model)
     record.parse(options, "kvforge convert")
     return options
@@ -219,13 +221,6 @@ def run(args: argparse.Namespace) -> int:
     calibration = None if args.calib == "none" else args.calib
     if calibration not in (None, "self") and not Path(calibration).is_file():
         raise FileNotFoundError(f"--calib {args.calib}: no such file (or pass 'self' or 'none')")
-    from rich.console import Console
-
-    from kvforge.arch import kv_bytes_per_token
-    from kvforge.conversion import plan_export
-    from kvforge.conversion.convert import convert_checkpoint, resolve_device
-    from kvforge.conversion.pretrained import load_config
-
     console = Console(highlight=False)
     device = resolve_device(args.device)
     d_model = load_config(src)[0].d_model

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+import torch
+
+from kvforge.arch import StaticDecoder, generate
+from kvforge.training.loading import build_model, load_tokenizer, load_weights, resolve_device, resolve_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,14 +88,6 @@ def _eos_id(args: argparse.Namespace, config) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from kvforge.arch import StaticDecoder, generate
-
-    from .loading import build_model, load_tokenizer, load_weights, resolve_device, resolve_dtype
-
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
