@@ -41,7 +41,8 @@ from rich.console import Console
 
 from kvforge.arch import kv_bytes_per_token
 from kvforge.conversion import plan_export
-from kvforge.conversion.convert import convert_checkpoint, resolve_device
+from kvforge.conversion.convert import convert_checkpoint
+from kvforge.conversion.loading import resolve_device
 from kvforge.conversion.pretrained import load_config
 from kvforge.conversion.transforms import TRANSFORMS, Transform
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from kvforge.training.evaluation.loading import load_for_eval, resolve_device
-from kvforge.training.evaluation.passkey import PasskeySettings
-from kvforge.training.evaluation.plots import write_plots
-from kvforge.training.evaluation.report import EvalReport, new_report, print_report, write_json
-from kvforge.training.evaluation.runner import EvalSettings, check_settings, evaluate_model
-from kvforge.training.evaluation.schema import schema_markdown
+from kvforge.conversion.loading import load_for_eval, resolve_device
+from kvforge.evaluation.passkey import PasskeySettings
+from kvforge.evaluation.plots import write_plots
+from kvforge.evaluation.report import EvalReport, new_report, print_report, write_json
+from kvforge.evaluation.runner import EvalSettings, check_settings, evaluate_model
+from kvforge.evaluation.schema import schema_markdown
 
 
 def _comma_list(cast, what: str):

@@ -30,9 +30,9 @@ from rich.console import Console
 
 from kvforge.conversion import load_config, load_pretrained, plan_export, save_pretrained
 from kvforge.conversion.convert import open_checkpoint
+from kvforge.conversion.loading import is_training_checkpoint
 from kvforge.conversion.weights import weight_shards
 from kvforge.training.export import export_checkpoint
-from kvforge.training.loading import is_training_checkpoint
 
 # The families' names as --family choices; a test checks them against FAMILIES.
 FAMILY_CHOICES = (

@@ -30,6 +30,7 @@ from .atomic import atomic_directory
 from .checkpoint import CheckpointWeights, checkpoint_entries
 from .families import plan_export
 from .host import one_cpu_thread, pin_mmap_threshold
+from .loading import resolve_device
 from .pretrained import EMBEDDINGS, LM_HEAD, check_tensors, export_config, load_config, write_directory_files
 from .transforms import TRANSFORMS, check_options
 from .transforms.record import Transform
@@ -39,16 +40,6 @@ log = logging.getLogger(__name__)
 CALIBRATION_SEQ_LEN = 512
 STREAM_ABOVE_BYTES = 2**30
 RUNTIME_OPTIONS = ("device", "progress")  # what the converter adds; a transform may not take them
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None/``auto`` = CUDA when available, else CPU; CUDA asked for without CUDA is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available (allowed here: 'cpu', 'auto')")
-    return device
 
 
 class ShardWriter:

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvforge.conversion import save_pretrained
-
-from .loading import load_training_checkpoint, training_precision
+from kvforge.conversion.loading import load_training_checkpoint, training_precision
 
 
 def export_model(config, state_dict: dict, out: str | Path, tokenizer_dir: str | None, **options) -> Path:

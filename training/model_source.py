@@ -239,8 +239,8 @@ def changed_parameters(
 
 
 def calibration_tokens(calibration: CalibrationConfig, tokenizer_dir: str) -> torch.Tensor:
+    from kvforge.conversion.loading import load_tokenizer
     from kvforge.training.data.documents import iter_pieces, resolve_files
-    from kvforge.training.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     wanted = calibration.n_sequences * calibration.seq_len

@@ -31,11 +31,11 @@ from kvforge.arch import (
     kv_bytes_per_token,
     mha_equivalent,
 )
+from kvforge.conversion.loading import CHECKPOINT_KEY
 
 from .distill import DistillationConfig
 from .fsdp import apply_fsdp2, load_full_state
 from .host_allocator import DEFAULT_HOST_ALLOCATOR, HostAllocator
-from .loading import CHECKPOINT_KEY
 from .memory_check import compute_dtype
 from .model_source import (
     CalibrationConfig,

@@ -8,8 +8,8 @@ import torch
 
 from kvforge.arch import CausalLM, StaticDecoder, generate, kv_cache_bytes
 from kvforge.arch.presets import PRESETS
-from kvforge.training.evaluation import measure_decode
-from kvforge.training.evaluation.decode_probe import allocated_cache_bytes, run_probe
+from kvforge.evaluation import measure_decode
+from kvforge.evaluation.decode_probe import allocated_cache_bytes, run_probe
 from tests.conftest import tiny_form
 
 

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from kvforge.conversion.loading import load_tokenizer
 from kvforge.kernels.cross_entropy import IGNORE_INDEX
 from kvforge.training.data import TextDataModule, encode, prepare
 from kvforge.training.data.blocks import DataPosition, ResumableSampler
 from kvforge.training.data.chat import encode_chat
-from kvforge.training.data.tokenizer import load_tokenizer
 from tests.conftest import shared_path
 from tests.training.helpers import CHAT, chat_tokenizer, tiny_config
 

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kvforge.conversion import atomic_directory
+from kvforge.conversion.loading import has_tokenizer, load_tokenizer
 
 from .blocks import DataPosition, MixtureBlocks, PackedBlocks, ResumableSampler
 from .encode import resolve_conventions
@@ -40,7 +41,7 @@ from .prepare import prepare_stream, source_pieces
 from .sources import Source, resolve_sources
 from .streaming import StreamingBlocks
 from .token_cache import cache_key
-from .tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint, train_byte_bpe
+from .tokenizer import tokenizer_fingerprint, train_byte_bpe
 
 # The data position is restored through this DataModule's state_dict (see the module docstring), which
 # Lightning's "dataloader is not resumable" check cannot see.
