@@ -58,8 +58,3 @@ def weight_bytes_read_per_step(model: torch.nn.Module) -> int:
     head = model.lm_head.weight
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - {id(head)}
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
-
-
-def flops_per_token(config: ModelConfig, non_embedding_params: int, seq_len: int) -> float:
-    """shared/GPU.md's MFU convention: 6·N_non-embedding + 12·L·d·T (the same for every form)."""
-    return 6 * non_embedding_params + 12 * config.n_layers * config.d_model * seq_len

@@ -27,11 +27,11 @@ from kvforge.arch import ModelConfig, parse_dtype
 
 from . import transforms
 from .atomic import atomic_directory
-from .checkpoint import CheckpointWeights, checkpoint_entries
+from .checkpoint import CheckpointWeights, check_tensors, checkpoint_entries
 from .families import plan_export
 from .host import one_cpu_thread, pin_mmap_threshold
 from .loading import resolve_device
-from .pretrained import EMBEDDINGS, LM_HEAD, check_tensors, export_config, load_config, write_directory_files
+from .pretrained import EMBEDDINGS, LM_HEAD, export_config, load_config, write_directory_files
 from .transforms import TRANSFORMS, check_options
 from .transforms.record import Transform
 from .weights import SAFETENSORS, SAFETENSORS_INDEX

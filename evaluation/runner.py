@@ -173,7 +173,7 @@ def run_passkey(loaded: EvalModel, settings: EvalSettings, contexts: list[int]) 
     task = PasskeyTask(loaded.tokenizer, filler, passkey.key_digits)
     model = loaded.model
     if settings.passkey_finetune:
-        from .passkey_finetune import finetune_passkey
+        from .passkey_finetune import finetune_passkey  # imports Lightning (heavy): only when asked for
 
         model = copy.deepcopy(model)
         finetune_passkey(model, task)

@@ -20,8 +20,12 @@ from typing import Any
 import torch
 
 from kvforge.arch import ModelConfig
-from kvforge.conversion import Pretrained, load_pretrained
+from kvforge.conversion import Pretrained, load_config, load_pretrained
+from kvforge.conversion.convert import convert_chain, open_checkpoint
+from kvforge.conversion.loading import load_tokenizer
 from kvforge.conversion.transforms import transform
+
+from .data.documents import iter_pieces, resolve_files
 
 StateDict = dict[str, torch.Tensor]
 
@@ -79,8 +83,6 @@ class StartingPoint:
 
 def _read(directory: str | Path, lazy: bool) -> Mapping[str, torch.Tensor]:
     if lazy:
-        from kvforge.conversion.convert import open_checkpoint
-
         return open_checkpoint(directory)
     return load_pretrained(directory).state_dict
 
@@ -149,8 +151,6 @@ def convert_to_directory(
     Every step streams through ``convert_checkpoint`` (a layer in memory at a time, the math on CUDA when
     there is one); a chain of steps goes through one intermediate directory per step, beside ``out``
     (``convert_chain``). The changed names are found by reading the two directories tensor by tensor."""
-    from kvforge.conversion.convert import convert_chain, open_checkpoint
-
     tokens = calibration_tokens(calibration, str(init_from)) if calibration else None
     steps = []
     for step in [convert] if isinstance(convert, dict) else list(convert):
@@ -171,8 +171,6 @@ def locate_starting_point(
 ) -> StartingPoint:
     """Like :func:`resolve_starting_point` but reading only configs: the weights stay on disk until the ranks
     that need them read them (``StartingPoint.weights``)."""
-    from kvforge.conversion import load_config
-
     config = model if model is not None else load_config(weights_dir)[0]
     if want_teacher and teacher_dir is None:
         raise ValueError("distillation from scratch needs distill.teacher (a model directory)")
@@ -239,9 +237,6 @@ def changed_parameters(
 
 
 def calibration_tokens(calibration: CalibrationConfig, tokenizer_dir: str) -> torch.Tensor:
-    from kvforge.conversion.loading import load_tokenizer
-    from kvforge.training.data.documents import iter_pieces, resolve_files
-
     tokenizer = load_tokenizer(tokenizer_dir)
     wanted = calibration.n_sequences * calibration.seq_len
     ids: list[int] = []

@@ -26,7 +26,7 @@ from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, is_count, map_layers
-from .mla import to_mla
+from .mla import check_mla_options, to_mla
 from .mla_rope import STRATEGIES
 from .record import Transform, option
 from .stages import MeasuredStage, StageSink
@@ -37,8 +37,6 @@ def gla_config(config: ModelConfig, *, n_latent_heads: int, **mla_options) -> Mo
     """The GLA config of an MLA ``config`` (an MHA/GQA one is first checked for :func:`to_mla`)."""
     forms = config.forms
     if forms == {"gqa"}:
-        from .mla import check_mla_options
-
         check_mla_options(config, **mla_options)
         rank = mla_options.get("kv_lora_rank")
     elif forms == {"mla"}:

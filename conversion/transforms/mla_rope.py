@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvforge.arch.rope import rope_frequencies
+
 from .rotary import as_pairs
 
 STRATEGIES = ("contribution", "high", "uniform")
@@ -138,8 +140,6 @@ def exported_theta(source_theta: float, head_dim: int, pairs: list[int]) -> floa
 def check_exportable(source_freqs: torch.Tensor, pairs: list[int], theta: float, scaling=None) -> None:
     """The DeepseekV3 frequencies for ``theta`` (and the source's pointwise ``scaling``, linear or
     llama3, applied to them as to the source's) must equal the kept pairs' (no silent approximation)."""
-    from kvforge.arch.rope import rope_frequencies
-
     m = len(pairs)
     exported = rope_frequencies(2 * m, theta, scaling)[0].to(torch.float64)
     kept = source_freqs[pairs]

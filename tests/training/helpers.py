@@ -166,7 +166,7 @@ def expected_host_allocator() -> str:
     import os
 
     from kvforge.conversion import host
-    from kvforge.training.host_allocator import DEFAULT_HOST_ALLOCATOR
+    from kvforge.conversion.host import DEFAULT_HOST_ALLOCATOR
 
     if host.ENVIRONMENT in os.environ:
         return "environment"
