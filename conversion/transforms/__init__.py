@@ -44,7 +44,7 @@ def check_options(name: str, config: ModelConfig, **options: Any) -> Any:
     ``config``: unknown, missing, of the wrong type or out of range)."""
     record = transform(name)
     parsed = record.parse(options)
-    record.check(config, parsed)
+    record.check_options(config, parsed)
     return parsed
 
 

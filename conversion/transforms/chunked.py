@@ -74,15 +74,11 @@ def to_chunked(
 # ---------------------------------------------------------------------------------------------- record
 @dataclasses.dataclass(kw_only=True)
 class ChunkedOptions:
+    """Llama 4's pattern: chunked local layers and a global (NoPE) layer every N."""
+
     chunk: int = option(help="tokens per chunk of the local layers (attention_chunk_size)")
     global_every: int | None = option(4, help="every N-th layer stays global (None: no global layer)")
     nope: bool = option(True, help="the global layers drop RoPE (Llama 4's NoPE); --no-nope keeps it")
 
 
-CHUNKED = Transform(
-    "chunked",
-    to_chunked,
-    ChunkedOptions,
-    check=lambda config, o: chunked_config(config, chunk=o.chunk, global_every=o.global_every, nope=o.nope),
-    summary="Llama 4's pattern: chunked local layers and a global (NoPE) layer every N",
-)
+CHUNKED = Transform("chunked", to_chunked, ChunkedOptions, chunked_config)

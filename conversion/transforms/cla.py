@@ -198,6 +198,8 @@ def _concat(parts: list[HeadTargets]) -> HeadTargets:
 # ---------------------------------------------------------------------------------------------- record
 @dataclasses.dataclass(kw_only=True)
 class CLAOptions(FittedOptions):
+    """Cross-layer attention: groups of adjacent layers share one K/V."""
+
     factor: int = option(2, help="layers per group sharing one K/V")
     init: Literal[INITS] = option(
         "fit",
@@ -206,11 +208,4 @@ class CLAOptions(FittedOptions):
     offset: int = option(0, help="layers before this one keep their own K/V")
 
 
-CLA = Transform(
-    "cla",
-    to_cla,
-    CLAOptions,
-    check=lambda config, o: cla_layout(config, factor=o.factor, init=o.init, offset=o.offset),
-    summary="cross-layer attention: groups of adjacent layers share one K/V",
-    calibrates=("init", "fit"),
-)
+CLA = Transform("cla", to_cla, CLAOptions, cla_layout, calibrates=("init", "fit"))

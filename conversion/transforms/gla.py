@@ -184,6 +184,8 @@ def to_gla(
 # ---------------------------------------------------------------------------------------------- record
 @dataclasses.dataclass(kw_only=True)
 class GLAOptions:
+    """Grouped-latent attention: MLA's latent in heads, each read by one group of query heads."""
+
     n_latent_heads: int = option(help="latent heads splitting kv_lora_rank")
     # An MHA/GQA source goes through to_mla first: its options (None: to_mla's default; an MLA source
     # takes none of them).
@@ -192,11 +194,4 @@ class GLAOptions:
     rope_selection: Literal[STRATEGIES] | None = option(None, help="to_mla's choice of rotary pairs")
 
 
-GLA = Transform(
-    "gla",
-    to_gla,
-    GLAOptions,
-    check=lambda config, o: gla_config(config, **GLA.option_kwargs(o)),
-    summary="grouped-latent attention: MLA's latent in heads, each read by one group of query heads",
-    calibrates=True,
-)
+GLA = Transform("gla", to_gla, GLAOptions, gla_config, calibrates=True)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import torch
@@ -166,6 +167,8 @@ def _mean_pool(tensor: torch.Tensor, n_heads: int, group: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- record
 @dataclasses.dataclass(kw_only=True)
 class MQAOptions(FittedOptions):
+    """One K/V head on every layer."""
+
     method: Literal[METHODS] = option(
         "aligned",
         help="aligned: heads grouped by how well their keys/values merge, keys merged per rotary pair, "
@@ -175,22 +178,12 @@ class MQAOptions(FittedOptions):
 
 @dataclasses.dataclass(kw_only=True)
 class GQAOptions(MQAOptions):
+    """Fewer K/V heads on every layer (MHA → GQA)."""
+
     n_kv_heads: int = option(help="K/V heads per layer (must divide the query heads)")
 
 
-GQA = Transform(
-    "gqa",
-    to_gqa,
-    GQAOptions,
-    check=lambda config, o: gqa_config(config, n_kv_heads=o.n_kv_heads, method=o.method),
-    summary="fewer K/V heads on every layer (MHA → GQA)",
-    calibrates=("method", "aligned"),
-)
+GQA = Transform("gqa", to_gqa, GQAOptions, gqa_config, calibrates=("method", "aligned"))
 MQA = Transform(
-    "mqa",
-    to_mqa,
-    MQAOptions,
-    check=lambda config, o: gqa_config(config, n_kv_heads=1, method=o.method),
-    summary="one K/V head on every layer",
-    calibrates=("method", "aligned"),
+    "mqa", to_mqa, MQAOptions, functools.partial(gqa_config, n_kv_heads=1), calibrates=("method", "aligned")
 )

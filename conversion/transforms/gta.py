@@ -147,14 +147,8 @@ def tie_layer(config: ModelConfig, index: int, tensors: StateDict, gram: torch.T
 # ---------------------------------------------------------------------------------------------- record
 @dataclasses.dataclass(kw_only=True)
 class GTAOptions:
-    """None: one tied state per K/V head of the source."""
+    """Grouped-tied attention: one tied K/V state per group plus one shared rotary key (no options: one
+    tied state per K/V head of the source)."""
 
 
-GTA = Transform(
-    "gta",
-    to_gta,
-    GTAOptions,
-    check=lambda config, o: gta_config(config),
-    summary="grouped-tied attention: one tied K/V state per group plus one shared rotary key",
-    calibrates=True,
-)
+GTA = Transform("gta", to_gta, GTAOptions, gta_config, calibrates=True)

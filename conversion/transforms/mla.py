@@ -379,6 +379,8 @@ def without_kv_bias(attn: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------- record
 @dataclass(kw_only=True)
 class MLAOptions(FittedOptions):
+    """Multi-head latent attention: a low-rank latent plus a few rotary dims per token."""
+
     kv_lora_rank: int = option(help="latent width cached per token (DeepSeek's kv_lora_rank)")
     rope_dims: int = option(
         help="rotary dims of each rotary key (the exported qk_rope_head_dim; even, at most head_dim)"
@@ -401,19 +403,4 @@ class MLAOptions(FittedOptions):
     )
 
 
-MLA = Transform(
-    "mla",
-    to_mla,
-    MLAOptions,
-    check=lambda config, o: check_mla_options(
-        config,
-        kv_lora_rank=o.kv_lora_rank,
-        rope_dims=o.rope_dims,
-        rope_selection=o.rope_selection,
-        layout=o.layout,
-        rotary_residual=o.rotary_residual,
-        flatten_norm=o.flatten_norm,
-    ),
-    summary="multi-head latent attention: a low-rank latent plus a few rotary dims per token",
-    calibrates=True,
-)
+MLA = Transform("mla", to_mla, MLAOptions, check_mla_options, calibrates=True)

@@ -48,10 +48,11 @@ class Transform:
         name: the ``--to`` / ``model.convert.to`` value.
         function: ``function(config, state_dict, calibration=None, **options, [device, progress, sink])
             -> (config, state_dict)``; it receives the runtime keywords it declares.
-        options: the dataclass of its options; a field without a default is required.
-        check: ``check(config, options)`` raises ``ValueError`` for options the function would refuse on
-            this source config (no weights read).
-        summary: one line for ``--help`` and the docs table.
+        options: the dataclass of its options; a field without a default is required. Its docstring's
+            first sentence is the transform's summary (``--help``, the docs table).
+        check: ``check(config, **options)`` (the fitting options left out) raises ``ValueError`` for
+            options the function would refuse on this source config, reading no weight - usually the
+            function that makes the transform's target config.
         calibrates: whether it fits anything to calibration activations (text is sampled or read only
             then): True, False, or ``(option, value)`` - only when that option has that value.
         streams: True: it takes a ``sink`` and writes one layer at a time; False: it gets the whole state
@@ -61,17 +62,26 @@ class Transform:
     name: str
     function: Callable[..., tuple[ModelConfig, dict]]
     options: type
-    check: Callable[[ModelConfig, Any], object]
-    summary: str
+    check: Callable[..., object]
     calibrates: bool | tuple[str, Any] = False
     streams: bool = True
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.options):
             raise TypeError(f"Transform {self.name!r}: options must be a dataclass, got {self.options!r}")
+        if (self.options.__doc__ or "").startswith(self.options.__name__ + "("):  # dataclass's own
+            raise ValueError(
+                f"Transform {self.name!r}: give {self.options.__name__} a docstring (its summary)"
+            )
         for item in dataclasses.fields(self.options):
             if not item.metadata.get("help"):
                 raise ValueError(f"Transform {self.name!r}: option {item.name!r} has no help (use option())")
+
+    @property
+    def summary(self) -> str:
+        """The first sentence of the options' docstring: what the transform does, in one line."""
+        text = " ".join((self.options.__doc__ or "").split())
+        return text.split(". ")[0].rstrip(".")
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[ModelConfig, dict]:
         """The transform itself: ``record(config, state_dict, calibration, **options)``."""
@@ -119,6 +129,10 @@ class Transform:
             for f in self.fields()
             if not (getattr(options, f.name) is None and f.default is None)
         }
+
+    def check_options(self, config: ModelConfig, options: Any) -> None:
+        """Raise ``ValueError`` for options the transform would refuse on ``config`` (no weight read)."""
+        self.check(config, **self.option_kwargs(options))
 
     def option_kwargs(self, options: Any) -> dict[str, Any]:
         """:meth:`kwargs` without the fitting options: what ``check`` validates."""

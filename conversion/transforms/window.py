@@ -107,6 +107,8 @@ def parse_windows(text: str) -> int | list[int | None]:
 
 @dataclasses.dataclass(kw_only=True)
 class WindowOptions:
+    """Sliding windows on chosen layers (the weights do not change)."""
+
     windows: int | list[int | None] = option(
         help="one window for every layer, or a pattern tiled over the layers; none = global "
         "(e.g. 1024,1024,1024,none = 3 local : 1 global)",
@@ -117,11 +119,4 @@ class WindowOptions:
     )
 
 
-WINDOW = Transform(
-    "window",
-    to_window,
-    WindowOptions,
-    check=lambda config, o: window_config(config, windows=o.windows, sinks=o.sinks),
-    summary="sliding windows on chosen layers (the weights do not change)",
-    calibrates=("sinks", True),
-)
+WINDOW = Transform("window", to_window, WindowOptions, window_config, calibrates=("sinks", True))

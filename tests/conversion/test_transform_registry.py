@@ -26,23 +26,18 @@ def to_uniform_window(config, state_dict, calibration=None, *, span: int, note: 
 
 @dataclasses.dataclass(kw_only=True)
 class UniformWindowOptions:
+    """The same sliding window on every layer."""
+
     span: int = option(help="tokens every layer attends over")
     note: str = option("none", help="a free-text option, to show strings")
 
 
-def _check(config, options):
-    if not 0 < options.span < config.max_seq_len:
-        raise ValueError(f"to_uniform_window: span={options.span} must be in 1..{config.max_seq_len - 1}")
+def _check(config, *, span: int, note: str = "none"):
+    if not 0 < span < config.max_seq_len:
+        raise ValueError(f"to_uniform_window: span={span} must be in 1..{config.max_seq_len - 1}")
 
 
-UNIFORM_WINDOW = Transform(
-    "uniform_window",
-    to_uniform_window,
-    UniformWindowOptions,
-    check=_check,
-    summary="the same sliding window on every layer",
-    streams=False,
-)
+UNIFORM_WINDOW = Transform("uniform_window", to_uniform_window, UniformWindowOptions, _check, streams=False)
 
 
 @pytest.fixture
@@ -61,7 +56,7 @@ def test_a_new_transform_appears_in_convert_help_yaml_and_the_docs_table(registe
     assert record is UNIFORM_WINDOW and options == UniformWindowOptions(span=16)
     with pytest.raises(ValueError, match=r"model\.convert: span='16' is not an integer"):
         transform_and_options({"to": "uniform_window", "span": "16"})
-    assert "| `uniform_window` | the same sliding window on every layer |" in markdown_table()
+    assert "| `uniform_window` | The same sliding window on every layer |" in markdown_table()
 
 
 def test_a_new_transform_converts_a_directory_from_the_command_line(registered, tmp_path, capsys):
