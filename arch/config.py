@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .checks import check_positive, divisors
@@ -142,7 +142,6 @@ class ModelConfig:
     # Runtime options.
     attention_backend: str = "auto"
     mla_absorb: Literal["auto", "always", "never"] = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -338,6 +337,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if data.get("extra") == {}:  # an unused field that configs written before its removal still hold
+            data = {key: value for key, value in data.items() if key != "extra"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

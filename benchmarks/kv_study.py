@@ -305,7 +305,7 @@ def load_study_data(args: argparse.Namespace, pretrained) -> StudyData:
     tokenizer = load_tokenizer(args.source, optional=True)
     corpus = load_corpus(args.text, tokenizer, max_tokens=args.max_tokens)
     train = TextDataModule(
-        train_files=[str(args.text)],
+        sources=[{"files": [str(args.text)]}],
         block_size=args.block,
         batch_size=args.batch,
         val_fraction=0.2,

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         args.name,
         "--model.init_from",
         str(source_dir),
-        "--data.train_files",
-        f"[{shared / 'corpora' / 'tinystories_val_prefix.txt'}]",
+        "--data.sources",
+        f"[{{files: [{shared / 'corpora' / 'tinystories_val_prefix.txt'}]}}]",
     ]
     if args.max_steps is not None:
         overrides += ["--trainer.max_steps", str(args.max_steps)]

@@ -209,13 +209,6 @@ def transform_and_options(convert: dict[str, Any]) -> tuple[Any, Any]:
     return record, record.parse(options, "model.convert")
 
 
-def apply_transform(
-    config: ModelConfig, state_dict: StateDict, convert: dict[str, Any], calibration: torch.Tensor | None
-) -> tuple[ModelConfig, StateDict]:
-    record, options = transform_and_options(convert)
-    return record(config, state_dict, calibration, **record.kwargs(options))
-
-
 def changed_parameters(
     source_config: ModelConfig, source: StateDict, converted_config: ModelConfig, converted: StateDict
 ) -> frozenset[str]:

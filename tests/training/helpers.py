@@ -64,7 +64,10 @@ def tiny_data(corpus: Path, cache: Path, **options) -> TextDataModule:
         block_size=32, batch_size=4, val_fraction=0.1, bpe_training_chars=20_000, cache_dir=str(cache)
     )
     settings.update(options)
-    return TextDataModule(train_files=[str(corpus)], **settings)
+    source = {"files": [str(corpus)]}
+    if "txt_separator" in settings:  # an option of the source
+        source["txt_separator"] = settings.pop("txt_separator")
+    return TextDataModule(sources=[source], **settings)
 
 
 def trainer(root: Path, max_steps: int, callbacks=(), **options) -> pl.Trainer:
@@ -106,7 +109,7 @@ def tiny_yaml(
           pattern: {form_pattern}}}
   optim: {{lr: 0.003, warmup_steps: 2}}
 data:
-  train_files: [{corpus}]
+  sources: [{{files: [{corpus}]}}]
   block_size: 32
   batch_size: 4
   val_fraction: 0.1

@@ -51,7 +51,7 @@ def test_every_attention_form_has_a_cpu_config():
 def test_gpu_pretraining_config_instantiates(name, monkeypatch, corpus_and_cache):
     monkeypatch.chdir(REPO)
     corpus, _ = corpus_and_cache
-    cli = _instantiate("--config", f"configs/pretrain/{name}", "--data.train_files", f"[{corpus}]")
+    cli = _instantiate("--config", f"configs/pretrain/{name}", "--data.sources", f"[{{files: [{corpus}]}}]")
     params = cli.model.architecture_summary()["parameters"]
     assert 100e6 <= params <= 1.5e9
 

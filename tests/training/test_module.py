@@ -50,7 +50,7 @@ def test_a_few_steps_of_pretraining_lower_the_validation_loss(form, corpus_and_c
 
 def _stories_data(stories, **options) -> TextDataModule:
     return TextDataModule(
-        train_files=[str(stories / "stories.txt")], cache_dir=str(stories / "cache"), **options
+        sources=[{"files": [str(stories / "stories.txt")]}], cache_dir=str(stories / "cache"), **options
     )
 
 
