@@ -10,7 +10,7 @@ Counting convention (PaLM, Chowdhery et al. 2022, appendix B), one multiply-add 
   :mod:`.forms`; scores are its ``mixing_multiply_adds``), SwiGLU (3 · d_model · ffn_dim) and the LM
   head (d_model · vocab); the embedding lookup, norms, RoPE and softmax are not counted.
 - ``context`` is the full ``seq_len`` for a global layer (the causal mask is *not* discounted, as in
-  PaLM and in the 6·N + 12·L·d·T figure of GPU.md, so MFU numbers compare) and ``min(window, seq_len)``
+  PaLM and in the familiar 6·N + 12·L·d·T, so MFU numbers compare) and ``min(window, seq_len)``
   for a sliding-window layer.
 - each form's facts say which of its projections a layer that reads another layer's K/V (``kv_from``)
   skips, and which widths its scores and values have (e.g. MLA's expanded form, as trained).

@@ -1,4 +1,4 @@
-"""Analytic KV-cache size from the config alone (DESIGN.md's table), independent of the cache code:
+"""Analytic KV-cache size from the config alone (the README's table), independent of the cache code:
 tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
 
 Each form declares the values one token adds to a layer's cache (``kv_values_per_token`` of its

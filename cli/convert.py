@@ -13,12 +13,10 @@ Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
 
 The recipe that meets every zero-shot target on stories260K (docs/transforms.md) is self-calibration
 (the default: text sampled from SRC itself, so it never overlaps your evaluation text) plus
-``--refine-steps 200``: zero-shot GQA-1/2 +0.24, MQA +0.72, MLA-32 +0.10, CLA-2 +0.32 nats/token on
-stories260K (without refinement +0.52, +1.03, +0.19, +0.56; from the weights alone GQA-1/2 +1.00).
-``--refine-steps auto`` (the default) refines where it is cheap: 200 steps on CUDA and for small models
-(d_model <= 512) on the CPU; none for larger models on the CPU, where it costs more than the conversion
-(at 0.95B about 1 s per step and layer on 2 cores: ~1 h against ~15 min). ``--calib FILE`` fits on a text file instead; ``--calib none`` uses the weights
-alone (much worse). SRC is read one layer at a time from its safetensors (validated from their headers
+``--refine-steps 200``. ``--refine-steps auto`` (the default) refines where it is cheap: 200 steps on
+CUDA and for small models (d_model <= 512) on the CPU; none for larger models on the CPU, where it costs
+more than the conversion (figures: docs/results.md, "Refinement cost"). ``--calib FILE`` fits on a text
+file instead; ``--calib none`` uses the weights alone (much worse). SRC is read one layer at a time from its safetensors (validated from their headers
 first) and the math runs on ``--device`` (default: CUDA when available): host memory stays near one
 layer, not the model. Options are checked against SRC's config before any weight is read; OUT is
 written shard by shard into a temporary sibling and renamed into place (a failure leaves nothing
@@ -82,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"after the closed-form fit, Adam steps per layer on the block's reconstruction error. auto "
         f"(default): {RECIPE_REFINE_STEPS} (the measured recipe) on CUDA and for models up to d_model "
         f"{CPU_REFINE_MAX_D_MODEL} on the CPU; 0 for larger models on the CPU, where it would take longer than "
-        "the conversion itself (about 1 s per step and layer at d_model 2048 on 2 cores: ~1 h at 0.95B)",
+        "the conversion itself (docs/results.md, 'Refinement cost')",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of --calib self sampling")
     group = parser.add_argument_group("export")
@@ -118,7 +116,7 @@ def refine_steps_argument(text: str) -> int | str:
 def resolve_refine_steps(value: int | str, device, d_model: int) -> int:
     """``auto``: the recipe's steps where they are cheap - on CUDA, or on the CPU for models up to
     ``d_model`` 512 - and none for larger models on the CPU, where they would cost more than the
-    conversion (measured about 1.1 s per step and layer at d_model 2048 on 2 cores, growing as d_model²)."""
+    conversion (its cost grows as d_model²; docs/results.md, "Refinement cost")."""
     if value != "auto":
         return int(value)
     cheap = device.type == "cuda" or d_model <= CPU_REFINE_MAX_D_MODEL

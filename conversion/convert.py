@@ -149,7 +149,7 @@ def convert_checkpoint(
                 "sampling %d calibration tokens from %s (seed %d) on %s", calib_tokens, src, seed, device
             )
             # A decoding step is ~100 small matmuls on a few rows: on shared cores a second thread
-            # mostly spins (0.27B: 0.10 CPU-s a step on one thread, 0.7-0.9 on two, and 3-7x the wall).
+            # mostly spins (docs/results.md, "One CPU thread for small fits and for sampling").
             with one_cpu_thread(device.type == "cpu"):
                 ids = transforms.sample_calibration_ids(
                     config,

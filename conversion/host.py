@@ -1,8 +1,9 @@
 """The host process: its threads for small dense math, and its memory (freed large buffers go back to the OS).
 
 ``one_cpu_thread()``: the per-layer fits (eigh, Cholesky, solves, SVDs of a few thousand rows) are too
-small for more than one thread; on shared cores the extra threads mostly spin-wait, costing 10-40x
-the CPU time for little or no wall time. The forward passes over the calibration tokens keep every thread.
+small for more than one thread; on shared cores the extra threads mostly spin-wait, costing CPU time
+for little or no wall time (docs/results.md, "One CPU thread for small fits and for sampling"). The
+forward passes over the calibration tokens keep every thread.
 
 The memory (glibc only):
 
@@ -20,20 +21,16 @@ memory freed before the call leaves, while allocations between calls reuse the h
 ``HostAllocator``: the training process's setting, ``trim`` (the default), ``pinned`` or ``default``.
 
 Left alone (``default``), glibc raises its mmap threshold after the first large free, so later tensors of
-that size come from its heap, which it keeps after they are freed: a 0.27B bf16-mixed run on CPU then holds
-0.6-0.9 GiB per rank more than it uses, 15-20 % above ``MemoryCheck``'s estimate on two FSDP2 ranks.
-``trim`` fixes the threshold at 4 MiB (``mallopt``: buffers of at least 4 MiB are their own mappings, given
-back when freed) and calls ``malloc_trim(0)`` three times a training step (``release``: at its start, the
-first after setup and loading, after its forward and after its backward pass): the smaller buffers freed
-since leave the process too, while the allocations in between reuse the heap. At 0.27B on two FSDP2 ranks
-that holds the peak at 0.98-0.99x the estimate over 5 steps for 1.1-1.2x the CPU seconds of a step (the
-trims alone: 1.11x the estimate, creeping up step by step; the 4 MiB threshold alone: 1.10 in one
-process). ``pinned`` fixes the threshold at 128 KiB: every larger buffer is its own mapping, returned when
-freed; the peak is lowest (0.96x) but the kernel faults in and zeroes each new mapping, 1.3-1.5x the CPU
-seconds of a step.
-Both apply on GPU hosts too, where the host holds the loading, the one-time conversion and checkpoint
-staging while the step's tensors are CUDA memory (so there is little to trim or fault). Measured:
-docs/results.md, "What the host allocator costs".
+that size come from its heap, which it keeps after they are freed: a training run then holds noticeably
+more than it uses. ``trim`` fixes the threshold at 4 MiB (``mallopt``: buffers of at least 4 MiB are their
+own mappings, given back when freed) and calls ``malloc_trim(0)`` three times a training step
+(``release``: at its start, the first after setup and loading, after its forward and after its backward
+pass): the smaller buffers freed since leave the process too, while the allocations in between reuse the
+heap. ``pinned`` fixes the threshold at 128 KiB: every larger buffer is its own mapping, returned when
+freed; the peak is lowest but the kernel faults in and zeroes each new mapping. Both apply on GPU hosts
+too, where the host holds the loading, the one-time conversion and checkpoint staging while the step's
+tensors are CUDA memory (so there is little to trim or fault). What each costs: docs/results.md, "The
+host allocator settings".
 """
 
 from __future__ import annotations
