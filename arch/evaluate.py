@@ -1,6 +1,7 @@
 """Language-model loss over a long token stream, cut into windows.
 
-With ``stride=None`` this is the procedure of ``shared/data/README.md``: consecutive non-overlapping
+With ``stride=None`` this is the loss procedure of the README's results (the shared data's own README
+states it): consecutive non-overlapping
 windows, inputs ``ids[s:s+W]`` and targets ``ids[s+1:s+W+1]`` for s = 0, W, 2W, …, each run from
 position 0, summed NLL divided by the number of predicted tokens. With a ``stride`` < ``window`` the
 windows overlap and only the last ``stride`` targets of each window are scored, so every token after

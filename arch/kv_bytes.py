@@ -1,5 +1,8 @@
-"""Analytic KV-cache size from the config alone (DESIGN.md's table), independent of the cache code:
+"""Analytic KV-cache size from the config alone (the README's table), independent of the cache code:
 tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
+
+Each form declares the values one token adds to a layer's cache (``kv_values_per_token`` of its
+record in :mod:`.forms`) and any per-sequence state (``state_bytes_per_sequence``):
 
 | layer form    | values cached per token per layer          |
 |---------------|--------------------------------------------|
@@ -19,6 +22,7 @@ import dataclasses
 import torch
 
 from .config import LayerSpec, ModelConfig
+from .forms import form_of
 
 DTYPES = {
     "fp32": torch.float32,
@@ -44,11 +48,14 @@ def layer_kv_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
     """Values one token adds to this layer's cache (0 for a layer that reads another's K/V)."""
     if spec.kv_from is not None:
         return 0
-    if spec.attention in ("mla", "gla"):
-        return config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
-    if spec.attention == "gta":  # tied K/V states + one shared rotary key of half a head
-        return spec.n_kv_heads * config.head_dim + config.head_dim // 2
-    return 2 * spec.n_kv_heads * config.head_dim
+    return form_of(spec).kv_values_per_token(config, spec)
+
+
+def layer_state_bytes(config: ModelConfig, spec: LayerSpec, itemsize: int) -> int:
+    """Bytes a layer keeps per sequence whatever its length (0 for a K/V cache or a shared layer)."""
+    if spec.kv_from is not None:
+        return 0
+    return form_of(spec).state_bytes_per_sequence(config, spec, itemsize)
 
 
 def layer_cached_tokens(spec: LayerSpec, seq_len: int) -> int:
@@ -63,14 +70,10 @@ def kv_cache_bytes(
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"kv_cache_bytes: seq_len={seq_len} and batch={batch} must be positive")
     item = parse_dtype(dtype).itemsize
-    return (
-        batch
-        * item
-        * sum(
-            layer_kv_values_per_token(config, spec) * layer_cached_tokens(spec, seq_len)
-            for spec in config.layers
-        )
+    per_token = item * sum(
+        layer_kv_values_per_token(config, spec) * layer_cached_tokens(spec, seq_len) for spec in config.layers
     )
+    return batch * (per_token + sum(layer_state_bytes(config, spec, item) for spec in config.layers))
 
 
 def kv_bytes_per_token(config: ModelConfig, seq_len: int, dtype: torch.dtype | str = "bf16") -> float:
@@ -94,25 +97,15 @@ def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str 
     rows = []
     for index, spec in enumerate(config.layers):
         values = layer_kv_values_per_token(config, spec)
-        form = {"mla": "mla", "gta": f"gta-{spec.n_kv_heads}", "gla": f"gla-{spec.n_latent_heads}"}.get(
-            spec.attention, _gqa_name(config.n_heads, spec.n_kv_heads)
-        )
         rows.append(
             {
                 "layer": index,
-                "form": form,
+                "form": form_of(spec).label(config, spec),
                 "window": spec.window,
                 "kv_from": spec.kv_from,
                 "values_per_token": values,
-                "bytes": values * layer_cached_tokens(spec, seq_len) * item,
+                "bytes": values * layer_cached_tokens(spec, seq_len) * item
+                + layer_state_bytes(config, spec, item),
             }
         )
     return rows
-
-
-def _gqa_name(n_heads: int, n_kv_heads: int) -> str:
-    if n_kv_heads == n_heads:
-        return "mha"
-    if n_kv_heads == 1:
-        return "mqa"
-    return f"gqa-{n_kv_heads}"

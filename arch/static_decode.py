@@ -3,10 +3,10 @@ host-side arguments never change - so on CUDA the step is captured once in a CUD
 token is one ``graph.replay()`` (no per-token kernel launches from Python, no allocation, no host
 sync). On CPU the very same step runs eagerly.
 
-Why: a decode step of a 1 B model at batch 32 must read ~2 GB of weights and cache, ~1-2 ms on an
-H100, while launching its few hundred small kernels one by one from Python costs tens of ms (stock
-transformers: ~76-96 ms per step, shared/GPU.md). The prompt (prefill) has a varying length and is
-not captured: it runs through the same cache with host positions.
+Why: a decode step reads the weights and the cache in about a millisecond on a GPU, while launching
+its few hundred small kernels one by one from Python costs far more (figures: docs/results.md, "Static
+decode: why a CUDA graph"). The prompt (prefill) has a varying length and is not captured: it runs
+through the same cache with host positions.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ import torch
 
 from benchmarks.common import markdown_table, print_table
 from kvforge.arch import CausalLM, ModelConfig
+from kvforge.conversion.loading import load_tokenizer
 from kvforge.training.data import TextDataModule
-from kvforge.training.data.tokenizer import load_tokenizer
 
 SHARED = Path(os.environ.get("KVFORGE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CORPORA = ("tinystories_val_prefix.txt", "tinyshakespeare.txt", "botchan.txt", "wikitext2_test.txt")

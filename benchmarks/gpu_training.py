@@ -1,6 +1,7 @@
 """Training throughput: tokens/s and MFU of one optimizer step (forward, backward, fused AdamW, bf16
 weights) per attention form, with stock transformers (eager and ``torch.compile``) measured in the
-same run on the same shape."""
+same run on the same shape. FLOPs per token are :func:`kvforge.arch.flops_per_token` (PaLM's count, per
+attention form; 6·N + 12·L·d·T for dense MHA, the convention of GPU.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import gc
 import torch
 
 from benchmarks.common import timed
-from benchmarks.gpu_models import STOCK, Shape, build_kvforge, flops_per_token
+from benchmarks.gpu_models import STOCK, Shape, build_kvforge
 from benchmarks.stock import build_stock
+from kvforge.arch import flops_per_token
 
 # Dense bf16 tensor-core peak (H100/H200 SXM), the denominator of GPU.md's MFU figures.
 PEAK_BF16_FLOPS = {"H100": 989.5e12, "H200": 989.5e12}
@@ -92,11 +94,10 @@ def measure_training(
                 optimizer = _optimizer(model, device)
                 step = _stock_step(torch.compile(model) if mode == "compile" else model, ids, optimizer)
             seconds = timed(step, repeats=repeats, warmup=3 if mode == "compile" else 1)
-            non_embedding = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.d_model
             tokens_per_s = batch * seq / seconds
             row.update(status="ok", stock_model=STOCK.get(form) if impl == "transformers" else None)
             row.update(step_ms=1e3 * seconds, tokens_per_s=tokens_per_s)
-            row["mfu"] = tokens_per_s * flops_per_token(config, non_embedding, seq) / peak if peak else None
+            row["mfu"] = tokens_per_s * flops_per_token(config, seq) / peak if peak else None
         except torch.OutOfMemoryError:
             row["status"] = "out of memory"
         finally:

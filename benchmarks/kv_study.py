@@ -69,9 +69,9 @@ from benchmarks.kv_study_rows import DEFAULT_ROWS, ROWS
 from benchmarks.uptrain_recipe import Uptraining, calibration_text, converted_model, uptrain
 from kvforge.arch import CausalLM, kv_bytes_per_token, mha_equivalent
 from kvforge.conversion import atomic_file, load_pretrained
+from kvforge.conversion.loading import load_tokenizer
+from kvforge.evaluation import Corpus, load_corpus, measure_decode, perplexity
 from kvforge.training.data import TextDataModule
-from kvforge.training.evaluation import Corpus, load_corpus, measure_decode, perplexity
-from kvforge.training.evaluation.loading import load_tokenizer
 from kvforge.training.model_source import CalibrationConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,10 +302,10 @@ def run_row(
 
 
 def load_study_data(args: argparse.Namespace, pretrained) -> StudyData:
-    tokenizer = load_tokenizer(args.source)
+    tokenizer = load_tokenizer(args.source, optional=True)
     corpus = load_corpus(args.text, tokenizer, max_tokens=args.max_tokens)
     train = TextDataModule(
-        train_files=[str(args.text)],
+        sources=[{"files": [str(args.text)]}],
         block_size=args.block,
         batch_size=args.batch,
         val_fraction=0.2,

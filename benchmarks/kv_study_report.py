@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.kv_study_rows import ROWS, TARGET_INCREASE_PERCENT
-from kvforge.training.evaluation.plots import plot_decode_by_row, plot_quality_vs_bytes, plot_uptraining
+from kvforge.evaluation.plots import plot_decode_by_row, plot_quality_vs_bytes, plot_uptraining
 
 Results = dict[str, dict[str, float | None]]
 

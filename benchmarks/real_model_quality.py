@@ -45,8 +45,18 @@ class Row:
 
 
 ROWS = [
-    Row("mla-320", ["--to", "mla", "--kv-lora-rank", "320", "--rope-dims", "64"], 0.05, note="the source's KV budget"),
-    Row("mla-128", ["--to", "mla", "--kv-lora-rank", "128", "--rope-dims", "64"], 0.35, note="half the source's"),
+    Row(
+        "mla-320",
+        ["--to", "mla", "--kv-lora-rank", "320", "--rope-dims", "64"],
+        0.05,
+        note="the source's KV budget",
+    ),
+    Row(
+        "mla-128",
+        ["--to", "mla", "--kv-lora-rank", "128", "--rope-dims", "64"],
+        0.35,
+        note="half the source's",
+    ),
     Row("mqa", ["--to", "mqa"], 0.70),
     Row("cla-2", ["--to", "cla", "--factor", "2"], 0.70),
     Row("mqa-mean", ["--to", "gqa", "--n-kv-heads", "1", "--method", "mean"], note="GQA paper's mean-pool"),
@@ -120,7 +130,9 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
     from kvforge.arch import kv_bytes_per_token
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_models quality", description=__doc__)
-    parser.add_argument("--src", type=Path, default=source, help="model directory (default: the fetched real model)")
+    parser.add_argument(
+        "--src", type=Path, default=source, help="model directory (default: the fetched real model)"
+    )
     parser.add_argument("--rows", help=f"comma list of {[row.name for row in ROWS]} (default: all)")
     parser.add_argument("--windows", type=int, default=None, help="score the first N windows only")
     parser.add_argument("--keep", type=Path, help="keep the converted directories here")
@@ -128,7 +140,9 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     if args.src is None:
-        parser.error("no --src and the real model is not fetched: run `python -m benchmarks.real_models fetch`")
+        parser.error(
+            "no --src and the real model is not fetched: run `python -m benchmarks.real_models fetch`"
+        )
     wanted = set(args.rows.split(",")) if args.rows else None
     rows = [row for row in ROWS if wanted is None or row.name in wanted]
     unknown = (wanted or set()) - {row.name for row in ROWS}
@@ -137,7 +151,17 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
 
     ids = wikitext_ids(args.src)
     sources: dict[int, tuple[float, object]] = {}
-    columns = ["conversion", "KV bytes/tok vs source", "loss", "Δ loss", "target", "stock |Δ|", "wall s", "peak RSS GiB", "exported as"]
+    columns = [
+        "conversion",
+        "KV bytes/tok vs source",
+        "loss",
+        "Δ loss",
+        "target",
+        "stock |Δ|",
+        "wall s",
+        "peak RSS GiB",
+        "exported as",
+    ]
     table = []
     with tempfile.TemporaryDirectory(prefix="real-quality-") as tmp:
         for row in rows:
@@ -150,15 +174,27 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
             code, wall, peak = run_measured(command, Path(tmp) / f"{row.name}.log")
             if code != 0:
                 print((Path(tmp) / f"{row.name}.log").read_text()[-2000:], file=sys.stderr)
-                table.append([row.name, "", "failed", "", "", "", f"{wall:.0f}", f"{peak:.2f}", f"exit {code}"])
+                table.append(
+                    [row.name, "", "failed", "", "", "", f"{wall:.0f}", f"{peak:.2f}", f"exit {code}"]
+                )
                 continue
             loss, config = kvforge_loss(out, eval_ids, row.context)
             stock = stock_loss(out, eval_ids[: 2 * row.context + 1], row.context)
-            mine = kvforge_loss(out, eval_ids[: 2 * row.context + 1], row.context)[0] if stock is not None else None
+            mine = (
+                kvforge_loss(out, eval_ids[: 2 * row.context + 1], row.context)[0]
+                if stock is not None
+                else None
+            )
             architecture = json.loads((out / "config.json").read_text()).get("architectures", ["?"])[0]
-            ratio = kv_bytes_per_token(config, row.context, "bf16") / kv_bytes_per_token(base_config, row.context, "bf16")
+            ratio = kv_bytes_per_token(config, row.context, "bf16") / kv_bytes_per_token(
+                base_config, row.context, "bf16"
+            )
             delta = loss - base
-            met = "" if row.target is None else f"≤ +{row.target:.2f} {'met' if delta <= row.target else 'MISSED'}"
+            met = (
+                ""
+                if row.target is None
+                else f"≤ +{row.target:.2f} {'met' if delta <= row.target else 'MISSED'}"
+            )
             table.append(
                 [
                     row.name + (f" @{row.context}" if row.context != 512 else ""),
@@ -174,7 +210,9 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
             )
             print(" | ".join(table[-1]), flush=True)
             if args.json:
-                record = dict(zip(columns, table[-1]), source_loss=base, windows=args.windows, flags=row.flags)
+                record = dict(
+                    zip(columns, table[-1]), source_loss=base, windows=args.windows, flags=row.flags
+                )
                 with open(args.json, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
     scored = f"first {args.windows} windows" if args.windows else "the whole text"

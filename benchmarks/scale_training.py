@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from benchmarks.scale_checkpoints import SHAPES as CHECKPOINT_SHAPES  # noqa: E402
 from benchmarks.scale_checkpoints import Shape, write_checkpoint  # noqa: E402
 from kvforge.arch.memory import GiB  # noqa: E402
-from kvforge.training.host_allocator import DEFAULT_HOST_ALLOCATOR, HOST_ALLOCATORS  # noqa: E402
+from kvforge.conversion.host import DEFAULT_HOST_ALLOCATOR, HOST_ALLOCATORS  # noqa: E402
 
 # The scale benchmarks' shapes (benchmarks/scale_checkpoints.py), plus a tiny one for a smoke run.
 SHAPES = {**CHECKPOINT_SHAPES, "smoke": Shape(2, 64, 4, 4, 128, vocab_size=256, max_seq_len=64, shards=1)}

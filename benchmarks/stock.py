@@ -1,12 +1,15 @@
 """Stock transformers models with the sizes of a kvforge config (the same parameter names, so
 ``load_state_dict(kvforge_model.state_dict())`` gives both the same weights): the baselines that the
-benchmarks measure in the same run."""
+benchmarks measure in the same run. Their config is the one ``kvforge export`` writes: the family
+tables' (``kvforge.conversion.families``), never a hand-built copy."""
 
 from __future__ import annotations
 
 import torch
+import transformers
 
 from kvforge.arch import ModelConfig
+from kvforge.conversion import plan_export
 
 
 def build_stock(
@@ -15,39 +18,18 @@ def build_stock(
     dtype: torch.dtype = torch.float32,
     attn: str = "sdpa",
 ):
-    """The transformers model with the same sizes (Llama for GQA/MHA/MQA, DeepseekV3 for MLA)."""
-    import transformers
-
-    common = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=config.tie_embeddings,
-    )
-    if config.layers[0].attention == "mla":
-        hf_config = transformers.DeepseekV3Config(
-            **common,
-            num_key_value_heads=config.n_heads,
-            kv_lora_rank=config.kv_lora_rank,
-            q_lora_rank=None,
-            qk_rope_head_dim=config.qk_rope_head_dim,
-            qk_nope_head_dim=config.qk_nope_head_dim,
-            v_head_dim=config.v_head_dim,
-            first_k_dense_replace=config.n_layers,  # every layer a dense MLP, as kvforge's
-            rope_interleave=False,
-        )
-        model_class = transformers.DeepseekV3ForCausalLM
-    else:
-        hf_config = transformers.LlamaConfig(
-            **common, num_key_value_heads=config.layers[0].n_kv_heads, head_dim=config.head_dim
-        )
-        model_class = transformers.LlamaForCausalLM
+    """The transformers model of the simplest stock class that holds ``config`` (Llama for GQA/MHA/MQA,
+    DeepseekV3 for MLA); a config no stock class holds is an error saying why."""
+    family = plan_export(config, None).family
+    if not family.stock:
+        raise ValueError(f"no stock transformers class holds this config: {plan_export(config).notes}")
+    fields = family.write_config(config)
+    if (
+        "rope_interleave" in fields
+    ):  # DeepseekV3: rotate halves, as kvforge does, so its state dict loads as is
+        fields["rope_interleave"] = False
+    hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     hf_config._attn_implementation = attn
     with torch.device(device):
-        model = model_class(hf_config)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
     return model.to(dtype)

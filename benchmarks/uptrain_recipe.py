@@ -157,7 +157,7 @@ def main() -> None:
     source_dir, text = SHARED / "stories260K-mha", SHARED / "corpora" / "tinystories_val_prefix.txt"
     calibration = calibration_text(text) if args.calibrate else None
     data = TextDataModule(
-        train_files=[str(text)],
+        sources=[{"files": [str(text)]}],
         block_size=args.block,
         batch_size=args.batch,
         val_fraction=0.2,

@@ -18,22 +18,10 @@ from pathlib import Path
 
 import torch
 
-from kvforge.arch import ModelConfig
+from kvforge.arch import CausalLM, ModelConfig
 
-from .weights import SAFETENSORS, SAFETENSORS_INDEX, weight_shards
+from .weights import SAFETENSORS, SAFETENSORS_DTYPES, SAFETENSORS_INDEX, weight_shards
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 EMBEDDINGS, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -84,9 +72,11 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> T
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise ValueError(f"{where}: header entry {info!r} needs dtype, shape and data_offsets")
-    dtype = DTYPES.get(info["dtype"])
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
     if dtype is None:
-        raise ValueError(f"{where}: dtype {info['dtype']!r} is not supported (allowed: {sorted(DTYPES)})")
+        raise ValueError(
+            f"{where}: dtype {info['dtype']!r} is not supported (allowed: {sorted(SAFETENSORS_DTYPES)})"
+        )
     shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ValueError(f"{where}: shape {shape!r} must be a list of non-negative integers")
@@ -189,6 +179,30 @@ def check_config_sizes(hf: dict, entries: Mapping[str, TensorEntry], where: str)
             )
 
 
+def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor the model needs is there with the right shape, and nothing else."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in CausalLM(config).state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{name} {tuple(tensors[name].shape)} (config implies {shape})"
+        for name, shape in expected.items()
+        if name in tensors and tuple(tensors[name].shape) != shape
+    ]
+    problems = []
+    for label, names in (
+        ("missing tensors", missing),
+        ("unexpected tensors", unexpected),
+        ("wrong shapes", wrong),
+    ):
+        if names:
+            shown = ", ".join(names[:6]) + (f", … ({len(names)} in all)" if len(names) > 6 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{where}: the weights do not match the config - " + "; ".join(problems))
+
+
 class CheckpointWeights(Mapping):
     """A read-only state dict (kvforge names and layout) whose tensors are read from disk on access.
 
@@ -206,8 +220,6 @@ class CheckpointWeights(Mapping):
         entries: dict[str, TensorEntry] | None = None,
         check_finite: bool = True,
     ) -> None:
-        from .pretrained import check_tensors
-
         self.root, self.config, self.family, self.hf = Path(root), config, family, hf
         self.check_finite = check_finite
         self.scanned: set[str] = set()  # names already checked for NaN/inf (passes re-read tensors)

@@ -1,8 +1,9 @@
 """The host process: its threads for small dense math, and its memory (freed large buffers go back to the OS).
 
 ``one_cpu_thread()``: the per-layer fits (eigh, Cholesky, solves, SVDs of a few thousand rows) are too
-small for more than one thread; on shared cores the extra threads mostly spin-wait, costing 10-40x
-the CPU time for little or no wall time. The forward passes over the calibration tokens keep every thread.
+small for more than one thread; on shared cores the extra threads mostly spin-wait, costing CPU time
+for little or no wall time (docs/results.md, "One CPU thread for small fits and for sampling"). The
+forward passes over the calibration tokens keep every thread.
 
 The memory (glibc only):
 
@@ -16,6 +17,20 @@ freed. Setting the threshold explicitly (``mallopt``) turns that adjustment off.
 The cheaper alternative leaves the threshold alone and calls ``malloc_trim`` now and then: it gives back
 every free page of glibc's heaps (their top, and since glibc 2.8 whole free pages inside them too), so
 memory freed before the call leaves, while allocations between calls reuse the heap without faulting.
+
+``HostAllocator``: the training process's setting, ``trim`` (the default), ``pinned`` or ``default``.
+
+Left alone (``default``), glibc raises its mmap threshold after the first large free, so later tensors of
+that size come from its heap, which it keeps after they are freed: a training run then holds noticeably
+more than it uses. ``trim`` fixes the threshold at 4 MiB (``mallopt``: buffers of at least 4 MiB are their
+own mappings, given back when freed) and calls ``malloc_trim(0)`` three times a training step
+(``release``: at its start, the first after setup and loading, after its forward and after its backward
+pass): the smaller buffers freed since leave the process too, while the allocations in between reuse the
+heap. ``pinned`` fixes the threshold at 128 KiB: every larger buffer is its own mapping, returned when
+freed; the peak is lowest but the kernel faults in and zeroes each new mapping. Both apply on GPU hosts
+too, where the host holds the loading, the one-time conversion and checkpoint staging while the step's
+tensors are CUDA memory (so there is little to trim or fault). What each costs: docs/results.md, "The
+host allocator settings".
 """
 
 from __future__ import annotations
@@ -115,3 +130,46 @@ def one_cpu_thread(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------- training
+HOST_ALLOCATORS = ("pinned", "trim", "default")
+DEFAULT_HOST_ALLOCATOR = "trim"
+TRIM_THRESHOLD = 4 * 1024 * 1024  # ``trim``'s mmap threshold: the largest buffers leave at once
+
+
+class HostAllocator:
+    """The setting, applied at most once per process. A module pickled into a rank that Lightning spawns
+    arrives with its parent's state, so ``apply`` compares process ids rather than trusting a flag."""
+
+    def __init__(self, mode: str = DEFAULT_HOST_ALLOCATOR) -> None:
+        if mode not in HOST_ALLOCATORS:
+            raise ValueError(f"host_allocator={mode!r}: must be one of {list(HOST_ALLOCATORS)}")
+        self.mode = mode
+        self._pid: int | None = None
+        self._active = False
+
+    def apply(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        if self.mode == "default":  # also for the one-time conversion in this process (no pin there)
+            keep_glibc_threshold()
+            return
+        self._active = pin_mmap_threshold(TRIM_THRESHOLD if self.mode == "trim" else DEFAULT_THRESHOLD)
+
+    def release(self) -> None:
+        """Called at the start of every training step, after its forward and after its backward pass: under
+        ``trim``, give the heaps' free pages back (``malloc_trim(0)``)."""
+        if self.mode == "trim":
+            self.apply()
+            malloc_trim(0)
+
+    @property
+    def state(self) -> str:
+        """In this process: ``pinned`` or ``trim`` (by ``apply``), ``environment`` (``MALLOC_MMAP_THRESHOLD_``
+        set: glibc applied the user's value at start-up; ``trim`` still trims) or ``default`` (switched off,
+        not glibc, or not applied yet)."""
+        if ENVIRONMENT in os.environ:
+            return "environment"
+        return self.mode if self._pid == os.getpid() and self._active else "default"

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from kvforge.arch import CausalLM, ModelConfig, parse_dtype
+from kvforge.arch import ModelConfig, parse_dtype
 
 from .atomic import atomic_directory
+from .checkpoint import EMBEDDINGS, LM_HEAD, check_config_sizes, check_tensors
 from .families import Family, family_of, plan_export
 from .families.schema import ConfigReader
 from .streamed_write import source_meta, write_streamed
@@ -40,7 +41,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "kvforge_provenance.json",  # where the weights came from (a GGUF import); travels with them
 )
-EMBEDDINGS, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +72,6 @@ def load_config(path: str | Path, weights: Mapping | None = None) -> tuple[Model
         raise FileNotFoundError(f"{path} is not a model directory: no config.json")
     hf = _read_json(config_file)
     if weights is not None:
-        from .checkpoint import check_config_sizes
-
         check_config_sizes(hf, weights, str(config_file))
     reader = ConfigReader(hf, config_file)
     family = family_of(reader)
@@ -90,30 +88,6 @@ def load_pretrained(path: str | Path, *, allow_pickle: bool = False, progress: b
         tensors[LM_HEAD] = tensors[EMBEDDINGS]  # transformers ties (and ignores a stored lm_head) too
     check_tensors(config, tensors, str(path))
     return Pretrained(config, tensors, family.model_type, path, hf)
-
-
-def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every tensor the model needs is there with the right shape, and nothing else."""
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in CausalLM(config).state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{name} {tuple(tensors[name].shape)} (config implies {shape})"
-        for name, shape in expected.items()
-        if name in tensors and tuple(tensors[name].shape) != shape
-    ]
-    problems = []
-    for label, names in (
-        ("missing tensors", missing),
-        ("unexpected tensors", unexpected),
-        ("wrong shapes", wrong),
-    ):
-        if names:
-            shown = ", ".join(names[:6]) + (f", … ({len(names)} in all)" if len(names) > 6 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise ValueError(f"{where}: the weights do not match the config - " + "; ".join(problems))
 
 
 def save_pretrained(

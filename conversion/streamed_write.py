@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from .checkpoint import DTYPES
-from .weights import SAFETENSORS_INDEX
+from .weights import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 
-SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors name
 
 
 def source_meta(source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,11 +112,11 @@ class _ShardFile:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         position = 0
         for name, tensor in meta.items():
-            if tensor.dtype not in SAFETENSORS_DTYPES:
+            if tensor.dtype not in DTYPE_NAMES:
                 raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
             size = tensor.numel() * tensor.element_size()
             header[name] = {
-                "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                "dtype": DTYPE_NAMES[tensor.dtype],
                 "shape": list(tensor.shape),
                 "data_offsets": [position, position + size],
             }

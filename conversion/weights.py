@@ -15,13 +15,25 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 StateDict = dict[str, torch.Tensor]
+
+# safetensors' dtype names (its header's "dtype" field) -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _progress(items: list, description: str, enabled: bool) -> Iterable:
@@ -133,34 +145,3 @@ def read_weights(root: str | Path, *, allow_pickle: bool = False, progress: bool
             )
         tensors.update({name: loaded[name] for name in expected})
     return tensors
-
-
-def _own_storage(tensors: StateDict) -> StateDict:
-    """Contiguous CPU tensors, none sharing memory (safetensors refuses aliased tensors)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[name] = tensor
-    return out
-
-
-def write_weights(
-    tensors: StateDict, out: Path, *, max_shard_size: int | str = "5GB", progress: bool = False
-) -> list[Path]:
-    """Write ``model.safetensors`` or, above ``max_shard_size``, shards and their index."""
-    tensors = _own_storage(tensors)
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-    written = []
-    for filename in _progress(list(split.filename_to_tensors), "Writing shards", progress):
-        shard = {name: tensors[name] for name in split.filename_to_tensors[filename]}
-        save_file(shard, out / filename, metadata={"format": "pt"})
-        written.append(out / filename)
-    if split.is_sharded:
-        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
-        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return written

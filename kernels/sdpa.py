@@ -1,9 +1,9 @@
 """``torch.nn.functional.scaled_dot_product_attention``, with torch's own kernel choice (``sdpa``) or a
 forced one (``sdpa-cudnn``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-math``).
 
-torch's default order is not the fastest everywhere: on Hopper its cuDNN kernel ran ~605 TFLOP/s
-forward against ~327 for its built-in FlashAttention-2 (shared/GPU.md), so ``auto`` names the kernel
-from a measured table instead of trusting the default. GQA/MQA go through ``enable_gqa=True`` (no
+torch's default order is not the fastest everywhere: on Hopper its cuDNN kernel is about twice as fast
+as its built-in FlashAttention-2 (docs/results.md, "SDPA kernels on Hopper"), so ``auto`` names the
+kernel from a measured table instead of trusting the default. GQA/MQA go through ``enable_gqa=True`` (no
 repeated K/V copies). ``is_causal`` is passed only when queries and keys have the same length: SDPA
 aligns it to the top-left corner, wrong for a query block that follows cached keys, so that case
 gets an explicit mask.

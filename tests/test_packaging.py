@@ -101,7 +101,7 @@ def test_every_source_package_is_declared_in_pyproject():
     declared = config["tool"]["setuptools"]["package-dir"]
     on_disk = {
         f"kvforge.{path.parent.relative_to(REPO).as_posix().replace('/', '.')}"
-        for top in ("kernels", "arch", "conversion", "training")
+        for top in ("kernels", "arch", "conversion", "training", "evaluation", "cli")
         for path in (REPO / top).rglob("*.py")
     }
     assert on_disk <= set(declared), f"add {sorted(on_disk - set(declared))} to [tool.setuptools] package-dir"

@@ -23,6 +23,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from kvforge.arch import CausalLM
 from kvforge.conversion.atomic import remove_stale_temporaries, replace_directory
 
+from .shard_transfer import broadcast_into_shards
+
 FSDP2_NAME = "fsdp2"
 # A decoder layer returns its K/V views for later layers that share them (cross-layer attention); nothing
 # modifies them in place, which is the case this FSDP2 warning is about.
@@ -108,6 +110,4 @@ def load_full_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
     ``None``) - a dict, or better a lazy mapping that reads each tensor from disk when asked - and
     broadcasts one tensor at a time; every rank keeps only its own shard of each
     (:func:`~kvforge.training.shard_transfer.broadcast_into_shards`)."""
-    from .shard_transfer import broadcast_into_shards
-
     broadcast_into_shards(model, state_dict)

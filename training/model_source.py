@@ -1,16 +1,16 @@
 """Where a run's weights start: a fresh ``ModelConfig``, or a checkpoint directory optionally passed
 through a conversion transform (uptraining), plus the frozen teacher for distillation.
 
-``convert`` names a transform of ``kvforge.conversion.transforms.TRANSFORMS`` under ``to`` and passes
-every other key as that transform's keyword options, so transforms added to the registry plug in
-without changes here: ``{to: gqa, n_kv_heads: 2}``, ``{to: mla, kv_lora_rank: 32, ...}``. A list of
-them applies them in order: ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``.
+``convert`` names a transform of ``kvforge.conversion.transforms.TRANSFORMS`` under ``to``; every other
+key is one of that transform's options, typed and checked by its options dataclass (the one
+``kvforge convert``'s flags come from), so transforms added to the registry plug in without changes
+here: ``{to: gqa, n_kv_heads: 2}``, ``{to: mla, kv_lora_rank: 32, ...}``. A list of them applies them
+in order: ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,8 +20,12 @@ from typing import Any
 import torch
 
 from kvforge.arch import ModelConfig
-from kvforge.conversion import Pretrained, load_pretrained
-from kvforge.conversion.transforms import TRANSFORMS
+from kvforge.conversion import Pretrained, load_config, load_pretrained
+from kvforge.conversion.convert import convert_chain, open_checkpoint
+from kvforge.conversion.loading import load_tokenizer
+from kvforge.conversion.transforms import transform
+
+from .data.documents import iter_pieces, resolve_files
 
 StateDict = dict[str, torch.Tensor]
 
@@ -79,8 +83,6 @@ class StartingPoint:
 
 def _read(directory: str | Path, lazy: bool) -> Mapping[str, torch.Tensor]:
     if lazy:
-        from kvforge.conversion.convert import open_checkpoint
-
         return open_checkpoint(directory)
     return load_pretrained(directory).state_dict
 
@@ -149,13 +151,11 @@ def convert_to_directory(
     Every step streams through ``convert_checkpoint`` (a layer in memory at a time, the math on CUDA when
     there is one); a chain of steps goes through one intermediate directory per step, beside ``out``
     (``convert_chain``). The changed names are found by reading the two directories tensor by tensor."""
-    from kvforge.conversion.convert import convert_chain, open_checkpoint
-
     tokens = calibration_tokens(calibration, str(init_from)) if calibration else None
     steps = []
     for step in [convert] if isinstance(convert, dict) else list(convert):
-        name, _, options, _ = transform_and_options(step)
-        steps.append((name, options))
+        record, options = transform_and_options(step)
+        steps.append((record.name, record.kwargs(options)))
     convert_chain(init_from, out, steps, calibration=tokens, overwrite=True)
     source, converted = open_checkpoint(init_from), open_checkpoint(out)
     return changed_parameters(source.config, source, converted.config, converted)
@@ -171,8 +171,6 @@ def locate_starting_point(
 ) -> StartingPoint:
     """Like :func:`resolve_starting_point` but reading only configs: the weights stay on disk until the ranks
     that need them read them (``StartingPoint.weights``)."""
-    from kvforge.conversion import load_config
-
     config = model if model is not None else load_config(weights_dir)[0]
     if want_teacher and teacher_dir is None:
         raise ValueError("distillation from scratch needs distill.teacher (a model directory)")
@@ -204,31 +202,11 @@ def check_convert(convert: Convert) -> None:
         transform_and_options(step)
 
 
-def transform_and_options(convert: dict[str, Any]) -> tuple[str, Any, dict[str, Any], list[str]]:
+def transform_and_options(convert: dict[str, Any]) -> tuple[Any, Any]:
+    """The transform record of one ``model.convert`` step and its typed options dataclass."""
     options = dict(convert)
-    name = options.pop("to", None)
-    if name not in TRANSFORMS:
-        raise ValueError(f"model.convert.to={name!r}: allowed values are {sorted(TRANSFORMS)}")
-    transform = TRANSFORMS[name]
-    parameters = inspect.signature(transform).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    allowed = sorted(n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown and not accepts_any:
-        raise ValueError(
-            f"model.convert: option(s) {unknown} unknown to transform {name!r}; allowed are {allowed}"
-        )
-    return name, transform, options, allowed
-
-
-def apply_transform(
-    config: ModelConfig, state_dict: StateDict, convert: dict[str, Any], calibration: torch.Tensor | None
-) -> tuple[ModelConfig, StateDict]:
-    name, transform, options, allowed = transform_and_options(convert)
-    try:
-        return transform(config, state_dict, calibration, **options)
-    except TypeError as err:  # e.g. a required option is missing
-        raise ValueError(f"model.convert ({name!r}): {err}; its options are {allowed}") from err
+    record = transform(options.pop("to", None), "model.convert.to")
+    return record, record.parse(options, "model.convert")
 
 
 def changed_parameters(
@@ -252,9 +230,6 @@ def changed_parameters(
 
 
 def calibration_tokens(calibration: CalibrationConfig, tokenizer_dir: str) -> torch.Tensor:
-    from kvforge.training.data.documents import iter_pieces, resolve_files
-    from kvforge.training.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     wanted = calibration.n_sequences * calibration.seq_len
     ids: list[int] = []

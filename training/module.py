@@ -31,11 +31,12 @@ from kvforge.arch import (
     kv_bytes_per_token,
     mha_equivalent,
 )
+from kvforge.conversion import load_config
+from kvforge.conversion.host import DEFAULT_HOST_ALLOCATOR, HostAllocator
+from kvforge.conversion.loading import CHECKPOINT_KEY
 
 from .distill import DistillationConfig
 from .fsdp import apply_fsdp2, load_full_state
-from .host_allocator import DEFAULT_HOST_ALLOCATOR, HostAllocator
-from .loading import CHECKPOINT_KEY
 from .memory_check import compute_dtype
 from .model_source import (
     CalibrationConfig,
@@ -188,8 +189,6 @@ class KVForgeLM(pl.LightningModule):
         """A config with the ``vocab_size`` and ``max_seq_len`` the data must fit, read without converting
         (no transform changes them), so that data preparation never triggers the conversion."""
         if self._start is None and self._recipe[1] is not None:
-            from kvforge.conversion import load_config
-
             return load_config(self._recipe[1])[0]
         return self.config
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from kvforge.conversion.streamed_write import source_meta
+
 
 def _targets(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The model's state tensors by name, each storage once, and the aliases (a tied LM head -> embeddings)."""
@@ -37,8 +39,6 @@ def _targets(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 # A DTensor's shape is its global (full) shape: the shapes compared below are the full ones.
 def _announce(source: Mapping | None, targets: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict:
     """Rank 0: the dtype of each tensor it will send, after checking names and shapes (headers only)."""
-    from kvforge.conversion.streamed_write import source_meta
-
     if source is None:
         raise ValueError("load_full_state: global rank 0 needs the weights to broadcast")
     meta = source_meta(source)

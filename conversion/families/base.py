@@ -16,7 +16,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .schema import Codec, ConfigReader
+from .schema import Codec, ConfigReader, class_defaults
 
 StateDict = dict[str, torch.Tensor]
 
@@ -101,6 +101,7 @@ class StockFamily:
         for key, why in REFUSED_KEYS.items():
             if reader.data.get(key):
                 raise reader.error(f"{key} is set: {why}")
+        reader = ConfigReader(reader.data, reader.source, class_defaults(self.model_type, reader.data))
         fields: dict[str, Any] = {}
         for entry in self.table:
             entry.read(reader, fields)

@@ -1,6 +1,7 @@
 """DeepSeek-V2 and DeepSeek-V3: multi-head latent attention with a dense SwiGLU MLP in every layer.
 
-Semantics checked against transformers 5.23 ``modeling_deepseek_v2/v3``:
+Semantics checked against transformers' ``modeling_deepseek_v2/v3`` (an absent key takes the config
+class's default; tests compare with the pinned transformers):
 - MoE layers are those with index >= ``first_k_dense_replace``; any → refused (dense MLP only).
 - The latent and query norms use a fixed eps of 1e-6 (kvforge's ``MLA_NORM_EPS``), not ``rms_norm_eps``.
 - ``attention_bias`` biases ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj``.
@@ -25,7 +26,7 @@ from kvforge.arch import LayerSpec, ModelConfig
 from .base import RowPermutation, StockFamily
 from .layers import kvforge_only_problem
 from .llama import decoder_keys
-from .schema import ConfigReader, Fixed, SharedBias
+from .schema import TRANSFORMERS, ConfigReader, Fixed, SharedBias
 
 MLA_SIZES = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 # kvforge's MLA latent/query norm eps (arch.attention_mla.MLA_NORM_EPS), as in transformers
@@ -63,7 +64,6 @@ INTERLEAVED_ROPE = RowPermutation(
 class MLALayers:
     """MLA sizes → one ``LayerSpec("mla")`` per layer with DeepSeek's shared rotary key and latent norm."""
 
-    default_kv_heads: int | None  # the config class default of num_key_value_heads (None: the head count)
     fields: tuple[str, ...] = (
         "layers",
         "pattern",
@@ -82,7 +82,7 @@ class MLALayers:
         for name in MLA_SIZES:
             fields[name] = reader.get(name, int)
         fields["q_lora_rank"] = reader.get("q_lora_rank", int, nullable=True)
-        n_kv = reader.get("num_key_value_heads", int, self.default_kv_heads, nullable=True)
+        n_kv = reader.get("num_key_value_heads", int, TRANSFORMERS, nullable=True)
         if n_kv not in (None, fields["n_heads"]):
             raise reader.error(
                 f"num_key_value_heads={n_kv} must equal num_attention_heads={fields['n_heads']}: "
@@ -122,12 +122,11 @@ class MLALayers:
 
 @dataclass(frozen=True)
 class DenseMLPOnly:
-    default_first_dense: int  # the config class default of first_k_dense_replace
     mtp_key: bool  # DeepSeek-V3 also names its multi-token-prediction layers
     fields: tuple[str, ...] = ()
 
     def read(self, reader: ConfigReader, fields: dict) -> None:
-        first = reader.get("first_k_dense_replace", int, self.default_first_dense, nullable=True)
+        first = reader.get("first_k_dense_replace", int, TRANSFORMERS, nullable=True)
         n_layers = fields["n_layers"]
         if first is None or first < n_layers:
             raise reader.error(
@@ -153,7 +152,7 @@ class RopeInterleaveKey:
     fields: tuple[str, ...] = ()
 
     def read(self, reader: ConfigReader, fields: dict) -> None:
-        reader.get("rope_interleave", bool, True, nullable=True)
+        reader.get("rope_interleave", bool, TRANSFORMERS, nullable=True)
 
     def write(self, config: ModelConfig, hf: dict) -> None:
         hf["rope_interleave"] = EXPORT_ROPE_INTERLEAVED
@@ -174,13 +173,8 @@ def _notes(config: ModelConfig) -> list[str]:
     return notes
 
 
-def _deepseek(model_type: str, architecture: str, *, max_positions, bos, eos, first_dense, v3) -> StockFamily:
-    table = [
-        *decoder_keys(max_positions=max_positions, bos=bos, eos=eos),
-        MLALayers(default_kv_heads=128 if v3 else None),
-        SharedBias(),
-        DenseMLPOnly(first_dense, mtp_key=v3),
-    ]
+def _deepseek(model_type: str, architecture: str, *, v3: bool) -> StockFamily:
+    table = [*decoder_keys(), MLALayers(), SharedBias(), DenseMLPOnly(mtp_key=v3)]
     if v3:
         table.append(RopeInterleaveKey())
     else:
@@ -193,9 +187,5 @@ def _deepseek(model_type: str, architecture: str, *, max_positions, bos, eos, fi
     return StockFamily(model_type, architecture, tuple(table), layouts=layouts, notes=_notes)
 
 
-DEEPSEEK_V2 = _deepseek(
-    "deepseek_v2", "DeepseekV2ForCausalLM", max_positions=2048, bos=1, eos=2, first_dense=0, v3=False
-)
-DEEPSEEK_V3 = _deepseek(
-    "deepseek_v3", "DeepseekV3ForCausalLM", max_positions=4096, bos=0, eos=1, first_dense=3, v3=True
-)
+DEEPSEEK_V2 = _deepseek("deepseek_v2", "DeepseekV2ForCausalLM", v3=False)
+DEEPSEEK_V3 = _deepseek("deepseek_v3", "DeepseekV3ForCausalLM", v3=True)

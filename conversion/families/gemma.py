@@ -1,6 +1,6 @@
 """Gemma 2 (``gemma2``) and Gemma 3 text (``gemma3_text``): GQA decoders with Gemma's own recipe.
 
-What differs from Llama, read from transformers 5.25 ``modeling_gemma2.py``/``modeling_gemma3.py``:
+What differs from Llama, read from transformers' ``modeling_gemma2.py``/``modeling_gemma3.py``:
 - GeGLU MLP (``hidden_activation``, default ``gelu_pytorch_tanh``) → ``mlp_activation``;
 - every RMSNorm scales by ``1 + weight`` in float32 before the cast → ``norm_unit_offset`` (weights
   kept as stored, so they round-trip bit-exactly);
@@ -11,8 +11,8 @@ What differs from Llama, read from transformers 5.25 ``modeling_gemma2.py``/``mo
 - embeddings times ``sqrt(hidden_size)`` rounded to the weight dtype → ``embed_scale``;
 - scores scaled by ``query_pre_attn_scalar ** -0.5`` → ``query_pre_attn_scalar``;
 - Gemma 2: ``attn_logit_softcapping`` and ``final_logit_softcapping`` (cap · tanh(x / cap)). Gemma 3
-  applies the final cap but its attention ignores ``attn_logit_softcapping`` (5.25 never passes it to
-  the attention function), so a Gemma 3 config with one is refused rather than guessed at;
+  applies the final cap but its attention ignores ``attn_logit_softcapping`` (transformers never passes
+  it to the attention function), so a Gemma 3 config with one is refused rather than guessed at;
 - Gemma 3: q/k RMSNorm per head; sliding layers rotate with ``rope_parameters.sliding_attention``
   (``rope_local_base_freq``, unscaled) and global layers with ``full_attention`` (``rope_theta`` +
   scaling) → ``window_rope_theta``;
@@ -20,7 +20,8 @@ What differs from Llama, read from transformers 5.25 ``modeling_gemma2.py``/``mo
   slides all but every ``sliding_window_pattern``-th (6) layer. A query sees ``sliding_window`` keys,
   itself included (``kv_idx > q_idx - sliding_window``), which is kvforge's ``window``.
 - ``use_bidirectional_attention`` (embedding models) is refused: kvforge decoders are causal.
-Defaults are those of transformers 5.25 ``Gemma2Config``/``Gemma3TextConfig`` (tests compare).
+An absent key takes the default of transformers' ``Gemma2Config``/``Gemma3TextConfig`` (tests compare
+the tables with the pinned transformers).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .base import StockFamily
 from .layers import FULL, SLIDING, GQALayers, single_window
 from .llama import size_keys
 from .rope import Rope, _scaling_dict
-from .schema import Codec, ConfigReader, Const, Key, SharedBias, TokenKey
+from .schema import TRANSFORMERS, Codec, ConfigReader, Const, Key, SharedBias, TokenKey
 
 # Gemma's decoder-layer names -> kvforge's (Llama's) names; export inverts it.
 NORM_RENAMES = {
@@ -50,7 +51,7 @@ class GemmaLayerTypes:
     sliding_every: int | None  # Gemma 2: None (alternate); Gemma 3: the default sliding_window_pattern
 
     def read(self, reader: ConfigReader, n_layers: int) -> list[int | None]:
-        window = reader.get("sliding_window", int, 4096, nullable=True)
+        window = reader.get("sliding_window", int, TRANSFORMERS, nullable=True)
         layer_types = reader.get("layer_types", list, None, nullable=True)
         if layer_types is None:
             every = (
@@ -120,7 +121,7 @@ class QueryScale:
     fields: tuple[str, ...] = ("query_pre_attn_scalar",)
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
-        fields["query_pre_attn_scalar"] = reader.get("query_pre_attn_scalar", int, 256)
+        fields["query_pre_attn_scalar"] = reader.get("query_pre_attn_scalar", int, TRANSFORMERS)
 
     def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
         hf["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
@@ -152,12 +153,12 @@ class Causal:
 
 @dataclass(frozen=True)
 class Gemma3AttnSoftcap:
-    """Gemma 3 keeps ``attn_logit_softcapping`` in its config but never applies it (transformers 5.25)."""
+    """Gemma 3 keeps ``attn_logit_softcapping`` in its config but never applies it (transformers)."""
 
     fields: tuple[str, ...] = ("attn_logit_softcap",)
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
-        cap = reader.get("attn_logit_softcapping", float, None, nullable=True)
+        cap = reader.get("attn_logit_softcapping", float, TRANSFORMERS, nullable=True)
         if cap is not None:
             raise reader.error(
                 f"attn_logit_softcapping={cap}: transformers' Gemma3Attention does not apply it, so the "
@@ -184,10 +185,9 @@ class Gemma3Rope:
     as ``Gemma3TextConfig.convert_rope_params_to_dict`` merges them."""
 
     fields: tuple[str, ...] = ("rope_theta", "rope_scaling", "window_rope_theta")
-    global_theta: float = 1_000_000.0
-    local_theta: float = 10_000.0
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        defaults = reader.defaults["rope_parameters"]  # the config class's, one entry per layer type
         nested = reader.get("rope_parameters", dict, None, nullable=True) or {}
         unknown = sorted(set(nested) - {FULL, SLIDING})
         if unknown:
@@ -197,9 +197,10 @@ class Gemma3Rope:
             )
         full = dict(nested.get(FULL) or {"rope_type": "default"})
         full.update(reader.get("rope_scaling", dict, None, nullable=True) or {})
-        full.setdefault("rope_theta", reader.get("rope_theta", float, self.global_theta))
+        full.setdefault("rope_theta", reader.get("rope_theta", float, defaults[FULL]["rope_theta"]))
         sliding = dict(nested.get(SLIDING) or {"rope_type": "default"})
-        sliding.setdefault("rope_theta", reader.get("rope_local_base_freq", float, self.local_theta))
+        local = defaults[SLIDING]["rope_theta"]
+        sliding.setdefault("rope_theta", reader.get("rope_local_base_freq", float, local))
         top = {k: v for k, v in reader.data.items() if k not in ("rope_parameters", "rope_scaling")}
         Rope().read(ConfigReader({**top, "rope_parameters": full}, reader.source), fields)
         local: dict[str, Any] = {"max_seq_len": fields["max_seq_len"]}
@@ -232,19 +233,17 @@ class Gemma3Rope:
         return None
 
 
-def gemma_keys(
-    *, max_positions: int, final_softcap: float | None, bidirectional_off: bool | None
-) -> tuple[Codec, ...]:
+def gemma_keys(*, bidirectional_off: bool | None) -> tuple[Codec, ...]:
     """What Gemma 2 and Gemma 3 text share."""
     return (
-        *size_keys(max_positions=max_positions, tie=True),
-        Key("head_dim", "head_dim", int, 256),
-        TokenKey("bos_token_id", "bos_token_id", default=2),
-        TokenKey("eos_token_id", "eos_token_id", default=1),
-        TokenKey("pad_token_id", "pad_token_id", default=0),
-        Key("hidden_activation", "mlp_activation", str, "gelu_pytorch_tanh"),
+        *size_keys(),
+        Key("head_dim", "head_dim", int, TRANSFORMERS),
+        TokenKey("bos_token_id", "bos_token_id"),
+        TokenKey("eos_token_id", "eos_token_id"),
+        TokenKey("pad_token_id", "pad_token_id"),
+        Key("hidden_activation", "mlp_activation", str, TRANSFORMERS),
         QueryScale(),
-        Key("final_logit_softcapping", "final_logit_softcap", float, final_softcap, nullable=True),
+        Key("final_logit_softcapping", "final_logit_softcap", float, TRANSFORMERS, nullable=True),
         SharedBias(),
         Causal(bidirectional_off),
     )
@@ -254,9 +253,9 @@ GEMMA2 = StockFamily(
     "gemma2",
     "Gemma2ForCausalLM",
     (
-        *gemma_keys(max_positions=8192, final_softcap=30.0, bidirectional_off=None),
-        Key("attn_logit_softcapping", "attn_logit_softcap", float, 50.0, nullable=True),
-        GQALayers(GemmaLayerTypes(sliding_every=None), default_kv_heads=4),
+        *gemma_keys(bidirectional_off=None),
+        Key("attn_logit_softcapping", "attn_logit_softcap", float, TRANSFORMERS, nullable=True),
+        GQALayers(GemmaLayerTypes(sliding_every=None)),
         Rope(),
         Const("window_rope_theta", None, "Gemma 2 rotates every layer with one RoPE base"),
         GemmaRecipe("Gemma 2", qk_norm=False),
@@ -268,9 +267,9 @@ GEMMA3_TEXT = StockFamily(
     "gemma3_text",
     "Gemma3ForCausalLM",
     (
-        *gemma_keys(max_positions=131_072, final_softcap=None, bidirectional_off=False),
+        *gemma_keys(bidirectional_off=False),
         Gemma3AttnSoftcap(),
-        GQALayers(GemmaLayerTypes(sliding_every=6), default_kv_heads=4),
+        GQALayers(GemmaLayerTypes(sliding_every=6)),
         Gemma3Rope(),
         GemmaRecipe("Gemma 3", qk_norm=True),
     ),

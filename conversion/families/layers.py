@@ -5,8 +5,7 @@ Three ways a stock config says which layers slide, each read and written by one 
 - :class:`UniformWindow` (Mistral): ``sliding_window`` applies to every layer (null = none).
 - :class:`LayerTypes` (Qwen2/Qwen3): ``layer_types[i] == "sliding_attention"`` slides, but only
   when ``use_sliding_window`` is true (otherwise transformers drops ``sliding_window``); without
-  ``layer_types`` the layers from ``max_window_layers`` on slide (transformers 5.23
-  ``Qwen2Config.__post_init__``).
+  ``layer_types`` the layers from ``max_window_layers`` on slide (``Qwen2Config``).
 Windows mean the same in kvforge and transformers: a query at p sees keys in (p - W, p].
 """
 
@@ -17,7 +16,7 @@ from typing import Any
 
 from kvforge.arch import LayerSpec, ModelConfig
 
-from .schema import ConfigReader
+from .schema import TRANSFORMERS, ConfigReader
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 # ModelConfig fields no GQA-only model uses: a GQA family has nothing to say about them.
@@ -86,10 +85,8 @@ class NoWindows:
 
 @dataclass(frozen=True)
 class UniformWindow:
-    default: int | None = 4096  # MistralConfig.sliding_window when the key is absent
-
     def read(self, reader: ConfigReader, n_layers: int) -> list[int | None]:
-        return [reader.get("sliding_window", int, self.default, nullable=True)] * n_layers
+        return [reader.get("sliding_window", int, TRANSFORMERS, nullable=True)] * n_layers
 
     def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
         hf["sliding_window"] = config.layers[0].window
@@ -103,14 +100,12 @@ class UniformWindow:
 
 @dataclass(frozen=True)
 class LayerTypes:
-    default_max_window_layers: int = 28
-
     def read(self, reader: ConfigReader, n_layers: int) -> list[int | None]:
-        use = reader.get("use_sliding_window", bool, False)
-        window = reader.get("sliding_window", int, 4096, nullable=True) if use else None
+        use = reader.get("use_sliding_window", bool, TRANSFORMERS)
+        window = reader.get("sliding_window", int, TRANSFORMERS, nullable=True) if use else None
         layer_types = reader.get("layer_types", list, None, nullable=True)
         if layer_types is None:
-            first = reader.get("max_window_layers", int, self.default_max_window_layers)
+            first = reader.get("max_window_layers", int, TRANSFORMERS)
             layer_types = [SLIDING if window is not None and i >= first else FULL for i in range(n_layers)]
         if len(layer_types) != n_layers or any(t not in (FULL, SLIDING) for t in layer_types):
             raise reader.error(
@@ -143,11 +138,10 @@ class GQALayers:
     """``num_key_value_heads`` plus the family's window codec → one ``LayerSpec("gqa")`` per layer."""
 
     windows: NoWindows | UniformWindow | LayerTypes
-    default_kv_heads: int | None = None  # None: num_attention_heads
     fields: tuple[str, ...] = ("n_kv_heads", "layers", "pattern", *MLA_FIELDS)
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
-        n_kv = reader.get("num_key_value_heads", int, self.default_kv_heads, nullable=True)
+        n_kv = reader.get("num_key_value_heads", int, TRANSFORMERS, nullable=True)
         n_kv = fields["n_heads"] if n_kv is None else n_kv
         fields["n_kv_heads"] = n_kv
         fields["layers"] = [

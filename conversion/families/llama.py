@@ -1,7 +1,8 @@
 """Llama and Mistral: GQA decoders without q/k norm; Mistral adds one sliding window for all layers.
 
-Defaults are those of transformers 5.23 ``LlamaConfig``/``MistralConfig`` (used when a key is
-absent; tests compare them with the classes). ``attention_bias`` biases q/k/v *and* o_proj there.
+An absent key takes the default of transformers' ``LlamaConfig``/``MistralConfig`` (``TRANSFORMERS``;
+tests compare the tables with the pinned transformers). ``attention_bias`` biases q/k/v *and* o_proj
+there.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 from .base import StockFamily
 from .layers import GQALayers, NoWindows, UniformWindow
 from .rope import Rope
-from .schema import Codec, Const, Fixed, Key, SharedBias, TokenKey
+from .schema import TRANSFORMERS, Codec, Const, Fixed, Key, SharedBias, TokenKey
 
 
-def size_keys(*, max_positions: int, tie: bool) -> tuple[Codec, ...]:
+def size_keys() -> tuple[Codec, ...]:
     """Keys every family shares (Gemma too): sizes, norm eps, tying."""
     return (
         Key("vocab_size", "vocab_size", int),
@@ -20,19 +21,19 @@ def size_keys(*, max_positions: int, tie: bool) -> tuple[Codec, ...]:
         Key("num_hidden_layers", "n_layers", int),
         Key("num_attention_heads", "n_heads", int),
         Key("intermediate_size", "ffn_dim", int),
-        Key("max_position_embeddings", "max_seq_len", int, max_positions),
-        Key("rms_norm_eps", "norm_eps", float, 1e-6),
-        Key("tie_word_embeddings", "tie_embeddings", bool, tie),
+        Key("max_position_embeddings", "max_seq_len", int, TRANSFORMERS),
+        Key("rms_norm_eps", "norm_eps", float, TRANSFORMERS),
+        Key("tie_word_embeddings", "tie_embeddings", bool, TRANSFORMERS),
     )
 
 
-def decoder_keys(*, max_positions: int, bos: int | None, eos: int | None) -> tuple[Codec, ...]:
+def decoder_keys() -> tuple[Codec, ...]:
     """Keys every Llama-shaped family here shares: sizes, norm eps, tying, special ids, activation, RoPE."""
     return (
-        *size_keys(max_positions=max_positions, tie=False),
-        TokenKey("bos_token_id", "bos_token_id", default=bos),
-        TokenKey("eos_token_id", "eos_token_id", default=eos),
-        TokenKey("pad_token_id", "pad_token_id", default=None),
+        *size_keys(),
+        TokenKey("bos_token_id", "bos_token_id"),
+        TokenKey("eos_token_id", "eos_token_id"),
+        TokenKey("pad_token_id", "pad_token_id"),
         Fixed("hidden_act", "silu"),
         Rope(),
         *LLAMA_RECIPE,
@@ -57,7 +58,7 @@ LLAMA = StockFamily(
     "llama",
     "LlamaForCausalLM",
     (
-        *decoder_keys(max_positions=2048, bos=1, eos=2),
+        *decoder_keys(),
         Key("head_dim", "head_dim", int, None, nullable=True),
         GQALayers(NoWindows()),
         SharedBias(),
@@ -70,9 +71,9 @@ MISTRAL = StockFamily(
     "mistral",
     "MistralForCausalLM",
     (
-        *decoder_keys(max_positions=4096 * 32, bos=1, eos=2),
+        *decoder_keys(),
         Key("head_dim", "head_dim", int, None, nullable=True),
-        GQALayers(UniformWindow(), default_kv_heads=8),
+        GQALayers(UniformWindow()),
         Const("attention_bias", False, "Mistral has no attention biases"),
         Const("o_proj_bias", False, "Mistral has no attention biases"),
         Const("qk_norm", False, "Mistral has no q/k norm"),

@@ -6,7 +6,7 @@
 - Qwen3 always has per-head RMSNorm on q and k (``q_norm``/``k_norm``, eps ``rms_norm_eps``, before
   RoPE); its ``attention_bias`` biases q/k/v and o_proj. ``head_dim`` defaults to 128, not
   hidden/heads.
-Defaults are those of transformers 5.23 ``Qwen2Config``/``Qwen3Config``.
+An absent key takes the default of transformers' ``Qwen2Config``/``Qwen3Config``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kvforge.arch import ModelConfig
 from .base import StateDict, StockFamily
 from .layers import GQALayers, LayerTypes
 from .llama import decoder_keys
-from .schema import Const, Key, SharedBias
+from .schema import TRANSFORMERS, Const, Key, SharedBias
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ QWEN2 = StockFamily(
     "qwen2",
     "Qwen2ForCausalLM",
     (
-        *decoder_keys(max_positions=32768, bos=None, eos=None),
+        *decoder_keys(),
         # not a Qwen2Config field, but Qwen2Attention reads it when present
         Key("head_dim", "head_dim", int, None, nullable=True),
-        GQALayers(LayerTypes(), default_kv_heads=32),
+        GQALayers(LayerTypes()),
         Qwen2Biases(),
         Const("qk_norm", False, "Qwen2 has no q/k norm"),
     ),
@@ -97,9 +97,9 @@ QWEN3 = StockFamily(
     "qwen3",
     "Qwen3ForCausalLM",
     (
-        *decoder_keys(max_positions=32768, bos=None, eos=None),
-        Key("head_dim", "head_dim", int, 128),
-        GQALayers(LayerTypes(), default_kv_heads=32),
+        *decoder_keys(),
+        Key("head_dim", "head_dim", int, TRANSFORMERS),
+        GQALayers(LayerTypes()),
         SharedBias(),
         Const("qk_norm", True, "Qwen3 always normalises q and k per head"),
     ),

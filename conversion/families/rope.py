@@ -1,7 +1,7 @@
 """RoPE settings: config.json ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``
 (transformers 4) ↔ ``ModelConfig.rope_theta`` + :class:`~kvforge.arch.RopeScaling`.
 
-Reading follows transformers 5.23 ``convert_rope_params_to_dict``/``standardize_rope_params``: a
+Reading follows transformers' ``convert_rope_params_to_dict``/``standardize_rope_params``: a
 non-empty legacy ``rope_scaling`` wins over ``rope_parameters``; ``rope_theta`` inside the dict wins
 over the top-level key; ``original_max_position_embeddings`` falls back to the top-level key, then to
 ``max_position_embeddings``; a yarn ``factor`` of null means max/original length. Export writes both
@@ -15,9 +15,8 @@ from typing import Any
 
 from kvforge.arch import ModelConfig, RopeScaling
 
-from .schema import ConfigReader
+from .schema import REQUIRED, ConfigReader
 
-DEFAULT_THETA = 10000.0
 SCALED_TYPES = ("linear", "llama3", "yarn")
 
 
@@ -30,7 +29,11 @@ class Rope:
         if not isinstance(raw, dict):
             raise reader.error(f"rope_parameters={raw!r}: expected an object")
         params = ConfigReader(raw, f"{reader.source} rope_parameters")
-        fields["rope_theta"] = params.get("rope_theta", float, reader.get("rope_theta", float, DEFAULT_THETA))
+        if "rope_theta" in params:  # inside the dict it wins over the top-level key
+            fields["rope_theta"] = params.get("rope_theta", float)
+        else:  # absent everywhere: the config class's default
+            default = (reader.defaults.get("rope_parameters") or {}).get("rope_theta", REQUIRED)
+            fields["rope_theta"] = reader.get("rope_theta", float, default)
         partial = params.get("partial_rotary_factor", float, reader.get("partial_rotary_factor", float, 1.0))
         if partial != 1.0:
             raise reader.error(

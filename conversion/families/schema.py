@@ -1,8 +1,9 @@
 """The vocabulary of the family tables: typed config.json keys and the reader that checks them.
 
 A :class:`Key` ties one config.json key to one :class:`~kvforge.arch.ModelConfig` field with the same
-meaning in both directions; import reads it (type-checked, with the default stock transformers uses
-when the key is absent) and export writes the field back under the same key. :class:`Const` states
+meaning in both directions; import reads it (type-checked; an absent key takes the default of the
+transformers config class, :func:`class_defaults`, so the tables restate none of them) and export
+writes the field back under the same key. :class:`Const` states
 what a family implies about a field (Qwen3: ``qk_norm`` is always on); export refuses a config
 whose field differs. Anything richer (per-layer windows, RoPE, MLA sizes) is a codec object with the
 same three methods: ``read``, ``write`` and ``why_not``.
@@ -10,13 +11,39 @@ same three methods: ``read``, ``write`` and ``why_not``.
 
 from __future__ import annotations
 
+import copy
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import transformers
+
 from kvforge.arch import ModelConfig
 
 REQUIRED: Any = object()  # marks a key without a default: absent means the config is unusable
+TRANSFORMERS: Any = object()  # an absent key takes the transformers config class's default
+# Raw config.json values the config classes derive other defaults from (head_dim, num_key_value_heads,
+# sliding_window); sizes that allocate per layer are not passed, so a hostile config allocates nothing.
+DERIVED_FROM = {"hidden_size": int, "num_attention_heads": int, "use_sliding_window": bool}
+
+
+def class_defaults(model_type: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``AutoConfig.for_model(model_type, **raw)``'s values, for the stock families' model types only
+    (no checkpoint code runs), with ``raw`` limited to :data:`DERIVED_FROM` of valid type."""
+    raw = tuple(
+        (key, data[key])
+        for key, kind in DERIVED_FROM.items()
+        if _is_kind(data.get(key), kind) and (kind is bool or data[key] > 0)
+    )
+    return copy.deepcopy(_class_defaults(model_type, raw))
+
+
+@functools.lru_cache(maxsize=64)
+def _class_defaults(model_type: str, raw: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return transformers.AutoConfig.for_model(model_type, **dict(raw)).to_dict()
+
 
 KIND_NAMES = {
     int: "an integer",
@@ -31,11 +58,22 @@ KIND_NAMES = {
 class ConfigReader:
     """Typed access to one config.json; every error names the file, the key and what is allowed."""
 
-    def __init__(self, data: dict[str, Any], source: str | Path) -> None:
+    def __init__(
+        self, data: dict[str, Any], source: str | Path, defaults: Mapping[str, Any] | None = None
+    ) -> None:
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         self.data = data
         self.source = str(source)
+        self.defaults = dict(defaults or {})  # the transformers config class's values (TRANSFORMERS)
+
+    def default(self, key: str, default: Any) -> Any:
+        """``default``, or with :data:`TRANSFORMERS` the config class's value of ``key``."""
+        if default is not TRANSFORMERS:
+            return default
+        if key not in self.defaults:
+            raise self.error(f"missing key {key!r}, which has no transformers default here")
+        return self.defaults[key]
 
     def __contains__(self, key: str) -> bool:
         return key in self.data
@@ -47,7 +85,7 @@ class ConfigReader:
         if key not in self.data:
             if default is REQUIRED:
                 raise self.error(f"missing required key {key!r} ({KIND_NAMES[kind]})")
-            return default
+            return self.default(key, default)
         value = self.data[key]
         if value is None and nullable:
             return None
@@ -58,7 +96,7 @@ class ConfigReader:
 
     def token_ids(self, key: str, default: Any) -> int | list[int] | None:
         """bos/eos/pad ids: an id, a list of ids (Llama-3's several EOS tokens) or null."""
-        value = self.data.get(key, default)
+        value = self.data[key] if key in self.data else self.default(key, default)
         if value is None or _is_kind(value, int):
             return value
         if isinstance(value, list) and value and all(_is_kind(v, int) for v in value):
@@ -81,7 +119,7 @@ class Key:
     hf: str
     field: str
     kind: type
-    default: Any = REQUIRED
+    default: Any = REQUIRED  # or TRANSFORMERS: the config class's default
     nullable: bool = False
 
     @property
@@ -104,6 +142,7 @@ class TokenKey(Key):
 
     kind: type = int
     nullable: bool = True
+    default: Any = TRANSFORMERS
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
         fields[self.field] = reader.token_ids(self.hf, self.default)
@@ -175,7 +214,7 @@ class SharedBias:
     """Llama/Qwen3/DeepSeek: one flag biases the input projections *and* ``o_proj``."""
 
     hf: str = "attention_bias"
-    default: bool = False
+    default: Any = TRANSFORMERS
     fields: tuple[str, ...] = ("attention_bias", "o_proj_bias")
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvforge.arch import CausalLM, ModelConfig
+from kvforge.arch import CausalLM, ModelConfig, generate
 from kvforge.arch.cache import KVView
 from kvforge.arch.model import DecoderLayer, embedding_multiplier, rotary_embeddings
 from kvforge.arch.rope import RotaryEmbedding
@@ -238,8 +238,6 @@ def sample_calibration_ids(
             f"self-generated calibration: seq_len={seq_len} must be in 1..max_seq_len-1={config.max_seq_len - 1} "
             f"(the start token comes first) and n_tokens={n_tokens} at least seq_len"
         )
-    from kvforge.arch import generate
-
     model = build_model(config, state_dict, dtype=dtype, device=device, streamed=streamed)
     rows = n_tokens // seq_len
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Literal
 
 import torch
 
@@ -28,6 +30,7 @@ from .layerwise import FitOptions, LayerContext, convert_attention, new_attentio
 from .merge import best_partition, group_cost, merge_keys, merge_values, output_blocks
 from .mla_rope import rope_statistics
 from .qk_norm import merge_signed, normalised_targets, signed_group_cost
+from .record import FittedOptions, Transform, option
 from .rotary import from_pairs, pair_frequencies, scale_pairs
 from .whitening import flat_inputs, head_targets, layer_whitening, rows_with_bias, split_bias
 
@@ -134,7 +137,9 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
             C = (1 - BLEND) * (K - coh[i] * M) + BLEND * eye
             evals, evecs = torch.linalg.eigh((C + C.mT) / 2)
             evals = evals.clamp_min(1e-9 * float(evals.max()))
-            roots.append((evecs @ torch.diag(evals.sqrt()) @ evecs.mT, evecs @ torch.diag(evals.rsqrt()) @ evecs.mT))
+            roots.append(
+                (evecs @ torch.diag(evals.sqrt()) @ evecs.mT, evecs @ torch.diag(evals.rsqrt()) @ evecs.mT)
+            )
         metric = torch.stack([r for r, _ in roots]).to(targets.key.dtype)  # (P, d, d)
         targets = dataclasses.replace(targets, key=torch.einsum("hpd,pde->hpe", targets.key, metric))
     if KEY_METRIC == "attention" and ctx.inputs is not None and not config.qk_norm:
@@ -154,10 +159,15 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
         _, M = attention_key_moments(attn, ctx.source_inputs, freqs)
         R_inv = whitening.R_inv.to(torch.float64)
         M = R_inv.mT @ M @ R_inv
-        M = (1 - VBLEND) * M + VBLEND * torch.eye(len(M), dtype=M.dtype, device=M.device) * M.diagonal().mean()
+        M = (1 - VBLEND) * M + VBLEND * torch.eye(
+            len(M), dtype=M.dtype, device=M.device
+        ) * M.diagonal().mean()
         evals, evecs = torch.linalg.eigh((M + M.mT) / 2)
         evals = evals.clamp_min(1e-12 * float(evals.max()))
-        value_roots = (evecs @ torch.diag(evals.sqrt()) @ evecs.mT, evecs @ torch.diag(evals.rsqrt()) @ evecs.mT)
+        value_roots = (
+            evecs @ torch.diag(evals.sqrt()) @ evecs.mT,
+            evecs @ torch.diag(evals.rsqrt()) @ evecs.mT,
+        )
         targets = dataclasses.replace(targets, value=targets.value @ value_roots[0])
     size = n_heads // new_config.layers[ctx.index].n_kv_heads
     totals = (targets.key_energy(range(n_heads)), float(targets.value_gram(range(n_heads)).trace()))
@@ -234,3 +244,28 @@ def _mean_pool(tensor: torch.Tensor, n_heads: int, group: int) -> torch.Tensor:
     """Average consecutive groups of ``group`` heads of a (n_heads·head_dim, …) projection."""
     grouped = tensor.reshape(n_heads // group, group, tensor.shape[0] // n_heads, *tensor.shape[1:])
     return grouped.mean(dim=1).reshape(-1, *tensor.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclasses.dataclass(kw_only=True)
+class MQAOptions(FittedOptions):
+    """One K/V head on every layer."""
+
+    method: Literal[METHODS] = option(
+        "aligned",
+        help="aligned: heads grouped by how well their keys/values merge, keys merged per rotary pair, "
+        "values into their common subspace, o_proj refitted; mean: the GQA paper's mean-pooling",
+    )
+
+
+@dataclasses.dataclass(kw_only=True)
+class GQAOptions(MQAOptions):
+    """Fewer K/V heads on every layer (MHA → GQA)."""
+
+    n_kv_heads: int = option(help="K/V heads per layer (must divide the query heads)")
+
+
+GQA = Transform("gqa", to_gqa, GQAOptions, gqa_config, calibrates=("method", "aligned"))
+MQA = Transform(
+    "mqa", to_mqa, MQAOptions, functools.partial(gqa_config, n_kv_heads=1), calibrates=("method", "aligned")
+)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -59,6 +60,7 @@ from .mla_rope import (
     weight_scores,
 )
 from .qk_norm import linearised
+from .record import FittedOptions, Transform, option
 from .rotary import as_pairs, from_pairs, pair_frequencies
 from .whitening import flat_inputs, head_targets, layer_whitening, rows_with_bias, split_bias
 
@@ -351,7 +353,9 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     eigvals, eigvecs = torch.linalg.eigh(gram)
     basis = eigvecs[:, eigvals.argsort(descending=True)[: new_config.kv_lora_rank]].mT  # (r, d) orthonormal
     if value_metric is not None:  # least squares under the value metric G: V G Bᵀ (B G Bᵀ)⁻¹
-        value_rows = torch.linalg.solve(basis @ value_metric @ basis.mT, (values @ value_metric @ basis.mT).mT).mT
+        value_rows = torch.linalg.solve(
+            basis @ value_metric @ basis.mT, (values @ value_metric @ basis.mT).mT
+        ).mT
     else:
         value_rows = values @ basis.mT
     kv_b = torch.cat((centered_readout(k_nope, basis, mean), value_rows), dim=1)  # (H, nope + v, r)
@@ -415,3 +419,36 @@ def without_kv_bias(attn: torch.nn.Module) -> torch.nn.Module:
         zeroed.bias = torch.nn.Parameter(torch.zeros_like(source.bias), requires_grad=False)
         stripped._modules[name] = zeroed
     return stripped
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclass(kw_only=True)
+class MLAOptions(FittedOptions):
+    """Multi-head latent attention: a low-rank latent plus a few rotary dims per token."""
+
+    kv_lora_rank: int = option(help="latent width cached per token (DeepSeek's kv_lora_rank)")
+    rope_dims: int = option(
+        help="rotary dims of each rotary key (the exported qk_rope_head_dim; even, at most head_dim)"
+    )
+    rope_selection: Literal[STRATEGIES] = option(
+        "contribution",
+        help="which frequency pairs stay rotary: the ones the calibration attention needs most, the highest "
+        "frequencies, or evenly spread ones (always a progression DeepseekV3 can express)",
+    )
+    layout: Literal[LAYOUTS] = option(
+        "deepseek",
+        help="deepseek: stock DeepseekV3 (one shared rotary key, latent RMSNorm); kvforge: one rotary key per "
+        "source K/V head and no latent norm (exact at full rank, kvforge-typed)",
+    )
+    rotary_residual: bool = option(
+        True, help="carry what the shared rotary key misses in the latent (False: an ablation)"
+    )
+    latent_norm: Literal[LATENT_NORMS] = option(
+        "linear",
+        help="kv_a_layernorm (deepseek layout): linear: the latent is scaled into the norm's eps-dominated "
+        "regime, where it is an exact constant scale (bf16/fp32 serving); flatten: a latent basis whose rms "
+        "varies least on calibration; weight: only the norm's weight is fitted",
+    )
+
+
+MLA = Transform("mla", to_mla, MLAOptions, check_mla_options, calibrates=True)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvforge.arch.rope import rope_frequencies
+
 from .rotary import as_pairs
 
 STRATEGIES = ("contribution", "high", "uniform")
@@ -93,7 +95,9 @@ def rope_statistics(
 
 def attention_probabilities(attn: nn.Module, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """The softmax attention ``(batch, heads, t, s)`` of a GQA module (no q/k norm) on inputs ``x``."""
-    angle = torch.arange(x.shape[1], dtype=torch.float32, device=x.device).unsqueeze(-1) * freqs.to(torch.float32)
+    angle = torch.arange(x.shape[1], dtype=torch.float32, device=x.device).unsqueeze(-1) * freqs.to(
+        torch.float32
+    )
     return _attention(attn, x, freqs, angle)[2]
 
 
@@ -108,9 +112,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, freqs: torch.Tensor, angle: tor
     k = k.repeat_interleave(n_heads // n_kv, dim=1)
     cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
     scores = (_rotate(q, cos, sin) @ _rotate(k, cos, sin).mT) * attn.scale
-    delta = torch.arange(seq, device=device).unsqueeze(1) - torch.arange(
-        seq, device=device
-    ).unsqueeze(0)
+    delta = torch.arange(seq, device=device).unsqueeze(1) - torch.arange(seq, device=device).unsqueeze(0)
     allowed = delta >= 0
     if attn.window is not None:
         allowed &= delta < attn.window
@@ -170,8 +172,6 @@ def exported_theta(source_theta: float, head_dim: int, pairs: list[int]) -> floa
 def check_exportable(source_freqs: torch.Tensor, pairs: list[int], theta: float, scaling=None) -> None:
     """The DeepseekV3 frequencies for ``theta`` (and the source's pointwise ``scaling``, linear or
     llama3, applied to them as to the source's) must equal the kept pairs' (no silent approximation)."""
-    from kvforge.arch.rope import rope_frequencies
-
     m = len(pairs)
     exported = rope_frequencies(2 * m, theta, scaling)[0].to(torch.float64)
     kept = source_freqs[pairs]

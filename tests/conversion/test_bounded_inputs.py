@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvforge.cli.main import main
 from kvforge.conversion import checkpoint
 from kvforge.conversion.checkpoint import read_header
 from kvforge.conversion.convert import convert_checkpoint, open_checkpoint
-from kvforge.training.cli import main
 from tests.conftest import shared_path
 
 STORIES = shared_path("stories260K")

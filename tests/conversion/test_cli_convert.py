@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained
-from kvforge.training.cli import main
 from tests.conftest import shared_path
 
 STORIES = str(shared_path("stories260K"))
@@ -122,6 +122,6 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
     ],
 )
 def test_refine_steps_auto_refines_where_it_is_cheap(value, device, d_model, steps):
-    from kvforge.conversion.cli_convert import resolve_refine_steps
+    from kvforge.cli.convert import resolve_refine_steps
 
     assert resolve_refine_steps(value, torch.device(device), d_model) == steps

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from kvforge.arch import CausalLM
+from kvforge.cli.main import build_parser, main
 from kvforge.conversion import save_pretrained
-from kvforge.training.cli import build_parser, main
 from tests.conftest import shared_path, tiny_form
 
 

@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from kvforge.arch import CausalLM, ModelConfig
+from kvforge.cli.export import FAMILY_CHOICES
 from kvforge.conversion import FAMILIES, load_pretrained, plan_export
-from kvforge.conversion.cli_export import FAMILY_CHOICES
 from kvforge.conversion.families import EXPORT_PREFERENCE
 from kvforge.conversion.families.layers import MLA_FIELDS
 from kvforge.conversion.families.schema import ConfigReader
@@ -138,6 +138,17 @@ def test_writing_then_reading_a_table_gives_back_the_config(name):
     family, config = FAMILIES[name], EXPRESSIBLE[name]()
     written = json.loads(json.dumps(family.write_config(config)))
     assert meaningful(family.read_config(ConfigReader(written, "written"))) == meaningful(config)
+
+
+@pytest.mark.parametrize("name", list(EXPRESSIBLE))
+def test_what_a_table_writes_reads_back_the_same_through_the_pinned_transformers(name):
+    """Every key a table writes keeps its name and meaning in the transformers config class: the class
+    built from our config.json serialises to one our table reads back as the same model. A transformers
+    upgrade that renames, drops or reinterprets a key fails here."""
+    family, config = FAMILIES[name], EXPRESSIBLE[name]()
+    written = json.loads(json.dumps(family.write_config(config)))
+    theirs = transformers.AutoConfig.for_model(written.pop("model_type"), **written).to_dict()
+    assert meaningful(family.read_config(ConfigReader(theirs, "transformers"))) == meaningful(config)
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from kvforge.arch import CausalLM
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.transforms import TRANSFORMS
-from kvforge.training.cli import main
 from tests.conftest import shared_path, tiny_form
 
 STORIES = shared_path("stories260K")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from kvforge.arch.memory import estimate_inference_memory, estimate_training_memory
+from kvforge.cli.main import main
 from kvforge.conversion import load_config
-from kvforge.training.cli import main
 from tests.conftest import shared_path
 
 STORIES = shared_path("stories260K")
@@ -41,7 +41,7 @@ def test_inspect_refuses_a_non_positive_batch(capsys):
 
 
 def test_inspect_counts_a_sharded_teacher_and_fsdp2_gathers():
-    from kvforge.conversion.cli_inspect import summarize
+    from kvforge.cli.inspect import summarize
 
     path = str(shared_path("stories260K-mha"))
     plain = summarize(path, 64, "bf16", batch=2)["memory"]["training"]

@@ -11,15 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from kvforge.arch import CausalLM, parse_dtype
 from kvforge.conversion import plan_export, save_pretrained
 from kvforge.conversion.atomic import atomic_directory
 from kvforge.conversion.pretrained import EMBEDDINGS, LM_HEAD, export_config, write_directory_files
-from kvforge.conversion.weights import write_weights
 from tests.conftest import tiny_form
 from tests.conversion.hf_tiny import randomize_
+
+
+def write_weights(tensors: dict, out: Path, *, max_shard_size: int | str = "5GB") -> None:
+    """The in-memory writer: huggingface_hub splits the whole state dict, safetensors saves each shard."""
+    tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, out / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def reference_save(config, state_dict, out, *, family=None, dtype=None, max_shard_size="5GB") -> Path:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from kvforge.arch import CausalLM, LayerSpec, kv_cache_bytes
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.transforms import check_options, to_chunked
-from kvforge.training.cli import main
 from tests.conftest import shared_path, tiny_base, tiny_form
 
 

@@ -74,8 +74,8 @@ def test_sources_gla_cannot_hold_are_refused(form, options, match):
 
 
 def test_cli_converts_gqa_to_gla_and_says_there_is_no_stock_class(tmp_path, capsys):
+    from kvforge.cli.main import main
     from kvforge.conversion import load_pretrained
-    from kvforge.training.cli import main
     from tests.conftest import shared_path
 
     args = [

@@ -83,7 +83,7 @@ def test_sources_gta_cannot_hold_are_refused(form, overrides, match):
 
 
 def test_cli_converts_to_gta_and_says_there_is_no_stock_class(tmp_path, capsys):
-    from kvforge.training.cli import main
+    from kvforge.cli.main import main
     from tests.conftest import shared_path
 
     assert main(["convert", str(shared_path("stories260K")), str(tmp_path / "gta"), "--to", "gta"]) == 0

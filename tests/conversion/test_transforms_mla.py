@@ -72,7 +72,12 @@ def test_latent_norm_calibration_flattens_the_rms_of_real_latents():
     from kvforge.conversion.transforms import mla
 
     config, state_dict = to_mla(
-        source.config, source.state_dict, calibration_ids(), kv_lora_rank=24, rope_dims=8, latent_norm="flatten"
+        source.config,
+        source.state_dict,
+        calibration_ids(),
+        kv_lora_rank=24,
+        rope_dims=8,
+        latent_norm="flatten",
     )
     # the same latents, measured again through the public pieces: the spread before and after
     ids = calibration_ids()

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from kvforge.arch import CausalLM, LayerSpec
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained, plan_export, save_pretrained
 from kvforge.conversion.transforms import to_window
 from kvforge.conversion.transforms.calibration import build_model, rope_tables
 from kvforge.conversion.transforms.sinks import best_sinks
-from kvforge.training.cli import main
 from tests.conftest import shared_path, tiny_base
 from tests.conversion.stories_data import calibration_ids, loss, stories
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvforge.arch import CausalLM
-from kvforge.training.evaluation import EvalModel, EvalSettings, PasskeySettings, load_for_eval
+from kvforge.evaluation import EvalModel, EvalSettings, PasskeySettings, load_for_eval
 from tests.conftest import shared_path, tiny_form
 
 TINYSTORIES = ("corpora", "tinystories_val_prefix.txt")

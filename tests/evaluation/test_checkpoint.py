@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from kvforge.training.cli import main
-from kvforge.training.evaluation import load_for_eval
+from kvforge.cli.main import main
+from kvforge.evaluation import load_for_eval
 from kvforge.training.export import export_checkpoint
 from kvforge.training.module import KVForgeLM
 from kvforge.training.optim import OptimizerConfig

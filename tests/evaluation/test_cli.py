@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kvforge.training.cli import main
+from kvforge.cli.main import main
 from tests.conftest import shared_path
 from tests.evaluation.helpers import TINYSTORIES
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvforge.training.evaluation import load_corpus, read_text
+from kvforge.evaluation import load_corpus, read_text
 from tests.evaluation.helpers import stories260k
 
 

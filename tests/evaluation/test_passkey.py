@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kvforge.training.evaluation import PasskeySettings, PasskeyTask, is_exact_match, retrieval_accuracy
+from kvforge.evaluation import PasskeySettings, PasskeyTask, is_exact_match, retrieval_accuracy
 from tests.evaluation.helpers import stories260k, tiny_eval_model
 
 
@@ -73,7 +73,7 @@ def test_retrieval_accuracy_has_one_cell_per_context_and_depth():
 
 
 def test_passkey_without_a_tokenizer_is_a_clear_error():
-    from kvforge.training.evaluation import evaluate_model
+    from kvforge.evaluation import evaluate_model
     from tests.evaluation.helpers import quick_settings
 
     with pytest.raises(ValueError, match=r"has no tokenizer files"):

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from kvforge.kernels.cross_entropy import IGNORE_INDEX
-from kvforge.training.evaluation import PasskeySettings, PasskeyTask, retrieval_accuracy
-from kvforge.training.evaluation.passkey_finetune import (
+from kvforge.evaluation import PasskeySettings, PasskeyTask, retrieval_accuracy
+from kvforge.evaluation.passkey_finetune import (
     FinetuneStage,
     PasskeyFinetuneConfig,
     PasskeyStream,
     finetune_passkey,
 )
+from kvforge.kernels.cross_entropy import IGNORE_INDEX
 from tests.evaluation.helpers import stories260k
 
 

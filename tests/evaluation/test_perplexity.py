@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kvforge.arch import CausalLM
 from kvforge.conversion.transforms import to_window
-from kvforge.training.evaluation import (
+from kvforge.evaluation import (
     Corpus,
     default_contexts,
     load_corpus,

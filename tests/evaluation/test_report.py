@@ -9,10 +9,10 @@ import matplotlib.image
 import pytest
 import torch
 
-from kvforge.training.evaluation import evaluate_model
-from kvforge.training.evaluation.plots import PLOTS, pareto_front, write_plots
-from kvforge.training.evaluation.report import EvalReport, new_report, write_json
-from kvforge.training.evaluation.schema import schema_markdown, schema_paths
+from kvforge.evaluation import evaluate_model
+from kvforge.evaluation.plots import PLOTS, pareto_front, write_plots
+from kvforge.evaluation.report import EvalReport, new_report, write_json
+from kvforge.evaluation.schema import schema_markdown, schema_paths
 from tests.conftest import REPO
 from tests.evaluation.helpers import quick_settings, stories260k
 

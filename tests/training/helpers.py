@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kvforge.arch import ModelConfig
-from kvforge.arch.forms import with_form
+from kvforge.arch.presets import with_form
 from kvforge.training.data import TextDataModule
 from kvforge.training.module import KVForgeLM
 from kvforge.training.optim import OptimizerConfig
@@ -49,7 +49,7 @@ def tiny_corpus(directory: Path, chars: int = 12_000) -> Path:
 def tiny_config(form: str = "gqa", **overrides) -> ModelConfig:
     fields = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, init_std=0.05)
     fields.update(overrides)
-    return with_form(ModelConfig(**fields), form, window=8, kv_lora_rank=16, rope_dim=4)
+    return with_form(ModelConfig(**fields), form, window=8, kv_lora_rank=16, rope_dims=4)
 
 
 def tiny_module(
@@ -64,7 +64,10 @@ def tiny_data(corpus: Path, cache: Path, **options) -> TextDataModule:
         block_size=32, batch_size=4, val_fraction=0.1, bpe_training_chars=20_000, cache_dir=str(cache)
     )
     settings.update(options)
-    return TextDataModule(train_files=[str(corpus)], **settings)
+    source = {"files": [str(corpus)]}
+    if "txt_separator" in settings:  # an option of the source
+        source["txt_separator"] = settings.pop("txt_separator")
+    return TextDataModule(sources=[source], **settings)
 
 
 def trainer(root: Path, max_steps: int, callbacks=(), **options) -> pl.Trainer:
@@ -106,7 +109,7 @@ def tiny_yaml(
           pattern: {form_pattern}}}
   optim: {{lr: 0.003, warmup_steps: 2}}
 data:
-  train_files: [{corpus}]
+  sources: [{{files: [{corpus}]}}]
   block_size: 32
   batch_size: 4
   val_fraction: 0.1
@@ -166,7 +169,7 @@ def expected_host_allocator() -> str:
     import os
 
     from kvforge.conversion import host
-    from kvforge.training.host_allocator import DEFAULT_HOST_ALLOCATOR
+    from kvforge.conversion.host import DEFAULT_HOST_ALLOCATOR
 
     if host.ENVIRONMENT in os.environ:
         return "environment"

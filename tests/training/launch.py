@@ -55,7 +55,7 @@ def uptrain_yaml(root: Path, steps: int, model_extra: str = "") -> Path:
   convert: {{to: gqa, n_kv_heads: 2}}
   optim: {{lr: 0.002, warmup_steps: 1, total_steps: {steps}}}
 {model_extra}data:
-  train_files: [{root / "stories.txt"}]
+  sources: [{{files: [{root / "stories.txt"}]}}]
   block_size: 64
   batch_size: 2
   val_fraction: 0.0

@@ -27,8 +27,10 @@ def _assert_nothing_trained(tmp_path):
 
 def test_missing_data_path(tmp_path, corpus_and_cache):
     config = tiny_yaml(tmp_path, *corpus_and_cache)
-    with pytest.raises(FileNotFoundError, match=r"data\.train_files: '.*nowhere\.txt' does not exist"):
-        _fit(tmp_path, config, "--data.train_files", f"[{tmp_path / 'nowhere.txt'}]")
+    with pytest.raises(
+        FileNotFoundError, match=r"data\.sources\[0\]\.files: '.*nowhere\.txt' does not exist"
+    ):
+        _fit(tmp_path, config, "--data.sources", f"[{{files: [{tmp_path / 'nowhere.txt'}]}}]")
     _assert_nothing_trained(tmp_path)
 
 
@@ -36,12 +38,12 @@ def test_empty_corpus(tmp_path, corpus_and_cache):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     config = tiny_yaml(tmp_path, *corpus_and_cache)
-    with pytest.raises(ValueError, match=r"data\.train_files: the corpus is empty"):
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]: the corpus is empty"):
         _fit(
             tmp_path,
             config,
-            "--data.train_files",
-            f"[{empty}]",
+            "--data.sources",
+            f"[{{files: [{empty}]}}]",
             "--data.tokenizer",
             str(shared_path("stories260K")),
             "--model.model.vocab_size",

@@ -11,9 +11,9 @@ import transformers
 import yaml
 
 from kvforge.arch import CausalLM
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.transforms import TRANSFORMS
-from kvforge.training.cli import main
 from kvforge.training.lightning_cli import KVForgeCLI
 from tests.conftest import REPO
 from tests.training.helpers import cli_args, tiny_corpus, tiny_yaml
@@ -51,7 +51,7 @@ def test_every_attention_form_has_a_cpu_config():
 def test_gpu_pretraining_config_instantiates(name, monkeypatch, corpus_and_cache):
     monkeypatch.chdir(REPO)
     corpus, _ = corpus_and_cache
-    cli = _instantiate("--config", f"configs/pretrain/{name}", "--data.train_files", f"[{corpus}]")
+    cli = _instantiate("--config", f"configs/pretrain/{name}", "--data.sources", f"[{{files: [{corpus}]}}]")
     params = cli.model.architecture_summary()["parameters"]
     assert 100e6 <= params <= 1.5e9
 

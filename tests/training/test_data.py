@@ -30,8 +30,11 @@ def _module(tmp_path, files, tokenizer_dir, **options):
         add_bos=False,  # the streams below are checked token by token (BOS conventions: test_sources.py)
         cache_dir=str(tmp_path / "cache"),
     )
+    source = {"files": [str(f) for f in files]}
+    if "txt_separator" in options:  # an option of the source
+        source["txt_separator"] = options.pop("txt_separator")
     settings.update(options)
-    data = TextDataModule(train_files=[str(f) for f in files], **settings)
+    data = TextDataModule(sources=[source], **settings)
     data.build(tiny_config(vocab_size=512), None)
     return data
 
@@ -156,7 +159,7 @@ def test_without_a_tokenizer_a_byte_level_bpe_is_trained_and_reproducible(tmp_pa
     runs = []
     for name in ("a", "b"):
         data = TextDataModule(
-            train_files=[str(corpus)],
+            sources=[{"files": [str(corpus)]}],
             block_size=8,
             batch_size=1,
             val_fraction=0.0,
@@ -199,7 +202,12 @@ def test_hub_dataset_offline_fails_with_a_clear_error(tmp_path, tokenizer_dir, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = TextDataModule(
-        dataset="no-such-user/no-such-dataset", tokenizer=tokenizer_dir, block_size=8, cache_dir=str(tmp_path)
+        sources=[{"hub": "no-such-user/no-such-dataset"}],
+        tokenizer=tokenizer_dir,
+        block_size=8,
+        cache_dir=str(tmp_path),
     )
-    with pytest.raises(ValueError, match=r"data\.dataset='no-such-user/no-such-dataset': could not load it"):
+    with pytest.raises(
+        ValueError, match=r"data\.sources\[0\]\.hub='no-such-user/no-such-dataset': could not load it"
+    ):
         data.build(tiny_config(vocab_size=512), None)

@@ -11,8 +11,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from kvforge.arch import CausalLM
 from kvforge.conversion import load_pretrained
+from kvforge.conversion.loading import CHECKPOINT_KEY, DCP_METADATA
 from kvforge.training.export import export_checkpoint, export_dtype
-from kvforge.training.loading import CHECKPOINT_KEY, DCP_METADATA
 from tests.training.helpers import tiny_config
 
 

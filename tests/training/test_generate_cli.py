@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvforge.training.cli import main
+from kvforge.cli.main import main
 from tests.conftest import shared_path
 
 

@@ -14,8 +14,8 @@ import lightning.pytorch as pl
 import pytest
 
 from kvforge.conversion import host
-from kvforge.training import host_allocator
-from kvforge.training.host_allocator import HostAllocator
+from kvforge.conversion import host as host_allocator
+from kvforge.conversion.host import HostAllocator
 from tests.training.helpers import tiny_corpus, tiny_data, tiny_module, trainer
 
 STEPS = 3
@@ -100,7 +100,7 @@ def test_the_environment_variable_is_reported_and_wins(monkeypatch, spy):
 
 PICKLED_INTO_A_NEW_PROCESS = """
 import pickle, sys
-from kvforge.training import host_allocator
+from kvforge.conversion import host as host_allocator
 host_allocator.pin_mmap_threshold = lambda threshold: True
 allocator = pickle.loads(sys.stdin.buffer.read())
 before = allocator.state

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 import torch
 
-from kvforge.training.cli import main
+from kvforge.cli.main import main
 from kvforge.training.lightning_cli import KVForgeCLI
 from tests.training.helpers import cli_args, tiny_corpus, tiny_yaml
 

@@ -10,10 +10,10 @@ from kvforge.conversion import convert as convert_module
 from kvforge.conversion import load_pretrained
 from kvforge.training.model_source import (
     CalibrationConfig,
-    apply_transform,
     calibration_tokens,
     changed_parameters,
     resolve_starting_point,
+    transform_and_options,
 )
 from kvforge.training.setup_once import convert_to_directory
 from tests.conftest import shared_path
@@ -37,7 +37,8 @@ def in_memory(source_dir: str, convert, tokens: torch.Tensor | None):
     source = load_pretrained(source_dir)
     config, state_dict = source.config, source.state_dict
     for step in [convert] if isinstance(convert, dict) else convert:
-        config, state_dict = apply_transform(config, state_dict, step, tokens)
+        record, options = transform_and_options(step)
+        config, state_dict = record(config, state_dict, tokens, **record.kwargs(options))
     return config, state_dict, changed_parameters(source.config, source.state_dict, config, state_dict)
 
 

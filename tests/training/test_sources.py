@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from kvforge.conversion.loading import load_tokenizer
 from kvforge.kernels.cross_entropy import IGNORE_INDEX
 from kvforge.training.data import TextDataModule, encode, prepare
 from kvforge.training.data.blocks import DataPosition, ResumableSampler
 from kvforge.training.data.chat import encode_chat
-from kvforge.training.data.tokenizer import load_tokenizer
 from tests.conftest import shared_path
 from tests.training.helpers import CHAT, chat_tokenizer, tiny_config
 
@@ -46,18 +46,15 @@ def _data(tmp_path, tokenizer, sources=None, **options):
     return data
 
 
-def test_one_source_list_gives_the_same_stream_as_train_files(tmp_path, tokenizer_dir):
+def test_the_old_single_corpus_keys_print_the_equivalent_source(tmp_path, tokenizer_dir):
     corpus = _jsonl(tmp_path / "a.jsonl", _texts("a", 5))
-    legacy = TextDataModule(
-        train_files=[corpus],
-        tokenizer=tokenizer_dir,
-        block_size=16,
-        val_fraction=0.0,
-        cache_dir=str(tmp_path / "l"),
-    )
-    legacy.build(tiny_config(vocab_size=512), None)
-    listed = _data(tmp_path, tokenizer_dir, [{"files": [corpus]}])
-    assert np.array_equal(legacy.train_set.stream.tokens, listed.train_set.stream.tokens)
+    with pytest.raises(
+        ValueError,
+        match=r'(?s)data\.train_files is replaced by data\.sources.*sources: \[\{files: \[".*text_field: "story"\}\]',
+    ):
+        TextDataModule(train_files=[corpus], text_field="story", tokenizer=tokenizer_dir)
+    with pytest.raises(ValueError, match=r'sources: \[\{hub: "user/stories", hub_config: "en"\}\]'):
+        TextDataModule(dataset="user/stories", dataset_config="en", tokenizer=tokenizer_dir)
 
 
 def test_mixture_proportions_follow_the_weights(tmp_path, tokenizer_dir):

@@ -1,7 +1,7 @@
 """``TextDataModule``: text in, packed fixed-length token blocks out, with a resumable data order.
 
-The data is a list of sources (``data.sources``, see ``sources``), or, for the single-corpus options
-(``train_files`` / ``dataset``), one source made of them.
+The data is a list of sources (``data.sources``, see ``sources``): local files, saved ``datasets``
+directories or hub datasets, each with its own field, weight and token budget.
 
 1. ``prepare_data`` (one process per node, Lightning's local rank 0; the other ranks wait): pick the
    tokenizer (``data.tokenizer``, else the model's ``init_from`` directory, else a byte-level BPE trained
@@ -23,6 +23,7 @@ the training steps consumed, counted as they are consumed) and every new iterato
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kvforge.conversion import atomic_directory
+from kvforge.conversion.loading import has_tokenizer, load_tokenizer
 
 from .blocks import DataPosition, MixtureBlocks, PackedBlocks, ResumableSampler
 from .encode import resolve_conventions
@@ -40,7 +42,7 @@ from .prepare import prepare_stream, source_pieces
 from .sources import Source, resolve_sources
 from .streaming import StreamingBlocks
 from .token_cache import cache_key
-from .tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint, train_byte_bpe
+from .tokenizer import tokenizer_fingerprint, train_byte_bpe
 
 # The data position is restored through this DataModule's state_dict (see the module docstring), which
 # Lightning's "dataloader is not resumable" check cannot see.
@@ -52,13 +54,12 @@ warnings.filterwarnings(
 class TextDataModule(pl.LightningDataModule):
     """Args:
     sources: the training sources (files, datasets directories or hub names), each with its field, weight
-        and token budget (see ``Source``); exclusive with ``train_files`` / ``dataset``.
-    train_files: text files (``.txt``, ``.jsonl``, ``.parquet``), globs, or saved ``datasets`` directories.
+        and token budget (see ``Source``), e.g. ``[{files: [stories.txt]}]``.
+    train_files, dataset, dataset_config, dataset_split: the old single-corpus keys, refused with the
+        equivalent ``sources`` entry in the error.
     val_files: held-out files; when absent the tail ``val_fraction`` of the training tokens is held out.
-    dataset: a Hugging Face hub dataset name (needs network or the local hub cache), instead of files.
-    dataset_config, dataset_split: its configuration and split (also the split of a saved DatasetDict).
-    text_field: the text column of JSON lines / Parquet / datasets rows.
-    txt_separator: splits ``.txt`` files into documents; ``None`` = one document per file.
+    text_field: the text column of ``val_files`` rows (JSON lines / Parquet / datasets).
+    txt_separator: splits ``.txt`` ``val_files`` into documents; ``None`` = one document per file.
     tokenizer: tokenizer directory or name; default the model's ``init_from`` directory, else a new BPE.
     block_size: tokens per training sequence (at most the model's ``max_seq_len``).
     batch_size: sequences per step on each device (``val_batch_size`` for validation, default the same).
@@ -84,7 +85,7 @@ class TextDataModule(pl.LightningDataModule):
         val_files: list[str] | None = None,
         dataset: str | None = None,
         dataset_config: str | None = None,
-        dataset_split: str = "train",
+        dataset_split: str | None = None,
         text_field: str = "text",
         txt_separator: str | None = None,
         tokenizer: str | None = None,
@@ -103,16 +104,17 @@ class TextDataModule(pl.LightningDataModule):
         bpe_training_chars: int = 50_000_000,
     ) -> None:
         super().__init__()
-        given = [
-            name
-            for name, value in (("sources", sources), ("train_files", train_files), ("dataset", dataset))
-            if value
-        ]
-        if len(given) != 1:
+        if train_files or dataset:
             raise ValueError(
-                "data: give exactly one of sources (a list), train_files (local files / dataset directories) "
-                f"or dataset (a hub name); got {given or 'none'}"
+                _old_keys_message(train_files, dataset, dataset_config, dataset_split, text_field)
             )
+        if dataset_config is not None or dataset_split is not None:
+            raise ValueError(
+                "data.dataset_config / data.dataset_split are options of each source now: "
+                "sources: [{hub: ..., hub_config: ..., split: ...}] (split also picks a saved DatasetDict's)"
+            )
+        if not sources:
+            raise ValueError("data.sources: give at least one source, e.g. sources: [{files: [stories.txt]}]")
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
             if value <= 0:
                 raise ValueError(f"data.{name}={value}: must be positive")
@@ -125,26 +127,11 @@ class TextDataModule(pl.LightningDataModule):
             )
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"data.num_proc={num_proc}: must be >= 1, or null for the available cores")
-        self.legacy = sources is None  # the single-corpus options: errors name their fields
-        if self.legacy:
-            label = "train_files" if train_files else "dataset"
-            source = Source(
-                files=list(train_files) if train_files else None,
-                hub=dataset,
-                hub_config=dataset_config,
-                split=dataset_split,
-                text_field=text_field,
-                txt_separator=txt_separator,
-                name=label,
-            )
-            self.sources = [source.validate(label, files_field="train_files")]
-        else:
-            self.sources = resolve_sources(list(sources))
+        self.sources = resolve_sources(list(sources))
         self.val_source = None
         if val_files:
             val_source = Source(files=list(val_files), text_field=text_field, txt_separator=txt_separator)
             self.val_source = val_source.validate("val_files", files_field="val_files")
-        self.dataset_split = dataset_split
         self.tokenizer_name = tokenizer
         self.block_size, self.batch_size = block_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -288,7 +275,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def _build_streaming(self, create: bool) -> None:
         self.train_set = StreamingBlocks(
-            self.sources, self.tokenizer, self.conventions, self.block_size, self.seed, legacy=self.legacy
+            self.sources, self.tokenizer, self.conventions, self.block_size, self.seed
         )
         self.val_set = []
         if self.val_source:
@@ -346,7 +333,7 @@ class TextDataModule(pl.LightningDataModule):
     def _bpe_texts(self):
         budget = self.bpe_training_chars
         for source in self.sources:
-            for piece in source_pieces(source, legacy_field=self.legacy):
+            for piece in source_pieces(source):
                 if budget <= 0:
                     return
                 text = piece.text or "\n".join(m["content"] for m in piece.messages or ())
@@ -367,7 +354,6 @@ class TextDataModule(pl.LightningDataModule):
             cache_dir=self.cache_dir,
             create=create,
             num_proc=self.num_proc,
-            legacy_field=self.legacy,
             fingerprint=self._fingerprint(source),
         )
 
@@ -392,3 +378,17 @@ def _gather_streams(state: dict) -> list[dict]:
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+def _old_keys_message(train_files, dataset, dataset_config, dataset_split, text_field) -> str:
+    """The error for ``train_files`` / ``dataset``: the ``sources`` entry that says the same."""
+    entry = {"files": list(train_files)} if train_files else {"hub": dataset}
+    if dataset and dataset_config:
+        entry["hub_config"] = dataset_config
+    if dataset_split not in (None, "train"):
+        entry["split"] = dataset_split
+    if text_field != "text":
+        entry["text_field"] = text_field
+    old = "train_files" if train_files else "dataset"
+    written = ", ".join(f"{key}: {json.dumps(value)}" for key, value in entry.items())
+    return f"data.{old} is replaced by data.sources; write instead:\n  sources: [{{{written}}}]"

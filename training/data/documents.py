@@ -246,7 +246,7 @@ def _dataset_dir(path: Path, field: Field, split: str) -> Iterator[Piece]:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"{path}: no split data.dataset_split={split!r}; splits are {list(loaded)}")
+            raise ValueError(f"{path}: no split {split!r} (the source's split); splits are {list(loaded)}")
         loaded = loaded[split]
     yield from _rows_of(loaded, field, path)
 

@@ -18,14 +18,12 @@ from .sources import Source
 from .token_cache import TokenStream, cache_key, load_stream, tokenize_to_cache
 
 
-def source_pieces(source: Source, *, legacy_field: bool = False) -> Iterator[Piece]:
-    """The documents of ``source``; ``legacy_field`` names the field ``data.text_field`` in errors (the
-    single-corpus options) instead of ``data.<source>.text_field``."""
+def source_pieces(source: Source) -> Iterator[Piece]:
+    """The documents of ``source`` (errors name ``data.<source>.<option>``)."""
     option = "messages_field" if source.chat else "text_field"
-    label = f"data.{option}" if legacy_field else f"data.{source.name}.{option}"
-    field = Field(source.field_name, source.chat, label)
+    field = Field(source.field_name, source.chat, f"data.{source.name}.{option}")
     if source.hub is not None:
-        where = "data.dataset" if legacy_field else f"data.{source.name}.hub"
+        where = f"data.{source.name}.hub"
         return iter_hub_pieces(
             source.hub, source.hub_config, source.split, field, data_files=source.data_files, where=where
         )
@@ -54,7 +52,6 @@ def prepare_stream(
     cache_dir: Path,
     create: bool,
     num_proc: int,
-    legacy_field: bool = False,
     fingerprint: str | None = None,
 ) -> TokenStream:
     """The cached stream of ``source``; ``create`` tokenizes it when absent (else: an error)."""
@@ -76,7 +73,7 @@ def prepare_stream(
             )
 
     return tokenize_to_cache(
-        source_pieces(source, legacy_field=legacy_field),
+        source_pieces(source),
         tokenizer,
         directory,
         conventions=conventions,

@@ -54,9 +54,9 @@ def documents(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
 class _Cursor:
     """One source's documents in one shard, tokenized into a buffer as blocks need them."""
 
-    def __init__(self, source, shard, n_shards, tokenizer, conventions, state, legacy) -> None:
+    def __init__(self, source, shard, n_shards, tokenizer, conventions, state) -> None:
         self.source, self.shard, self.n_shards = source, shard, n_shards
-        self.tokenizer, self.conventions, self.legacy = tokenizer, conventions, legacy
+        self.tokenizer, self.conventions = tokenizer, conventions
         epoch, first_doc, self.dropped, self.pass_tokens = state
         self.skip = self.dropped  # a resumed cursor re-tokenizes its first document and skips what was used
         # A token budget is shared evenly by the streams: each reads that many tokens per pass, then restarts.
@@ -71,7 +71,7 @@ class _Cursor:
     def _documents(self, epoch: int, first_doc: int) -> Iterator[tuple[int, int, list[Piece]]]:
         while True:
             mine = seen = 0
-            for index, document in enumerate(documents(source_pieces(self.source, legacy_field=self.legacy))):
+            for index, document in enumerate(documents(source_pieces(self.source))):
                 seen += 1
                 if index % self.n_shards == self.shard:
                     mine += 1
@@ -158,11 +158,9 @@ class StreamingBlocks(IterableDataset):
         conventions: Conventions,
         block_size: int,
         seed: int,
-        *,
-        legacy: bool = False,
     ) -> None:
         self.sources, self.tokenizer, self.conventions = sources, tokenizer, conventions
-        self.block_size, self.seed, self.legacy = block_size, seed, legacy
+        self.block_size, self.seed = block_size, seed
         weights = np.asarray([s.weight for s in sources], dtype=np.float64)
         self.probabilities = weights / weights.sum()
         self.rank, self.world = 0, 1
@@ -186,7 +184,6 @@ class StreamingBlocks(IterableDataset):
                 self.tokenizer,
                 self.conventions,
                 tuple(state[2 + 4 * i : 6 + 4 * i]) if state else (0, 0, 0, 0),
-                self.legacy,
             )
             for i, source in enumerate(self.sources)
         ]

@@ -1,6 +1,6 @@
-"""The tokenizer of a run: the model's own (``AutoTokenizer``), or a byte-level BPE trained on the
-training text for from-scratch runs and saved as a Hugging Face tokenizer directory, so that the
-exported model ships with it."""
+"""The tokenizer of a from-scratch run: a byte-level BPE trained on the training text and saved as a
+Hugging Face tokenizer directory, so that the exported model ships with it (a model's own tokenizer
+loads with :func:`kvforge.conversion.loading.load_tokenizer`)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,6 @@ from kvforge.conversion import atomic_directory
 
 BPE_EOS = "<|endoftext|>"
 BYTE_ALPHABET = 256
-
-
-def has_tokenizer(path: str | Path) -> bool:
-    path = Path(path)
-    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-
-
-def load_tokenizer(source: str | Path):
-    """A fast tokenizer from a local directory (or a hub name when online); never runs remote code."""
-    from transformers import AutoTokenizer
-
-    if Path(source).is_dir() and not has_tokenizer(source):
-        raise FileNotFoundError(f"data.tokenizer: {source} has no tokenizer.json / tokenizer.model")
-    try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
-    except OSError as err:
-        raise FileNotFoundError(f"data.tokenizer={str(source)!r}: cannot load a tokenizer ({err})") from err
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

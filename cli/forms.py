@@ -7,6 +7,14 @@ and print parameters and KV-cache bytes per token (analytic = measured) next to 
 from __future__ import annotations
 
 import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from kvforge.arch import CausalLM, ModelConfig, generate, kv_bytes_per_token, kv_cache_bytes, parse_dtype
+from kvforge.arch.presets import PRESETS, with_form
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,15 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    from kvforge.arch import CausalLM, ModelConfig, generate, kv_bytes_per_token, kv_cache_bytes, parse_dtype
-    from kvforge.arch.forms import FORMS, with_form
-
     torch.manual_seed(0)
     dtype = parse_dtype(args.dtype)
     base = ModelConfig(
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         table.add_column(column, justify="left" if column == "form" else "right")
     mha_bytes = kv_bytes_per_token(with_form(base, "mha"), args.seq_len, dtype)
-    for form in FORMS:
+    for form in PRESETS:
         config = with_form(base, form, window=args.window)
         model = CausalLM(config)
         ids = torch.randint(0, args.vocab, (2, 65))

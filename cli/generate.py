@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+import torch
+
+from kvforge.arch import StaticDecoder, generate
+from kvforge.conversion.loading import load_for_eval, resolve_device, resolve_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,23 +88,13 @@ def _eos_id(args: argparse.Namespace, config) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from kvforge.arch import StaticDecoder, generate
-
-    from .loading import build_model, load_tokenizer, load_weights, resolve_device, resolve_dtype
-
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    weights = load_weights(args.model)
-    config = weights.config
-    model = build_model(weights, device, dtype, backend=args.backend)
-    tokenizer = load_tokenizer(weights.tokenizer_dir)
+    loaded = load_for_eval(args.model, device=device, dtype=dtype, backend=args.backend)
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.model.config
     prompt = _prompt_ids(args, tokenizer, config.bos_token_id)
     input_ids = torch.tensor([prompt] * args.num_samples, device=device)
     total = input_ids.shape[1] + args.max_new_tokens

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.arch import CausalLM, StaticDecoder
-from kvforge.training.evaluation.schema import documented
+from kvforge.evaluation.schema import documented
 
 from .decode_probe import run_probe
 from .kv_memory import MemoryRow, memory_row

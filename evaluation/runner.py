@@ -1,6 +1,6 @@
 """Run the evaluation suite on one model: the Python entry point behind ``kvforge eval``.
 
-from kvforge.training.evaluation import EvalSettings, evaluate_model, load_for_eval
+from kvforge.evaluation import EvalSettings, evaluate_model, load_for_eval
 report = evaluate_model(load_for_eval("path/to/model"), EvalSettings(corpora=["val.txt"]))
 """
 
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvforge.arch import describe_layers, kv_bytes_per_token, mha_equivalent, parse_dtype
-from kvforge.training.evaluation.schema import documented
+from kvforge.conversion.loading import EvalModel
+from kvforge.evaluation.schema import documented
 
 from .corpus import load_corpus, read_text
 from .kv_memory import MemoryRow
 from .latency import LatencyRow, measure_decode
-from .loading import EvalModel
 from .passkey import CLASSIC_FILLER, PasskeyReport, PasskeySettings, PasskeyTask, retrieval_accuracy
 from .perplexity import PerplexityRow, check_context, default_contexts, perplexity, perplexity_vs_context
 
@@ -173,7 +173,7 @@ def run_passkey(loaded: EvalModel, settings: EvalSettings, contexts: list[int]) 
     task = PasskeyTask(loaded.tokenizer, filler, passkey.key_digits)
     model = loaded.model
     if settings.passkey_finetune:
-        from .passkey_finetune import finetune_passkey
+        from .passkey_finetune import finetune_passkey  # imports Lightning (heavy): only when asked for
 
         model = copy.deepcopy(model)
         finetune_passkey(model, task)

@@ -8,6 +8,17 @@ OUT/eval.json (every field: `kvforge eval --schema`) and PNG plots.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import torch
+
+from kvforge.conversion import gguf
+from kvforge.conversion.loading import load_for_eval, resolve_device
+from kvforge.evaluation.passkey import PasskeySettings
+from kvforge.evaluation.plots import write_plots
+from kvforge.evaluation.report import EvalReport, new_report, print_report, write_json
+from kvforge.evaluation.runner import EvalSettings, check_settings, evaluate_model
+from kvforge.evaluation.schema import schema_markdown
 
 
 def _comma_list(cast, what: str):
@@ -77,10 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace):
-    from .passkey import PasskeySettings
-    from .runner import EvalSettings
-
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(
         tasks=[task for task in args.tasks.split(",") if task],
         corpora=list(args.text),
@@ -110,16 +118,6 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from kvforge.conversion import gguf
-
-    from .loading import load_for_eval, resolve_device
-    from .plots import write_plots
-    from .report import EvalReport, new_report, print_report, write_json
-    from .runner import check_settings, evaluate_model
-    from .schema import schema_markdown
-
     if args.schema:
         print(schema_markdown(EvalReport))
         return 0
@@ -128,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     check_settings(settings)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     json_path = out / "eval.json"

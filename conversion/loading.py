@@ -1,9 +1,10 @@
 """Open a model for inference, the one way every command does it (``kvforge eval``, ``generate``,
 ``export``): a Hugging Face / kvforge-typed model directory, or a kvforge training checkpoint — a
-Lightning ``.ckpt`` file or the distributed-checkpoint directory an FSDP2 run writes in its place.
+Lightning ``.ckpt`` file or the distributed-checkpoint directory an FSDP2 run writes in its place -
+with its tokenizer (:func:`load_for_eval`).
 
 A checkpoint is read with ``weights_only=True`` (tensors and plain containers only, nothing else is
-unpickled) and brings the tokenizer directory its run used.
+unpickled) and brings the tokenizer directory its run used. Reading it needs torch only, no Lightning.
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from transformers import AutoTokenizer
 
 from kvforge.arch import CausalLM, ModelConfig, parse_dtype
+
+from .pretrained import load_pretrained
+from .transforms.calibration import build_model
 
 MODEL_PREFIX = "model."  # KVForgeLM holds the CausalLM as ``self.model``
 CHECKPOINT_KEY = "kvforge"  # KVForgeLM.on_save_checkpoint's entry: model config + tokenizer directory
@@ -74,9 +81,6 @@ class CheckpointTensors(Mapping):
     def __init__(self, path: Path, mapped: dict | None, dtype: torch.dtype | None) -> None:
         self.path, self.dtype, self.mapped = path, dtype, mapped
         if path.is_dir():
-            from torch.distributed.checkpoint import FileSystemReader
-            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
             entries = FileSystemReader(path).read_metadata().state_dict_metadata.items()
             self.shapes = {
                 name.removeprefix(DCP_PREFIX + MODEL_PREFIX): (entry.size, entry.properties.dtype)
@@ -137,9 +141,6 @@ def read_dcp_weights(
     """The model weights (``state_dict.*``, or only ``keys``) of a distributed checkpoint, without the
     optimizer state and without merging it anywhere: tensors are read straight from the shards, about
     ``group_bytes`` at a time, and cast to ``dtype`` before the next group is read."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     prefix, wanted = DCP_PREFIX, None if keys is None else set(keys)
     entries = [
         (name, meta)
@@ -168,8 +169,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def load_weights(path: str | Path) -> ModelWeights:
     """A model directory (``config.json`` + weights) or a training checkpoint, on the CPU."""
-    from kvforge.conversion import load_pretrained
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -182,13 +181,14 @@ def load_weights(path: str | Path) -> ModelWeights:
     return ModelWeights(pretrained.config, pretrained.state_dict, path, pretrained.family)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = CUDA when available; an explicit CUDA device without CUDA is refused."""
-    if device == "auto":
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None/``auto`` = CUDA when available, else CPU; CUDA asked for without CUDA is an error."""
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available (allowed here: 'cpu', 'auto')")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available (allowed here: 'cpu', 'auto')")
+    return device
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -198,22 +198,56 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return parse_dtype(dtype)
 
 
-def build_model(
-    weights: ModelWeights, device: torch.device, dtype: torch.dtype, backend: str | None = None
-) -> CausalLM:
-    """The eval-mode model holding ``weights`` on ``device`` in ``dtype`` (``backend``: attention override)."""
-    config = weights.config.replace(attention_backend=backend) if backend else weights.config
-    model = CausalLM(config)
-    model.load_state_dict(weights.state_dict)
-    return model.to(device=device, dtype=dtype).eval()
+def has_tokenizer(path: str | Path) -> bool:
+    path = Path(path)
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def load_tokenizer(path: str | Path | None):
-    """The directory's tokenizer (the training data's loader: ``AutoTokenizer``, never remote code), or
-    None when there is no directory or it holds no tokenizer files."""
-    from .data.tokenizer import has_tokenizer
-    from .data.tokenizer import load_tokenizer as load_run_tokenizer
-
-    if path is None or not has_tokenizer(path):
+def load_tokenizer(source: str | Path | None, *, optional: bool = False):
+    """A fast tokenizer from a local directory (or a hub name when online); never runs remote code.
+    ``optional``: None when there is no directory or it holds no tokenizer files (else an error)."""
+    if optional and (source is None or not has_tokenizer(source)):
         return None
-    return load_run_tokenizer(path)
+    if Path(source).is_dir() and not has_tokenizer(source):
+        raise FileNotFoundError(f"data.tokenizer: {source} has no tokenizer.json / tokenizer.model")
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+    except OSError as err:
+        raise FileNotFoundError(f"data.tokenizer={str(source)!r}: cannot load a tokenizer ({err})") from err
+
+
+@dataclass
+class EvalModel:
+    """A model ready to evaluate or generate with, and the tokenizer its text tasks need (None when it
+    has none)."""
+
+    name: str
+    model: CausalLM
+    tokenizer: object | None
+    source: Path
+    family: str  # the HF family of a directory, "checkpoint" for a training checkpoint
+
+
+def load_for_eval(
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "fp32",
+    tokenizer: str | Path | None = None,
+    name: str | None = None,
+    backend: str | None = None,
+) -> EvalModel:
+    """A model directory or a training checkpoint, in eval mode on ``device`` in ``dtype``; ``tokenizer``
+    overrides its own, ``backend`` its attention backend."""
+    path = Path(path)
+    weights = load_weights(path)
+    config = weights.config.replace(attention_backend=backend) if backend else weights.config
+    model = build_model(config, weights.state_dict, dtype=parse_dtype(dtype), device=resolve_device(device))
+    model.requires_grad_(True)  # trainable, as CausalLM is (kvforge eval's passkey fine-tuning trains a copy)
+    return EvalModel(
+        name=name or path.name,
+        model=model,
+        tokenizer=load_tokenizer(tokenizer or weights.tokenizer_dir, optional=True),
+        source=path,
+        family=weights.family,
+    )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.arch import CausalLM, kv_cache_bytes, mha_equivalent
-from kvforge.training.evaluation.schema import documented
+from kvforge.evaluation.schema import documented
 
 from .decode_probe import ProbeResult
 

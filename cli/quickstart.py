@@ -13,9 +13,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import warnings
 from pathlib import Path
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+from kvforge.arch import kv_bytes_per_token
+from kvforge.arch.evaluate import windowed_nll
+from kvforge.training.lightning_cli import KVForgeCLI
+from kvforge.training.module import KVForgeLM
 
 DEFAULT_SHARED = os.environ.get("KVFORGE_SHARED_DATA", "../shared/data")
 
@@ -36,19 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
-
-    import torch
-    import transformers
-    from rich.console import Console
-    from rich.table import Table
-
-    from kvforge.arch import kv_bytes_per_token
-    from kvforge.arch.evaluate import windowed_nll
-
-    from .lightning_cli import KVForgeCLI
-    from .module import KVForgeLM
-
     shared = Path(args.shared_data)
     source_dir = shared / "stories260K-mha"
     if not source_dir.is_dir():
@@ -60,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         args.name,
         "--model.init_from",
         str(source_dir),
-        "--data.train_files",
-        f"[{shared / 'corpora' / 'tinystories_val_prefix.txt'}]",
+        "--data.sources",
+        f"[{{files: [{shared / 'corpora' / 'tinystories_val_prefix.txt'}]}}]",
     ]
     if args.max_steps is not None:
         overrides += ["--trainer.max_steps", str(args.max_steps)]

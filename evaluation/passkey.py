@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.arch import CausalLM, generate
-from kvforge.training.evaluation.schema import documented
+from kvforge.evaluation.schema import documented
 
 # The filler of the original passkey test: meaningless, repetitive, and the same for every model.
 CLASSIC_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."

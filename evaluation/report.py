@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvforge.conversion import atomic_file
-from kvforge.training.evaluation.schema import documented
+from kvforge.evaluation.schema import documented
 
 from .runner import EvalSettings, ModelReport
 

@@ -1,6 +1,7 @@
-"""Write a model directory as a stock Hugging Face class, or as a kvforge-typed directory.
+"""Write a model directory or a training checkpoint as a stock Hugging Face class, or as a kvforge-typed
+directory.
 
-    kvforge export SRC OUT [--family auto] [--dtype bf16] [--overwrite]
+    kvforge export SRC OUT [--family auto] [--dtype bf16] [--overwrite] [--max-shard-size 5GB]
     kvforge export SRC OUT.gguf --format gguf [--outtype f32|f16|bf16|q8_0]
 
 SRC is a Hugging Face directory (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) or a kvforge-typed
@@ -12,6 +13,12 @@ layer, kvforge's MLA generalisations) is written kvforge-typed: it loads only wi
 trust_remote_code=True where kvforge is installed, and stock servers will NOT load it; the command
 says so. Tokenizer files and generation_config.json are copied from SRC. OUT is built next to its
 final place and renamed into it: nothing partial is left on failure.
+
+SRC may also be a training checkpoint: a Lightning ``.ckpt`` file or the distributed-checkpoint directory an
+FSDP2 run writes in its place (``runs/<name>/checkpoints/last.ckpt``). A checkpoint is exported with the
+tokenizer its run used, in bf16 when the run trained in bf16 (``--dtype`` overrides), reading the weights
+only (never the optimizer state); nothing in it is unpickled beyond tensors and plain containers
+(``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,16 @@ import argparse
 import logging
 from pathlib import Path
 
-# Kept literal so that `kvforge --help` does not import torch; a test checks it against FAMILIES.
+from rich.console import Console
+
+from kvforge.conversion import load_config, load_pretrained, plan_export, save_pretrained
+from kvforge.conversion.convert import open_checkpoint
+from kvforge.conversion.gguf import export_gguf
+from kvforge.conversion.loading import is_training_checkpoint
+from kvforge.conversion.weights import weight_shards
+from kvforge.training.export import export_checkpoint
+
+# The families' names as --family choices; a test checks them against FAMILIES.
 FAMILY_CHOICES = (
     "auto",
     "deepseek_v2",
@@ -79,19 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Training checkpoints (files, FSDP2 directories) never get here: kvforge.training.export takes them.
     src = Path(args.src)
+    if is_training_checkpoint(src):
+        return run_checkpoint(args)
     if Path(args.out).exists() and not args.overwrite:  # fail before the (possibly long) read
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
-    from rich.console import Console
-
-    from kvforge.conversion import plan_export
-
     console = Console(highlight=False)
     config, source_family, weights = open_source(src, args.allow_pickle)
     if args.format == "gguf":
-        from .cli_gguf import export_gguf_command
-
         return export_gguf_command(args, config, weights, console)
     plan = plan_export(config, None if args.family == "auto" else args.family)
     family = plan.family
@@ -125,14 +136,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_checkpoint(args: argparse.Namespace) -> int:
+    """A training checkpoint (a ``.ckpt`` file or an FSDP2 directory) exported with its run's tokenizer."""
+    src = Path(args.src)
+    out = export_checkpoint(
+        src,
+        args.out,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        family=None if args.family == "auto" else args.family,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"Exported the training checkpoint {src} to {out}")
+    return 0
+
+
 def open_source(src: Path, allow_pickle: bool):
     """``(config, family name, weights)`` of a model directory. Safetensors weights stay on disk, read
     tensor by tensor as the export writes them (headers and shapes checked first); pickle weights are
     read whole (``torch.load`` has no partial read)."""
-    from kvforge.conversion import load_config, load_pretrained
-    from kvforge.conversion.convert import open_checkpoint
-    from kvforge.conversion.weights import weight_shards
-
     load_config(src)  # a missing or unreadable config.json is the first thing to say
     if any(Path(file).suffix == ".safetensors" for file in weight_shards(src, allow_pickle=allow_pickle)):
         weights = open_checkpoint(src, check_finite=False)
@@ -143,8 +165,6 @@ def open_source(src: Path, allow_pickle: bool):
 
 def save_quietly(config, state_dict, out, **options) -> Path:
     """``save_pretrained`` with its export notes kept out of the log: the CLIs print ``plan.notes`` styled."""
-    from kvforge.conversion import save_pretrained
-
     logger = logging.getLogger("kvforge.conversion")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -152,3 +172,20 @@ def save_quietly(config, state_dict, out, **options) -> Path:
         return save_pretrained(config, state_dict, out, **options)
     finally:
         logger.setLevel(level)
+
+
+def export_gguf_command(args: argparse.Namespace, config, weights, console) -> int:
+    """``--format gguf``: :func:`kvforge.conversion.gguf.export_gguf` on the source."""
+    family = None if args.family == "auto" else args.family
+    out, said = export_gguf(
+        config,
+        weights,
+        args.out,
+        outtype=args.outtype,
+        tokenizer_from=args.src,
+        family=family,
+        overwrite=args.overwrite,
+    )
+    console.print(f"Wrote {out} ({out.stat().st_size:,} bytes): " + "; ".join(said))
+    console.print("Runs in llama.cpp / llama-cpp-python / Ollama (this file format is what they load).")
+    return 0

@@ -24,6 +24,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from kvforge.arch import CausalLM, describe_layers, kv_bytes_per_token, mha_equivalent
+from kvforge.arch.memory import estimate_inference_memory, estimate_training_memory
+from kvforge.conversion import load_config
+from kvforge.conversion import weights as weight_files
+from kvforge.conversion.checkpoint import CheckpointWeights, checkpoint_entries
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,17 +79,9 @@ def summarize(
     activation_checkpointing: bool = False,
 ) -> dict:
     """The inspect report as plain data (what --json prints)."""
-    import torch
-
-    from kvforge.arch import CausalLM, describe_layers, kv_bytes_per_token, mha_equivalent
-    from kvforge.arch.memory import estimate_inference_memory, estimate_training_memory
-    from kvforge.conversion import load_config
-
     weights, entries = check_weights(path)
     config, family, hf = load_config(path, entries)  # sizes checked against the headers first
     if entries is not None:
-        from kvforge.conversion.checkpoint import CheckpointWeights
-
         try:
             CheckpointWeights(path, config, family, hf, entries)
         except ValueError as err:
@@ -125,11 +128,6 @@ def summarize(
 def check_weights(path: str) -> tuple[dict, dict | None]:
     """The weight files' status (``match``, ``mismatch``, ``invalid``, ``none``) and their validated
     headers (None unless readable)."""
-    from pathlib import Path
-
-    from kvforge.conversion import weights as weight_files
-    from kvforge.conversion.checkpoint import checkpoint_entries
-
     names = (
         weight_files.SAFETENSORS,
         weight_files.SAFETENSORS_INDEX,
@@ -190,9 +188,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return failed
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(highlight=False)
     table = Table(title=f"{report['path']}: {report['architecture']} ({report['model_type']})")
     for column in ("layer", "form", "window", "K/V from", "values/token", f"KV bytes @ {report['seq_len']}"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kvforge.arch import CausalLM
 from kvforge.arch.evaluate import windowed_nll
-from kvforge.training.evaluation.schema import documented
+from kvforge.evaluation.schema import documented
 
 from .corpus import Corpus
 

@@ -1,10 +1,11 @@
 """Evaluation of kvforge models: perplexity, perplexity versus context, passkey retrieval, measured
 KV-cache bytes, peak memory and decode speed (``kvforge eval``), one module per job."""
 
+from kvforge.conversion.loading import EvalModel, load_for_eval
+
 from .corpus import Corpus, load_corpus, read_text
 from .kv_memory import MemoryRow
 from .latency import LatencyRow, measure_decode
-from .loading import EvalModel, load_for_eval
 from .passkey import PasskeySettings, PasskeyTask, is_exact_match, retrieval_accuracy
 from .perplexity import PerplexityRow, default_contexts, perplexity, perplexity_vs_context
 from .runner import EvalSettings, ModelReport, evaluate_model

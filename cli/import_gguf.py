@@ -15,6 +15,9 @@ take a .gguf file directly: they import it once into a cache ($KVFORGE_CACHE/ggu
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from kvforge.conversion.gguf import import_gguf, read_provenance
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,12 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
-    from kvforge.conversion.gguf import import_gguf, read_provenance
-
     out = import_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=True)
     provenance = read_provenance(out)
     types = ", ".join(f"{name} x{count}" for name, count in provenance["tensor_types"].items())
