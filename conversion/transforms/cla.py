@@ -27,7 +27,7 @@ from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count, map_layers
-from .key_metric import attention_metric
+from .key_metric import value_metric
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import HeadTargets, group_cost, merge_group, output_blocks
 from .record import FittedOptions, Transform, option
@@ -35,7 +35,6 @@ from .rotary import from_pairs, pair_frequencies, scale_pairs
 from .whitening import Whitening, flat_inputs, head_targets, rows_with_bias, split_bias
 
 INITS = ("fit", "first", "mean")
-METRIC = True
 KV_LEAVES = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight")
 
 
@@ -142,15 +141,11 @@ def _fit_group(
             cross = owner_x.mT @ source_x / len(owner_x)
             per_layer.append(head_targets(ctx.source, whitening, source_whitening, cross))
     targets = _concat(per_layer)
-    metric = None
-    if METRIC and owner.inputs is not None and not bias:
+    metric = None  # values merged in the metric their errors reach each layer's output in (.key_metric)
+    if owner.inputs is not None:
         sources = [(ctx.source, ctx.source_inputs) for ctx in contexts]
-        metric = attention_metric(sources, owner.inputs, whitening, pair_frequencies(config), bias)
-        targets = dataclasses.replace(
-            targets,
-            key=targets.key @ metric.key_root.to(targets.key.dtype),
-            value=targets.value @ metric.value_root,
-        )
+        metric = value_metric(sources, owner.inputs, whitening, pair_frequencies(config), bias)
+        targets = dataclasses.replace(targets, value=targets.value @ metric[0])
     everyone = range(len(contexts) * n_heads)
     totals = (targets.key_energy(everyone), float(targets.value_gram(everyone).trace()))
 
@@ -177,14 +172,7 @@ def _fit_group(
         for position, (head, out) in enumerate(zip(heads, output_blocks(targets, heads, group.value))):
             alpha[head], blocks[head] = group.alpha[position], out
     if metric is not None:  # back from the metric's coordinates to the whitened ones
-        merged = [
-            dataclasses.replace(
-                group,
-                key=group.key @ metric.key_root_inv.to(group.key.dtype),
-                value=group.value @ metric.value_root_inv,
-            )
-            for group in merged
-        ]
+        merged = [dataclasses.replace(group, value=group.value @ metric[1]) for group in merged]
     modules = []
     for position, (ctx, order) in enumerate(zip(contexts, orders)):
         q_source = rows_with_bias(ctx.source.q_proj)

@@ -25,14 +25,13 @@ from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count, map_layers
-from .key_metric import attention_key_moments, from_metric, to_metric, white_mean
+from .key_metric import value_metric
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import best_partition, group_cost, merge_keys, merge_values, output_blocks
-from .mla_rope import rope_statistics
 from .qk_norm import merge_signed, normalised_targets, signed_group_cost
 from .record import FittedOptions, Transform, option
 from .rotary import from_pairs, pair_frequencies, scale_pairs
-from .whitening import flat_inputs, head_targets, layer_whitening, rows_with_bias, split_bias
+from .whitening import head_targets, layer_whitening, rows_with_bias, split_bias
 
 METHODS = ("aligned", "mean")
 
@@ -114,61 +113,12 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
     cost, merge_keys_of = group_cost, merge_keys
     if config.qk_norm:
         targets, cost, merge_keys_of = normalised_targets(targets, attn), signed_group_cost, merge_signed
-    # Keys are merged in the metric where their mean counts only as far as the softmax can see it
-    # (.key_metric): per rotary pair, by how much the pair's rotation varies over attended keys.
-    mean, counted = None, 0.0
-    root = root_inv = None
-    if KEY_METRIC == "mean" and ctx.inputs is not None and not config.qk_norm:
-        mean = white_mean(ctx.inputs, whitening, bias)
-        counted = _mean_share(config, attn, ctx.source_inputs, targets.key_weight)
-        targets = dataclasses.replace(targets, key=to_metric(targets.key, mean, counted))
-    roots = None
-    if KEY_METRIC == "spread" and ctx.inputs is not None and not config.qk_norm and not bias:
-        freqs = pair_frequencies(config).to(targets.key.device)
-        K, M = attention_key_moments(attn, ctx.source_inputs, freqs)
-        stats = rope_statistics(attn, ctx.source_inputs, freqs)
-        weight = targets.key_weight.to(torch.float64)
-        coh = (stats.coherence * weight).sum(0) / weight.sum(0).clamp_min(1e-300)
-        R_inv = whitening.R_inv.to(torch.float64)
-        K, M = R_inv.mT @ K @ R_inv, R_inv.mT @ M @ R_inv
-        eye = torch.eye(len(K), dtype=K.dtype, device=K.device)
-        roots = []
-        for i in range(len(coh)):
-            C = (1 - BLEND) * (K - coh[i] * M) + BLEND * eye
-            evals, evecs = torch.linalg.eigh((C + C.mT) / 2)
-            evals = evals.clamp_min(1e-9 * float(evals.max()))
-            roots.append(
-                (evecs @ torch.diag(evals.sqrt()) @ evecs.mT, evecs @ torch.diag(evals.rsqrt()) @ evecs.mT)
-            )
-        metric = torch.stack([r for r, _ in roots]).to(targets.key.dtype)  # (P, d, d)
-        targets = dataclasses.replace(targets, key=torch.einsum("hpd,pde->hpe", targets.key, metric))
-    if KEY_METRIC == "attention" and ctx.inputs is not None and not config.qk_norm:
-        stats = rope_statistics(attn, ctx.source_inputs, pair_frequencies(config).to(targets.key.device))
-        u = flat_inputs(ctx.inputs, bias) @ whitening.R_inv.to(torch.float64)
-        moment = (u * stats.received.unsqueeze(-1)).mT @ u / len(u)
-        eye = torch.eye(len(moment), dtype=moment.dtype, device=moment.device)
-        moment = (1 - BLEND) * moment + BLEND * eye
-        evals, evecs = torch.linalg.eigh(moment)
-        evals = evals.clamp_min(1e-12)
-        root = evecs @ torch.diag(evals.sqrt()) @ evecs.mT
-        root_inv = evecs @ torch.diag(evals.rsqrt()) @ evecs.mT
-        targets = dataclasses.replace(targets, key=targets.key @ root.to(targets.key.dtype))
-    value_roots = None
-    if VALUE_METRIC and ctx.inputs is not None and not bias:
-        freqs = pair_frequencies(config).to(targets.key.device)
-        _, M = attention_key_moments(attn, ctx.source_inputs, freqs)
-        R_inv = whitening.R_inv.to(torch.float64)
-        M = R_inv.mT @ M @ R_inv
-        M = (1 - VBLEND) * M + VBLEND * torch.eye(
-            len(M), dtype=M.dtype, device=M.device
-        ) * M.diagonal().mean()
-        evals, evecs = torch.linalg.eigh((M + M.mT) / 2)
-        evals = evals.clamp_min(1e-12 * float(evals.max()))
-        value_roots = (
-            evecs @ torch.diag(evals.sqrt()) @ evecs.mT,
-            evecs @ torch.diag(evals.rsqrt()) @ evecs.mT,
-        )
-        targets = dataclasses.replace(targets, value=targets.value @ value_roots[0])
+    # Values are merged in the metric their errors reach the output in (.key_metric): attention-averaged.
+    metric = None
+    if ctx.inputs is not None:
+        freqs = pair_frequencies(config).to(targets.value.device)
+        metric = value_metric([(attn, ctx.source_inputs)], ctx.inputs, whitening, freqs, bias)
+        targets = dataclasses.replace(targets, value=targets.value @ metric[0])
     size = n_heads // new_config.layers[ctx.index].n_kv_heads
     totals = (targets.key_energy(range(n_heads)), float(targets.value_gram(range(n_heads)).trace()))
     groups = best_partition(n_heads, size, lambda g: cost(targets, g, head_dim, totals))
@@ -178,15 +128,10 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
     o_blocks = attn.o_proj.weight.to(torch.float64).reshape(-1, n_heads, head_dim)
     for group in groups:
         key, alpha, _ = merge_keys_of(targets, group)
-        key = from_metric(key, mean, counted)
-        if root_inv is not None:
-            key = key @ root_inv.to(key.dtype)
-        if roots is not None:
-            key = torch.einsum("pd,pde->pe", key, torch.stack([r for _, r in roots]).to(key.dtype))
         value, _ = merge_values(targets, group, head_dim)
         blocks = output_blocks(targets, group, value)
-        if value_roots is not None:
-            value = value @ value_roots[1]
+        if metric is not None:
+            value = value @ metric[1]
         k_rows.append(from_pairs(whitening.rows_from_white(key).unsqueeze(0)))
         v_rows.append(whitening.rows_from_white(value))
         for position, head in enumerate(group):
@@ -204,24 +149,6 @@ def _aligned_layer(config: ModelConfig, new_config: ModelConfig, ctx: LayerConte
     if config.qk_norm:  # the gains stay: every head's norm, and the merged key's, scale alike
         weights.update({"q_norm.weight": attn.q_norm.weight, "k_norm.weight": attn.k_norm.weight})
     return new_attention(new_config, ctx.index, weights)
-
-
-KEY_METRIC = "attention"
-VALUE_METRIC = True
-VBLEND = 0.01
-BLEND = 0.1
-
-
-def _mean_share(
-    config: ModelConfig, attn, inputs: list[torch.Tensor], key_weight: torch.Tensor
-) -> torch.Tensor:
-    """Per rotary pair, ``γ = 1 - coherence`` of the source attention, averaged over the query heads by
-    their query energy: the share of a key mean's score that the softmax sees (:mod:`.key_metric`)."""
-    device = key_weight.device
-    stats = rope_statistics(attn, inputs, pair_frequencies(config).to(device))
-    weight = key_weight.to(torch.float64)
-    coherence = (stats.coherence * weight).sum(0) / weight.sum(0).clamp_min(1e-300)
-    return (1 - coherence).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------ mean

@@ -1,29 +1,72 @@
-"""Key errors up to what the softmax cannot see: a key's mean is (nearly) free.
+"""The metrics merged and factored projections are fitted in: what attention actually does with them.
 
-A score error that is the same for every key a query attends to shifts all its logits alike, and the
-softmax ignores it. A key error ``e(x)`` splits into its mean ``ē`` over tokens and the rest. The
-mean's score ``Re(q·conj(ē)·exp(1j·ω·Δ))`` changes across the attended keys only through the rotation:
+Every fit in :mod:`.merge` and :mod:`.mla` works in whitened input coordinates ``u`` (``E[u uᵀ] = I``),
+where the expected squared error of a linear function of the input is the squared norm of its
+coefficients. Two facts of softmax attention refine that uniform measure:
 
-- not at all for a position-free key (MLA's latent part): its mean costs nothing;
-- for a rotary pair of frequency ``ω``, by ``1 - |φ|²``, where ``φ = Σ_s p(t,s)·exp(1j·ω·(t-s))`` is
-  the pair's phase coherence under the source attention ``p`` (averaged over queries ``t``): slow
-  pairs over short attention spans keep it near 1, fast pairs lose it.
-
-Real checkpoints make this matter: the mean is most of a layer's key energy (docs/results.md, "Real
-checkpoints"), so an error measure that counts it spends the merge on a direction that hardly moves
-attention. In whitened coordinates (``E[u uᵀ] = I``, mean ``ū``) the
-metric of a key error is ``I - (1 - γ) ū ūᵀ`` with ``γ`` the share of the mean that still counts.
-Keys are mapped into that metric (:func:`to_metric`), merged or factored there, and mapped back.
+- **A value error reaches the output averaged by attention.** With ``m_t = Σ_s p(t,s) u_s`` the
+  inputs a query's attention averages, a value error ``E u`` moves that query's output by ``E m_t``,
+  so its cost is exactly ``tr(E M Eᵀ)`` with ``M = E_t m_t m_tᵀ`` (no independence assumption). Tokens
+  that receive much attention (the first token, which real models use as an attention sink) weigh in
+  ``M`` as much as they do in the outputs; in the uniform measure they are one token among thousands.
+  :func:`value_metric` gives ``M``'s square root.
+- **A position-free key's mean is softmax-invariant.** It adds the same score to every key a query
+  sees, so MLA's latent keys are fitted centered (:func:`to_metric`, :func:`centered_readout`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from .mla_rope import attention_probabilities
 from .whitening import Whitening, flat_inputs
+
+# Share of the uniform metric mixed into M (scaled to a unit mean eigenvalue), so that directions no
+# calibration query averages keep a finite cost and M's square root a bounded inverse.
+BLEND = 0.01
+
+
+@torch.no_grad()
+def attention_moment(
+    attn, inputs: list[torch.Tensor], freqs: torch.Tensor, averaged=None, rows_per_step: int = 4
+):
+    """``M = E_t m_t m_tᵀ``, ``m_t = Σ_s p(t,s) y_s``, averaged over the heads of the source GQA module
+    ``attn`` (its attention ``p`` on ``inputs``); ``y`` is ``averaged`` (default ``inputs``): the
+    inputs the new projections will read. ``(d, d)`` float64."""
+    averaged = inputs if averaged is None else averaged
+    d = averaged[0].shape[-1]
+    moment = torch.zeros(d, d, dtype=torch.float64, device=freqs.device)
+    count = 0
+    for chunk, other in zip(inputs, averaged):
+        for x, y in zip(chunk.split(rows_per_step), other.split(rows_per_step)):
+            probs = attention_probabilities(attn, x, freqs)  # (b, H, t, s)
+            batch, heads, seq, _ = probs.shape
+            means = (probs.to(y.dtype) @ y.unsqueeze(1)).reshape(-1, d).to(torch.float64)  # (b·H·t, d)
+            moment += means.mT @ means / heads
+            count += batch * seq
+    return moment / count
+
+
+def value_metric(
+    sources: list[tuple[torch.nn.Module, list[torch.Tensor]]],
+    averaged: list[torch.Tensor],
+    whitening: Whitening,
+    freqs: torch.Tensor,
+    bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M^½, M^-½)`` in the whitened coordinates of ``averaged``, for the source attention modules in
+    ``sources`` (each with the inputs it reads; several when layers will share K/V, averaged)."""
+    if bias:  # the new rows act on [x, 1]: average the constant coordinate too
+        averaged = [torch.cat((x, torch.ones_like(x[..., :1])), dim=-1) for x in averaged]
+    moment = sum(attention_moment(attn, inputs, freqs, averaged) for attn, inputs in sources) / len(sources)
+    R_inv = whitening.R_inv.to(torch.float64)
+    moment = R_inv.mT @ moment @ R_inv
+    moment = (moment + moment.mT) / 2
+    eye = torch.eye(len(moment), dtype=moment.dtype, device=moment.device)
+    moment = (1 - BLEND) * moment / float(moment.diagonal().mean().clamp_min(1e-300)) + BLEND * eye
+    evals, evecs = torch.linalg.eigh(moment)
+    evals = evals.clamp_min(BLEND * 1e-3)
+    return evecs @ torch.diag(evals.sqrt()) @ evecs.mT, evecs @ torch.diag(evals.rsqrt()) @ evecs.mT
 
 
 def white_mean(chunks: list[torch.Tensor], whitening: Whitening, bias: bool) -> torch.Tensor:
@@ -31,42 +74,22 @@ def white_mean(chunks: list[torch.Tensor], whitening: Whitening, bias: bool) -> 
     return flat_inputs(chunks, bias).mean(0) @ whitening.R_inv.to(torch.float64)
 
 
-def _shrink(mean: torch.Tensor, counted: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unit mean ``û`` and ``c`` with ``(I - (1-γ) ū ūᵀ)^½ = I - c û ûᵀ``."""
+def to_metric(rows: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """``rows · (I - ū ūᵀ)^½``: the centered metric's square root is ``I - c ûûᵀ``, ``c = 1 - √(1-‖ū‖²)``."""
+    if mean is None:
+        return rows
     norm2 = min(float(mean @ mean), 1 - 1e-12)
-    counted = torch.as_tensor(counted, dtype=torch.float64, device=mean.device)
-    return mean / norm2**0.5, 1 - (1 - (1 - counted) * norm2).sqrt()
-
-
-def to_metric(
-    rows: torch.Tensor, mean: torch.Tensor | None, counted: torch.Tensor | float = 0.0
-) -> torch.Tensor:
-    """``rows · (I - (1-γ) ū ūᵀ)^½``. ``rows``: ``(..., d)`` real or complex whitened rows; ``counted``
-    (γ) broadcasts against ``rows.shape[:-1]`` (e.g. one value per rotary pair)."""
-    if mean is None:
-        return rows
-    unit, shrink = _shrink(mean, counted)
-    return rows - (shrink * (rows @ unit.to(rows.dtype))).unsqueeze(-1) * unit.to(rows.dtype)
-
-
-def from_metric(
-    rows: torch.Tensor, mean: torch.Tensor | None, counted: torch.Tensor | float = 0.0
-) -> torch.Tensor:
-    """Inverse of :func:`to_metric` (``(I - c ûûᵀ)⁻¹ = I + c/(1-c) ûûᵀ``)."""
-    if mean is None:
-        return rows
-    unit, shrink = _shrink(mean, counted)
-    grow = shrink / (1 - shrink)
-    return rows + (grow * (rows @ unit.to(rows.dtype))).unsqueeze(-1) * unit.to(rows.dtype)
+    unit = mean / norm2**0.5
+    return rows - (1 - (1 - norm2) ** 0.5) * (rows @ unit).unsqueeze(-1) * unit
 
 
 def centered_readout(keys: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     """Least-squares coefficients of position-free ``keys`` (``(..., d)`` rows) on an orthonormal latent
-    ``basis`` (``(r, d)``) under the centered metric ``M = I - ū ūᵀ``: ``K M Bᵀ (B M Bᵀ)⁻¹``."""
+    ``basis`` (``(r, d)``) under the centered metric ``C = I - ū ūᵀ``: ``K C Bᵀ (B C Bᵀ)⁻¹``."""
     if mean is None:
         return keys @ basis.mT
     b = basis @ mean
-    projected = keys @ basis.mT - (keys @ mean).unsqueeze(-1) * b  # K M Bᵀ
+    projected = keys @ basis.mT - (keys @ mean).unsqueeze(-1) * b  # K C Bᵀ
     return projected + (projected @ b).unsqueeze(-1) * b / (1 - float(b @ b))  # (I - bbᵀ)⁻¹
 
 
@@ -79,84 +102,3 @@ def centered_output_energy(
         return energy
     value_mean = values @ mean
     return energy - torch.einsum("hk,hkl,hl->h", value_mean, out_gram, value_mean)
-
-
-@torch.no_grad()
-def attention_key_moments(
-    attn, inputs: list[torch.Tensor], freqs: torch.Tensor, rows_per_step: int = 4, averaged=None
-):
-    """Second moments of the key-side inputs as the source attention sees them, averaged over heads:
-
-    - ``K = E_t Σ_s p(t,s) x_s x_sᵀ`` (each key token weighted by the attention it receives),
-    - ``M = E_t m_t m_tᵀ`` with ``m_t = Σ_s p(t,s) x_s`` (what a query's attention averages).
-
-    ``K - M = E_t Cov_{s~p(t,·)}(x_s)`` is the metric of a position-free key error that the softmax
-    sees: the spread of its score over the keys a query attends to. ``(d, d)`` float64 each, on the
-    inputs ``x`` of the attention (RMS-normed stream chunks ``(batch, seq, d)``)."""
-    averaged = inputs if averaged is None else averaged
-    d = averaged[0].shape[-1]
-    K = torch.zeros(d, d, dtype=torch.float64, device=freqs.device)
-    M = torch.zeros_like(K)
-    count = 0
-    for chunk, other in zip(inputs, averaged):
-        for x, y in zip(chunk.split(rows_per_step), other.split(rows_per_step)):
-            probs = attention_probabilities(attn, x, freqs)  # (b, H, t, s)
-            batch, heads, seq, _ = probs.shape
-            received = probs.sum(2)  # (b, H, s)
-            yd = y.to(torch.float64)
-            K += torch.einsum("bhs,bsd,bse->de", received.to(torch.float64), yd, yd) / heads
-            means = probs.to(y.dtype) @ y.unsqueeze(1)  # (b, H, t, d)
-            flat = means.reshape(-1, d).to(torch.float64)
-            M += flat.mT @ flat / heads
-            count += batch * seq
-    return K / count, M / count
-
-
-@dataclass
-class AttentionMetric:
-    """Square roots (and inverses) of the metrics in which merged keys and values are fitted, in the
-    whitened coordinates of the inputs the new projections read (``E[u uᵀ] = I``).
-
-    - keys: ``K = E_t Σ_s p(t,s) u_s u_sᵀ``, each token weighted by the attention it receives (a key
-      error costs where queries look; the uniform ``I`` assumes every key is looked at alike);
-    - values: ``M = E_t m_t m_tᵀ``, ``m_t = Σ_s p(t,s) u_s``: a value error ``E u`` reaches the output as
-      ``E m_t``, so ``E‖E m_t‖² = tr(E M Eᵀ)`` exactly (no independence assumption).
-
-    Each is blended with a little of the uniform metric (``blend · I`` after scaling to unit mean
-    eigenvalue) so that directions no calibration token exercises keep a finite cost."""
-
-    key_root: torch.Tensor
-    key_root_inv: torch.Tensor
-    value_root: torch.Tensor
-    value_root_inv: torch.Tensor
-
-
-def _roots(moment: torch.Tensor, blend: float) -> tuple[torch.Tensor, torch.Tensor]:
-    moment = (moment + moment.mT) / 2
-    scale = float(moment.diagonal().mean().clamp_min(1e-300))
-    eye = torch.eye(len(moment), dtype=moment.dtype, device=moment.device)
-    evals, evecs = torch.linalg.eigh((1 - blend) * moment / scale + blend * eye)
-    evals = evals.clamp_min(blend * 1e-3)
-    return evecs @ torch.diag(evals.sqrt()) @ evecs.mT, evecs @ torch.diag(evals.rsqrt()) @ evecs.mT
-
-
-def attention_metric(
-    sources: list[tuple[torch.nn.Module, list[torch.Tensor]]],
-    averaged: list[torch.Tensor],
-    whitening: Whitening,
-    freqs: torch.Tensor,
-    bias: bool,
-    blend: float = 0.01,
-) -> AttentionMetric:
-    """The :class:`AttentionMetric` of one or several source attention modules (each with the inputs it
-    reads; several for layers that will share K/V), all averaging the same new inputs ``averaged``."""
-    if bias:  # the new rows act on [x, 1]: average the constant coordinate too
-        averaged = [torch.cat((x, torch.ones_like(x[..., :1])), dim=-1) for x in averaged]
-    K = M = None
-    for attn, inputs in sources:
-        k, m = attention_key_moments(attn, inputs, freqs, averaged=averaged)
-        K, M = (k, m) if K is None else (K + k, M + m)
-    K, M = K / len(sources), M / len(sources)
-    R_inv = whitening.R_inv.to(torch.float64)
-    K, M = R_inv.mT @ K @ R_inv, R_inv.mT @ M @ R_inv
-    return AttentionMetric(*_roots(K, blend), *_roots(M, blend))

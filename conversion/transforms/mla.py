@@ -46,7 +46,7 @@ from kvforge.arch.model import rotary_key
 
 from .calibration import LayerStream, check_calibration, rope_tables, source_layer
 from .common import EMBEDDINGS, Sink, StateDict, check_gqa_source
-from .key_metric import attention_key_moments, centered_output_energy, centered_readout, to_metric, white_mean
+from .key_metric import centered_output_energy, centered_readout, to_metric, white_mean
 from .latent_norm import LatentNorm, fit_latent_norm, linear_regime_scale
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import merge_keys
@@ -333,32 +333,19 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     # coordinates (E[u uᵀ] = I, mean ū) the metric is I - ū ūᵀ. Values are measured uncentered (their
     # mean passes through the softmax), and a score error costs in proportion to the *spread* of the
     # head's output, so the key weight uses the centered value energy.
-    mean = white_mean(ctx.inputs, whitening, bias) if CENTERED and ctx.inputs is not None else None
+    mean = white_mean(ctx.inputs, whitening, bias) if ctx.inputs is not None else None
     value_energy = centered_output_energy(targets.value, targets.out_gram, mean)
     q_white = source_whitening.rows_to_white(q_nope)
     score_weight = (q_white @ q_white.mT) * (attn.scale**2 * value_energy).view(-1, 1, 1)
     k_metric = to_metric(k_nope, mean)
-    values, value_metric = linear.value, None
-    if VALUE_METRIC and ctx.inputs is not None and not bias:
-        freqs = pair_frequencies(config).to(values.device)
-        _, moment = attention_key_moments(attn, ctx.source_inputs, freqs, averaged=ctx.inputs)
-        R_inv = whitening.R_inv.to(torch.float64)
-        value_metric = R_inv.mT @ moment @ R_inv
-        evals, evecs = torch.linalg.eigh((value_metric + value_metric.mT) / 2)
-        root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.mT
-        value_gram = torch.einsum("hkd,hkl,hle->de", values @ root, linear.out_gram, values @ root)
-    else:
-        value_gram = linear.value_gram(range(n_heads))
-    gram = torch.einsum("hkd,hkl,hle->de", k_metric, score_weight, k_metric) + value_gram
+    gram = torch.einsum("hkd,hkl,hle->de", k_metric, score_weight, k_metric) + linear.value_gram(
+        range(n_heads)
+    )
     eigvals, eigvecs = torch.linalg.eigh(gram)
     basis = eigvecs[:, eigvals.argsort(descending=True)[: new_config.kv_lora_rank]].mT  # (r, d) orthonormal
-    if value_metric is not None:  # least squares under the value metric G: V G Bᵀ (B G Bᵀ)⁻¹
-        value_rows = torch.linalg.solve(
-            basis @ value_metric @ basis.mT, (values @ value_metric @ basis.mT).mT
-        ).mT
-    else:
-        value_rows = values @ basis.mT
-    kv_b = torch.cat((centered_readout(k_nope, basis, mean), value_rows), dim=1)  # (H, nope + v, r)
+    kv_b = torch.cat(
+        (centered_readout(k_nope, basis, mean), linear.value @ basis.mT), dim=1
+    )  # (H, nope + v, r)
 
     # 4. latent norm (see .latent_norm): linear regime, or a calibrated basis and weight
     latent_rows = whitening.rows_from_white(basis)
@@ -390,10 +377,6 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     if new_config.o_proj_bias:
         weights["o_proj.bias"] = _output_bias(attn)
     return new_attention(new_config, ctx.index, weights)
-
-
-CENTERED = True
-VALUE_METRIC = False
 
 
 def _output_bias(attn) -> torch.Tensor:

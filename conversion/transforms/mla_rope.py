@@ -38,11 +38,6 @@ class RopeStatistics:
 
     A: torch.Tensor  # (n_heads, n_pairs) complex128
     B: torch.Tensor  # (n_heads, n_pairs) float64
-    # E_t |Σ_s p(t,s)·exp(1j·ω·(t-s))|²: how alike a pair's rotation looks over the keys a query attends
-    # to (1: a constant key part is softmax-invariant; 0: it is not), see .key_metric
-    coherence: torch.Tensor | None = None  # (n_heads, n_pairs) float64
-    # attention each calibration token receives as a key, averaged over heads: (tokens,), mean 1
-    received: torch.Tensor | None = None
 
     def phase_factors(self) -> torch.Tensor:
         """``c = A / B``: the fixed rotation-scaling that best replaces each pair's RoPE."""
@@ -66,31 +61,20 @@ def rope_statistics(
     device = freqs.device
     A = torch.zeros(n_heads, n_pairs, dtype=torch.complex128, device=device)
     B = torch.zeros(n_heads, n_pairs, dtype=torch.float64, device=device)
-    coherence = torch.zeros(n_heads, n_pairs, dtype=torch.float64, device=device)
-    queries, received = 0, []
     freqs = freqs.to(torch.float32)
     for chunk in inputs:
         for x in chunk.split(rows_per_step):
-            batch, seq, _ = x.shape
+            seq = x.shape[1]
             angle = torch.arange(seq, dtype=torch.float32, device=device).unsqueeze(-1) * freqs  # (seq, P)
             q, k, probs = _attention(attn, x, freqs, angle)
             q_power = q[..., :n_pairs] ** 2 + q[..., n_pairs:] ** 2  # |q_t|² per pair: (b, H, t, P)
             k_power = k[..., :n_pairs] ** 2 + k[..., n_pairs:] ** 2
-            phases = angle.expand(batch, n_heads, seq, n_pairs)
-            mixed = probs @ torch.cat(
-                (k_power * angle.cos(), k_power * angle.sin(), k_power, phases.cos(), phases.sin()), -1
-            )
-            k_cos, k_sin, k_sum, p_cos, p_sin = mixed.split(n_pairs, dim=-1)
-            coherence += (p_cos.square() + p_sin.square()).sum((0, 2)).to(torch.float64)
-            queries += batch * seq
-            received.append(probs.sum(2).mean(1).reshape(-1).to(torch.float64))
+            mixed = probs @ torch.cat((k_power * angle.cos(), k_power * angle.sin(), k_power), -1)
+            k_cos, k_sin, k_sum = mixed.split(n_pairs, dim=-1)
             inner = torch.complex(k_cos, -k_sin) * torch.polar(q_power, angle.expand_as(q_power))
             A += inner.sum((0, 2)).to(torch.complex128)
             B += (q_power * k_sum).sum((0, 2)).to(torch.float64)
-    received = torch.cat(received) if received else None
-    if received is not None:
-        received = received / received.mean().clamp_min(1e-300)
-    return RopeStatistics(A, B, coherence / max(queries, 1), received)
+    return RopeStatistics(A, B)
 
 
 def attention_probabilities(attn: nn.Module, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
