@@ -70,7 +70,7 @@ def to_gqa(
     *,
     n_kv_heads: int,
     method: str = "aligned",
-    sequential: bool = True,
+    sequential: bool = False,
     refine_steps: int = 0,
     progress: bool = False,
     device: str | torch.device = "cpu",

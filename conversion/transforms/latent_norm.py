@@ -20,7 +20,10 @@ import torch
 # Directions of P below this fraction of its largest eigenvalue are clipped to it: keeps M well
 # conditioned (kv_b absorbs M⁻¹) at a small cost in flatness.
 EIGEN_FLOOR = 1e-2
-MAX_TOKENS = 65536
+# The flattening fit reads at most this many calibration tokens, evenly spaced: with more unknowns than
+# tokens it solves through the tokens x tokens kernel, so this bounds its memory (128 MiB) and time
+# whatever the calibration size.
+MAX_TOKENS = 4096
 # "linear" regime: the largest calibration latent's mean square is this fraction of the norm's eps, so
 # ``rms(c)`` is eps-dominated for every token and the norm is a constant scale to within MARGIN / 2.
 LINEAR_MARGIN = 1e-3
@@ -106,7 +109,8 @@ def _largest_eigenvalue(matrix: torch.Tensor, steps: int = 16) -> float:
 
 def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
     """``latent``: ``(tokens, r)`` calibration latents (float64). ``flatten=False`` keeps the basis."""
-    latent = latent[:MAX_TOKENS].detach().to(torch.float64)
+    stride = -(-len(latent) // MAX_TOKENS)
+    latent = latent[::stride].detach().to(torch.float64)
     rank = latent.shape[1]
     eye = torch.eye(rank, dtype=torch.float64, device=latent.device)
     basis = basis_inv = eye

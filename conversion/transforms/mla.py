@@ -164,7 +164,7 @@ def to_mla(
     layout: str = "deepseek",
     rotary_residual: bool = True,
     latent_norm: str = "linear",
-    sequential: bool = True,
+    sequential: bool = False,
     refine_steps: int = 0,
     progress: bool = False,
     report: MLAReport | None = None,

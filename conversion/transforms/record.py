@@ -33,7 +33,10 @@ class FittedOptions:
     """How a calibrated transform fits its layers (base of the options of to_gqa, to_mla, to_cla)."""
 
     sequential: bool = option(
-        True, help="each layer is fitted to the converted model's own inputs (False: the source's)"
+        False,
+        help="fit each layer on the inputs the converted layers before it give, its target repairing "
+        "their error (default: each layer on the source's own inputs, which measured better on real "
+        "weights: docs/transforms.md)",
     )
     refine_steps: int = option(
         0, help="after the closed-form fit, Adam steps per layer on the block's reconstruction error"
