@@ -30,6 +30,7 @@ Python: ``kvforge.conversion.convert.convert_checkpoint(src, out, transform, opt
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .cli_export import FAMILY_CHOICES
@@ -37,6 +38,20 @@ from .cli_export import FAMILY_CHOICES
 FORMS = ("gqa", "mqa", "mla", "cla", "window", "chunked", "gta", "gla")
 RECIPE_REFINE_STEPS = 200
 CPU_REFINE_MAX_D_MODEL = 512
+NOOP_EXIT = 3  # --fail-if-noop: the conversion would change nothing
+COUNT_OPTIONS = (
+    "n_kv_heads",
+    "kv_lora_rank",
+    "rope_dims",
+    "factor",
+    "chunk",
+    "global_every",
+    "n_latent_heads",
+)
+
+
+class NothingToChange(Exception):
+    """--fail-if-noop, and the conversion would leave SRC as it is."""
 
 
 def torch_cpu():
@@ -153,6 +168,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="store tensors in this dtype"
     )
     group.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    group.add_argument(
+        "--fail-if-noop",
+        action="store_true",
+        help="exit 3 and write nothing when --to would leave SRC as it is (default: say 'nothing to change' "
+        "and write an unchanged copy, exit 0)",
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -185,6 +206,10 @@ def resolve_refine_steps(value: int | str, device, d_model: int) -> int:
 def transform_options(args: argparse.Namespace, device=None, d_model: int = 0) -> dict:
     """The transform's keyword options from the command line (missing required ones are errors);
     ``device`` and ``d_model`` resolve ``--refine-steps auto`` (device None: the CPU)."""
+    for name in COUNT_OPTIONS:  # a bad value is named before any missing option is asked for
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
     required = {
         "gqa": ("n_kv_heads",),
         "mla": ("kv_lora_rank", "rope_dims"),
@@ -245,41 +270,60 @@ def run(args: argparse.Namespace) -> int:
 
     from kvforge.arch import kv_bytes_per_token
     from kvforge.conversion import plan_export
-    from kvforge.conversion.convert import convert_checkpoint, resolve_device, uses_calibration
+    from kvforge.conversion.convert import ConversionStart, convert_checkpoint, resolve_device
     from kvforge.conversion.pretrained import load_config
+    from kvforge.conversion.transforms.targets import source_check
 
     console = Console(highlight=False)
     device = resolve_device(args.device)
-    d_model = load_config(src)[0].d_model
-    options = transform_options(
-        args, device, d_model
-    )  # checked against SRC's config before any weight is read
-    if calibration is not None and uses_calibration(args.to, options):
-        what = (
-            f"{args.calib_tokens} tokens sampled from {src} (seed {args.seed})"
-            if calibration == "self"
-            else calibration
-        )
-        console.print(f"Calibration: {what}; converting one layer at a time on {device}")
-        if "refine_steps" in options:
-            source = (
-                "--refine-steps auto on " + device.type if args.refine_steps == "auto" else "--refine-steps"
+    config = load_config(src)[0]
+    source_check(args.to, config)  # a source no options could convert, before asking for options
+    options = transform_options(args, device, config.d_model)
+
+    def announce(start: ConversionStart) -> None:
+        """Start-up lines, printed once SRC's config, the options and the weight headers passed every check."""
+        if start.noop:
+            message = (
+                f"nothing to change: --to {args.to} leaves {src} as it is (its config is already the target)"
             )
-            console.print(f"Refinement: {options['refine_steps']} Adam steps per layer ({source})")
-    _, config, new_config = convert_checkpoint(
-        src,
-        out,
-        args.to,
-        options,
-        device=device,
-        calibration=calibration,
-        calib_tokens=args.calib_tokens,
-        calib_seq_len=args.calib_seq_len,
-        seed=args.seed,
-        family=None if args.family == "auto" else args.family,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-    )
+            if args.fail_if_noop:
+                raise NothingToChange(message + " (--fail-if-noop: nothing written)")
+            console.print(f"{message}; writing an unchanged copy (no calibration)")
+            return
+        if start.calibrates:
+            what = (
+                f"{args.calib_tokens} tokens sampled from {src} (seed {args.seed})"
+                if calibration == "self"
+                else calibration
+            )
+            console.print(f"Calibration: {what}; converting one layer at a time on {device}")
+            if "refine_steps" in options:
+                source = (
+                    "--refine-steps auto on " + device.type
+                    if args.refine_steps == "auto"
+                    else "--refine-steps"
+                )
+                console.print(f"Refinement: {options['refine_steps']} Adam steps per layer ({source})")
+
+    try:
+        _, config, new_config = convert_checkpoint(
+            src,
+            out,
+            args.to,
+            options,
+            device=device,
+            calibration=calibration,
+            calib_tokens=args.calib_tokens,
+            calib_seq_len=args.calib_seq_len,
+            seed=args.seed,
+            family=None if args.family == "auto" else args.family,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            on_ready=announce,
+        )
+    except NothingToChange as stop:
+        print(f"kvforge convert: {stop}", file=sys.stderr)
+        return NOOP_EXIT
     plan = plan_export(new_config, None if args.family == "auto" else args.family)
     before = kv_bytes_per_token(config, config.max_seq_len, "bf16")
     after = kv_bytes_per_token(new_config, config.max_seq_len, "bf16")
