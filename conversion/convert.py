@@ -94,7 +94,7 @@ class ShardWriter:
         check_tensors(config, self.shapes, "converted model")
         hf = export_config(self.plan.family, config, self.stored)
         # one layer per part while converting; the directory gets export's one rule (by size)
-        repack([path for path, _ in self.parts], self.directory)
+        repack(self.parts, self.directory)
         write_directory_files(self.directory, self.plan.family, hf, tokenizer_from)
 
 

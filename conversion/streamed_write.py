@@ -109,15 +109,17 @@ def write_streamed(
     return [file.path for file in files.values()]
 
 
-def repack(parts: list[Path], out: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> dict[str, str]:
-    """Copy the tensors of the safetensors files ``parts`` (written one layer at a time by a converter)
-    into the directory ``out`` as :func:`write_streamed` lays them out: ``model.safetensors``, or shards
-    of at most ``max_shard_size`` and their index. One tensor is in memory at a time; each part is
-    removed once copied. Returns the weight map (tensor name -> file name)."""
+def repack(
+    parts: list[tuple[Path, list[str]]], out: Path, max_shard_size: int | str = MAX_SHARD_SIZE
+) -> dict[str, str]:
+    """Copy the tensors of the safetensors files ``parts`` (``(path, tensor names in the order written)``,
+    one layer each, as a converter writes them) into the directory ``out`` as :func:`write_streamed`
+    lays the same tensors out: ``model.safetensors``, or shards of at most ``max_shard_size`` and their
+    index. One tensor is in memory at a time; each part is removed once copied. Returns the weight map
+    (tensor name -> file name)."""
     meta: dict[str, torch.Tensor] = {}
-    for part in parts:
-        with safe_open(part, framework="pt") as handle:
-            names = handle.keys()  # a safe_open handle is not iterable
+    for path, names in parts:
+        with safe_open(path, framework="pt") as handle:
             for name in names:
                 view = handle.get_slice(name)
                 meta[name] = torch.empty(view.get_shape(), dtype=DTYPES[view.get_dtype()], device="meta")
@@ -126,12 +128,11 @@ def repack(parts: list[Path], out: Path, max_shard_size: int | str = MAX_SHARD_S
         filename: _ShardFile(out / filename, {name: meta[name] for name in names})
         for filename, names in split.filename_to_tensors.items()
     }
-    for part in parts:
-        with safe_open(part, framework="pt") as handle:
-            names = handle.keys()
+    for path, names in parts:
+        with safe_open(path, framework="pt") as handle:
             for name in names:
                 files[split.tensor_to_filename[name]].write(name, handle.get_tensor(name))
-        part.unlink()
+        path.unlink()
     for file in files.values():
         file.check_complete()
     if split.is_sharded:

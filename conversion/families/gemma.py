@@ -34,7 +34,7 @@ from .base import StockFamily
 from .layers import FULL, SLIDING, GQALayers, single_window
 from .llama import size_keys
 from .rope import Rope, _scaling_dict
-from .schema import Codec, ConfigReader, Const, Key, SharedBias, TokenKey
+from .schema import Codec, ConfigReader, Const, Key, OtherTokenIds, SharedBias, TokenKey
 
 # Gemma's decoder-layer names -> kvforge's (Llama's) names; export inverts it.
 NORM_RENAMES = {
@@ -242,6 +242,7 @@ def gemma_keys(
         TokenKey("bos_token_id", "bos_token_id", default=2),
         TokenKey("eos_token_id", "eos_token_id", default=1),
         TokenKey("pad_token_id", "pad_token_id", default=0),
+        OtherTokenIds(),
         Key("hidden_activation", "mlp_activation", str, "gelu_pytorch_tanh"),
         QueryScale(),
         Key("final_logit_softcapping", "final_logit_softcap", float, final_softcap, nullable=True),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .base import StockFamily
 from .layers import GQALayers, NoWindows, UniformWindow
 from .rope import Rope
-from .schema import Codec, Const, Fixed, Key, SharedBias, TokenKey
+from .schema import Codec, Const, Fixed, Key, OtherTokenIds, SharedBias, TokenKey
 
 
 def size_keys(*, max_positions: int, tie: bool) -> tuple[Codec, ...]:
@@ -33,6 +33,7 @@ def decoder_keys(*, max_positions: int, bos: int | None, eos: int | None) -> tup
         TokenKey("bos_token_id", "bos_token_id", default=bos),
         TokenKey("eos_token_id", "eos_token_id", default=eos),
         TokenKey("pad_token_id", "pad_token_id", default=None),
+        OtherTokenIds(),
         Fixed("hidden_act", "silu"),
         Rope(),
         *LLAMA_RECIPE,
