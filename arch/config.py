@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .checks import check_positive, divisors
@@ -139,6 +139,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None  # a list: several end tokens (Llama-3 checkpoints)
     pad_token_id: int | None = None
+    # Every other *_token_id of the source's config.json (unk_token_id, sep_token_id, ...): not used by the
+    # model, kept through conversion so that an export writes what it read.
+    special_token_ids: dict[str, int | list[int] | None] = field(default_factory=dict)
     # Runtime options.
     attention_backend: str = "auto"
     mla_absorb: Literal["auto", "always", "never"] = "auto"

@@ -21,7 +21,7 @@ from kvforge.evaluation.schema import documented
 
 from .runner import EvalSettings, ModelReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: KV figures at `kv_context` in `kv_dtype` (1: at max_seq_len)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def summary_rows(models: list[ModelReport]) -> list[list[str]]:
             [
                 m.name,
                 f"{m.n_parameters:,}",
-                f"{m.kv_bytes_per_token:,.0f}",
+                f"{m.kv_bytes_per_token:,.0f} ({m.kv_context}, {m.kv_dtype})",
                 f"{m.kv_ratio_vs_mha:.3f}",
                 f"{ppl.nll:.4f} ({ppl.context})" if ppl else "-",
                 f"{m.passkey.accuracy:.2f}" if m.passkey else "-",
@@ -105,7 +105,15 @@ def print_report(report: EvalReport, console: Console | None = None) -> None:
     console.print(
         _table(
             "kvforge eval",
-            ["model", "params", "KV bytes/token", "vs MHA", "NLL (context)", "passkey acc", "decode tok/s"],
+            [
+                "model",
+                "params",
+                "KV bytes/token (context, dtype)",
+                "vs MHA",
+                "NLL (context)",
+                "passkey acc",
+                "decode tok/s",
+            ],
             summary_rows(models),
         )
     )

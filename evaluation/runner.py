@@ -73,7 +73,7 @@ class LayerRow:
     window: int | None = documented("sliding window in tokens; null = global attention")
     kv_from: int | None = documented("layer whose K/V this layer reads (cross-layer sharing); null = its own")
     values_per_token: int = documented("cached values one token adds to this layer (0 when shared)")
-    bytes: int = documented("cache bytes of this layer for one sequence of max_seq_len tokens")
+    bytes: int = documented("cache bytes of this layer for one sequence of `kv_context` tokens in `kv_dtype`")
 
 
 @dataclass
@@ -83,8 +83,14 @@ class ModelReport:
     family: str = documented("checkpoint family it was read as (llama, ...)")
     n_parameters: int = documented("parameters (tied weights counted once)")
     max_seq_len: int = documented("positions the model supports (max_position_embeddings)")
+    kv_context: int = documented(
+        "tokens per sequence the KV figures (kv_bytes_per_token, layers[].bytes) are for: the perplexity "
+        "task's context (`settings.context`, else max_seq_len)"
+    )
+    kv_dtype: str = documented("cache element type the KV figures are for (`settings.cache_dtype`)")
     kv_bytes_per_token: float = documented(
-        "analytic KV-cache bytes per token of a max_seq_len sequence, all layers"
+        "analytic KV-cache bytes per token of one `kv_context`-token sequence in `kv_dtype`, all layers "
+        "(a sliding window caps what its layer holds)"
     )
     kv_ratio_vs_mha: float = documented("kv_bytes_per_token divided by the same for plain MHA of this width")
     layers: list[LayerRow] = documented("one entry per layer: its form and cache bytes")
@@ -144,17 +150,19 @@ def evaluate_model(loaded: EvalModel, settings: EvalSettings) -> ModelReport:
         latency, memory = measure_decode(
             model, settings.latency_batches, contexts, settings.decode_steps, settings.repeats, cache_dtype
         )
-    per_token = kv_bytes_per_token(config, config.max_seq_len, cache_dtype)
+    # the KV figures are at the context the loss was measured at, in the cache's dtype
+    per_token = kv_bytes_per_token(config, context, cache_dtype)
     return ModelReport(
         name=loaded.name,
         source=str(loaded.source),
         family=loaded.family,
         n_parameters=model.num_parameters(),
         max_seq_len=config.max_seq_len,
+        kv_context=context,
+        kv_dtype=str(cache_dtype).removeprefix("torch."),
         kv_bytes_per_token=per_token,
-        kv_ratio_vs_mha=per_token
-        / kv_bytes_per_token(mha_equivalent(config), config.max_seq_len, cache_dtype),
-        layers=[LayerRow(**row) for row in describe_layers(config, config.max_seq_len, cache_dtype)],
+        kv_ratio_vs_mha=per_token / kv_bytes_per_token(mha_equivalent(config), context, cache_dtype),
+        layers=[LayerRow(**row) for row in describe_layers(config, context, cache_dtype)],
         perplexity=rows,
         perplexity_vs_context=curve,
         passkey=passkey,
