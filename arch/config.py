@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AttentionForm = Literal["gqa", "mla", "gta", "gla"]
-ATTENTION_FORMS = ("gqa", "mla", "gta", "gla")
+AttentionForm = Literal["gqa", "mla", "gta", "gla", "linear", "deltanet"]
+ATTENTION_FORMS = ("gqa", "mla", "gta", "gla", "linear", "deltanet")
+STATE_FORMS = ("linear", "deltanet")  # a fixed-size state per sequence instead of a per-token cache
 LATENT_FORMS = ("mla", "gla")  # forms that cache a latent (the MLA sizes of ModelConfig)
 ROPE_TYPES = ("linear", "llama3", "yarn")
 MLA_ABSORB = ("auto", "always", "never")
@@ -46,6 +47,11 @@ class LayerSpec:
             global layers, ``no_rope_layers``). gqa layers only.
         n_latent_heads: latent heads of a ``gla`` layer (they split ``kv_lora_rank``; query head
             ``h`` reads latent head ``h // (n_heads / n_latent_heads)``).
+        feature_dim: Hedgehog features per sign of a ``linear`` layer (linear attention with learned
+            feature maps, :mod:`.attention_linear`; ``window`` there adds a softmax sliding window to the
+            same layer, as LoLCATs); ``None`` = head_dim.
+        conv_size: width of the short causal convolutions of a ``deltanet`` layer (Gated DeltaNet,
+            :mod:`.attention_deltanet`; its ``n_kv_heads`` are the states); ``None`` = 4.
     """
 
     attention: AttentionForm = "gqa"
@@ -56,6 +62,8 @@ class LayerSpec:
     chunk: int | None = None
     rope: bool = True
     n_latent_heads: int | None = None
+    feature_dim: int | None = None
+    conv_size: int | None = None
 
 
 @dataclass
@@ -174,9 +182,10 @@ class ModelConfig:
             )
         self.layers = self._resolve_layers()
         self._validate_layers()
-        if "gqa" in self.forms and self.head_dim % 2:
+        if self.forms & {"gqa", "linear"} and self.head_dim % 2:
             raise ValueError(
-                f"ModelConfig.head_dim={self.head_dim}: must be even for gqa layers (RoPE rotates pairs of dims)"
+                f"ModelConfig.head_dim={self.head_dim}: must be even for gqa and linear layers (RoPE rotates "
+                "pairs of dims)"
             )
         if "gta" in self.forms and self.head_dim % 4:
             raise ValueError(
@@ -241,7 +250,8 @@ class ModelConfig:
                         f"{where}.chunk={spec.chunk}: this layer also has window={spec.window}; a layer is "
                         "either chunked or sliding (set one of them to None)"
                     )
-            if not spec.rope and spec.attention != "gqa":
+            self._validate_state_fields(where, spec)
+            if not spec.rope and spec.attention not in ("gqa", "linear"):
                 raise ValueError(
                     f"{where}.rope=False: NoPE is for gqa layers; an {spec.attention!r} layer's decoupled rotary "
                     "key exists to carry RoPE (allowed: rope=True)"
@@ -268,6 +278,37 @@ class ModelConfig:
             if spec.kv_from is not None:
                 self._validate_kv_from(index, spec)
 
+    def _validate_state_fields(self, where: str, spec: LayerSpec) -> None:
+        """Fields of the constant-state forms, and the per-token-cache fields they cannot take."""
+        owners = {"feature_dim": "linear", "conv_size": "deltanet"}
+        for name, form in owners.items():
+            value = getattr(spec, name)
+            if value is None:
+                continue
+            if spec.attention != form:
+                raise ValueError(
+                    f"{where}.{name}={value}: only {form} layers have it (set attention={form!r})"
+                )
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(
+                    f"{where}.{name}={value!r}: must be a positive integer or None (the default)"
+                )
+        if spec.attention not in STATE_FORMS:
+            return
+        cached = {
+            "kv_from": (spec.kv_from, None),
+            "sinks": (spec.sinks, False),
+            "chunk": (spec.chunk, None),
+            "window": (spec.window, None) if spec.attention == "deltanet" else (None, None),
+            "rope": (spec.rope, True) if spec.attention == "deltanet" else (True, True),
+        }
+        for name, (value, allowed) in cached.items():
+            if value != allowed:
+                raise ValueError(
+                    f"{where}.{name}={value}: a {spec.attention!r} layer keeps a fixed-size state, not a per-token "
+                    f"cache another layer could read, window or chunk (allowed: {name}={allowed})"
+                )
+
     def _validate_kv_from(self, index: int, spec: LayerSpec) -> None:
         where = f"ModelConfig.layers[{index}].kv_from={spec.kv_from}"
         if not 0 <= spec.kv_from < index:
@@ -278,6 +319,11 @@ class ModelConfig:
                 else f"{where}: layer 0 has no earlier layer to read K/V from"
             )
         source = self.layers[spec.kv_from]
+        if source.attention in STATE_FORMS:
+            raise ValueError(
+                f"{where}: layer {spec.kv_from} is a {source.attention!r} layer, which keeps a fixed-size state "
+                "and no K/V to share; point kv_from at a gqa, mla, gta or gla layer"
+            )
         if source.kv_from is not None:
             raise ValueError(
                 f"{where}: layer {spec.kv_from} itself reads K/V from layer {source.kv_from}; point at the layer "

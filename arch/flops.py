@@ -42,6 +42,11 @@ def _attention_weights(config: ModelConfig, spec: LayerSpec) -> int:
         expand = up_width * heads * (config.qk_nope_head_dim + config.v_head_dim)
         return query + latent + expand + heads * config.v_head_dim * d
     q_and_o = 2 * d * heads * config.head_dim
+    if spec.attention == "deltanet":  # + g_proj (output gate) and the two scalar gates per state head
+        return q_and_o + d * heads * config.head_dim + 2 * d * spec.n_kv_heads * (config.head_dim + 1)
+    if spec.attention == "linear":  # + the feature maps of queries and keys
+        features = spec.feature_dim or config.head_dim
+        return q_and_o + 2 * d * spec.n_kv_heads * config.head_dim + 2 * heads * config.head_dim * features
     if spec.attention == "gta":  # tied states + a shared rotary key of half a head
         return q_and_o + (0 if spec.kv_from is not None else d * (spec.n_kv_heads + 0.5) * config.head_dim)
     k_and_v = 0 if spec.kv_from is not None else 2 * d * spec.n_kv_heads * config.head_dim
@@ -49,10 +54,20 @@ def _attention_weights(config: ModelConfig, spec: LayerSpec) -> int:
 
 
 def _score_width(config: ModelConfig, spec: LayerSpec) -> int:
-    """d_qk + d_v summed over the query heads: multiply-adds per attended key per token."""
+    """d_qk + d_v summed over the query heads: multiply-adds per attended key per token (for a
+    constant-state layer: its window only; the state costs a fixed amount, counted in :func:`_state_work`)."""
     if spec.attention in ("mla", "gla"):
         return config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
     return config.n_heads * 2 * config.head_dim
+
+
+def _state_work(config: ModelConfig, spec: LayerSpec) -> int:
+    """Multiply-adds per token of a constant-state layer's recurrence: read and write a ``d_k × d_v`` state
+    per head (deltanet: the delta rule reads it twice; linear: ``2F × d_v`` sums per query head)."""
+    if spec.attention == "deltanet":
+        return 3 * config.n_heads * config.head_dim * config.head_dim
+    features = 2 * (spec.feature_dim or config.head_dim)
+    return 2 * config.n_heads * features * (config.head_dim + 1)
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> int:
@@ -62,6 +77,9 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     multiply_adds = config.d_model * config.vocab_size  # LM head
     for spec in config.layers:
         context = seq_len if spec.window is None else min(spec.window, seq_len)
+        if spec.attention in ("linear", "deltanet"):
+            context = min(spec.window or 0, seq_len)
+            multiply_adds += _state_work(config, spec)
         multiply_adds += _attention_weights(config, spec)
         multiply_adds += 3 * config.d_model * config.ffn_dim
         multiply_adds += _score_width(config, spec) * context

@@ -1,5 +1,5 @@
 """Named attention forms built from one base config: the vocabulary of the quickstart table, the
-benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta gla``)."""
+benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta gla linear deltanet``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,21 @@ import dataclasses
 
 from .config import LayerSpec, ModelConfig
 
-FORMS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked", "gta", "gla")
+FORMS = (
+    "mha",
+    "gqa",
+    "mqa",
+    "mla",
+    "cla",
+    "swa",
+    "mix",
+    "sinks",
+    "chunked",
+    "gta",
+    "gla",
+    "linear",
+    "deltanet",
+)
 
 
 def with_form(
@@ -33,6 +47,9 @@ def with_form(
     - ``gta``: grouped-tied attention (``n_kv_heads`` tied states): a global and a windowed layer,
       each followed by one that reads its cache.
     - ``gla``: grouped-latent attention, MLA's latent in 2 latent heads; a windowed layer with sinks.
+    - ``linear``: LoLCATs-style hybrid - linear attention with a softmax window, plain linear
+      attention, linear + window again, then one global GQA layer (3 constant-state : 1 global).
+    - ``deltanet``: Kimi Linear's layout - 3 Gated DeltaNet layers (``n_kv_heads`` states) : 1 MLA.
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}: allowed values are {list(FORMS)}")
@@ -72,12 +89,19 @@ def with_form(
             LayerSpec("gla", n_latent_heads=2),
             LayerSpec("gla", window=window, n_latent_heads=2, sinks=True),
         ],
+        "linear": [
+            LayerSpec("linear", gqa_heads, window),
+            LayerSpec("linear", gqa_heads),
+            LayerSpec("linear", gqa_heads, window),
+            gqa,
+        ],
+        "deltanet": [LayerSpec("deltanet", gqa_heads)] * 3 + [LayerSpec("mla")],
     }
     changes = {
         "pattern": patterns[form],
         "layers": None,
         "n_kv_heads": gqa_heads if form != "mha" else base.n_heads,
     }
-    if form in ("mla", "mix", "sinks", "gla"):
+    if form in ("mla", "mix", "sinks", "gla", "deltanet"):
         changes.update(mla_sizes)
     return dataclasses.replace(base, **changes)

@@ -10,6 +10,13 @@ tests assert that :meth:`KVCache.nbytes` allocates exactly this many bytes.
 | gta           | n_kv_heads · head_dim + head_dim / 2       |
 | gla           | as mla (the latent split in latent heads)  |
 | kv_from       | 0 (reads its source layer's entry)         |
+| linear        | 0; a fixed state per sequence (below)      |
+| deltanet      | 0; a fixed state per sequence (below)      |
+
+Constant-state layers keep a number of bytes per sequence that does not depend on the context
+(:func:`layer_state_bytes`): float32 sums/states plus a few cache-dtype positions (a linear layer's
+window of ``W - 1`` keys and values, a deltanet layer's convolution inputs). ``kv_cache_bytes`` counts
+them too, so it stays what a cache for that context allocates.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import dataclasses
 
 import torch
 
-from .config import LayerSpec, ModelConfig
+from .attention_deltanet import deltanet_state_values
+from .attention_linear import linear_state_values
+from .config import STATE_FORMS, LayerSpec, ModelConfig
 
 DTYPES = {
     "fp32": torch.float32,
@@ -42,13 +51,30 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def layer_kv_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
     """Values one token adds to this layer's cache (0 for a layer that reads another's K/V)."""
-    if spec.kv_from is not None:
+    if spec.kv_from is not None or spec.attention in STATE_FORMS:
         return 0
     if spec.attention in ("mla", "gla"):
         return config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
     if spec.attention == "gta":  # tied K/V states + one shared rotary key of half a head
         return spec.n_kv_heads * config.head_dim + config.head_dim // 2
     return 2 * spec.n_kv_heads * config.head_dim
+
+
+STATE_VALUES = {"linear": linear_state_values, "deltanet": deltanet_state_values}
+
+
+def layer_state_bytes(config: ModelConfig, spec: LayerSpec, dtype: torch.dtype | str = "bf16") -> int:
+    """Bytes a constant-state layer keeps per sequence, whatever the context (0 for other layers):
+    float32 sums/states plus positions held in the cache ``dtype``."""
+    if spec.attention not in STATE_VALUES:
+        return 0
+    float32_values, cached_values = STATE_VALUES[spec.attention](config, spec)
+    return 4 * float32_values + parse_dtype(dtype).itemsize * cached_values
+
+
+def state_bytes(config: ModelConfig, dtype: torch.dtype | str = "bf16", batch: int = 1) -> int:
+    """Bytes of every constant-state layer's state for ``batch`` sequences (any context length)."""
+    return batch * sum(layer_state_bytes(config, spec, dtype) for spec in config.layers)
 
 
 def layer_cached_tokens(spec: LayerSpec, seq_len: int) -> int:
@@ -59,11 +85,11 @@ def layer_cached_tokens(spec: LayerSpec, seq_len: int) -> int:
 def kv_cache_bytes(
     config: ModelConfig, seq_len: int, dtype: torch.dtype | str = "bf16", batch: int = 1
 ) -> int:
-    """Bytes of a cache holding ``batch`` sequences of ``seq_len`` tokens."""
+    """Bytes of a cache holding ``batch`` sequences of ``seq_len`` tokens (constant states included)."""
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"kv_cache_bytes: seq_len={seq_len} and batch={batch} must be positive")
     item = parse_dtype(dtype).itemsize
-    return (
+    return state_bytes(config, dtype, batch) + (
         batch
         * item
         * sum(
@@ -89,14 +115,20 @@ def mha_equivalent(config: ModelConfig) -> ModelConfig:
 
 
 def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str = "bf16") -> list[dict]:
-    """One row per layer: form, window, source, values/token and bytes at ``seq_len``."""
+    """One row per layer: form, window, source, values/token, the constant state's bytes and all bytes at
+    ``seq_len``."""
     item = parse_dtype(dtype).itemsize
     rows = []
     for index, spec in enumerate(config.layers):
         values = layer_kv_values_per_token(config, spec)
-        form = {"mla": "mla", "gta": f"gta-{spec.n_kv_heads}", "gla": f"gla-{spec.n_latent_heads}"}.get(
-            spec.attention, _gqa_name(config.n_heads, spec.n_kv_heads)
-        )
+        state = layer_state_bytes(config, spec, dtype)
+        form = {
+            "mla": "mla",
+            "gta": f"gta-{spec.n_kv_heads}",
+            "gla": f"gla-{spec.n_latent_heads}",
+            "linear": "linear",
+            "deltanet": f"deltanet-{spec.n_kv_heads}",
+        }.get(spec.attention, _gqa_name(config.n_heads, spec.n_kv_heads))
         rows.append(
             {
                 "layer": index,
@@ -104,7 +136,8 @@ def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str 
                 "window": spec.window,
                 "kv_from": spec.kv_from,
                 "values_per_token": values,
-                "bytes": values * layer_cached_tokens(spec, seq_len) * item,
+                "state_bytes": state,
+                "bytes": values * layer_cached_tokens(spec, seq_len) * item + state,
             }
         )
     return rows

@@ -17,6 +17,8 @@ import torch
 
 from kvforge.kernels.distillation import LOGIT_BLOCKS
 
+from .attention_deltanet import deltanet_parameters
+from .attention_linear import linear_parameters
 from .config import LayerSpec, ModelConfig
 from .kv_bytes import kv_cache_bytes, parse_dtype
 
@@ -41,7 +43,14 @@ def count_parameters(config: ModelConfig, layer_index: int | None = None) -> int
     for spec in specs:
         norms = 4 if config.sandwich_norms else 2  # Gemma's sandwich adds a norm after attention and MLP
         total += norms * d + 3 * d * config.ffn_dim  # norms + gated MLP
-        params = {"gqa": _gqa_params, "mla": _mla_params, "gta": _gta_params, "gla": _mla_params}
+        params = {
+            "gqa": _gqa_params,
+            "mla": _mla_params,
+            "gta": _gta_params,
+            "gla": _mla_params,
+            "linear": lambda config, spec: _gqa_params(config, spec) + linear_parameters(config, spec),
+            "deltanet": deltanet_parameters,
+        }
         total += params[spec.attention](config, spec)
         total += config.n_heads if spec.sinks else 0
     return total
@@ -91,6 +100,8 @@ def activation_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
     d, heads = config.d_model, config.n_heads
     norms = 4 if config.sandwich_norms else 2  # Gemma's sandwich norms save 3·d each, like the others
     common = 3 * norms * d + 4 * config.ffn_dim
+    if spec.attention in ("linear", "deltanet"):  # projections, features/convolutions, gates: ~6 per q value
+        return common + 6 * heads * config.head_dim + 4 * spec.n_kv_heads * config.head_dim
     if spec.attention in ("gqa", "gta"):  # gta: keys and values are materialised as in gqa
         q_dim, kv_dim = heads * config.head_dim, spec.n_kv_heads * config.head_dim
         own_kv = 2 * kv_dim if spec.kv_from is None else 0

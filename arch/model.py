@@ -14,16 +14,25 @@ from kvforge.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from kvforge.kernels.distillation import linear_distillation_loss
 from kvforge.kernels.documents import document_positions
 
+from .attention_deltanet import DeltaNetAttention
 from .attention_gla import GLAAttention
 from .attention_gqa import GQAAttention
 from .attention_gta import GTAAttention
+from .attention_linear import LinearAttention
 from .attention_mla import MLAAttention
 from .cache import KVCache, KVView, LayerCache, allocate_layer_cache
 from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, SwiGLU, softcap
 from .rope import RotaryEmbedding
 
-ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention, "gta": GTAAttention, "gla": GLAAttention}
+ATTENTION_CLASSES = {
+    "gqa": GQAAttention,
+    "mla": MLAAttention,
+    "gta": GTAAttention,
+    "gla": GLAAttention,
+    "linear": LinearAttention,
+    "deltanet": DeltaNetAttention,
+}
 
 
 class DecoderLayer(nn.Module):
@@ -80,8 +89,10 @@ def rotary_key(config: ModelConfig, spec: LayerSpec) -> str:
 def rotary_embeddings(config: ModelConfig) -> dict[str, RotaryEmbedding]:
     """One rotary table per attention form of ``config``, by the width it rotates."""
     rotary = {}
-    if "gqa" in config.forms:
+    if config.forms & {"gqa", "linear", "deltanet"}:
         rotary["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        for form in config.forms & {"linear", "deltanet"}:  # linear rotates as gqa; deltanet has no RoPE
+            rotary[form] = rotary["gqa"]
     if config.window_rope_theta is not None:  # Gemma 3: sliding layers rotate with their own base, unscaled
         rotary[WINDOW_ROPE] = RotaryEmbedding(config.head_dim, config.window_rope_theta, None)
     for form in ("mla", "gla"):  # MLA's decoupled rotary key: one table for both latent forms
@@ -182,7 +193,7 @@ class CausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm | RotaryEmbedding):
+            elif isinstance(module, RMSNorm | RotaryEmbedding | LinearAttention | DeltaNetAttention):
                 module.reset_parameters()
             if isinstance(getattr(module, "sinks", None), nn.Parameter):
                 nn.init.zeros_(module.sinks)
@@ -301,6 +312,11 @@ class CausalLM(nn.Module):
             if spec.kv_from is not None:
                 entries.append(entries[spec.kv_from])
                 owners.append(spec.kv_from)
+                continue
+            new_state = getattr(layer.self_attn, "new_state", None)
+            if new_state is not None:  # a constant-state layer: fixed-size state, whatever max_len
+                entries.append(new_state(batch, dtype, device))
+                owners.append(layer.index)
                 continue
             features = layer.self_attn.cache_features()
             entries.append(

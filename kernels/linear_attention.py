@@ -87,19 +87,18 @@ def linear_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if state is None:
         state = LinearState.zeros(batch, heads, fq.shape[-1], dv, q.device)
-    kv, k_sum = state.kv.clone(), state.k_sum.clone()
     # grouped views: query head h = (kv head h // group, member h % group)
     q_g = q.float().unflatten(2, (kv_heads, group))
     fq_g = fq.float().unflatten(2, (kv_heads, group))
     fk_g = fk.float().unflatten(2, (kv_heads, group))
     v_f, k_f = v.float(), k.float()
-    kv_g, k_sum_g = kv.unflatten(1, (kv_heads, group)), k_sum.unflatten(1, (kv_heads, group))
+    sums = [state.kv.unflatten(1, (kv_heads, group)), state.k_sum.unflatten(1, (kv_heads, group))]
     weight = _window_weight(window_weight, heads, q.device).view(kv_heads, group)
 
-    def absorb(start: int, end: int) -> None:  # keys start..end-1 enter the linear state
-        if end > start:
-            kv_g.add_(torch.einsum("bjkgf,bjkv->bkgfv", fk_g[:, start:end], v_f[:, start:end]))
-            k_sum_g.add_(fk_g[:, start:end].sum(1))
+    def absorb(start: int, end: int) -> None:  # keys start..end-1 enter the linear state (new tensors:
+        if end > start:  # autograd keeps the old ones for the chunks that read them)
+            sums[0] = sums[0] + torch.einsum("bjkgf,bjkv->bkgfv", fk_g[:, start:end], v_f[:, start:end])
+            sums[1] = sums[1] + fk_g[:, start:end].sum(1)
 
     first = m - n
     covered = max(first - window, 0)
@@ -108,8 +107,8 @@ def linear_attention(
     for a in range(first, m, chunk_size):
         b = min(a + chunk_size, m)
         fq_c = fq_g[:, a - first : b - first]
-        numerator = torch.einsum("bqkgf,bkgfv->bqkgv", fq_c, kv_g)
-        denominator = torch.einsum("bqkgf,bkgf->bqkg", fq_c, k_sum_g)
+        numerator = torch.einsum("bqkgf,bkgfv->bqkgv", fq_c, sums[0])
+        denominator = torch.einsum("bqkgf,bkgf->bqkg", fq_c, sums[1])
         lo, hi = max(a - window, 0), max(b - window, 0)  # keys active (j <= t - window) for some query
         if hi > lo:
             t = torch.arange(a, b, device=q.device).view(-1, 1)
@@ -133,7 +132,7 @@ def linear_attention(
         covered = max(covered, b - window)
     absorb(covered, m - max(window - 1, 0))
     out = torch.cat(outputs, dim=1).flatten(2, 3).to(q.dtype)
-    return out, LinearState(kv, k_sum)
+    return out, LinearState(sums[0].flatten(1, 2), sums[1].flatten(1, 2))
 
 
 def linear_attention_step(
@@ -147,12 +146,16 @@ def linear_attention_step(
     window_weight: torch.Tensor | None = None,
     scale: float | None = None,
     state: LinearState,
+    valid: torch.Tensor | None = None,
+    absorb: torch.Tensor | bool | None = None,
 ) -> tuple[torch.Tensor, LinearState]:
     """Recurrent form for one new token. ``q``/``fq`` ``(b, 1, h, ·)``; ``k``/``v`` ``(b, m, hk, ·)`` are the
     window's keys ending with the new one (``m ≤ window``; for ``window = 0`` just the new key) and ``fk``
     ``(b, 1, h, F)`` the features of ``k[:, 0]``, which enters the state: before the output when
-    ``window = 0``, after it when the window is full (``m = window``). Returns ``(b, 1, h, dv)`` and the
-    new state."""
+    ``window = 0``, after it when ``absorb`` (default: the window is full, ``m = window``).
+    Fixed-shape decoding passes all ``window`` slots with ``valid`` ``(m,)`` marking the ones that hold a
+    token and ``absorb`` as a 0/1 tensor, so that nothing depends on a host-side count.
+    Returns ``(b, 1, h, dv)`` and the new state."""
     _check(q, k, v, fq, fk, window)
     heads, kv_heads = q.shape[2], k.shape[2]
     group, m = heads // kv_heads, k.shape[1]
@@ -170,12 +173,17 @@ def linear_attention_step(
     if window:
         k_h = k.float().repeat_interleave(group, dim=2)
         scores = torch.einsum("bhd,bjhd->bhj", q[:, 0].float(), k_h) * scale
+        if valid is not None:
+            scores = scores.masked_fill(~valid.view(1, 1, m), float("-inf"))
         soft = _window_weight(window_weight, heads, q.device).view(1, heads, 1) * torch.exp(
             scores - scores.amax(-1, keepdim=True)
         )
         numerator = numerator + torch.einsum("bhj,bjhv->bhv", soft, v_h)
         denominator = denominator + soft.sum(-1)
-        if m == window:  # the oldest key leaves the window for good
+        absorb = m == window if absorb is None else absorb
+        if isinstance(absorb, torch.Tensor):  # 0/1 on the device: always add, maybe nothing
+            enters = enters * absorb.float()
+        if isinstance(absorb, torch.Tensor) or absorb:  # the oldest key leaves the window for good
             kv, k_sum = kv + enters.unsqueeze(-1) * v_h[:, 0].unsqueeze(-2), k_sum + enters
     out = numerator / denominator.clamp_min(EPS).unsqueeze(-1)
     return out.unsqueeze(1).to(q.dtype), LinearState(kv, k_sum)

@@ -73,7 +73,10 @@ class LayerRow:
     window: int | None = documented("sliding window in tokens; null = global attention")
     kv_from: int | None = documented("layer whose K/V this layer reads (cross-layer sharing); null = its own")
     values_per_token: int = documented("cached values one token adds to this layer (0 when shared)")
-    bytes: int = documented("cache bytes of this layer for one sequence of max_seq_len tokens")
+    bytes: int = documented(
+        "cache bytes of this layer for one sequence of max_seq_len tokens (state included)"
+    )
+    state_bytes: int = documented("fixed state bytes per sequence (constant-state layers; 0 for others)", 0)
 
 
 @dataclass
