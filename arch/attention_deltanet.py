@@ -20,6 +20,7 @@ per sequence is the states (float32) and the convolutions' last ``conv_size - 1`
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,14 @@ from torch import nn
 from kvforge.kernels.deltanet import gated_delta_rule, gated_delta_rule_step
 from kvforge.kernels.short_conv import causal_conv1d
 
-from .attention_linear import per_document
-from .config import LayerSpec, ModelConfig
+from . import attention_gqa
+from .attention_linear import check_positive_field, new_state_cache, per_document, refuse_cache_fields
+from .form_record import AttentionForm
 from .layers import RMSNorm
 from .state_cache import DeltaNetStateCache
+
+if TYPE_CHECKING:  # annotations only: config.py imports the form registry, which imports this module
+    from .config import LayerSpec, ModelConfig
 
 DEFAULT_CONV_SIZE = 4  # Qwen3-Next's linear_conv_kernel_dim and fla's conv_size
 L2_EPS = 1e-6  # fla's l2norm: x / sqrt(Σx² + eps)
@@ -43,7 +48,7 @@ class DeltaNetAttention(nn.Module):
     def __init__(self, config: ModelConfig, spec: LayerSpec) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, spec.n_kv_heads, config.head_dim
-        self.conv_size = spec.conv_size or DEFAULT_CONV_SIZE
+        self.conv_size = conv_size(spec)
         d, bias = config.d_model, config.attention_bias
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d, q_width, bias=bias)
@@ -131,22 +136,74 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().sum(-1, keepdim=True) + L2_EPS).to(x.dtype)
 
 
-def deltanet_state_values(config: ModelConfig, spec: LayerSpec) -> tuple[int, int]:
-    """Values a ``deltanet`` layer keeps per sequence: ``(float32 states, cache-dtype conv inputs)``."""
+# ---------------------------------------------------------------------------------------------- facts
+def conv_size(spec: LayerSpec) -> int:
+    return spec.conv_size or DEFAULT_CONV_SIZE
+
+
+def state_bytes(config: ModelConfig, spec: LayerSpec, itemsize: int) -> int:
+    """float32 states ``n_kv_heads · head_dim²`` plus ``conv_size - 1`` inputs of q, k and v (cache dtype)."""
     states = spec.n_kv_heads * config.head_dim * config.head_dim
-    conv = (
-        ((spec.conv_size or DEFAULT_CONV_SIZE) - 1) * (config.n_heads + 2 * spec.n_kv_heads) * config.head_dim
-    )
-    return states, conv
+    conv = (conv_size(spec) - 1) * (config.n_heads + 2 * spec.n_kv_heads) * config.head_dim
+    return 4 * states + itemsize * conv
 
 
-def deltanet_parameters(config: ModelConfig, spec: LayerSpec) -> int:
+def parameters(config: ModelConfig, spec: LayerSpec) -> int:
     d, q_width, kv_width = config.d_model, config.n_heads * config.head_dim, spec.n_kv_heads * config.head_dim
     bias = config.attention_bias
     projections = d * (q_width + 2 * kv_width) + (q_width + 2 * kv_width if bias else 0)
     gates = 2 * d * spec.n_kv_heads + 2 * spec.n_kv_heads  # a_proj, b_proj, A_log, dt_bias
-    convs = (q_width + 2 * kv_width) * (spec.conv_size or DEFAULT_CONV_SIZE)
+    convs = (q_width + 2 * kv_width) * conv_size(spec)
     output = (
         d * q_width + config.head_dim + q_width * d + (d if config.o_proj_bias else 0)
     )  # g_proj, o_norm, o_proj
     return projections + gates + convs + output
+
+
+def projection_weights(config: ModelConfig, spec: LayerSpec) -> int:
+    """q, k, v, the output gate, the two scalar gates and o_proj."""
+    d, q_width, kv_width = config.d_model, config.n_heads * config.head_dim, spec.n_kv_heads * config.head_dim
+    return d * (3 * q_width + 2 * kv_width + 2 * spec.n_kv_heads)
+
+
+def mixing_multiply_adds(config: ModelConfig, spec: LayerSpec, context: int) -> int:
+    """The delta rule per token: read a key's value from the state, write the correction, decay, and each
+    query head reads the state (about 3 ``head_dim²`` products per state head, 1 per query head); the
+    convolutions add ``conv_size`` per channel. Independent of ``context``."""
+    square = config.head_dim * config.head_dim
+    convs = conv_size(spec) * (config.n_heads + 2 * spec.n_kv_heads) * config.head_dim
+    return 3 * spec.n_kv_heads * square + config.n_heads * square + convs
+
+
+def activation_values(config: ModelConfig, spec: LayerSpec) -> int:
+    """Projections before and after the convolutions, normalised q/k, the gate and the gated output."""
+    q_width, kv_width = config.n_heads * config.head_dim, spec.n_kv_heads * config.head_dim
+    return 6 * q_width + 5 * kv_width + 4 * spec.n_kv_heads
+
+
+def check_layer(config: ModelConfig, index: int, spec: LayerSpec) -> None:
+    attention_gqa.check_kv_heads(config, index, spec)
+    check_positive_field(index, spec, "conv_size")
+
+
+def check_model(config: ModelConfig) -> None:
+    refuse_cache_fields(config, "deltanet", ("kv_from", "sinks", "chunk", "window"))
+
+
+DELTANET = AttentionForm(
+    name="deltanet",
+    block=DeltaNetAttention,
+    kv_values_per_token=lambda config, spec: 0,
+    parameters=parameters,
+    projection_weights=projection_weights,
+    mixing_multiply_adds=mixing_multiply_adds,
+    activation_values=activation_values,
+    rotary=lambda config, spec: None,  # order comes from the convolutions and the decay
+    label=lambda config, spec: f"deltanet-{spec.n_kv_heads}",
+    layer_fields=("n_kv_heads", "conv_size"),
+    check_layer=check_layer,
+    check_model=check_model,
+    traits=frozenset({"nope"}),  # rope=False changes nothing: it never rotates
+    state_bytes_per_sequence=state_bytes,
+    new_cache=new_state_cache,
+)

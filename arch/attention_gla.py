@@ -14,13 +14,20 @@ folds into the output. Each latent head has its own RMSNorm (``kv_a_layernorm``,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention_mla
 from .attention_mla import MLA_NORM_EPS, MLAAttention
-from .config import LayerSpec, ModelConfig
+from .checks import divisors
+from .form_record import AttentionForm
 from .layers import RMSNorm
+
+if TYPE_CHECKING:  # annotations only: config.py imports the form registry, which imports this module
+    from .config import LayerSpec, ModelConfig
 
 
 class GroupedRMSNorm(RMSNorm):
@@ -60,3 +67,40 @@ class GLAAttention(MLAAttention):
         c_blgr = c_kv.unflatten(-1, (self.n_latent_heads, self.latent_head_dim))
         k_pe = k_pe.expand(-1, -1, self.n_latent_heads, -1)
         return torch.cat((c_blgr, k_pe), dim=-1), c_blgr
+
+
+# ---------------------------------------------------------------------------------------------- facts
+def check_model(config: ModelConfig) -> None:
+    """MLA's sizes, then each gla layer's latent heads (they split n_heads and kv_lora_rank)."""
+    attention_mla.check_model(config)
+    for index, spec in enumerate(config.layers):
+        if spec.attention != "gla" or spec.kv_from is not None:
+            continue
+        where = f"ModelConfig.layers[{index}].n_latent_heads={spec.n_latent_heads}"
+        heads = spec.n_latent_heads
+        if not isinstance(heads, int) or heads <= 0 or config.n_heads % heads or config.kv_lora_rank % heads:
+            raise ValueError(
+                f"{where}: a gla layer needs a number of latent heads that divides n_heads={config.n_heads} "
+                f"and kv_lora_rank={config.kv_lora_rank} (allowed: "
+                f"{[d for d in divisors(config.n_heads) if config.kv_lora_rank % d == 0]})"
+            )
+        if config.mla_rope_heads != 1:
+            raise ValueError(
+                f"ModelConfig.mla_rope_heads={config.mla_rope_heads}: gla layers (layer {index}) share one "
+                "rotary key across latent heads (allowed: 1)"
+            )
+
+
+GLA = AttentionForm(
+    name="gla",
+    block=GLAAttention,
+    kv_values_per_token=attention_mla.kv_values,  # MLA's row: the latent (in latent heads) + one rotary key
+    parameters=attention_mla.parameters,
+    projection_weights=attention_mla.projection_weights,
+    mixing_multiply_adds=attention_mla.mixing_multiply_adds,
+    activation_values=attention_mla.activation_values,
+    rotary=attention_mla.rotary,
+    label=lambda config, spec: f"gla-{spec.n_latent_heads}",
+    layer_fields=("n_latent_heads",),
+    check_model=check_model,
+)

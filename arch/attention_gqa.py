@@ -8,15 +8,21 @@ query head when the layer has attention sinks; a NoPE layer (``rope=False``) ski
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from kvforge.kernels.attention import attention
 
 from .cache import KVView, LayerCache
-from .config import LayerSpec, ModelConfig
+from .checks import divisors
+from .form_record import AttentionForm, Rotary
 from .layers import RMSNorm, new_sinks
 from .rope import apply_rope
+
+if TYPE_CHECKING:  # annotations only: config.py imports the form registry, which imports this module
+    from .config import LayerSpec, ModelConfig
 
 
 class GQAAttention(nn.Module):
@@ -107,3 +113,92 @@ class GQAAttention(nn.Module):
             softcap=self.softcap,
         )
         return self.o_proj(out.reshape(batch, seq, -1)), kv
+
+
+# ---------------------------------------------------------------------------------------------- facts
+def kv_values(config: ModelConfig, spec: LayerSpec) -> int:
+    return 2 * spec.n_kv_heads * config.head_dim
+
+
+def parameters(config: ModelConfig, spec: LayerSpec) -> int:
+    d, q_dim, kv_dim = config.d_model, config.n_heads * config.head_dim, spec.n_kv_heads * config.head_dim
+    bias = config.attention_bias
+    total = d * q_dim + q_dim * d + (q_dim if bias else 0) + (d if config.o_proj_bias else 0)
+    if spec.kv_from is None:
+        total += 2 * (d * kv_dim + (kv_dim if bias else 0))
+        total += config.head_dim if config.qk_norm else 0
+    return total + (config.head_dim if config.qk_norm else 0)
+
+
+def projection_weights(config: ModelConfig, spec: LayerSpec) -> int:
+    """q_proj + o_proj, plus k_proj + v_proj unless the layer reads another layer's K/V."""
+    d = config.d_model
+    q_and_o = 2 * d * config.n_heads * config.head_dim
+    k_and_v = 0 if spec.kv_from is not None else 2 * d * spec.n_kv_heads * config.head_dim
+    return q_and_o + k_and_v
+
+
+def mixing_multiply_adds(config: ModelConfig, spec: LayerSpec, context: int) -> int:
+    """Scores and the weighted sum: ``d_qk + d_v`` per query head and visible key."""
+    return config.n_heads * 2 * config.head_dim * context
+
+
+def activation_values(config: ModelConfig, spec: LayerSpec) -> int:
+    """Q, the output and K/V unless shared (keys and values are materialised), one log-sum-exp a head."""
+    heads = config.n_heads
+    q_dim, kv_dim = heads * config.head_dim, spec.n_kv_heads * config.head_dim
+    own_kv = 2 * kv_dim if spec.kv_from is None else 0
+    return 3 * q_dim + own_kv + heads
+
+
+WINDOW_ROPE = "gqa_window"
+
+
+def rotary(config: ModelConfig, spec: LayerSpec) -> Rotary:
+    """Every head_dim rotates; Gemma 3's sliding layers rotate with their own base, unscaled."""
+    if config.window_rope_theta is not None and spec.window is not None:
+        return Rotary(WINDOW_ROPE, config.head_dim, config.window_rope_theta, None)
+    return Rotary("gqa", config.head_dim, config.rope_theta, config.rope_scaling)
+
+
+def label(config: ModelConfig, spec: LayerSpec) -> str:
+    if spec.n_kv_heads == config.n_heads:
+        return "mha"
+    if spec.n_kv_heads == 1:
+        return "mqa"
+    return f"gqa-{spec.n_kv_heads}"
+
+
+def check_kv_heads(config: ModelConfig, index: int, spec: LayerSpec) -> None:
+    """``n_kv_heads`` defaults to the model's and must divide n_heads."""
+    if spec.n_kv_heads is None:
+        spec.n_kv_heads = config.n_kv_heads
+    if spec.n_kv_heads <= 0 or config.n_heads % spec.n_kv_heads:
+        raise ValueError(
+            f"ModelConfig.layers[{index}].n_kv_heads={spec.n_kv_heads}: must divide n_heads={config.n_heads} "
+            f"(allowed: {divisors(config.n_heads)})"
+        )
+
+
+def check_model(config: ModelConfig) -> None:
+    if config.head_dim % 2:
+        raise ValueError(
+            f"ModelConfig.head_dim={config.head_dim}: must be even for gqa layers (RoPE rotates pairs of dims)"
+        )
+
+
+GQA = AttentionForm(
+    name="gqa",
+    block=GQAAttention,
+    kv_values_per_token=kv_values,
+    parameters=parameters,
+    projection_weights=projection_weights,
+    mixing_multiply_adds=mixing_multiply_adds,
+    activation_values=activation_values,
+    rotary=rotary,
+    label=label,
+    layer_fields=("n_kv_heads",),
+    check_layer=check_kv_heads,
+    check_model=check_model,
+    traits=frozenset({"nope", "window_rope_theta", "attn_logit_softcap", "query_pre_attn_scalar"}),
+)

@@ -16,12 +16,18 @@ transformers class has GTA): ``q_proj, kv_proj, k_rope_proj, o_proj``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+from . import attention_gqa
 from .attention_gqa import GQAAttention
-from .config import LayerSpec, ModelConfig
+from .form_record import AttentionForm, Rotary
 from .rope import apply_rope
+
+if TYPE_CHECKING:  # annotations only: config.py imports the form registry, which imports this module
+    from .config import LayerSpec, ModelConfig
 
 
 class GTAAttention(GQAAttention):
@@ -59,3 +65,56 @@ class GTAAttention(GQAAttention):
         """Per-group keys ``[s[:half] | k_rope]`` and values ``s`` of cached positions."""
         k_rope = k_rope.expand(-1, -1, self.n_kv_heads, -1)
         return torch.cat((tied[..., : self.half], k_rope), dim=-1), tied
+
+
+# ---------------------------------------------------------------------------------------------- facts
+def kv_values(config: ModelConfig, spec: LayerSpec) -> int:
+    """Tied K/V states + one shared rotary key of half a head."""
+    return spec.n_kv_heads * config.head_dim + config.head_dim // 2
+
+
+def parameters(config: ModelConfig, spec: LayerSpec) -> int:
+    d, q_dim = config.d_model, config.n_heads * config.head_dim
+    bias = config.attention_bias
+    total = d * q_dim + q_dim * d + (q_dim if bias else 0) + (d if config.o_proj_bias else 0)
+    if spec.kv_from is None:  # kv_proj (tied states) and k_rope_proj (half a head)
+        state = spec.n_kv_heads * config.head_dim + config.head_dim // 2
+        total += d * state + (state if bias else 0)
+    return total
+
+
+def projection_weights(config: ModelConfig, spec: LayerSpec) -> float:
+    """q_proj + o_proj, plus the tied states and a shared rotary key of half a head."""
+    d = config.d_model
+    q_and_o = 2 * d * config.n_heads * config.head_dim
+    return q_and_o + (0 if spec.kv_from is not None else d * (spec.n_kv_heads + 0.5) * config.head_dim)
+
+
+def rotary(config: ModelConfig, spec: LayerSpec) -> Rotary:
+    """The shared rotary key covers half of head_dim."""
+    return Rotary("gta", config.head_dim // 2, config.rope_theta, config.rope_scaling)
+
+
+def check_model(config: ModelConfig) -> None:
+    if config.head_dim % 4:
+        raise ValueError(
+            f"ModelConfig.head_dim={config.head_dim}: must be a multiple of 4 for gta layers (half of it "
+            "is rotary, and RoPE rotates pairs of dims)"
+        )
+
+
+GTA = AttentionForm(
+    name="gta",
+    block=GTAAttention,
+    kv_values_per_token=kv_values,
+    parameters=parameters,
+    projection_weights=projection_weights,
+    mixing_multiply_adds=attention_gqa.mixing_multiply_adds,
+    activation_values=attention_gqa.activation_values,  # keys and values are materialised as in gqa
+    rotary=rotary,
+    label=lambda config, spec: f"gta-{spec.n_kv_heads}",
+    layer_fields=("n_kv_heads",),
+    check_layer=attention_gqa.check_kv_heads,
+    check_model=check_model,
+    traits=frozenset({"attn_logit_softcap", "query_pre_attn_scalar"}),
+)

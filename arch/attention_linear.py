@@ -18,6 +18,7 @@ A ``linear`` layer caches no token: its state is ``n_heads · 2F · (head_dim + 
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,9 +31,13 @@ from kvforge.kernels.linear_attention import (
     linear_attention_step,
 )
 
+from . import attention_gqa
 from .attention_gqa import GQAAttention
-from .config import LayerSpec, ModelConfig
+from .form_record import AttentionForm
 from .state_cache import LinearStateCache
+
+if TYPE_CHECKING:  # annotations only: config.py imports the form registry, which imports this module
+    from .config import LayerSpec, ModelConfig
 
 
 class LinearAttention(GQAAttention):
@@ -156,22 +161,83 @@ class LinearAttention(GQAAttention):
             cache.tail_v.copy_(torch.cat((cache.tail_v, v_all.to(cache.tail_v.dtype)), dim=1)[:, -tail:])
 
 
+# ---------------------------------------------------------------------------------------------- facts
 def linear_feature_dim(config: ModelConfig, spec: LayerSpec) -> int:
     return spec.feature_dim or config.head_dim
 
 
-def linear_state_values(config: ModelConfig, spec: LayerSpec) -> tuple[int, int]:
-    """Values a ``linear`` layer keeps per sequence: ``(float32 sums, cache-dtype window keys/values)``."""
+def state_bytes(config: ModelConfig, spec: LayerSpec, itemsize: int) -> int:
+    """float32 sums ``n_heads · 2F · (head_dim + 1)`` plus ``W - 1`` window keys and values (cache dtype)."""
     features = 2 * linear_feature_dim(config, spec)
     sums = config.n_heads * features * (config.head_dim + 1)
     window = 2 * max((spec.window or 0) - 1, 0) * spec.n_kv_heads * config.head_dim
-    return sums, window
+    return 4 * sums + itemsize * window
 
 
-def linear_parameters(config: ModelConfig, spec: LayerSpec) -> int:
-    """Parameters beyond GQA's projections: two feature maps and the window factors."""
+def parameters(config: ModelConfig, spec: LayerSpec) -> int:
+    """GQA's projections, two feature maps and the window factors."""
     maps = 2 * config.n_heads * config.head_dim * linear_feature_dim(config, spec)
-    return maps + (config.n_heads if spec.window else 0)
+    return attention_gqa.parameters(config, spec) + maps + (config.n_heads if spec.window else 0)
+
+
+def projection_weights(config: ModelConfig, spec: LayerSpec) -> int:
+    """GQA's projections plus the feature maps (each query head maps its query and its key)."""
+    maps = 2 * config.n_heads * config.head_dim * linear_feature_dim(config, spec)
+    return attention_gqa.projection_weights(config, spec) + maps
+
+
+def mixing_multiply_adds(config: ModelConfig, spec: LayerSpec, context: int) -> int:
+    """Softmax over the window's keys, plus reading and writing ``2F × (head_dim + 1)`` sums per head."""
+    features = 2 * linear_feature_dim(config, spec)
+    window = attention_gqa.mixing_multiply_adds(config, spec, min(spec.window or 0, context))
+    return window + 2 * config.n_heads * features * (config.head_dim + 1)
+
+
+def activation_values(config: ModelConfig, spec: LayerSpec) -> int:
+    """GQA's, plus the query and key features of every head."""
+    features = 2 * linear_feature_dim(config, spec)
+    return attention_gqa.activation_values(config, spec) + 2 * config.n_heads * features
+
+
+def check_model(config: ModelConfig) -> None:
+    """RoPE rotates pairs; a linear layer keeps a state, so no cache of it can be shared, chunked or sunk."""
+    attention_gqa.check_model(config)
+    refuse_cache_fields(config, "linear", ("kv_from", "sinks", "chunk"))
+
+
+def check_layer(config: ModelConfig, index: int, spec: LayerSpec) -> None:
+    attention_gqa.check_kv_heads(config, index, spec)
+    check_positive_field(index, spec, "feature_dim")
+
+
+def check_positive_field(index: int, spec: LayerSpec, name: str) -> None:
+    value = getattr(spec, name)
+    if value is not None and value <= 0:
+        raise ValueError(
+            f"ModelConfig.layers[{index}].{name}={value}: must be a positive integer or None (default)"
+        )
+
+
+def refuse_cache_fields(config: ModelConfig, form: str, names: tuple[str, ...]) -> None:
+    """Constant-state layers of ``form`` keep a fixed-size state, not per-token K/V: refuse the fields
+    that describe such a cache (``kv_from``, ``sinks``, ``chunk``, ``window``), naming the layer."""
+    defaults = {"kv_from": None, "sinks": False, "chunk": None, "window": None}
+    for index, spec in enumerate(config.layers):
+        if spec.attention != form:
+            continue
+        for name in names:
+            value = getattr(spec, name)
+            if value != defaults[name]:
+                raise ValueError(
+                    f"ModelConfig.layers[{index}].{name}={value}: a {form!r} layer keeps a fixed-size state, "
+                    f"not per-token K/V another layer could read, sink, chunk or window (allowed: "
+                    f"{name}={defaults[name]})"
+                )
+
+
+def new_state_cache(block, spec: LayerSpec, batch: int, max_len: int, dtype: torch.dtype, device):
+    """A fixed-size state per sequence, whatever ``max_len``."""
+    return block.new_state(batch, dtype, device)
 
 
 def per_document(mix, x_btd: torch.Tensor, rope, document_ids: torch.Tensor) -> torch.Tensor:
@@ -181,6 +247,28 @@ def per_document(mix, x_btd: torch.Tensor, rope, document_ids: torch.Tensor) -> 
     cu_seqlens, _ = document_cu_seqlens(document_ids)
     bounds = cu_seqlens.tolist()
     x_flat = x_btd.reshape(1, batch * seq, -1)
-    cos, sin = (t.expand(batch, seq, -1).reshape(batch * seq, -1) for t in rope)
-    parts = [mix(x_flat[:, a:b], (cos[a:b], sin[a:b])) for a, b in itertools.pairwise(bounds)]
+    if rope is None:  # a form without RoPE
+        parts = [mix(x_flat[:, a:b], None) for a, b in itertools.pairwise(bounds)]
+    else:
+        cos, sin = (t.expand(batch, seq, -1).reshape(batch * seq, -1) for t in rope)
+        parts = [mix(x_flat[:, a:b], (cos[a:b], sin[a:b])) for a, b in itertools.pairwise(bounds)]
     return torch.cat(parts, dim=1).view(batch, seq, -1)
+
+
+LINEAR = AttentionForm(
+    name="linear",
+    block=LinearAttention,
+    kv_values_per_token=lambda config, spec: 0,
+    parameters=parameters,
+    projection_weights=projection_weights,
+    mixing_multiply_adds=mixing_multiply_adds,
+    activation_values=activation_values,
+    rotary=attention_gqa.rotary,
+    label=lambda config, spec: "linear" if spec.window is None else f"linear+w{spec.window}",
+    layer_fields=("n_kv_heads", "feature_dim"),
+    check_layer=check_layer,
+    check_model=check_model,
+    traits=frozenset({"nope", "window_rope_theta", "query_pre_attn_scalar"}),
+    state_bytes_per_sequence=state_bytes,
+    new_cache=new_state_cache,
+)

@@ -18,15 +18,21 @@ drops ``kv_a_layernorm``; ``mla_q_bias`` biases ``q_proj`` (a Qwen2 query bias).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from kvforge.kernels.attention import attention
 
 from .cache import KVView, LayerCache
-from .config import LayerSpec, ModelConfig
+from .checks import check_positive, divisors
+from .form_record import AttentionForm, Rotary
 from .layers import RMSNorm, new_sinks
 from .rope import apply_rope, yarn_mscale
+
+if TYPE_CHECKING:  # annotations only: config.py imports the form registry, which imports this module
+    from .config import LayerSpec, ModelConfig
 
 # DeepSeek's latent and query norms use a fixed epsilon, not the model's rms_norm_eps.
 MLA_NORM_EPS = 1e-6
@@ -193,3 +199,110 @@ class MLAAttention(nn.Module):
             sinks=self.sinks,
         )
         return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+
+
+# ---------------------------------------------------------------------------------------------- facts
+# MLA's facts serve GLA too (attention_gla.py): a gla layer's kv_b_proj reads one latent head.
+def kv_values(config: ModelConfig, spec: LayerSpec) -> int:
+    return config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
+
+
+def _up_width(config: ModelConfig, spec: LayerSpec) -> int:
+    """Latent values ``kv_b_proj`` reads per head: the whole latent, or a gla layer's latent head."""
+    return config.kv_lora_rank // (spec.n_latent_heads or 1)
+
+
+def parameters(config: ModelConfig, spec: LayerSpec) -> int:
+    d, heads, rank = config.d_model, config.n_heads, config.kv_lora_rank
+    bias = config.attention_bias
+    q_out = heads * config.qk_head_dim
+    if config.q_lora_rank is None:
+        total = d * q_out
+    else:
+        total = d * config.q_lora_rank + (config.q_lora_rank if bias else 0) + config.q_lora_rank
+        total += config.q_lora_rank * q_out
+    latent = rank + config.mla_rope_heads * config.qk_rope_head_dim
+    if spec.kv_from is None:
+        total += d * latent + (latent if bias else 0) + (rank if config.mla_latent_norm else 0)
+    total += _up_width(config, spec) * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    return total + heads * config.v_head_dim * d + (d if config.o_proj_bias else 0)
+
+
+def projection_weights(config: ModelConfig, spec: LayerSpec) -> int:
+    """Expanded form, as trained: q_proj (or q_a + q_b), kv_a_proj_with_mqa unless ``kv_from``, kv_b_proj
+    (it expands every token's latent, shared or not) and o_proj."""
+    d, heads = config.d_model, config.n_heads
+    qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+    if config.q_lora_rank is None:
+        query = d * heads * qk_dim
+    else:
+        query = d * config.q_lora_rank + config.q_lora_rank * heads * qk_dim
+    latent = 0 if spec.kv_from is not None else d * kv_values(config, spec)
+    expand = _up_width(config, spec) * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    return query + latent + expand + heads * config.v_head_dim * d
+
+
+def mixing_multiply_adds(config: ModelConfig, spec: LayerSpec, context: int) -> int:
+    """Scores over d_qk = qk_nope_head_dim + qk_rope_head_dim and values of v_head_dim."""
+    return config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * context
+
+
+def activation_values(config: ModelConfig, spec: LayerSpec) -> int:
+    heads, qk, v = config.n_heads, config.qk_head_dim, config.v_head_dim
+    latent = config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
+    own_latent = 2 * latent + config.kv_lora_rank if spec.kv_from is None else 0
+    padded = max(qk, v)  # the sdpa backend pads the narrower of Q/K and V to a common width
+    return own_latent + heads * (2 * qk + 2 * padded + v + 1)
+
+
+def rotary(config: ModelConfig, spec: LayerSpec) -> Rotary:
+    """The decoupled rotary key: one table for both latent forms."""
+    return Rotary(
+        "mla", config.qk_rope_head_dim, config.mla_rope_theta or config.rope_theta, config.rope_scaling
+    )
+
+
+def check_model(config: ModelConfig) -> None:
+    """The MLA sizes: required, positive, even rotary width; defaults for the nope and value widths."""
+    missing = [name for name in ("kv_lora_rank", "qk_rope_head_dim") if getattr(config, name) is None]
+    if missing:
+        raise ValueError(
+            f"ModelConfig.{missing[0]} is required when a layer uses attention='mla' "
+            f"(missing: {', '.join(missing)}; DeepSeek-V3 uses kv_lora_rank=512, qk_rope_head_dim=64)"
+        )
+    if config.qk_nope_head_dim is None:
+        config.qk_nope_head_dim = config.head_dim
+    if config.v_head_dim is None:
+        config.v_head_dim = config.head_dim
+    check_positive(config, ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"))
+    if config.q_lora_rank is not None:
+        check_positive(config, ("q_lora_rank",))
+        if config.mla_q_bias:
+            raise ValueError(
+                f"ModelConfig.mla_q_bias=True biases q_proj, which q_lora_rank={config.q_lora_rank} replaces by "
+                "q_a_proj/q_b_proj (biased by attention_bias): allowed with q_lora_rank=None only"
+            )
+    if config.qk_nope_head_dim < 0:
+        raise ValueError(f"ModelConfig.qk_nope_head_dim={config.qk_nope_head_dim}: must be >= 0")
+    if config.qk_rope_head_dim % 2:
+        raise ValueError(
+            f"ModelConfig.qk_rope_head_dim={config.qk_rope_head_dim}: must be even (RoPE rotates pairs of dims)"
+        )
+    if config.n_heads % config.mla_rope_heads:
+        raise ValueError(
+            f"ModelConfig.mla_rope_heads={config.mla_rope_heads} must divide n_heads={config.n_heads} "
+            f"(allowed: {divisors(config.n_heads)}; 1 = DeepSeek's rotary key shared by all heads)"
+        )
+
+
+MLA = AttentionForm(
+    name="mla",
+    block=MLAAttention,
+    kv_values_per_token=kv_values,
+    parameters=parameters,
+    projection_weights=projection_weights,
+    mixing_multiply_adds=mixing_multiply_adds,
+    activation_values=activation_values,
+    rotary=rotary,
+    check_model=check_model,
+)

@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AttentionForm = Literal["gqa", "mla", "gta", "gla", "linear", "deltanet"]
-ATTENTION_FORMS = ("gqa", "mla", "gta", "gla", "linear", "deltanet")
-STATE_FORMS = ("linear", "deltanet")  # a fixed-size state per sequence instead of a per-token cache
-LATENT_FORMS = ("mla", "gla")  # forms that cache a latent (the MLA sizes of ModelConfig)
+from .checks import check_positive, divisors
+from .forms import ATTENTION_FORMS, form_of, forms_with
+
+# LayerSpec fields a form may read (AttentionForm.layer_fields); refused on layers of other forms.
+FORM_FIELDS = ("n_kv_heads", "n_latent_heads", "feature_dim", "conv_size")
 ROPE_TYPES = ("linear", "llama3", "yarn")
 MLA_ABSORB = ("auto", "always", "never")
 # MLP activations: SwiGLU's silu (Llama) and GeGLU's tanh-approximated / exact gelu (Gemma 2/3).
@@ -27,11 +28,15 @@ class LayerSpec:
     """How one decoder layer attends and what it caches.
 
     Args:
-        attention: ``"gqa"`` (MHA, GQA and MQA: ``n_kv_heads`` = n_heads, n_heads/g, 1), ``"mla"``
-            (DeepSeek-V2/V3 multi-head latent attention) or ``"gta"`` (grouped-tied attention: one
-            tied K/V state per group plus one shared rotary key, see :mod:`.attention_gta`) or
-            ``"gla"`` (grouped-latent attention: MLA's latent in ``n_latent_heads`` heads, see
-            :mod:`.attention_gla`).
+        attention: a form of :data:`.forms.ATTENTION_FORMS`: ``"gqa"`` (MHA, GQA and MQA:
+            ``n_kv_heads`` = n_heads, n_heads/g, 1), ``"mla"`` (DeepSeek-V2/V3 multi-head latent
+            attention), ``"gta"`` (grouped-tied attention: one tied K/V state per group plus one shared
+            rotary key, see :mod:`.attention_gta`), ``"gla"`` (grouped-latent attention: MLA's latent
+            in ``n_latent_heads`` heads, see :mod:`.attention_gla`), or a constant-state form:
+            ``"linear"`` (linear attention with Hedgehog feature maps, optionally with a softmax
+            ``window`` in the same layer as LoLCATs, :mod:`.attention_linear`) or ``"deltanet"`` (Gated
+            DeltaNet as in Qwen3-Next, :mod:`.attention_deltanet`): no per-token cache, a fixed-size
+            state per sequence.
         n_kv_heads: K/V heads (gta: tied states) of a ``gqa``/``gta`` layer; ``None`` takes the
             model's ``n_kv_heads``.
         window: ``None`` = global attention; ``W`` = sliding window of ``W`` tokens (itself included),
@@ -47,14 +52,11 @@ class LayerSpec:
             global layers, ``no_rope_layers``). gqa layers only.
         n_latent_heads: latent heads of a ``gla`` layer (they split ``kv_lora_rank``; query head
             ``h`` reads latent head ``h // (n_heads / n_latent_heads)``).
-        feature_dim: Hedgehog features per sign of a ``linear`` layer (linear attention with learned
-            feature maps, :mod:`.attention_linear`; ``window`` there adds a softmax sliding window to the
-            same layer, as LoLCATs); ``None`` = head_dim.
-        conv_size: width of the short causal convolutions of a ``deltanet`` layer (Gated DeltaNet,
-            :mod:`.attention_deltanet`; its ``n_kv_heads`` are the states); ``None`` = 4.
+        feature_dim: Hedgehog features per sign of a ``linear`` layer; ``None`` = head_dim.
+        conv_size: width of a ``deltanet`` layer's short convolutions; ``None`` = 4 (Qwen3-Next's).
     """
 
-    attention: AttentionForm = "gqa"
+    attention: str = "gqa"
     n_kv_heads: int | None = None
     window: int | None = None
     kv_from: int | None = None
@@ -160,7 +162,7 @@ class ModelConfig:
         _check_types(self, "ModelConfig")
         self.pattern = _as_specs(self.pattern, "pattern")
         self.layers = _as_specs(self.layers, "layers")
-        _check_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
+        check_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"))
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(
@@ -172,29 +174,19 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim is None:
             self.ffn_dim = _default_ffn_dim(self.d_model)
-        _check_positive(
+        check_positive(
             self, ("head_dim", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps", "mla_rope_heads")
         )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
-                f"(allowed: {_divisors(self.n_heads)})"
+                f"(allowed: {divisors(self.n_heads)})"
             )
         self.layers = self._resolve_layers()
         self._validate_layers()
-        if self.forms & {"gqa", "linear"} and self.head_dim % 2:
-            raise ValueError(
-                f"ModelConfig.head_dim={self.head_dim}: must be even for gqa and linear layers (RoPE rotates "
-                "pairs of dims)"
-            )
-        if "gta" in self.forms and self.head_dim % 4:
-            raise ValueError(
-                f"ModelConfig.head_dim={self.head_dim}: must be a multiple of 4 for gta layers (half of it "
-                "is rotary, and RoPE rotates pairs of dims)"
-            )
-        if any(spec.attention in LATENT_FORMS for spec in self.layers):
-            self._validate_mla()
-            self._validate_gla()
+        for name, form in ATTENTION_FORMS.items():  # model-wide checks of each form present
+            if name in self.forms:
+                form.check_model(self)
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling)
         self._validate_gemma_traits()
@@ -232,7 +224,7 @@ class ModelConfig:
     def _validate_layers(self) -> None:
         for index, spec in enumerate(self.layers):
             where = f"ModelConfig.layers[{index}]"
-            if spec.attention not in ATTENTION_FORMS:
+            if spec.attention not in ATTENTION_FORMS:  # before any fact of the form is read
                 raise ValueError(
                     f"{where}.attention={spec.attention!r}: allowed values are {list(ATTENTION_FORMS)}"
                 )
@@ -250,64 +242,23 @@ class ModelConfig:
                         f"{where}.chunk={spec.chunk}: this layer also has window={spec.window}; a layer is "
                         "either chunked or sliding (set one of them to None)"
                     )
-            self._validate_state_fields(where, spec)
-            if not spec.rope and spec.attention not in ("gqa", "linear"):
+            form = form_of(spec)
+            if not spec.rope and "nope" not in form.traits:
                 raise ValueError(
-                    f"{where}.rope=False: NoPE is for gqa layers; an {spec.attention!r} layer's decoupled rotary "
-                    "key exists to carry RoPE (allowed: rope=True)"
+                    f"{where}.rope=False: NoPE is for {', '.join(forms_with(trait='nope'))} layers; an "
+                    f"{spec.attention!r} layer always rotates (allowed: rope=True)"
                 )
-            if spec.attention != "gla" and spec.n_latent_heads is not None:
-                raise ValueError(
-                    f"{where}.n_latent_heads={spec.n_latent_heads}: only gla layers have latent heads "
-                    "(set attention='gla')"
-                )
-            if spec.attention in LATENT_FORMS:
-                if spec.n_kv_heads is not None:
+            for name in FORM_FIELDS:
+                value = getattr(spec, name)
+                if value is not None and name not in form.layer_fields:
                     raise ValueError(
-                        f"{where}.n_kv_heads={spec.n_kv_heads}: only gqa layers have K/V heads; an mla layer caches a "
-                        "latent (set kv_lora_rank instead)"
+                        f"{where}.{name}={value}: only {', '.join(forms_with(field=name))} layers have "
+                        f"{name}; this layer is {spec.attention!r} (set {name}=None)"
                     )
-            elif spec.kv_from is None:
-                if spec.n_kv_heads is None:
-                    spec.n_kv_heads = self.n_kv_heads
-                if spec.n_kv_heads <= 0 or self.n_heads % spec.n_kv_heads:
-                    raise ValueError(
-                        f"{where}.n_kv_heads={spec.n_kv_heads}: must divide n_heads={self.n_heads} "
-                        f"(allowed: {_divisors(self.n_heads)})"
-                    )
-            if spec.kv_from is not None:
+            if spec.kv_from is None:
+                form.check_layer(self, index, spec)
+            else:
                 self._validate_kv_from(index, spec)
-
-    def _validate_state_fields(self, where: str, spec: LayerSpec) -> None:
-        """Fields of the constant-state forms, and the per-token-cache fields they cannot take."""
-        owners = {"feature_dim": "linear", "conv_size": "deltanet"}
-        for name, form in owners.items():
-            value = getattr(spec, name)
-            if value is None:
-                continue
-            if spec.attention != form:
-                raise ValueError(
-                    f"{where}.{name}={value}: only {form} layers have it (set attention={form!r})"
-                )
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(
-                    f"{where}.{name}={value!r}: must be a positive integer or None (the default)"
-                )
-        if spec.attention not in STATE_FORMS:
-            return
-        cached = {
-            "kv_from": (spec.kv_from, None),
-            "sinks": (spec.sinks, False),
-            "chunk": (spec.chunk, None),
-            "window": (spec.window, None) if spec.attention == "deltanet" else (None, None),
-            "rope": (spec.rope, True) if spec.attention == "deltanet" else (True, True),
-        }
-        for name, (value, allowed) in cached.items():
-            if value != allowed:
-                raise ValueError(
-                    f"{where}.{name}={value}: a {spec.attention!r} layer keeps a fixed-size state, not a per-token "
-                    f"cache another layer could read, window or chunk (allowed: {name}={allowed})"
-                )
 
     def _validate_kv_from(self, index: int, spec: LayerSpec) -> None:
         where = f"ModelConfig.layers[{index}].kv_from={spec.kv_from}"
@@ -319,11 +270,6 @@ class ModelConfig:
                 else f"{where}: layer 0 has no earlier layer to read K/V from"
             )
         source = self.layers[spec.kv_from]
-        if source.attention in STATE_FORMS:
-            raise ValueError(
-                f"{where}: layer {spec.kv_from} is a {source.attention!r} layer, which keeps a fixed-size state "
-                "and no K/V to share; point kv_from at a gqa, mla, gta or gla layer"
-            )
         if source.kv_from is not None:
             raise ValueError(
                 f"{where}: layer {spec.kv_from} itself reads K/V from layer {source.kv_from}; point at the layer "
@@ -341,69 +287,14 @@ class ModelConfig:
                     f"{where}: layer {spec.kv_from} has {name}={theirs} but this layer has {name}={ours}; "
                     "a layer that reads another's K/V attends over the same span with the same positions"
                 )
-        if spec.attention == "gla":
-            if spec.n_latent_heads is not None and spec.n_latent_heads != source.n_latent_heads:
+        for name in form_of(spec).layer_fields:  # the cache's shape is the source's
+            ours, theirs = getattr(spec, name), getattr(source, name)
+            if ours is not None and ours != theirs:
                 raise ValueError(
-                    f"ModelConfig.layers[{index}].n_latent_heads={spec.n_latent_heads}: this layer reads layer "
-                    f"{spec.kv_from}'s latent, which has n_latent_heads={source.n_latent_heads}"
+                    f"ModelConfig.layers[{index}].{name}={ours}: this layer reads layer {spec.kv_from}'s "
+                    f"cache, which has {name}={theirs}"
                 )
-            spec.n_latent_heads = source.n_latent_heads
-        if spec.attention not in LATENT_FORMS:
-            if spec.n_kv_heads is not None and spec.n_kv_heads != source.n_kv_heads:
-                raise ValueError(
-                    f"ModelConfig.layers[{index}].n_kv_heads={spec.n_kv_heads}: this layer reads layer "
-                    f"{spec.kv_from}'s K/V, which has n_kv_heads={source.n_kv_heads}"
-                )
-            spec.n_kv_heads = source.n_kv_heads
-
-    def _validate_mla(self) -> None:
-        missing = [name for name in ("kv_lora_rank", "qk_rope_head_dim") if getattr(self, name) is None]
-        if missing:
-            raise ValueError(
-                f"ModelConfig.{missing[0]} is required when a layer uses attention='mla' "
-                f"(missing: {', '.join(missing)}; DeepSeek-V3 uses kv_lora_rank=512, qk_rope_head_dim=64)"
-            )
-        if self.qk_nope_head_dim is None:
-            self.qk_nope_head_dim = self.head_dim
-        if self.v_head_dim is None:
-            self.v_head_dim = self.head_dim
-        _check_positive(self, ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"))
-        if self.q_lora_rank is not None:
-            _check_positive(self, ("q_lora_rank",))
-            if self.mla_q_bias:
-                raise ValueError(
-                    f"ModelConfig.mla_q_bias=True biases q_proj, which q_lora_rank={self.q_lora_rank} replaces by "
-                    "q_a_proj/q_b_proj (biased by attention_bias): allowed with q_lora_rank=None only"
-                )
-        if self.qk_nope_head_dim < 0:
-            raise ValueError(f"ModelConfig.qk_nope_head_dim={self.qk_nope_head_dim}: must be >= 0")
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(
-                f"ModelConfig.qk_rope_head_dim={self.qk_rope_head_dim}: must be even (RoPE rotates pairs of dims)"
-            )
-        if self.n_heads % self.mla_rope_heads:
-            raise ValueError(
-                f"ModelConfig.mla_rope_heads={self.mla_rope_heads} must divide n_heads={self.n_heads} "
-                f"(allowed: {_divisors(self.n_heads)}; 1 = DeepSeek's rotary key shared by all heads)"
-            )
-
-    def _validate_gla(self) -> None:
-        for index, spec in enumerate(self.layers):
-            if spec.attention != "gla" or spec.kv_from is not None:
-                continue
-            where = f"ModelConfig.layers[{index}].n_latent_heads={spec.n_latent_heads}"
-            heads = spec.n_latent_heads
-            if not isinstance(heads, int) or heads <= 0 or self.n_heads % heads or self.kv_lora_rank % heads:
-                raise ValueError(
-                    f"{where}: a gla layer needs a number of latent heads that divides n_heads={self.n_heads} "
-                    f"and kv_lora_rank={self.kv_lora_rank} (allowed: "
-                    f"{[d for d in _divisors(self.n_heads) if self.kv_lora_rank % d == 0]})"
-                )
-            if self.mla_rope_heads != 1:
-                raise ValueError(
-                    f"ModelConfig.mla_rope_heads={self.mla_rope_heads}: gla layers (layer {index}) share one "
-                    "rotary key across latent heads (allowed: 1)"
-                )
+            setattr(spec, name, theirs)
 
     def _validate_gemma_traits(self) -> None:
         if self.mlp_activation not in MLP_ACTIVATIONS:
@@ -421,19 +312,22 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be positive or None (off)")
         if self.window_rope_theta is not None:
             for index, spec in enumerate(self.layers):
-                if spec.window is not None and (spec.attention != "gqa" or not spec.rope):
+                rotates = "window_rope_theta" in form_of(spec).traits and spec.rope
+                if spec.window is not None and not rotates:
                     raise ValueError(
                         f"ModelConfig.window_rope_theta={self.window_rope_theta}: layer {index} slides but is "
                         f"{spec.attention!r}{'' if spec.rope else ' without RoPE'}; a separate RoPE base for "
-                        "sliding layers applies to gqa layers with RoPE only (allowed: window_rope_theta=None)"
+                        f"sliding layers applies to {', '.join(forms_with(trait='window_rope_theta'))} layers "
+                        "with RoPE only (allowed: window_rope_theta=None)"
                     )
         for name in ("attn_logit_softcap", "query_pre_attn_scalar"):
             value = getattr(self, name)
             for index, spec in enumerate(self.layers):
-                if value is not None and spec.attention not in ("gqa", "gta"):
+                if value is not None and name not in form_of(spec).traits:
                     raise ValueError(
                         f"ModelConfig.{name}={value}: layer {index} is {spec.attention!r}, whose attention "
-                        f"does not implement it (gqa and gta layers do; allowed for this model: {name}=None)"
+                        f"does not implement it ({' and '.join(forms_with(trait=name))} layers do; allowed for "
+                        f"this model: {name}=None)"
                     )
 
     # ----------------------------------------------------------------------------------------------
@@ -517,17 +411,6 @@ def _as_specs(specs: list[LayerSpec | dict] | None, name: str) -> list[LayerSpec
         _check_types(spec, where)
         out.append(spec)
     return out
-
-
-def _check_positive(config: ModelConfig, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is None or value <= 0:
-            raise ValueError(f"ModelConfig.{name}={value!r}: must be positive")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _default_ffn_dim(d_model: int, multiple_of: int = 256) -> int:

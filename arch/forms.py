@@ -1,107 +1,57 @@
-"""Named attention forms built from one base config: the vocabulary of the quickstart table, the
-benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta gla linear deltanet``)."""
+"""The attention-form registry: every value ``LayerSpec.attention`` may take, with its facts.
+
+Each ``attention_*.py`` declares one :class:`~.form_record.AttentionForm` record beside its block;
+``ATTENTION_FORMS`` lists them. Accounting, memory estimates, the decoder and ``ModelConfig``'s checks
+loop over it. A new form is one file plus one line below - or, from outside the package,
+``register_form(MY_FORM)`` before the first ``ModelConfig`` that uses it (docs/extending.md).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from typing import TYPE_CHECKING
 
-from .config import LayerSpec, ModelConfig
+from .attention_deltanet import DELTANET
+from .attention_gla import GLA
+from .attention_gqa import GQA
+from .attention_gta import GTA
+from .attention_linear import LINEAR
+from .attention_mla import MLA
+from .form_record import AttentionForm
 
-FORMS = (
-    "mha",
-    "gqa",
-    "mqa",
-    "mla",
-    "cla",
-    "swa",
-    "mix",
-    "sinks",
-    "chunked",
-    "gta",
-    "gla",
-    "linear",
-    "deltanet",
-)
+if TYPE_CHECKING:
+    from .config import LayerSpec
+
+ATTENTION_FORMS: dict[str, AttentionForm] = {
+    form.name: form for form in (GQA, MLA, GTA, GLA, LINEAR, DELTANET)
+}
 
 
-def with_form(
-    base: ModelConfig,
-    form: str,
-    *,
-    n_kv_heads: int | None = None,
-    window: int | None = None,
-    kv_lora_rank: int | None = None,
-    rope_dim: int | None = None,
-) -> ModelConfig:
-    """``base`` with every layer turned into ``form``.
+def register_form(form: AttentionForm) -> AttentionForm:
+    """Add ``form`` to the registry (a name may be registered once)."""
+    if not isinstance(form, AttentionForm):
+        raise TypeError(f"register_form({form!r}): expected an AttentionForm record")
+    if form.name in ATTENTION_FORMS and ATTENTION_FORMS[form.name] is not form:
+        raise ValueError(f"attention form {form.name!r} is already registered; pick another name")
+    ATTENTION_FORMS[form.name] = form
+    return form
 
-    - ``gqa``: ``n_kv_heads`` (default n_heads/4); ``mqa``: one KV head; ``mha``: n_heads.
-    - ``mla``: latent ``kv_lora_rank`` (default 4·head_dim) + rotary ``rope_dim`` (default head_dim/2),
-      DeepSeek-V3's proportions (512 + 64 for head_dim 128).
-    - ``cla``: GQA where every odd layer reads the K/V of the layer before it (CLA-2).
-    - ``swa``: GQA with 3 sliding-window layers for each global one (``window``, default max_seq_len/4).
-    - ``mix``: MLA, a windowed GQA layer, a GQA layer sharing its K/V, an MLA layer sharing the first's.
-    - ``sinks``: attention sinks on windowed GQA layers alternating with global MLA layers.
-    - ``chunked``: Llama 4's pattern - 3 chunked local GQA layers (chunks of ``window``) per global
-      NoPE layer.
-    - ``gta``: grouped-tied attention (``n_kv_heads`` tied states): a global and a windowed layer,
-      each followed by one that reads its cache.
-    - ``gla``: grouped-latent attention, MLA's latent in 2 latent heads; a windowed layer with sinks.
-    - ``linear``: LoLCATs-style hybrid - linear attention with a softmax window, plain linear
-      attention, linear + window again, then one global GQA layer (3 constant-state : 1 global).
-    - ``deltanet``: Kimi Linear's layout - 3 Gated DeltaNet layers (``n_kv_heads`` states) : 1 MLA.
-    """
-    if form not in FORMS:
-        raise ValueError(f"form={form!r}: allowed values are {list(FORMS)}")
-    head_dim = base.head_dim
-    gqa_heads = n_kv_heads or max(1, base.n_heads // 4)
-    window = window or max(1, base.max_seq_len // 4)
-    mla_sizes = {
-        "kv_lora_rank": kv_lora_rank or 4 * head_dim,
-        "qk_rope_head_dim": rope_dim or max(2, head_dim // 2),
-        "qk_nope_head_dim": head_dim,
-        "v_head_dim": head_dim,
-    }
-    gqa = LayerSpec("gqa", gqa_heads)
-    patterns = {
-        "mha": [LayerSpec("gqa", base.n_heads)],
-        "gqa": [gqa],
-        "mqa": [LayerSpec("gqa", 1)],
-        "mla": [LayerSpec("mla")],
-        "cla": [gqa, LayerSpec("gqa", kv_from=-1)],
-        "swa": [LayerSpec("gqa", gqa_heads, window)] * 3 + [gqa],
-        "mix": [
-            LayerSpec("mla"),
-            LayerSpec("gqa", gqa_heads, window),
-            LayerSpec("gqa", window=window, kv_from=-1),
-            LayerSpec("mla", kv_from=-3),
-        ],
-        "sinks": [LayerSpec("gqa", gqa_heads, window, sinks=True), LayerSpec("mla", sinks=True)],
-        "chunked": [LayerSpec("gqa", gqa_heads, chunk=window)] * 3
-        + [LayerSpec("gqa", gqa_heads, rope=False)],
-        "gta": [
-            LayerSpec("gta", gqa_heads),
-            LayerSpec("gta", kv_from=-1),
-            LayerSpec("gta", gqa_heads, window),
-            LayerSpec("gta", window=window, kv_from=-1),
-        ],
-        "gla": [
-            LayerSpec("gla", n_latent_heads=2),
-            LayerSpec("gla", window=window, n_latent_heads=2, sinks=True),
-        ],
-        "linear": [
-            LayerSpec("linear", gqa_heads, window),
-            LayerSpec("linear", gqa_heads),
-            LayerSpec("linear", gqa_heads, window),
-            gqa,
-        ],
-        "deltanet": [LayerSpec("deltanet", gqa_heads)] * 3 + [LayerSpec("mla")],
-    }
-    changes = {
-        "pattern": patterns[form],
-        "layers": None,
-        "n_kv_heads": gqa_heads if form != "mha" else base.n_heads,
-    }
-    if form in ("mla", "mix", "sinks", "gla", "deltanet"):
-        changes.update(mla_sizes)
-    return dataclasses.replace(base, **changes)
+
+def unregister_form(name: str) -> None:
+    """Remove a form added by :func:`register_form` (tests; the built-in forms stay)."""
+    if name in (GQA.name, MLA.name, GTA.name, GLA.name, LINEAR.name, DELTANET.name):
+        raise ValueError(f"attention form {name!r} is built in and cannot be removed")
+    ATTENTION_FORMS.pop(name, None)
+
+
+def form_of(spec: LayerSpec) -> AttentionForm:
+    """The record of a layer's form (``ModelConfig`` has checked the name)."""
+    return ATTENTION_FORMS[spec.attention]
+
+
+def forms_with(*, field: str | None = None, trait: str | None = None) -> list[str]:
+    """Names of the forms that read ``LayerSpec.field`` or implement ``trait``, in registry order."""
+    return [
+        name
+        for name, form in ATTENTION_FORMS.items()
+        if (field is None or field in form.layer_fields) and (trait is None or trait in form.traits)
+    ]

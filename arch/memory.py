@@ -17,9 +17,8 @@ import torch
 
 from kvforge.kernels.distillation import LOGIT_BLOCKS
 
-from .attention_deltanet import deltanet_parameters
-from .attention_linear import linear_parameters
 from .config import LayerSpec, ModelConfig
+from .forms import form_of
 from .kv_bytes import kv_cache_bytes, parse_dtype
 
 GiB = 1024**3
@@ -43,74 +42,17 @@ def count_parameters(config: ModelConfig, layer_index: int | None = None) -> int
     for spec in specs:
         norms = 4 if config.sandwich_norms else 2  # Gemma's sandwich adds a norm after attention and MLP
         total += norms * d + 3 * d * config.ffn_dim  # norms + gated MLP
-        params = {
-            "gqa": _gqa_params,
-            "mla": _mla_params,
-            "gta": _gta_params,
-            "gla": _mla_params,
-            "linear": lambda config, spec: _gqa_params(config, spec) + linear_parameters(config, spec),
-            "deltanet": deltanet_parameters,
-        }
-        total += params[spec.attention](config, spec)
+        total += form_of(spec).parameters(config, spec)
         total += config.n_heads if spec.sinks else 0
     return total
 
 
-def _gqa_params(config: ModelConfig, spec: LayerSpec) -> int:
-    d, q_dim, kv_dim = config.d_model, config.n_heads * config.head_dim, spec.n_kv_heads * config.head_dim
-    bias = config.attention_bias
-    total = d * q_dim + q_dim * d + (q_dim if bias else 0) + (d if config.o_proj_bias else 0)
-    if spec.kv_from is None:
-        total += 2 * (d * kv_dim + (kv_dim if bias else 0))
-        total += config.head_dim if config.qk_norm else 0
-    return total + (config.head_dim if config.qk_norm else 0)
-
-
-def _gta_params(config: ModelConfig, spec: LayerSpec) -> int:
-    d, q_dim = config.d_model, config.n_heads * config.head_dim
-    bias = config.attention_bias
-    total = d * q_dim + q_dim * d + (q_dim if bias else 0) + (d if config.o_proj_bias else 0)
-    if spec.kv_from is None:  # kv_proj (tied states) and k_rope_proj (half a head)
-        state = spec.n_kv_heads * config.head_dim + config.head_dim // 2
-        total += d * state + (state if bias else 0)
-    return total
-
-
-def _mla_params(config: ModelConfig, spec: LayerSpec) -> int:
-    d, heads, rank = config.d_model, config.n_heads, config.kv_lora_rank
-    bias = config.attention_bias
-    q_out = heads * config.qk_head_dim
-    if config.q_lora_rank is None:
-        total = d * q_out
-    else:
-        total = d * config.q_lora_rank + (config.q_lora_rank if bias else 0) + config.q_lora_rank
-        total += config.q_lora_rank * q_out
-    latent = rank + config.mla_rope_heads * config.qk_rope_head_dim
-    if spec.kv_from is None:
-        total += d * latent + (latent if bias else 0) + (rank if config.mla_latent_norm else 0)
-    up_width = (
-        rank // spec.n_latent_heads if spec.attention == "gla" else rank
-    )  # a gla head reads its latent head
-    total += up_width * heads * (config.qk_nope_head_dim + config.v_head_dim)
-    return total + heads * config.v_head_dim * d + (d if config.o_proj_bias else 0)
-
-
 def activation_values_per_token(config: ModelConfig, spec: LayerSpec) -> int:
-    """Values autograd keeps per token for one layer's backward (fused attention, no scores)."""
-    d, heads = config.d_model, config.n_heads
+    """Values autograd keeps per token for one layer's backward (fused attention, no scores): the
+    norms and MLP, plus what the layer's form declares for its attention block."""
     norms = 4 if config.sandwich_norms else 2  # Gemma's sandwich norms save 3·d each, like the others
-    common = 3 * norms * d + 4 * config.ffn_dim
-    if spec.attention in ("linear", "deltanet"):  # projections, features/convolutions, gates: ~6 per q value
-        return common + 6 * heads * config.head_dim + 4 * spec.n_kv_heads * config.head_dim
-    if spec.attention in ("gqa", "gta"):  # gta: keys and values are materialised as in gqa
-        q_dim, kv_dim = heads * config.head_dim, spec.n_kv_heads * config.head_dim
-        own_kv = 2 * kv_dim if spec.kv_from is None else 0
-        return common + 3 * q_dim + own_kv + heads
-    qk, v = config.qk_head_dim, config.v_head_dim
-    latent = config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim
-    own_latent = 2 * latent + config.kv_lora_rank if spec.kv_from is None else 0
-    padded = max(qk, v)  # the sdpa backend pads the narrower of Q/K and V to a common width
-    return common + own_latent + heads * (2 * qk + 2 * padded + v + 1)
+    common = 3 * norms * config.d_model + 4 * config.ffn_dim
+    return common + form_of(spec).activation_values(config, spec)
 
 
 @dataclass

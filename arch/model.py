@@ -14,25 +14,11 @@ from kvforge.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from kvforge.kernels.distillation import linear_distillation_loss
 from kvforge.kernels.documents import document_positions
 
-from .attention_deltanet import DeltaNetAttention
-from .attention_gla import GLAAttention
-from .attention_gqa import GQAAttention
-from .attention_gta import GTAAttention
-from .attention_linear import LinearAttention
-from .attention_mla import MLAAttention
-from .cache import KVCache, KVView, LayerCache, allocate_layer_cache
+from .cache import KVCache, KVView, LayerCache
 from .config import LayerSpec, ModelConfig
+from .forms import form_of
 from .layers import RMSNorm, SwiGLU, softcap
 from .rope import RotaryEmbedding
-
-ATTENTION_CLASSES = {
-    "gqa": GQAAttention,
-    "mla": MLAAttention,
-    "gta": GTAAttention,
-    "gla": GLAAttention,
-    "linear": LinearAttention,
-    "deltanet": DeltaNetAttention,
-}
 
 
 class DecoderLayer(nn.Module):
@@ -45,7 +31,7 @@ class DecoderLayer(nn.Module):
         # pre-MLP one pre_feedforward_layernorm; its family table renames them).
         d, eps, offset = config.d_model, config.norm_eps, config.norm_unit_offset
         self.input_layernorm = RMSNorm(d, eps, offset)
-        self.self_attn = ATTENTION_CLASSES[self.spec.attention](config, self.spec)
+        self.self_attn = form_of(self.spec).block(config, self.spec)
         self.post_attention_layernorm = RMSNorm(d, eps, offset)
         self.mlp = SwiGLU(d, config.ffn_dim, config.mlp_activation)
         self.attention_output_layernorm = RMSNorm(d, eps, offset) if config.sandwich_norms else None
@@ -76,35 +62,20 @@ def embedding_multiplier(d_model: int, dtype: torch.dtype) -> float:
     return float(torch.tensor(d_model**0.5, dtype=torch.float32).to(dtype))
 
 
-WINDOW_ROPE = "gqa_window"
-
-
-def rotary_key(config: ModelConfig, spec: LayerSpec) -> str:
-    """Which rotary table of :func:`rotary_embeddings` a layer reads."""
-    if config.window_rope_theta is not None and spec.window is not None:
-        return WINDOW_ROPE
-    return spec.attention
+def rotary_key(config: ModelConfig, spec: LayerSpec) -> str | None:
+    """Which rotary table of :func:`rotary_embeddings` a layer reads (None: its form rotates nothing)."""
+    rotary = form_of(spec).rotary(config, spec)
+    return None if rotary is None else rotary.name
 
 
 def rotary_embeddings(config: ModelConfig) -> dict[str, RotaryEmbedding]:
-    """One rotary table per attention form of ``config``, by the width it rotates."""
-    rotary = {}
-    if config.forms & {"gqa", "linear", "deltanet"}:
-        rotary["gqa"] = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        for form in config.forms & {"linear", "deltanet"}:  # linear rotates as gqa; deltanet has no RoPE
-            rotary[form] = rotary["gqa"]
-    if config.window_rope_theta is not None:  # Gemma 3: sliding layers rotate with their own base, unscaled
-        rotary[WINDOW_ROPE] = RotaryEmbedding(config.head_dim, config.window_rope_theta, None)
-    for form in ("mla", "gla"):  # MLA's decoupled rotary key: one table for both latent forms
-        if form in config.forms:
-            theta = config.mla_rope_theta or config.rope_theta
-            rotary["mla"] = rotary.get("mla") or RotaryEmbedding(
-                config.qk_rope_head_dim, theta, config.rope_scaling
-            )
-            rotary[form] = rotary["mla"]
-    if "gta" in config.forms:  # the shared rotary key covers half of head_dim
-        rotary["gta"] = RotaryEmbedding(config.head_dim // 2, config.rope_theta, config.rope_scaling)
-    return rotary
+    """One rotary table per distinct table the layers' forms ask for (by the width they rotate)."""
+    tables = {}
+    for spec in config.layers:
+        rotary = form_of(spec).rotary(config, spec)
+        if rotary is not None and rotary.name not in tables:
+            tables[rotary.name] = RotaryEmbedding(rotary.dim, rotary.theta, rotary.scaling)
+    return tables
 
 
 class Decoder(nn.Module):
@@ -153,7 +124,7 @@ class Decoder(nn.Module):
             spec = layer.spec
             shared = views[spec.kv_from] if spec.kv_from is not None else None
             entry = cache[layer.index] if cache is not None else None
-            args = (h, ropes[rotary_key(self.config, spec)], entry, start, shared, document_ids)
+            args = (h, ropes.get(rotary_key(self.config, spec)), entry, start, shared, document_ids)
             if self.gradient_checkpointing and self.training:
                 h, view = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -193,10 +164,14 @@ class CausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm | RotaryEmbedding | LinearAttention | DeltaNetAttention):
+            elif isinstance(module, RMSNorm | RotaryEmbedding):
                 module.reset_parameters()
             if isinstance(getattr(module, "sinks", None), nn.Parameter):
                 nn.init.zeros_(module.sinks)
+        for layer in self.model.layers:  # blocks with parameters of their own (feature maps, gates, convs)
+            reset = getattr(layer.self_attn, "reset_parameters", None)
+            if reset is not None:
+                reset()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -313,15 +288,7 @@ class CausalLM(nn.Module):
                 entries.append(entries[spec.kv_from])
                 owners.append(spec.kv_from)
                 continue
-            new_state = getattr(layer.self_attn, "new_state", None)
-            if new_state is not None:  # a constant-state layer: fixed-size state, whatever max_len
-                entries.append(new_state(batch, dtype, device))
-                owners.append(layer.index)
-                continue
-            features = layer.self_attn.cache_features()
-            entries.append(
-                allocate_layer_cache(batch, max_len, spec.window, features, dtype, device, spec.chunk)
-            )
+            entries.append(form_of(spec).new_cache(layer.self_attn, spec, batch, max_len, dtype, device))
             owners.append(layer.index)
         position = torch.zeros(1, dtype=torch.long, device=device) if static else None
         return KVCache(entries, owners, max_len, position)

@@ -8,11 +8,13 @@ Frequency scalings follow the papers and transformers' ``ROPE_INIT_FUNCTIONS`` (
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import RopeScaling
+if TYPE_CHECKING:  # annotations only: config.py imports the form registry, whose blocks import this module
+    from .config import RopeScaling
 
 
 def rope_frequencies(

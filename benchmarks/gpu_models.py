@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.arch import CausalLM, ModelConfig
-from kvforge.arch.forms import with_form
+from kvforge.arch.presets import with_form
 
 # shared/GPU.md: hidden 2048, 16 layers, 32 q / 8 kv heads (head_dim 64), FFN 8192, vocab 32000.
 LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks.common import markdown_table, print_table
 from benchmarks.stock import build_stock
 from kvforge.arch import ModelConfig, flops_per_token
-from kvforge.arch.forms import FORMS, with_form
+from kvforge.arch.presets import PRESETS, with_form
 from kvforge.training.module import KVForgeLM
 from kvforge.training.optim import OptimizerConfig, build_optimizer
 
@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--forms", default="gqa", help=f"comma-separated, from {', '.join(FORMS)}")
+    parser.add_argument("--forms", default="gqa", help=f"comma-separated, from {', '.join(PRESETS)}")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing starts")

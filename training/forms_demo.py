@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from kvforge.arch import CausalLM, ModelConfig, generate, kv_bytes_per_token, kv_cache_bytes, parse_dtype
-    from kvforge.arch.forms import FORMS, with_form
+    from kvforge.arch.presets import PRESETS, with_form
 
     torch.manual_seed(0)
     dtype = parse_dtype(args.dtype)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         table.add_column(column, justify="left" if column == "form" else "right")
     mha_bytes = kv_bytes_per_token(with_form(base, "mha"), args.seq_len, dtype)
-    for form in FORMS:
+    for form in PRESETS:
         config = with_form(base, form, window=args.window)
         model = CausalLM(config)
         ids = torch.randint(0, args.vocab, (2, 65))

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from kvforge.arch import CausalLM, describe_layers, kv_bytes_per_token, kv_cache_bytes
-from kvforge.arch.forms import FORMS
+from kvforge.arch.presets import PRESETS
 from tests.conftest import tiny_form
 
 
 @pytest.mark.parametrize("seq_len", [1, 4, 5, 17, 64])
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_cache_nbytes_equals_analytic_formula(form, seq_len):
     config = tiny_form(form)
     model = CausalLM(config)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvforge.arch import CausalLM, generate
-from kvforge.arch.forms import FORMS
+from kvforge.arch.presets import PRESETS
 from tests.conftest import tiny_form
 
 TOL = 1e-5
@@ -23,7 +23,7 @@ def _cached_logits(model: CausalLM, ids: torch.Tensor, chunks: list[int]) -> tor
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_token_by_token_decode_matches_uncached_forward(form):
     # 20 tokens with window 5: the ring buffers wrap several times.
     model = CausalLM(tiny_form(form)).eval()
@@ -34,7 +34,7 @@ def test_token_by_token_decode_matches_uncached_forward(form):
     assert (cached - reference).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_prefill_then_blocks_then_tokens_matches_uncached_forward(form):
     # A 7-token prefill (longer than the window), a 3-token block over a wrapped ring, then single tokens.
     model = CausalLM(tiny_form(form)).eval()

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kvforge.arch import CausalLM, ModelConfig
-from kvforge.arch.forms import FORMS, with_form
 from kvforge.arch.memory import (
     CE_LOGIT_BLOCKS,
     count_parameters,
@@ -14,6 +13,7 @@ from kvforge.arch.memory import (
     estimate_training_memory,
     root_parameters,
 )
+from kvforge.arch.presets import PRESETS, with_form
 from kvforge.kernels.distillation import LOGIT_BLOCKS
 from tests.conftest import tiny_form
 
@@ -28,7 +28,7 @@ from tests.conftest import tiny_form
         {"q_lora_rank": 12},
     ],
 )
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_parameter_count_is_exact(form, variant):
     config = tiny_form(form, **variant)
     assert count_parameters(config) == CausalLM(config).num_parameters()

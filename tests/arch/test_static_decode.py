@@ -10,13 +10,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kvforge.arch import CausalLM, StaticDecoder, generate, kv_cache_bytes
-from kvforge.arch.forms import FORMS
+from kvforge.arch.presets import PRESETS
 from tests.conftest import tiny_form
 
 HOST_SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_static_generation_equals_uncached_generation(form):
     model = CausalLM(tiny_form(form)).eval()
     prompt = torch.randint(0, 97, (2, 4))
@@ -53,7 +53,7 @@ def test_one_decoder_serves_prompts_of_different_lengths():
         assert torch.equal(generate(model, prompt, 12, decoder=decoder), expected)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_static_cache_bytes_match_formula(form):
     config = tiny_form(form)
     decoder = StaticDecoder(CausalLM(config), batch=3, max_len=40, dtype=torch.bfloat16)
@@ -106,7 +106,7 @@ def _captured_generation_equals_uncached(form: str, compile: bool) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_captured_decode_step_equals_uncached_generation(form):
     _captured_generation_equals_uncached(form, compile=False)
 

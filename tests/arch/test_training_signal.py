@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.arch import CausalLM
-from kvforge.arch.forms import FORMS
+from kvforge.arch.presets import PRESETS
 from tests.conftest import tiny_form
 
 
@@ -16,7 +16,7 @@ def _loss(model, ids):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_gradients_reach_every_parameter(form):
     model = CausalLM(
         tiny_form(form, q_lora_rank=16 if form == "mla" else None, qk_norm=True, attention_bias=True)
@@ -26,7 +26,7 @@ def test_gradients_reach_every_parameter(form):
     assert not missing
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(form):
     model = CausalLM(tiny_form(form))
     ids = torch.randint(0, 97, (4, 24))

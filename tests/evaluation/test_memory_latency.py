@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from kvforge.arch import CausalLM, StaticDecoder, generate, kv_cache_bytes
-from kvforge.arch.forms import FORMS
+from kvforge.arch.presets import PRESETS
 from kvforge.training.evaluation import measure_decode
 from kvforge.training.evaluation.decode_probe import allocated_cache_bytes, run_probe
 from tests.conftest import tiny_form
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_measured_cache_bytes_equal_the_analytic_figure(form):
     model = CausalLM(tiny_form(form)).eval()
     _, memory = measure_decode(model, batches=[2], contexts=[12, 40], decode_steps=3, repeats=1)

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kvforge.arch import ModelConfig
-from kvforge.arch.forms import with_form
+from kvforge.arch.presets import with_form
 from kvforge.training.data import TextDataModule
 from kvforge.training.module import KVForgeLM
 from kvforge.training.optim import OptimizerConfig

@@ -10,7 +10,7 @@ import torch
 
 from kvforge.arch import CausalLM
 from kvforge.arch.evaluate import windowed_nll
-from kvforge.arch.forms import FORMS
+from kvforge.arch.presets import PRESETS
 from kvforge.conversion.transforms import TRANSFORMS
 from kvforge.training.data import TextDataModule
 from kvforge.training.distill import DistillationConfig
@@ -37,7 +37,7 @@ def stories(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", PRESETS)
 def test_a_few_steps_of_pretraining_lower_the_validation_loss(form, corpus_and_cache, tmp_path):
     corpus, cache = corpus_and_cache
     module, data = tiny_module(form, steps=12), tiny_data(corpus, cache, val_fraction=0.2)
