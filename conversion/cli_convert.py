@@ -1,6 +1,6 @@
 """Change the attention of a model directory into a KV-efficient form and export it.
 
-    kvforge convert SRC OUT --to gqa|mqa|mla|cla|window|chunked|gta|gla [form options]
+    kvforge convert SRC OUT --to gqa|mqa|mla|cla|window|chunked|gta|gla|linear|deltanet [form options]
                     [--calib self|FILE|none --calib-tokens N] [--refine-steps N] [--device auto|cpu|cuda]
                     [--family auto] [--dtype bf16] [--overwrite]
 
@@ -10,6 +10,8 @@ Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
     kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --refine-steps 200
     kvforge convert stories260K cla --to cla --factor 2 --calib botchan.txt   # kvforge-typed
     kvforge convert stories260K swa --to window --windows 64,64,64,64,none
+    kvforge convert stories260K gdn --to deltanet --ratio 3                   # 3 Gated DeltaNet : 1 kept
+    kvforge convert stories260K lin --to linear --layers 0,1,2,4 --linear-window 64
 
 The recipe that meets every zero-shot target on stories260K (docs/transforms.md) is self-calibration
 (the default: text sampled from SRC itself, so it never overlaps your evaluation text) plus
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from .cli_export import FAMILY_CHOICES
 
-FORMS = ("gqa", "mqa", "mla", "cla", "window", "chunked", "gta", "gla")
+FORMS = ("gqa", "mqa", "mla", "cla", "window", "chunked", "gta", "gla", "linear", "deltanet")
 RECIPE_REFINE_STEPS = 200
 CPU_REFINE_MAX_D_MODEL = 512
 
@@ -117,7 +119,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="latent heads splitting kv_lora_rank (an MHA/GQA source also needs --kv-lora-rank, --rope-dims)",
     )
-    group = parser.add_argument_group("calibration (gqa, mqa, mla, cla, gta, gla, window --sinks)")
+    group = parser.add_argument_group("linear / deltanet (constant-state layers; docs/transforms.md)")
+    group.add_argument(
+        "--layers",
+        help="comma list of the layers to convert (default: --ratio converted per kept full-attention layer)",
+    )
+    group.add_argument(
+        "--ratio", type=int, default=3, help="converted layers per kept full-attention layer (default 3)"
+    )
+    group.add_argument(
+        "--keep",
+        choices=("even", "ends", "error"),
+        default="even",
+        help="which layers keep full attention: even (default: every ratio+1-th, Qwen3-Next's layout), ends "
+        "(first and last first), error (those whose attention transfer fits worst; fits every layer twice)",
+    )
+    group.add_argument(
+        "--linear-window",
+        type=int,
+        default=64,
+        help="linear: softmax window of the same layer, as LoLCATs (default 64; 0 = plain linear attention)",
+    )
+    group.add_argument(
+        "--feature-dim", type=int, help="linear: Hedgehog features per sign (default head_dim)"
+    )
+    group.add_argument("--conv-size", type=int, help="deltanet: short convolution width (default 4)")
+    group.add_argument(
+        "--transfer",
+        choices=("new", "all"),
+        default="new",
+        help="attention transfer trains the new parameters (default) or the whole block",
+    )
+    group.add_argument(
+        "--transfer-steps",
+        type=int,
+        default=300,
+        help="attention-transfer Adam steps per layer (default 300)",
+    )
+    group = parser.add_argument_group(
+        "calibration (gqa, mqa, mla, cla, gta, gla, linear, deltanet, window --sinks)"
+    )
     group.add_argument(
         "--calib",
         metavar="FILE|self|none",
@@ -217,7 +258,31 @@ def transform_options(args: argparse.Namespace, device=None, d_model: int = 0) -
         return {"n_latent_heads": args.n_latent_heads, **mla}
     if args.to == "chunked":
         return {"chunk": args.chunk, "global_every": args.global_every, "nope": not args.keep_rope}
+    if args.to in ("linear", "deltanet"):
+        return state_options(args, fitted)
     return {"windows": parse_windows(args.windows), "sinks": args.sinks}
+
+
+def state_options(args: argparse.Namespace, fitted: dict) -> dict:
+    """``to_linear`` / ``to_deltanet`` options from the command line."""
+    options = {
+        "ratio": args.ratio,
+        "keep": args.keep,
+        "transfer": args.transfer,
+        "transfer_steps": args.transfer_steps,
+        "refine_steps": fitted["refine_steps"] if args.refine_steps != "auto" else 0,
+        "progress": True,
+    }
+    if args.layers:
+        try:
+            options["layers"] = [int(item) for item in args.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers {args.layers!r}: expected a comma list of layer indices") from None
+    if args.to == "linear":
+        options.update(window=args.linear_window, feature_dim=args.feature_dim)
+    else:
+        options["conv_size"] = args.conv_size
+    return options
 
 
 def parse_windows(text: str) -> int | list[int | None]:

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         cells = [
             str(row["layer"]),
             row["form"],
-            str(row["window"]) if row["window"] is not None else "global",
+            str(row["window"]) if row["window"] is not None else "-" if row["state_bytes"] else "global",
             f"shared from layer {row['kv_from']}" if row["kv_from"] is not None else "own",
             f"{row['values_per_token']:,}",
             f"{row['bytes']:,}",

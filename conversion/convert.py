@@ -264,6 +264,8 @@ def uses_calibration(transform: str, options: dict) -> bool:
         return options.get("init", "fit") == "fit"
     if transform == "window":
         return bool(options.get("sinks", False))
+    if transform in ("linear", "deltanet"):
+        return options.get("transfer_steps", 300) > 0 or options.get("keep") == "error"
     return transform in ("mla", "gta", "gla")
 
 

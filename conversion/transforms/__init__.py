@@ -15,6 +15,7 @@ from kvforge.arch import ModelConfig
 from .calibration import load_calibration_ids, sample_calibration_ids
 from .chunked import chunked_config, to_chunked
 from .cla import cla_layout, to_cla
+from .constant_state import state_config, to_deltanet, to_linear
 from .gla import gla_config, to_gla
 from .gqa import gqa_config, to_gqa, to_mqa
 from .gta import gta_config, to_gta
@@ -30,10 +31,12 @@ TRANSFORMS: dict[str, Callable] = {
     "chunked": to_chunked,
     "gta": to_gta,
     "gla": to_gla,
+    "linear": to_linear,
+    "deltanet": to_deltanet,
 }
 
 # Option names that are not about the target form (how to fit it).
-FIT_OPTIONS = ("sequential", "refine_steps", "progress", "device", "sink")
+FIT_OPTIONS = ("sequential", "refine_steps", "progress", "device", "sink", "transfer_lr", "report")
 
 _CHECKS: dict[str, Callable] = {
     "gqa": gqa_config,
@@ -44,6 +47,8 @@ _CHECKS: dict[str, Callable] = {
     "chunked": chunked_config,
     "gta": lambda config, **options: gta_config(config),
     "gla": gla_config,
+    "linear": lambda config, **options: state_config(config, "linear", **options),
+    "deltanet": lambda config, **options: state_config(config, "deltanet", **options),
 }
 
 
@@ -61,9 +66,11 @@ __all__ = [
     "sample_calibration_ids",
     "to_chunked",
     "to_cla",
+    "to_deltanet",
     "to_gla",
     "to_gqa",
     "to_gta",
+    "to_linear",
     "to_mla",
     "to_mqa",
     "to_window",

@@ -123,10 +123,13 @@ def refine_attention(
     rows_per_step: int = 4,
     seed: int = 0,
     progress=None,
+    parameters: list[nn.Parameter] | None = None,
 ) -> float:
-    """Adam on the summed relative reconstruction error of ``units`` (cosine-decayed ``lr``);
-    returns the final relative error."""
-    params = list({id(p): p for unit in units for p in unit.module.parameters()}.values())
+    """Adam on the summed relative reconstruction error of ``units`` (cosine-decayed ``lr``) through
+    ``parameters`` (default: every parameter of the units' modules); returns the final relative error."""
+    if parameters is None:
+        parameters = [p for unit in units for p in unit.module.parameters()]
+    params = list({id(p): p for p in parameters}.values())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
