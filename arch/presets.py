@@ -32,12 +32,12 @@ def with_form(
     n_kv_heads: int | None = None,
     window: int | None = None,
     kv_lora_rank: int | None = None,
-    rope_dim: int | None = None,
+    rope_dims: int | None = None,
 ) -> ModelConfig:
     """``base`` with every layer turned into ``form``.
 
     - ``gqa``: ``n_kv_heads`` (default n_heads/4); ``mqa``: one KV head; ``mha``: n_heads.
-    - ``mla``: latent ``kv_lora_rank`` (default 4·head_dim) + rotary ``rope_dim`` (default head_dim/2),
+    - ``mla``: latent ``kv_lora_rank`` (default 4·head_dim) + rotary ``rope_dims`` (default head_dim/2),
       DeepSeek-V3's proportions (512 + 64 for head_dim 128).
     - ``cla``: GQA where every odd layer reads the K/V of the layer before it (CLA-2).
     - ``swa``: GQA with 3 sliding-window layers for each global one (``window``, default max_seq_len/4).
@@ -59,7 +59,7 @@ def with_form(
     window = window or max(1, base.max_seq_len // 4)
     mla_sizes = {
         "kv_lora_rank": kv_lora_rank or 4 * head_dim,
-        "qk_rope_head_dim": rope_dim or max(2, head_dim // 2),
+        "qk_rope_head_dim": rope_dims or max(2, head_dim // 2),
         "qk_nope_head_dim": head_dim,
         "v_head_dim": head_dim,
     }

@@ -13,9 +13,9 @@ from kvforge.arch.presets import with_form
 # shared/GPU.md: hidden 2048, 16 layers, 32 q / 8 kv heads (head_dim 64), FFN 8192, vocab 32000.
 LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192)
 # Its MLA baseline (DeepseekV3, dense MLP): 16 heads of 128 + 64 rotary dims, latent 512.
-MLA_1B = dict(n_heads=16, head_dim=128, kv_lora_rank=512, rope_dim=64)
+MLA_1B = dict(n_heads=16, head_dim=128, kv_lora_rank=512, rope_dims=64)
 SMOKE = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128)
-SMOKE_MLA = dict(n_heads=4, head_dim=16, kv_lora_rank=32, rope_dim=8)
+SMOKE_MLA = dict(n_heads=4, head_dim=16, kv_lora_rank=32, rope_dims=8)
 
 FORMS = ("gqa", "mqa", "mla", "swa", "cla", "mix", "mha")
 STOCK = {
@@ -41,7 +41,7 @@ class Shape:
         if form == "mla":  # the stock DeepseekV3 proportions, not with_form's defaults for this width
             mla = SMOKE_MLA if self.smoke else MLA_1B
             base = self.base(n_heads=mla["n_heads"], head_dim=mla["head_dim"], n_kv_heads=None)
-            return with_form(base, "mla", kv_lora_rank=mla["kv_lora_rank"], rope_dim=mla["rope_dim"])
+            return with_form(base, "mla", kv_lora_rank=mla["kv_lora_rank"], rope_dims=mla["rope_dims"])
         base = self.base()
         return with_form(base, form, n_kv_heads=base.n_kv_heads, window=self.window)
 

@@ -1,6 +1,6 @@
 """Change the attention of a model directory into a KV-efficient form and export it.
 
-    kvforge convert SRC OUT --to gqa|mqa|mla|cla|window|chunked|gta|gla|linear|deltanet [form options]
+    kvforge convert SRC OUT --to TRANSFORM [its options: see the groups below, docs/transforms.md]
                     [--calib self|FILE|none --calib-tokens N] [--refine-steps N] [--device auto|cpu|cuda]
                     [--family auto] [--dtype bf16] [--overwrite]
 
@@ -11,7 +11,7 @@ Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
     kvforge convert stories260K cla --to cla --factor 2 --calib botchan.txt   # kvforge-typed
     kvforge convert stories260K swa --to window --windows 64,64,64,64,none
     kvforge convert stories260K gdn --to deltanet --ratio 3                   # 3 Gated DeltaNet : 1 kept
-    kvforge convert stories260K lin --to linear --layers 0,1,2,4 --linear-window 64
+    kvforge convert stories260K lin --to linear --layers 0,1,2,4 --window 64  # LoLCATs-style, kvforge-typed
 
 The recipe that meets every zero-shot target on stories260K (docs/transforms.md) is self-calibration
 (the default: text sampled from SRC itself, so it never overlaps your evaluation text) plus
@@ -32,13 +32,19 @@ Python: ``kvforge.conversion.convert.convert_checkpoint(src, out, transform, opt
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
 from pathlib import Path
+from typing import Literal
 
 from .cli_export import FAMILY_CHOICES
+from .transforms import TRANSFORMS, Transform
 
-FORMS = ("gqa", "mqa", "mla", "cla", "window", "chunked", "gta", "gla", "linear", "deltanet")
 RECIPE_REFINE_STEPS = 200
 CPU_REFINE_MAX_D_MODEL = 512
+# Options the command itself reads (``--refine-steps auto``), not generated from the dataclasses.
+COMMAND_OPTIONS = ("refine_steps",)
 
 
 def torch_cpu():
@@ -50,115 +56,10 @@ def torch_cpu():
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="model directory to convert (HF or kvforge-typed)")
     parser.add_argument("out", metavar="OUT", help="directory to write; must not exist unless --overwrite")
-    parser.add_argument("--to", required=True, choices=FORMS, help="target attention form")
-    group = parser.add_argument_group("gqa / mqa")
-    group.add_argument("--n-kv-heads", type=int, help="K/V heads per layer (must divide the query heads)")
-    group.add_argument(
-        "--method",
-        choices=("aligned", "mean"),
-        default="aligned",
-        help="aligned (default): heads grouped by how well their keys/values merge, keys merged per rotary "
-        "pair, values into their common subspace, o_proj refitted; mean: the GQA paper's mean-pooling",
-    )
-    group = parser.add_argument_group("mla")
-    group.add_argument(
-        "--kv-lora-rank", type=int, help="latent width cached per token (DeepSeek's kv_lora_rank)"
-    )
-    group.add_argument(
-        "--rope-dims",
-        type=int,
-        help="rotary dims of the shared key (qk_rope_head_dim; even, at most head_dim)",
-    )
-    group.add_argument(
-        "--rope-selection",
-        choices=("contribution", "high", "uniform"),
-        default="contribution",
-        help="which frequency pairs stay rotary: the ones the calibration attention needs most (default), "
-        "the highest frequencies, or evenly spread ones (always a progression DeepseekV3 can express)",
-    )
-    group.add_argument(
-        "--layout",
-        choices=("deepseek", "kvforge"),
-        default="deepseek",
-        help="deepseek (default): stock DeepseekV3 (one shared rotary key, latent RMSNorm); kvforge: one rotary "
-        "key per source K/V head and no latent norm (exact at full rank, kvforge-typed)",
-    )
-    group = parser.add_argument_group("cla")
-    group.add_argument("--factor", type=int, default=2, help="layers per group sharing one K/V (default 2)")
-    group.add_argument(
-        "--init",
-        choices=("fit", "first", "mean"),
-        default="fit",
-        help="fit (default): shared K/V fitted to every layer of the group; first: the first layer's; mean: average",
-    )
-    group.add_argument("--offset", type=int, default=0, help="layers before this one keep their own K/V")
-    group = parser.add_argument_group("window")
-    group.add_argument(
-        "--windows",
-        help="one window for every layer, or a comma pattern tiled over the layers; 'none' = global "
-        "(e.g. 1024,1024,1024,none = 3 local : 1 global)",
-    )
-    group.add_argument(
-        "--sinks",
-        action="store_true",
-        help="attention sinks on the windowed layers, fitted on --calib (kvforge-typed export)",
-    )
-    group = parser.add_argument_group("chunked (Llama 4's pattern)")
-    group.add_argument(
-        "--chunk", type=int, help="tokens per chunk of the local layers (attention_chunk_size)"
-    )
-    group.add_argument(
-        "--global-every", type=int, default=4, help="every N-th layer stays global (default 4, as Llama 4)"
-    )
-    group.add_argument(
-        "--keep-rope", action="store_true", help="keep RoPE on the global layers (default: NoPE)"
-    )
-    group = parser.add_argument_group("gla (gta takes no option: one tied state per K/V head)")
-    group.add_argument(
-        "--n-latent-heads",
-        type=int,
-        help="latent heads splitting kv_lora_rank (an MHA/GQA source also needs --kv-lora-rank, --rope-dims)",
-    )
-    group = parser.add_argument_group("linear / deltanet (constant-state layers; docs/transforms.md)")
-    group.add_argument(
-        "--layers",
-        help="comma list of the layers to convert (default: --ratio converted per kept full-attention layer)",
-    )
-    group.add_argument(
-        "--ratio", type=int, default=3, help="converted layers per kept full-attention layer (default 3)"
-    )
-    group.add_argument(
-        "--keep",
-        choices=("even", "ends", "error"),
-        default="even",
-        help="which layers keep full attention: even (default: every ratio+1-th, Qwen3-Next's layout), ends "
-        "(first and last first), error (those whose attention transfer fits worst; fits every layer twice)",
-    )
-    group.add_argument(
-        "--linear-window",
-        type=int,
-        default=64,
-        help="linear: softmax window of the same layer, as LoLCATs (default 64; 0 = plain linear attention)",
-    )
-    group.add_argument(
-        "--feature-dim", type=int, help="linear: Hedgehog features per sign (default head_dim)"
-    )
-    group.add_argument("--conv-size", type=int, help="deltanet: short convolution width (default 4)")
-    group.add_argument(
-        "--transfer",
-        choices=("new", "all"),
-        default="new",
-        help="attention transfer trains the new parameters (default) or the whole block",
-    )
-    group.add_argument(
-        "--transfer-steps",
-        type=int,
-        default=300,
-        help="attention-transfer Adam steps per layer (default 300)",
-    )
-    group = parser.add_argument_group(
-        "calibration (gqa, mqa, mla, cla, gta, gla, linear, deltanet, window --sinks)"
-    )
+    parser.add_argument("--to", required=True, choices=list(TRANSFORMS), help="target attention form")
+    add_transform_options(parser)
+    calibrated = ", ".join(name for name, record in TRANSFORMS.items() if record.calibrates)
+    group = parser.add_argument_group(f"calibration ({calibrated})")
     group.add_argument(
         "--calib",
         metavar="FILE|self|none",
@@ -223,80 +124,94 @@ def resolve_refine_steps(value: int | str, device, d_model: int) -> int:
     return RECIPE_REFINE_STEPS if cheap else 0
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _option_users() -> dict[str, list[tuple[Transform, dataclasses.Field]]]:
+    """Each option name -> the transforms that have it, in registry order (one flag serves them all)."""
+    users: dict[str, list[tuple[Transform, dataclasses.Field]]] = {}
+    for record in TRANSFORMS.values():
+        for item in record.fields():
+            if item.name not in COMMAND_OPTIONS:
+                users.setdefault(item.name, []).append((record, item))
+    return users
+
+
+def _base_type(hint):
+    """``int | None`` -> int; ``Literal[...] | None`` -> the Literal."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def add_transform_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of the registered transforms' dataclasses, in the group of the first transform
+    that has it. Flags default to None: an option not given keeps its dataclass default."""
+    users = _option_users()
+    for record in TRANSFORMS.values():
+        group = parser.add_argument_group(f"--to {record.name}: {record.summary}")
+        for item in record.fields():
+            if item.name in users and users[item.name][0][0] is record:
+                _add_flag(group, item, users[item.name])
+
+
+def _add_flag(group, item: dataclasses.Field, users: list[tuple[Transform, dataclasses.Field]]) -> None:
+    hints = [_base_type(typing.get_type_hints(record.options)[item.name]) for record, _ in users]
+    if any(hint != hints[0] for hint in hints):
+        raise TypeError(
+            f"option {item.name!r} has different types in transforms {[r.name for r, _ in users]}"
+        )
+    hint = hints[0]
+    help_text = item.metadata["help"]
+    if len(users) > 1:
+        help_text += f" [--to {', '.join(record.name for record, _ in users)}]"
+    if hint is bool:
+        default_true = any(field.default is True for _, field in users)
+        action = argparse.BooleanOptionalAction if default_true else "store_true"
+        group.add_argument(_flag(item.name), action=action, default=None, help=help_text)
+        return
+    defaults = {repr(field.default) for _, field in users if field.default is not dataclasses.MISSING}
+    required = any(field.default is dataclasses.MISSING for _, field in users)
+    if not required and len(defaults) == 1 and defaults != {"None"}:
+        help_text += f" (default {defaults.pop()})"
+    kwargs: dict = {"default": None, "help": help_text}
+    if item.metadata.get("parse") is not None:
+        kwargs["type"] = str  # read by the option's own parser, whose errors name the value (exit status 2)
+    elif typing.get_origin(hint) is Literal:
+        kwargs["choices"] = list(typing.get_args(hint))
+    elif hint in (int, float, str):
+        kwargs["type"] = hint
+    group.add_argument(_flag(item.name), **kwargs)
+
+
 def transform_options(args: argparse.Namespace, device=None, d_model: int = 0) -> dict:
-    """The transform's keyword options from the command line (missing required ones are errors);
-    ``device`` and ``d_model`` resolve ``--refine-steps auto`` (device None: the CPU)."""
-    required = {
-        "gqa": ("n_kv_heads",),
-        "mla": ("kv_lora_rank", "rope_dims"),
-        "window": ("windows",),
-        "chunked": ("chunk",),
-        "gla": ("n_latent_heads",),
-    }
-    for name in required.get(args.to, ()):
-        if getattr(args, name) is None:
-            raise ValueError(f"--to {args.to} needs --{name.replace('_', '-')}")
-    steps = resolve_refine_steps(args.refine_steps, device if device is not None else torch_cpu(), d_model)
-    fitted = {"refine_steps": steps, "progress": True}
-    if args.to == "gqa":
-        return {"n_kv_heads": args.n_kv_heads, "method": args.method, **fitted}
-    if args.to == "mqa":
-        return {"method": args.method, **fitted}
-    if args.to == "mla":
-        names = ("kv_lora_rank", "rope_dims", "rope_selection", "layout")
-        return {**{name: getattr(args, name) for name in names}, **fitted}
-    if args.to == "cla":
-        return {"factor": args.factor, "init": args.init, "offset": args.offset, **fitted}
-    if args.to == "gta":
-        return {}
-    if args.to == "gla":
-        mla = {
-            name: getattr(args, name)
-            for name in ("kv_lora_rank", "rope_dims")
-            if getattr(args, name) is not None
-        }
-        return {"n_latent_heads": args.n_latent_heads, **mla}
-    if args.to == "chunked":
-        return {"chunk": args.chunk, "global_every": args.global_every, "nope": not args.keep_rope}
-    if args.to in ("linear", "deltanet"):
-        return state_options(args, fitted)
-    return {"windows": parse_windows(args.windows), "sinks": args.sinks}
-
-
-def state_options(args: argparse.Namespace, fitted: dict) -> dict:
-    """``to_linear`` / ``to_deltanet`` options from the command line."""
-    options = {
-        "ratio": args.ratio,
-        "keep": args.keep,
-        "transfer": args.transfer,
-        "transfer_steps": args.transfer_steps,
-        "refine_steps": fitted["refine_steps"] if args.refine_steps != "auto" else 0,
-        "progress": True,
-    }
-    if args.layers:
-        try:
-            options["layers"] = [int(item) for item in args.layers.split(",")]
-        except ValueError:
-            raise ValueError(f"--layers {args.layers!r}: expected a comma list of layer indices") from None
-    if args.to == "linear":
-        options.update(window=args.linear_window, feature_dim=args.feature_dim)
-    else:
-        options["conv_size"] = args.conv_size
-    return options
-
-
-def parse_windows(text: str) -> int | list[int | None]:
-    values: list[int | None] = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if item in ("none", "global"):
-            values.append(None)
+    """The transform's keyword options from the command line (missing required ones are errors, and so
+    are the flags of other transforms); ``device`` and ``d_model`` resolve ``--refine-steps auto``
+    (device None: the CPU)."""
+    record = TRANSFORMS[args.to]
+    names = {item.name for item in record.fields()}
+    foreign = [
+        _flag(name) for name in _option_users() if name not in names and getattr(args, name, None) is not None
+    ]
+    if foreign:
+        raise ValueError(f"--to {args.to} takes no {', '.join(foreign)} (other transforms' options)")
+    for name in record.required():
+        if getattr(args, name, None) is None:
+            raise ValueError(f"--to {args.to} needs {_flag(name)}")
+    options = {}
+    for item in record.fields():
+        value = getattr(args, item.name, None)
+        if item.name in COMMAND_OPTIONS or value is None:
             continue
-        try:
-            values.append(int(item))
-        except ValueError:
-            raise ValueError(f"--windows: {item!r} is neither a number of tokens nor 'none'") from None
-    return values[0] if len(values) == 1 and values[0] is not None else values
+        parse = item.metadata.get("parse")
+        options[item.name] = parse(value) if parse is not None else value
+    if "refine_steps" in names:
+        device = device if device is not None else torch_cpu()
+        options["refine_steps"] = resolve_refine_steps(args.refine_steps, device, d_model)
+    record.parse(options, "kvforge convert")
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvforge.arch import kv_bytes_per_token
     from kvforge.conversion import plan_export
-    from kvforge.conversion.convert import convert_checkpoint, resolve_device, uses_calibration
+    from kvforge.conversion.convert import convert_checkpoint, resolve_device
     from kvforge.conversion.pretrained import load_config
 
     console = Console(highlight=False)
@@ -319,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     options = transform_options(
         args, device, d_model
     )  # checked against SRC's config before any weight is read
-    if calibration is not None and uses_calibration(args.to, options):
+    record = TRANSFORMS[args.to]
+    if calibration is not None and record.uses_calibration(record.parse(options)):
         what = (
             f"{args.calib_tokens} tokens sampled from {src} (seed {args.seed})"
             if calibration == "self"
@@ -344,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         family=None if args.family == "auto" else args.family,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        progress=True,
     )
     plan = plan_export(new_config, None if args.family == "auto" else args.family)
     before = kv_bytes_per_token(config, config.max_seq_len, "bf16")

@@ -25,11 +25,14 @@ from safetensors.torch import save_file
 
 from kvforge.arch import ModelConfig, parse_dtype
 
+from . import transforms
 from .atomic import atomic_directory
 from .checkpoint import CheckpointWeights, checkpoint_entries
 from .families import plan_export
 from .host import one_cpu_thread, pin_mmap_threshold
 from .pretrained import EMBEDDINGS, LM_HEAD, check_tensors, export_config, load_config, write_directory_files
+from .transforms import TRANSFORMS, check_options
+from .transforms.record import Transform
 from .weights import SAFETENSORS, SAFETENSORS_INDEX
 
 log = logging.getLogger(__name__)
@@ -120,13 +123,14 @@ def convert_checkpoint(
     progress: bool = False,
 ) -> tuple[Path, ModelConfig, ModelConfig]:
     """Convert the model directory ``src`` with ``TRANSFORMS[transform](**options)`` and export it to ``out``.
+    ``options`` are the transform's (checked by its options dataclass; ``device`` and ``progress`` may be
+    given there too).
 
     ``calibration``: ``"self"`` (default: text sampled from ``src`` itself, ``calib_tokens`` tokens in
     sequences of ``calib_seq_len``, seed ``seed``), a text file (not your evaluation text), a
     ``(batch, seq)`` tensor of token ids, or None (from the weights alone). ``family``: export family
     (None: the simplest stock class that holds the result, else kvforge-typed). ``dtype``: stored dtype
     of the output (default: the source's). Returns ``(out, source config, converted config)``."""
-    from .transforms import TRANSFORMS, check_options, load_calibration_ids, sample_calibration_ids
 
     # process-wide: every freed layer-sized tensor leaves the process (.host); a training run's own
     # host_allocator setting, made before, stands
@@ -135,13 +139,16 @@ def convert_checkpoint(
     if out.exists() and not overwrite:  # before any reading
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     options = dict(options or {})
+    runtime = {"device": device, "progress": progress}
+    runtime.update({name: options.pop(name) for name in RUNTIME_OPTIONS if name in options})
+    record = TRANSFORMS.get(transform)
     entries = checkpoint_entries(src)  # headers only, each checked against its file
     config, source_family, hf = load_config(src, entries)  # sizes checked against the headers
-    check_options(transform, config, **options)
+    options = check_options(transform, config, **options)  # the typed options dataclass
     weights = CheckpointWeights(src, config, source_family, hf, entries)  # every shape checked
-    device = resolve_device(device)
+    device = runtime["device"] = resolve_device(runtime["device"])
     ids = None
-    if calibration is not None and uses_calibration(transform, options):
+    if calibration is not None and record.uses_calibration(options):
         sampled = isinstance(calibration, str) and calibration == "self"
         seq_len = calib_seq_len or min(CALIBRATION_SEQ_LEN, config.max_seq_len - sampled)  # BOS comes first
         if isinstance(calibration, torch.Tensor):
@@ -153,7 +160,7 @@ def convert_checkpoint(
             # A decoding step is ~100 small matmuls on a few rows: on shared cores a second thread
             # mostly spins (0.27B: 0.10 CPU-s a step on one thread, 0.7-0.9 on two, and 3-7x the wall).
             with one_cpu_thread(device.type == "cpu"):
-                ids = sample_calibration_ids(
+                ids = transforms.sample_calibration_ids(
                     config,
                     weights,
                     calib_tokens,
@@ -164,12 +171,11 @@ def convert_checkpoint(
                     streamed=_streamed_while_sampling(config, weights, device),
                 )
         else:
-            ids = load_calibration_ids(calibration, src, calib_tokens, seq_len)
+            ids = transforms.load_calibration_ids(calibration, src, calib_tokens, seq_len)
     stored = parse_dtype(dtype) if dtype is not None else None
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, family, stored)
-        options = {**_runtime(transform, device, progress), **options}
-        new_config = _run_transform(TRANSFORMS[transform], config, weights, ids, options, writer)
+        new_config = _run_transform(record, config, weights, ids, options, runtime, writer)
         writer.finish(new_config, src)
     return out, config, new_config
 
@@ -240,34 +246,20 @@ def _streamed_while_sampling(config: ModelConfig, weights: CheckpointWeights, de
     return range(config.n_layers // 2, config.n_layers)
 
 
-def _run_transform(function, config, weights, ids, options: dict, writer: ShardWriter) -> ModelConfig:
-    """Call a transform with the runtime options it takes. One that takes a ``sink`` (every built-in
-    transform) streams layer by layer; one that does not (a transform registered from outside) gets
-    the whole state dict in memory and is written at the end - the streaming bound does not hold for it."""
-    accepted = inspect.signature(function).parameters
-    options = {
-        name: value for name, value in options.items() if name in accepted or name not in RUNTIME_OPTIONS
+def _run_transform(
+    record: Transform, config, weights, ids, options, runtime: dict, writer: ShardWriter
+) -> ModelConfig:
+    """Call a transform with its options and the runtime keywords (device, progress) its function
+    declares. One that streams (every built-in transform) gets a ``sink`` and writes layer by layer; one
+    that does not (a transform registered from outside) gets the whole state dict in memory and is
+    written at the end - the streaming bound does not hold for it."""
+    accepted = inspect.signature(record.function).parameters
+    kwargs = {
+        **{name: value for name, value in runtime.items() if name in accepted},
+        **record.kwargs(options),
     }
-    if "sink" in accepted:
-        return function(config, weights, ids, **options, sink=writer)[0]
-    new_config, state_dict = function(config, dict(weights), ids, **options)
+    if record.streams:
+        return record.function(config, weights, ids, **kwargs, sink=writer)[0]
+    new_config, state_dict = record.function(config, dict(weights), ids, **kwargs)
     writer.write(state_dict, new_config)
     return new_config
-
-
-def uses_calibration(transform: str, options: dict) -> bool:
-    """Whether the transform fits anything to calibration activations with these options (mean-pooling,
-    copying K/V, chunks and plain windows do not, so no text is sampled for them)."""
-    if transform in ("gqa", "mqa"):
-        return options.get("method", "aligned") == "aligned"
-    if transform == "cla":
-        return options.get("init", "fit") == "fit"
-    if transform == "window":
-        return bool(options.get("sinks", False))
-    if transform in ("linear", "deltanet"):
-        return options.get("transfer_steps", 300) > 0 or options.get("keep") == "error"
-    return transform in ("mla", "gta", "gla")
-
-
-def _runtime(transform: str, device: torch.device, progress: bool) -> dict:
-    return {"device": device} if transform == "window" else {"device": device, "progress": progress}

@@ -42,7 +42,7 @@ def tiny_base(**overrides):
 def tiny_form(form: str, **overrides):
     from kvforge.arch.presets import with_form
 
-    return with_form(tiny_base(**overrides), form, window=5, kv_lora_rank=24, rope_dim=4)
+    return with_form(tiny_base(**overrides), form, window=5, kv_lora_rank=24, rope_dims=4)
 
 
 @pytest.fixture(autouse=True)

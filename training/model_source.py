@@ -1,16 +1,16 @@
 """Where a run's weights start: a fresh ``ModelConfig``, or a checkpoint directory optionally passed
 through a conversion transform (uptraining), plus the frozen teacher for distillation.
 
-``convert`` names a transform of ``kvforge.conversion.transforms.TRANSFORMS`` under ``to`` and passes
-every other key as that transform's keyword options, so transforms added to the registry plug in
-without changes here: ``{to: gqa, n_kv_heads: 2}``, ``{to: mla, kv_lora_rank: 32, ...}``. A list of
-them applies them in order: ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``.
+``convert`` names a transform of ``kvforge.conversion.transforms.TRANSFORMS`` under ``to``; every other
+key is one of that transform's options, typed and checked by its options dataclass (the one
+``kvforge convert``'s flags come from), so transforms added to the registry plug in without changes
+here: ``{to: gqa, n_kv_heads: 2}``, ``{to: mla, kv_lora_rank: 32, ...}``. A list of them applies them
+in order: ``[{to: gqa, n_kv_heads: 4}, {to: cla, factor: 2}]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 from kvforge.conversion import Pretrained, load_pretrained
-from kvforge.conversion.transforms import TRANSFORMS
+from kvforge.conversion.transforms import transform
 
 StateDict = dict[str, torch.Tensor]
 
@@ -154,8 +154,8 @@ def convert_to_directory(
     tokens = calibration_tokens(calibration, str(init_from)) if calibration else None
     steps = []
     for step in [convert] if isinstance(convert, dict) else list(convert):
-        name, _, options, _ = transform_and_options(step)
-        steps.append((name, options))
+        record, options = transform_and_options(step)
+        steps.append((record.name, record.kwargs(options)))
     convert_chain(init_from, out, steps, calibration=tokens, overwrite=True)
     source, converted = open_checkpoint(init_from), open_checkpoint(out)
     return changed_parameters(source.config, source, converted.config, converted)
@@ -204,31 +204,18 @@ def check_convert(convert: Convert) -> None:
         transform_and_options(step)
 
 
-def transform_and_options(convert: dict[str, Any]) -> tuple[str, Any, dict[str, Any], list[str]]:
+def transform_and_options(convert: dict[str, Any]) -> tuple[Any, Any]:
+    """The transform record of one ``model.convert`` step and its typed options dataclass."""
     options = dict(convert)
-    name = options.pop("to", None)
-    if name not in TRANSFORMS:
-        raise ValueError(f"model.convert.to={name!r}: allowed values are {sorted(TRANSFORMS)}")
-    transform = TRANSFORMS[name]
-    parameters = inspect.signature(transform).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    allowed = sorted(n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown and not accepts_any:
-        raise ValueError(
-            f"model.convert: option(s) {unknown} unknown to transform {name!r}; allowed are {allowed}"
-        )
-    return name, transform, options, allowed
+    record = transform(options.pop("to", None), "model.convert.to")
+    return record, record.parse(options, "model.convert")
 
 
 def apply_transform(
     config: ModelConfig, state_dict: StateDict, convert: dict[str, Any], calibration: torch.Tensor | None
 ) -> tuple[ModelConfig, StateDict]:
-    name, transform, options, allowed = transform_and_options(convert)
-    try:
-        return transform(config, state_dict, calibration, **options)
-    except TypeError as err:  # e.g. a required option is missing
-        raise ValueError(f"model.convert ({name!r}): {err}; its options are {allowed}") from err
+    record, options = transform_and_options(convert)
+    return record(config, state_dict, calibration, **record.kwargs(options))
 
 
 def changed_parameters(

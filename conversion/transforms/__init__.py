@@ -2,65 +2,56 @@
 
 ``calibration`` is a ``(batch, seq)`` LongTensor of token ids from text that is *not* the evaluation
 text; transforms that need activations run the source model on it. Inputs are never modified.
-``check_options(name, config, **options)`` validates a transform's options against a config alone
-(no weights), so a command can refuse bad input before reading anything large.
+
+``TRANSFORMS`` lists one :class:`~.record.Transform` record per transform (function, options dataclass,
+whether it calibrates, how it streams); a record is called like its function. ``kvforge convert``'s
+flags, YAML ``model.convert`` and the table in docs/transforms.md come from it. A new transform is its
+module plus one line below (docs/extending.md). ``check_options(name, config, **options)`` validates
+options against a config alone (no weights), so a command can refuse bad input before reading anything
+large.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 from kvforge.arch import ModelConfig
 
 from .calibration import load_calibration_ids, sample_calibration_ids
-from .chunked import chunked_config, to_chunked
-from .cla import cla_layout, to_cla
-from .constant_state import state_config, to_deltanet, to_linear
-from .gla import gla_config, to_gla
-from .gqa import gqa_config, to_gqa, to_mqa
-from .gta import gta_config, to_gta
-from .mla import check_mla_options, to_mla
-from .window import to_window, window_config
+from .chunked import CHUNKED, to_chunked
+from .cla import CLA, to_cla
+from .constant_state import DELTANET, LINEAR, to_deltanet, to_linear
+from .gla import GLA, to_gla
+from .gqa import GQA, MQA, to_gqa, to_mqa
+from .gta import GTA, to_gta
+from .mla import MLA, to_mla
+from .record import Transform
+from .window import WINDOW, to_window
 
-TRANSFORMS: dict[str, Callable] = {
-    "gqa": to_gqa,
-    "mqa": to_mqa,
-    "mla": to_mla,
-    "cla": to_cla,
-    "window": to_window,
-    "chunked": to_chunked,
-    "gta": to_gta,
-    "gla": to_gla,
-    "linear": to_linear,
-    "deltanet": to_deltanet,
-}
-
-# Option names that are not about the target form (how to fit it).
-FIT_OPTIONS = ("sequential", "refine_steps", "progress", "device", "sink", "transfer_lr", "report")
-
-_CHECKS: dict[str, Callable] = {
-    "gqa": gqa_config,
-    "mqa": lambda config, **options: gqa_config(config, n_kv_heads=1, **options),
-    "mla": check_mla_options,
-    "cla": cla_layout,
-    "window": window_config,
-    "chunked": chunked_config,
-    "gta": lambda config, **options: gta_config(config),
-    "gla": gla_config,
-    "linear": lambda config, **options: state_config(config, "linear", **options),
-    "deltanet": lambda config, **options: state_config(config, "deltanet", **options),
+TRANSFORMS: dict[str, Transform] = {
+    record.name: record for record in (GQA, MQA, MLA, CLA, WINDOW, CHUNKED, GTA, GLA, LINEAR, DELTANET)
 }
 
 
-def check_options(name: str, config: ModelConfig, **options) -> None:
-    """Raise ``ValueError`` for options ``TRANSFORMS[name]`` would refuse (checked on the config only)."""
+def transform(name: str, where: str = "transform") -> Transform:
+    """The record named ``name``; an unknown name is an error listing the registered ones."""
     if name not in TRANSFORMS:
-        raise ValueError(f"unknown transform {name!r}: allowed values are {sorted(TRANSFORMS)}")
-    _CHECKS[name](config, **{k: v for k, v in options.items() if k not in FIT_OPTIONS})
+        raise ValueError(f"{where}={name!r}: allowed values are {sorted(TRANSFORMS)}")
+    return TRANSFORMS[name]
+
+
+def check_options(name: str, config: ModelConfig, **options: Any) -> Any:
+    """The typed options of ``TRANSFORMS[name]`` (a ``ValueError`` for any the transform would refuse on
+    ``config``: unknown, missing, of the wrong type or out of range)."""
+    record = transform(name)
+    parsed = record.parse(options)
+    record.check(config, parsed)
+    return parsed
 
 
 __all__ = [
     "TRANSFORMS",
+    "Transform",
     "check_options",
     "load_calibration_ids",
     "sample_calibration_ids",
@@ -74,4 +65,5 @@ __all__ = [
     "to_mla",
     "to_mqa",
     "to_window",
+    "transform",
 ]

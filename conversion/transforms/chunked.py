@@ -17,6 +17,7 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .common import Sink, StateDict, check_rope_kept, is_count, map_layers
+from .record import Transform, option
 
 
 def chunked_config(
@@ -68,3 +69,20 @@ def to_chunked(
     copied to ``sink`` layer by layer)."""
     target = chunked_config(config, chunk=chunk, global_every=global_every, nope=nope)
     return target, map_layers(target, state_dict, [[index] for index in range(config.n_layers)], dict, sink)
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclasses.dataclass(kw_only=True)
+class ChunkedOptions:
+    chunk: int = option(help="tokens per chunk of the local layers (attention_chunk_size)")
+    global_every: int | None = option(4, help="every N-th layer stays global (None: no global layer)")
+    nope: bool = option(True, help="the global layers drop RoPE (Llama 4's NoPE); --no-nope keeps it")
+
+
+CHUNKED = Transform(
+    "chunked",
+    to_chunked,
+    ChunkedOptions,
+    check=lambda config, o: chunked_config(config, chunk=o.chunk, global_every=o.global_every, nope=o.nope),
+    summary="Llama 4's pattern: chunked local layers and a global (NoPE) layer every N",
+)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Literal
 
 import torch
 
@@ -28,6 +29,7 @@ from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_dict, is_count, map_layers
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import HeadTargets, group_cost, merge_group, output_blocks
+from .record import FittedOptions, Transform, option
 from .rotary import from_pairs, scale_pairs
 from .whitening import Whitening, flat_inputs, head_targets, rows_with_bias, split_bias
 
@@ -191,3 +193,24 @@ def _concat(parts: list[HeadTargets]) -> HeadTargets:
     return HeadTargets(
         *(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(HeadTargets))
     )
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclasses.dataclass(kw_only=True)
+class CLAOptions(FittedOptions):
+    factor: int = option(2, help="layers per group sharing one K/V")
+    init: Literal[INITS] = option(
+        "fit",
+        help="fit: shared K/V fitted to every layer of the group; first: the first layer's; mean: average",
+    )
+    offset: int = option(0, help="layers before this one keep their own K/V")
+
+
+CLA = Transform(
+    "cla",
+    to_cla,
+    CLAOptions,
+    check=lambda config, o: cla_layout(config, factor=o.factor, init=o.init, offset=o.offset),
+    summary="cross-layer attention: groups of adjacent layers share one K/V",
+    calibrates=("init", "fit"),
+)

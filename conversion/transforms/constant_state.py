@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import torch
 
@@ -35,6 +36,7 @@ from .calibration import check_calibration
 from .common import Sink, StateDict, check_gqa_source, is_count
 from .fitting import FitUnit, refine_attention
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
+from .record import Transform, option
 
 FORMS = ("linear", "deltanet")
 KEEP = ("even", "ends", "error")
@@ -301,3 +303,78 @@ def _deltanet_weights(
         }
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------- records
+def parse_layers(text: str) -> list[int]:
+    """``0,1,2,4`` → ``[0, 1, 2, 4]``."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: expected a comma list of layer indices") from None
+
+
+@dataclasses.dataclass(kw_only=True)
+class StateOptions:
+    layers: list[int] | None = option(
+        None,
+        help="layers to convert (default: --ratio converted per kept full-attention layer)",
+        parse=parse_layers,
+    )
+    ratio: int = option(
+        3, help="converted layers per kept full-attention layer: n_layers // (ratio + 1) are kept"
+    )
+    keep: Literal[KEEP] = option(
+        "even",
+        help="which layers keep full attention: even (every ratio+1-th, Qwen3-Next's layout), ends (first and "
+        "last first), error (those whose attention transfer fits worst: every layer is fitted twice)",
+    )
+    transfer: Literal[TRANSFER] = option(
+        "new", help="attention transfer trains the new parameters (new) or the whole block (all)"
+    )
+    transfer_steps: int = option(300, help="attention-transfer Adam steps per converted layer")
+    transfer_lr: float = option(1e-2, help="attention-transfer learning rate (cosine-decayed)")
+    sequential: bool = option(
+        True, help="each layer is fitted to the converted model's own inputs (False: the source's)"
+    )
+
+
+@dataclasses.dataclass(kw_only=True)
+class LinearOptions(StateOptions):
+    window: int = option(DEFAULT_WINDOW, help="softmax window of each linear layer, as LoLCATs (0: none)")
+    feature_dim: int | None = option(None, help="Hedgehog features per sign (default head_dim)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DeltaNetOptions(StateOptions):
+    conv_size: int | None = option(None, help="short convolution width of the deltanet layers (default 4)")
+
+
+def _check(form: str):
+    def check(config: ModelConfig, options) -> None:
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        fields.pop("transfer_lr")
+        fields.pop("sequential")
+        if form == "deltanet":
+            fields["window"] = None
+        state_config(config, form, **fields)
+
+    return check
+
+
+LINEAR = Transform(
+    "linear",
+    to_linear,
+    LinearOptions,
+    check=_check("linear"),
+    summary="chosen layers to linear attention (Hedgehog feature maps + a softmax window), attention transfer",
+    calibrates=True,
+)
+DELTANET = Transform(
+    "deltanet",
+    to_deltanet,
+    DeltaNetOptions,
+    check=_check("deltanet"),
+    summary="chosen layers to Gated DeltaNet (Qwen3-Next's linear layer), attention transfer",
+    calibrates=True,
+)

@@ -18,6 +18,7 @@ without calibration ``ρ_g`` assumes isotropic latents. Exact when every group's
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 
@@ -26,6 +27,8 @@ from kvforge.arch import ModelConfig
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, is_count, map_layers
 from .mla import to_mla
+from .mla_rope import STRATEGIES
+from .record import Transform, option
 from .stages import MeasuredStage, StageSink
 from .whitening import Whitening
 
@@ -178,3 +181,24 @@ def to_gla(
     else:
         map_layers(config, state_dict, [[index] for index in range(config.n_layers)], dict, staged)
     return staged.target, staged.result()
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclasses.dataclass(kw_only=True)
+class GLAOptions:
+    n_latent_heads: int = option(help="latent heads splitting kv_lora_rank")
+    # An MHA/GQA source goes through to_mla first: its options (None: to_mla's default; an MLA source
+    # takes none of them).
+    kv_lora_rank: int | None = option(None, help="to_mla's latent width (an MHA/GQA source needs it)")
+    rope_dims: int | None = option(None, help="to_mla's rotary dims (an MHA/GQA source needs them)")
+    rope_selection: Literal[STRATEGIES] | None = option(None, help="to_mla's choice of rotary pairs")
+
+
+GLA = Transform(
+    "gla",
+    to_gla,
+    GLAOptions,
+    check=lambda config, o: gla_config(config, **GLA.option_kwargs(o)),
+    summary="grouped-latent attention: MLA's latent in heads, each read by one group of query heads",
+    calibrates=True,
+)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 
@@ -26,6 +27,7 @@ from .common import Sink, StateDict, attn_prefix, check_gqa_source, copy_state_d
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import best_partition, group_cost, merge_keys, merge_values, output_blocks
 from .qk_norm import merge_signed, normalised_targets, signed_group_cost
+from .record import FittedOptions, Transform, option
 from .rotary import from_pairs, scale_pairs
 from .whitening import head_targets, layer_whitening, rows_with_bias, split_bias
 
@@ -159,3 +161,36 @@ def _mean_pool(tensor: torch.Tensor, n_heads: int, group: int) -> torch.Tensor:
     """Average consecutive groups of ``group`` heads of a (n_heads·head_dim, …) projection."""
     grouped = tensor.reshape(n_heads // group, group, tensor.shape[0] // n_heads, *tensor.shape[1:])
     return grouped.mean(dim=1).reshape(-1, *tensor.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclasses.dataclass(kw_only=True)
+class MQAOptions(FittedOptions):
+    method: Literal[METHODS] = option(
+        "aligned",
+        help="aligned: heads grouped by how well their keys/values merge, keys merged per rotary pair, "
+        "values into their common subspace, o_proj refitted; mean: the GQA paper's mean-pooling",
+    )
+
+
+@dataclasses.dataclass(kw_only=True)
+class GQAOptions(MQAOptions):
+    n_kv_heads: int = option(help="K/V heads per layer (must divide the query heads)")
+
+
+GQA = Transform(
+    "gqa",
+    to_gqa,
+    GQAOptions,
+    check=lambda config, o: gqa_config(config, n_kv_heads=o.n_kv_heads, method=o.method),
+    summary="fewer K/V heads on every layer (MHA → GQA)",
+    calibrates=("method", "aligned"),
+)
+MQA = Transform(
+    "mqa",
+    to_mqa,
+    MQAOptions,
+    check=lambda config, o: gqa_config(config, n_kv_heads=1, method=o.method),
+    summary="one K/V head on every layer",
+    calibrates=("method", "aligned"),
+)

@@ -31,6 +31,7 @@ from kvforge.arch import ModelConfig
 
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, check_gqa_source
+from .record import Transform
 from .stages import MeasuredStage, run_stage
 from .whitening import Whitening
 
@@ -141,3 +142,19 @@ def tie_layer(config: ModelConfig, index: int, tensors: StateDict, gram: torch.T
     }
     out.update({prefix + name: tensor.to(dtype) for name, tensor in new.items()})
     return out
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclasses.dataclass(kw_only=True)
+class GTAOptions:
+    """None: one tied state per K/V head of the source."""
+
+
+GTA = Transform(
+    "gta",
+    to_gta,
+    GTAOptions,
+    check=lambda config, o: gta_config(config),
+    summary="grouped-tied attention: one tied K/V state per group plus one shared rotary key",
+    calibrates=True,
+)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -57,6 +58,7 @@ from .mla_rope import (
     weight_scores,
 )
 from .qk_norm import linearised
+from .record import FittedOptions, Transform, option
 from .rotary import as_pairs, from_pairs, pair_frequencies
 from .whitening import flat_inputs, head_targets, layer_whitening, rows_with_bias, split_bias
 
@@ -372,3 +374,46 @@ def without_kv_bias(attn: torch.nn.Module) -> torch.nn.Module:
         zeroed.bias = torch.nn.Parameter(torch.zeros_like(source.bias), requires_grad=False)
         stripped._modules[name] = zeroed
     return stripped
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclass(kw_only=True)
+class MLAOptions(FittedOptions):
+    kv_lora_rank: int = option(help="latent width cached per token (DeepSeek's kv_lora_rank)")
+    rope_dims: int = option(
+        help="rotary dims of each rotary key (the exported qk_rope_head_dim; even, at most head_dim)"
+    )
+    rope_selection: Literal[STRATEGIES] = option(
+        "contribution",
+        help="which frequency pairs stay rotary: the ones the calibration attention needs most, the highest "
+        "frequencies, or evenly spread ones (always a progression DeepseekV3 can express)",
+    )
+    layout: Literal[LAYOUTS] = option(
+        "deepseek",
+        help="deepseek: stock DeepseekV3 (one shared rotary key, latent RMSNorm); kvforge: one rotary key per "
+        "source K/V head and no latent norm (exact at full rank, kvforge-typed)",
+    )
+    rotary_residual: bool = option(
+        True, help="carry what the shared rotary key misses in the latent (False: an ablation)"
+    )
+    flatten_norm: bool = option(
+        True, help="calibrate the latent basis for kv_a_layernorm (False: only its weight; an ablation)"
+    )
+
+
+MLA = Transform(
+    "mla",
+    to_mla,
+    MLAOptions,
+    check=lambda config, o: check_mla_options(
+        config,
+        kv_lora_rank=o.kv_lora_rank,
+        rope_dims=o.rope_dims,
+        rope_selection=o.rope_selection,
+        layout=o.layout,
+        rotary_residual=o.rotary_residual,
+        flatten_norm=o.flatten_norm,
+    ),
+    summary="multi-head latent attention: a low-rank latent plus a few rotary dims per token",
+    calibrates=True,
+)

@@ -10,6 +10,7 @@ import torch
 from kvforge.arch import ModelConfig
 
 from .common import Sink, StateDict, check_rope_kept, is_count, map_layers
+from .record import Transform, option
 from .sinks import SinkFitStage
 from .stages import run_stage
 
@@ -86,3 +87,41 @@ def to_window(
         )
     stage = SinkFitStage(config, target, calibration, "to_window", device)
     return target, run_stage(config, state_dict, stage, target, sink)
+
+
+# ---------------------------------------------------------------------------------------------- record
+def parse_windows(text: str) -> int | list[int | None]:
+    """``1024`` or a comma pattern ``1024,1024,1024,none`` (``none``/``global`` = a global layer)."""
+    values: list[int | None] = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if item in ("none", "global"):
+            values.append(None)
+            continue
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise ValueError(f"--windows: {item!r} is neither a number of tokens nor 'none'") from None
+    return values[0] if len(values) == 1 and values[0] is not None else values
+
+
+@dataclasses.dataclass(kw_only=True)
+class WindowOptions:
+    windows: int | list[int | None] = option(
+        help="one window for every layer, or a pattern tiled over the layers; none = global "
+        "(e.g. 1024,1024,1024,none = 3 local : 1 global)",
+        parse=parse_windows,
+    )
+    sinks: bool = option(
+        False, help="attention sinks on the windowed layers, fitted on calibration (kvforge-typed export)"
+    )
+
+
+WINDOW = Transform(
+    "window",
+    to_window,
+    WindowOptions,
+    check=lambda config, o: window_config(config, windows=o.windows, sinks=o.sinks),
+    summary="sliding windows on chosen layers (the weights do not change)",
+    calibrates=("sinks", True),
+)

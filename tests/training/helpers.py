@@ -49,7 +49,7 @@ def tiny_corpus(directory: Path, chars: int = 12_000) -> Path:
 def tiny_config(form: str = "gqa", **overrides) -> ModelConfig:
     fields = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, init_std=0.05)
     fields.update(overrides)
-    return with_form(ModelConfig(**fields), form, window=8, kv_lora_rank=16, rope_dim=4)
+    return with_form(ModelConfig(**fields), form, window=8, kv_lora_rank=16, rope_dims=4)
 
 
 def tiny_module(
