@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from kvforge.arch import CausalLM
 from kvforge.training.evaluation.schema import documented
 
-from .passkey import CLASSIC_FILLER, PasskeyCell, PasskeySample, PasskeyTask, answer, is_exact_match
+from .passkey import CLASSIC_FILLER, PasskeyCell, PasskeySample, PasskeyTask, retrieval_accuracy
 
 NEEDLE = "One of the special magic numbers for {word} is: {key}."
 QUESTION = "What is the special magic number for {word}? The special magic number for {word} is"
@@ -89,18 +89,9 @@ class NeedleTask(PasskeyTask):
 def needle_accuracy(
     model: CausalLM, task: NeedleTask, settings: NeedleSettings, batch_size: int = 8
 ) -> NeedleReport:
-    """Exact-match accuracy for every (context, depth) cell of ``settings`` (contexts resolved)."""
+    """Exact-match accuracy for every (context, depth) cell of ``settings`` (contexts resolved): the passkey
+    task's scoring loop over this task's prompts."""
     if not settings.contexts:
         raise ValueError("NeedleSettings.contexts must list at least one context length")
-    was_training = model.training
-    model.eval()
-    cells, correct, total = [], 0, 0
-    for context in settings.contexts:
-        for depth in settings.depths:
-            samples = task.samples(context, depth, settings.trials, settings.seed)
-            answers = answer(model, samples, batch_size)
-            hits = sum(is_exact_match(a, s.answer_ids) for a, s in zip(answers, samples))
-            cells.append(PasskeyCell(context, depth, len(samples), hits, hits / len(samples)))
-            correct, total = correct + hits, total + len(samples)
-    model.train(was_training)
-    return NeedleReport(settings, cells, correct / total)
+    report = retrieval_accuracy(model, task, settings, batch_size)  # reads contexts, depths, trials, seed
+    return NeedleReport(settings, report.cells, report.accuracy)
