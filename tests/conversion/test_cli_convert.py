@@ -51,7 +51,7 @@ def test_convert_to_deltanet_writes_a_kvforge_typed_hybrid(tmp_path, capsys):
     assert main([*args, "--calib", BOTCHAN, "--calib-tokens", "256", "--calib-seq-len", "128"]) == 0
     assert "kvforge-typed" in capsys.readouterr().out
     config = load_pretrained(out).config
-    assert [spec.attention for spec in config.layers] == ["deltanet"] * 3 + ["gqa", "deltanet"]
+    assert [spec.attention for spec in config.layers] == ["gqa"] + ["deltanet"] * 4  # keep=ends: layer 0
 
 
 def test_convert_to_window_keeps_the_weights(tmp_path):

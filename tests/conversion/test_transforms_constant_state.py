@@ -38,9 +38,11 @@ def test_keep_by_error_keeps_the_worst_fitted_layers():
 
 def test_layout_converts_three_of_four_and_keeps_the_rest():
     config, model = _source(8)
-    new_config, _ = to_deltanet(config, model.state_dict(), transfer_steps=0, ratio=3)
+    new_config, _ = to_deltanet(config, model.state_dict(), transfer_steps=0, ratio=3, keep="even")
     forms = [spec.attention for spec in new_config.layers]
     assert forms == ["deltanet"] * 3 + ["gqa"] + ["deltanet"] * 3 + ["gqa"]
+    default, _ = to_deltanet(config, model.state_dict(), transfer_steps=0)  # keep="ends": 0 and 7
+    assert [spec.attention for spec in default.layers] == ["gqa"] + ["deltanet"] * 6 + ["gqa"]
     assert all(spec.n_kv_heads == 2 for spec in new_config.layers)
 
 
