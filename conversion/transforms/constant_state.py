@@ -37,7 +37,7 @@ import torch
 from kvforge.arch import LayerSpec, ModelConfig
 
 from .calibration import check_calibration
-from .common import Sink, StateDict, check_gqa_source, is_count
+from .common import Sink, StateDict, check_gqa_source, check_rope_kept, is_count
 from .fitting import FitUnit, refine_attention
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .record import Transform, option
@@ -148,8 +148,10 @@ def state_config(
                 f"{what}: layer {index} reads layer {spec.kv_from}'s K/V, which would become a {form} layer "
                 "(keep it, or convert both)"
             )
-    target = dataclasses.replace(config, layers=specs, pattern=None)
-    return ModelConfig.from_dict(target.to_dict()), converted
+    target = ModelConfig.from_dict(dataclasses.replace(config, layers=specs, pattern=None).to_dict())
+    if form == "linear":  # a linear layer rotates as a gqa layer: sliding ones with Gemma 3's local base
+        check_rope_kept(config, target, what)
+    return target, converted
 
 
 def to_linear(config: ModelConfig, state_dict: StateDict, calibration: torch.Tensor | None = None, **options):
@@ -277,11 +279,11 @@ def _deltanet_weights(
         for name in weights
         if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")
     }
+    # l2norm(rmsnorm(x) · w) = l2norm(x · w): a q/k norm's weight is a row scale (Gemma's is 1 + w)
     for proj, norm in (("q_proj", "q_norm"), ("k_proj", "k_norm")):
-        if (
-            f"{norm}.weight" in weights
-        ):  # l2norm(rmsnorm(x) · w) = l2norm(x · w): the norm's weight is a row scale
-            scale = weights[f"{norm}.weight"].float().repeat(weights[f"{proj}.weight"].shape[0] // head_dim)
+        if f"{norm}.weight" in weights:
+            scale = weights[f"{norm}.weight"].float() + (1.0 if config.norm_unit_offset else 0.0)
+            scale = scale.repeat(weights[f"{proj}.weight"].shape[0] // head_dim)
             out[f"{proj}.weight"] = weights[f"{proj}.weight"] * scale.unsqueeze(1)
             if f"{proj}.bias" in weights:
                 out[f"{proj}.bias"] = weights[f"{proj}.bias"] * scale
