@@ -10,6 +10,8 @@ Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
     kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --refine-steps 200
     kvforge convert stories260K cla --to cla --factor 2 --calib botchan.txt   # kvforge-typed
     kvforge convert stories260K swa --to window --windows 64,64,64,64,none
+    kvforge convert stories260K gdn --to deltanet --ratio 3                   # 3 Gated DeltaNet : 1 kept
+    kvforge convert stories260K lin --to linear --layers 0,1,2,4 --window 64  # LoLCATs-style, kvforge-typed
 
 The recipe that meets every zero-shot target on stories260K (docs/transforms.md) is self-calibration
 (the default: text sampled from SRC itself, so it never overlaps your evaluation text) plus

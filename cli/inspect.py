@@ -12,8 +12,9 @@ the config. Exit status 1 after the report for anything else: weights missing, o
 opened), invalid, mismatched or holding NaN/inf; ``--config-only`` plans from config.json alone and
 never looks at the weights (exit 0). The config's
 sizes are checked against the headers before anything is built from it. Per layer: the form (mha, gqa-N, mqa, mla), its sliding window, the layer
-whose K/V it reads (cross-layer sharing), values cached per token and the layer's cache bytes at
---seq-len tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
+whose K/V it reads (cross-layer sharing), values cached per token, the fixed state bytes per sequence of
+a constant-state layer (linear, deltanet: no per-token cache) and the layer's cache bytes at --seq-len
+tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
 layer keeps) and the ratio to the same model with plain multi-head attention on every layer. Memory
 (``kvforge.arch.memory``): training per device for micro-batches of --batch × --seq-len tokens (fp32
 weights, gradients and AdamW state, --dtype activations, as under ``bf16-mixed``; FSDP2 over --shards
@@ -224,17 +225,24 @@ def run(args: argparse.Namespace) -> int:
         return failed
     console = Console(highlight=False)
     table = Table(title=f"{report['path']}: {report['architecture']} ({report['model_type']})")
-    for column in ("layer", "form", "window", "K/V from", "values/token", f"KV bytes @ {report['seq_len']}"):
+    stateful = any(row["state_bytes"] for row in report["layers"])  # the column only where it says something
+    columns = ["layer", "form", "window", "K/V from", "values/token", f"KV bytes @ {report['seq_len']}"]
+    if stateful:
+        columns.insert(5, "state bytes")
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("form", "K/V from") else "left")
     for row in report["layers"]:
-        table.add_row(
+        cells = [
             str(row["layer"]),
             row["form"],
-            str(row["window"]) if row["window"] is not None else "global",
+            str(row["window"]) if row["window"] is not None else "-" if row["state_bytes"] else "global",
             f"shared from layer {row['kv_from']}" if row["kv_from"] is not None else "own",
             f"{row['values_per_token']:,}",
             f"{row['bytes']:,}",
-        )
+        ]
+        if stateful:
+            cells.insert(5, f"{row['state_bytes']:,}")
+        table.add_row(*cells)
     console.print(table)
     console.print(
         f"parameters {report['parameters']:,} · KV cache {report['kv_bytes_per_token']:,.1f} bytes/token "

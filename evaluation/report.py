@@ -144,15 +144,19 @@ def print_report(report: EvalReport, console: Console | None = None) -> None:
                     [["NLL", *(f"{r.nll:.4f}" for r in m.perplexity_vs_context)]],
                 )
             )
-        if m.passkey:
-            depths = m.passkey.settings.depths
+        for title, task in (
+            ("passkey", m.passkey),
+            (f"{m.needles.settings.n_keys}-key needle" if m.needles else "", m.needles),
+        ):
+            if task is None:
+                continue
             console.print(
                 _table(
-                    f"{m.name}: passkey exact-match accuracy ({m.passkey.settings.trials} prompts per cell)",
-                    ["context \\ depth", *(f"{d:g}" for d in depths)],
+                    f"{m.name}: {title} exact-match accuracy ({task.settings.trials} prompts per cell)",
+                    ["context \\ depth", *(f"{d:g}" for d in task.settings.depths)],
                     [
-                        [str(c), *(f"{cell.accuracy:.2f}" for cell in m.passkey.cells if cell.context == c)]
-                        for c in m.passkey.settings.contexts
+                        [str(c), *(f"{cell.accuracy:.2f}" for cell in task.cells if cell.context == c)]
+                        for c in task.settings.contexts
                     ],
                 )
             )

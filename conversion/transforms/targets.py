@@ -42,6 +42,8 @@ SOURCE_CHECKS: dict[str, Callable[[ModelConfig], None]] = {
     "mla": check_mla_source,
     "gta": gta_config,
     "gla": _gla_source,
+    "linear": lambda config: check_gqa_source(config, "to_linear"),
+    "deltanet": lambda config: check_gqa_source(config, "to_deltanet"),
 }
 
 
