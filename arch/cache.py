@@ -155,7 +155,7 @@ class ChunkLayerCache(_LayerBuffers):
         return KVView(self.buffers, causal=True, kv_lens=slot + 1)  # the filled slots are this chunk
 
 
-LayerCache = DenseLayerCache | RingLayerCache | ChunkLayerCache
+LayerCache = DenseLayerCache | RingLayerCache | ChunkLayerCache  # and .state_cache's, for state layers
 
 
 class KVCache:
@@ -184,6 +184,10 @@ class KVCache:
         self.length = 0
         if self.position is not None:
             self.position.zero_()
+        for entry in self.entries:  # constant-state layers: their sums are not masked by a length
+            reset = getattr(entry, "reset", None)
+            if reset is not None:
+                reset()
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .checks import check_positive, divisors
 from .forms import ATTENTION_FORMS, form_of, forms_with
 
 # LayerSpec fields a form may read (AttentionForm.layer_fields); refused on layers of other forms.
-FORM_FIELDS = ("n_kv_heads", "n_latent_heads")
+FORM_FIELDS = ("n_kv_heads", "n_latent_heads", "feature_dim", "conv_size")
 ROPE_TYPES = ("linear", "llama3", "yarn")
 MLA_ABSORB = ("auto", "always", "never")
 # MLP activations: SwiGLU's silu (Llama) and GeGLU's tanh-approximated / exact gelu (Gemma 2/3).
@@ -31,8 +31,12 @@ class LayerSpec:
         attention: a form of :data:`.forms.ATTENTION_FORMS`: ``"gqa"`` (MHA, GQA and MQA:
             ``n_kv_heads`` = n_heads, n_heads/g, 1), ``"mla"`` (DeepSeek-V2/V3 multi-head latent
             attention), ``"gta"`` (grouped-tied attention: one tied K/V state per group plus one shared
-            rotary key, see :mod:`.attention_gta`) or ``"gla"`` (grouped-latent attention: MLA's latent
-            in ``n_latent_heads`` heads, see :mod:`.attention_gla`).
+            rotary key, see :mod:`.attention_gta`), ``"gla"`` (grouped-latent attention: MLA's latent
+            in ``n_latent_heads`` heads, see :mod:`.attention_gla`), or a constant-state form:
+            ``"linear"`` (linear attention with Hedgehog feature maps, optionally with a softmax
+            ``window`` in the same layer as LoLCATs, :mod:`.attention_linear`) or ``"deltanet"`` (Gated
+            DeltaNet as in Qwen3-Next, :mod:`.attention_deltanet`): no per-token cache, a fixed-size
+            state per sequence.
         n_kv_heads: K/V heads (gta: tied states) of a ``gqa``/``gta`` layer; ``None`` takes the
             model's ``n_kv_heads``.
         window: ``None`` = global attention; ``W`` = sliding window of ``W`` tokens (itself included),
@@ -48,6 +52,8 @@ class LayerSpec:
             global layers, ``no_rope_layers``). gqa layers only.
         n_latent_heads: latent heads of a ``gla`` layer (they split ``kv_lora_rank``; query head
             ``h`` reads latent head ``h // (n_heads / n_latent_heads)``).
+        feature_dim: Hedgehog features per sign of a ``linear`` layer; ``None`` = head_dim.
+        conv_size: width of a ``deltanet`` layer's short convolutions; ``None`` = 4 (Qwen3-Next's).
     """
 
     attention: str = "gqa"
@@ -58,6 +64,8 @@ class LayerSpec:
     chunk: int | None = None
     rope: bool = True
     n_latent_heads: int | None = None
+    feature_dim: int | None = None
+    conv_size: int | None = None
 
 
 @dataclass
@@ -139,6 +147,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None  # a list: several end tokens (Llama-3 checkpoints)
     pad_token_id: int | None = None
+    # Every other *_token_id of the source's config.json (unk_token_id, sep_token_id, ...): not used by the
+    # model, kept through conversion so that an export writes what it read.
+    special_token_ids: dict[str, int | list[int] | None] = field(default_factory=dict)
     # Runtime options.
     attention_backend: str = "auto"
     mla_absorb: Literal["auto", "always", "never"] = "auto"

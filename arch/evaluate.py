@@ -7,6 +7,11 @@ position 0, summed NLL divided by the number of predicted tokens. With a ``strid
 windows overlap and only the last ``stride`` targets of each window are scored, so every token after
 the first window is predicted with at least ``window - stride`` tokens of context (the usual
 "sliding-window perplexity").
+
+The logits are never materialised: the model stops at its final hidden states and the LM head + NLL
+run one bounded block at a time on the scored positions only (:func:`kvforge.kernels.cross_entropy.token_nll`),
+so memory is the model, one batch's activations and a 64 MiB logit block, whatever the vocabulary
+(a batch of 8 × 512 full float32 logits of Gemma 3's 262,144-token vocabulary would be 4.3 GB).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from kvforge.kernels.cross_entropy import token_nll
 
 from .model import CausalLM
 
@@ -78,10 +84,11 @@ def _score(model, ids, spans, window, n_targets, device) -> tuple[float, int]:
     for length in lengths:
         rows = [(start, skip) for start, skip in spans if min(window, n_targets - start) == length]
         inputs = torch.stack([ids[s : s + length] for s, _ in rows]).to(device)
-        targets = torch.stack([ids[s + 1 : s + 1 + length] for s, _ in rows]).to(device)
-        logits = model(inputs).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        for row, (_, skip) in enumerate(rows):
-            total += nll[row, skip:].sum().item()
-            counted += length - skip
+        hidden = model.hidden_states(inputs)
+        # only the scored positions reach the head: (targets, d_model), their ids alongside
+        scored = torch.cat([hidden[row, skip:] for row, (_, skip) in enumerate(rows)])
+        targets = torch.cat([ids[s + 1 + skip : s + 1 + length] for s, skip in rows]).to(device)
+        nll = token_nll(scored, model.lm_head.weight, targets, softcap=model.config.final_logit_softcap)
+        total += nll.double().sum().item()
+        counted += targets.numel()
     return total, counted

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .attention_deltanet import DELTANET
 from .attention_gla import GLA
 from .attention_gqa import GQA
 from .attention_gta import GTA
+from .attention_linear import LINEAR
 from .attention_mla import MLA
 from .form_record import AttentionForm
 
 if TYPE_CHECKING:
     from .config import LayerSpec
 
-ATTENTION_FORMS: dict[str, AttentionForm] = {form.name: form for form in (GQA, MLA, GTA, GLA)}
+ATTENTION_FORMS: dict[str, AttentionForm] = {
+    form.name: form for form in (GQA, MLA, GTA, GLA, LINEAR, DELTANET)
+}
 
 
 def register_form(form: AttentionForm) -> AttentionForm:
@@ -34,7 +38,7 @@ def register_form(form: AttentionForm) -> AttentionForm:
 
 def unregister_form(name: str) -> None:
     """Remove a form added by :func:`register_form` (tests; the built-in forms stay)."""
-    if name in (GQA.name, MLA.name, GTA.name, GLA.name):
+    if name in (GQA.name, MLA.name, GTA.name, GLA.name, LINEAR.name, DELTANET.name):
         raise ValueError(f"attention form {name!r} is built in and cannot be removed")
     ATTENTION_FORMS.pop(name, None)
 

@@ -13,6 +13,13 @@ record in :mod:`.forms`) and any per-sequence state (``state_bytes_per_sequence`
 | gta           | n_kv_heads · head_dim + head_dim / 2       |
 | gla           | as mla (the latent split in latent heads)  |
 | kv_from       | 0 (reads its source layer's entry)         |
+| linear        | 0: a fixed state per sequence              |
+| deltanet      | 0: a fixed state per sequence              |
+
+A constant-state layer (linear, deltanet) keeps a number of bytes per sequence whatever the context:
+float32 sums/states plus a few positions in the cache dtype (a linear layer's last ``W - 1`` keys and
+values, a deltanet layer's convolution inputs). ``kv_cache_bytes`` counts them, so it stays what a
+cache for that context allocates; :func:`state_bytes` gives them alone.
 """
 
 from __future__ import annotations
@@ -58,6 +65,12 @@ def layer_state_bytes(config: ModelConfig, spec: LayerSpec, itemsize: int) -> in
     return form_of(spec).state_bytes_per_sequence(config, spec, itemsize)
 
 
+def state_bytes(config: ModelConfig, dtype: torch.dtype | str = "bf16", batch: int = 1) -> int:
+    """Bytes of every layer's fixed per-sequence state for ``batch`` sequences (any context length)."""
+    item = parse_dtype(dtype).itemsize
+    return batch * sum(layer_state_bytes(config, spec, item) for spec in config.layers)
+
+
 def layer_cached_tokens(spec: LayerSpec, seq_len: int) -> int:
     span = spec.window if spec.window is not None else spec.chunk
     return min(seq_len, span) if span is not None else seq_len
@@ -92,11 +105,12 @@ def mha_equivalent(config: ModelConfig) -> ModelConfig:
 
 
 def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str = "bf16") -> list[dict]:
-    """One row per layer: form, window, source, values/token and bytes at ``seq_len``."""
+    """One row per layer: form, window, source, values/token, fixed state bytes and all bytes at ``seq_len``."""
     item = parse_dtype(dtype).itemsize
     rows = []
     for index, spec in enumerate(config.layers):
         values = layer_kv_values_per_token(config, spec)
+        state = layer_state_bytes(config, spec, item)
         rows.append(
             {
                 "layer": index,
@@ -104,8 +118,8 @@ def describe_layers(config: ModelConfig, seq_len: int, dtype: torch.dtype | str 
                 "window": spec.window,
                 "kv_from": spec.kv_from,
                 "values_per_token": values,
-                "bytes": values * layer_cached_tokens(spec, seq_len) * item
-                + layer_state_bytes(config, spec, item),
+                "bytes": values * layer_cached_tokens(spec, seq_len) * item + state,
+                "state_bytes": state,
             }
         )
     return rows

@@ -168,6 +168,10 @@ class CausalLM(nn.Module):
                 module.reset_parameters()
             if isinstance(getattr(module, "sinks", None), nn.Parameter):
                 nn.init.zeros_(module.sinks)
+        for layer in self.model.layers:  # blocks with parameters of their own (feature maps, gates, convs)
+            reset = getattr(layer.self_attn, "reset_parameters", None)
+            if reset is not None:
+                reset()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -1,5 +1,5 @@
 """Named layer patterns built from one base config: the vocabulary of the ``kvforge forms`` table, the
-benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta gla``). Each preset is a
+benchmarks and the tests (``mha gqa mqa mla cla swa mix sinks chunked gta gla linear deltanet``). Each preset is a
 pattern of ``LayerSpec`` s over the forms of :mod:`.forms`."""
 
 from __future__ import annotations
@@ -8,7 +8,21 @@ import dataclasses
 
 from .config import LayerSpec, ModelConfig
 
-PRESETS = ("mha", "gqa", "mqa", "mla", "cla", "swa", "mix", "sinks", "chunked", "gta", "gla")
+PRESETS = (
+    "mha",
+    "gqa",
+    "mqa",
+    "mla",
+    "cla",
+    "swa",
+    "mix",
+    "sinks",
+    "chunked",
+    "gta",
+    "gla",
+    "linear",
+    "deltanet",
+)
 
 
 def with_form(
@@ -34,6 +48,9 @@ def with_form(
     - ``gta``: grouped-tied attention (``n_kv_heads`` tied states): a global and a windowed layer,
       each followed by one that reads its cache.
     - ``gla``: grouped-latent attention, MLA's latent in 2 latent heads; a windowed layer with sinks.
+    - ``linear``: LoLCATs-style hybrid - linear attention with a softmax window, plain linear
+      attention, linear + window again, then one global GQA layer (3 constant-state : 1 global).
+    - ``deltanet``: Kimi Linear's layout - 3 Gated DeltaNet layers (``n_kv_heads`` states) : 1 MLA.
     """
     if form not in PRESETS:
         raise ValueError(f"form={form!r}: allowed values are {list(PRESETS)}")
@@ -73,12 +90,19 @@ def with_form(
             LayerSpec("gla", n_latent_heads=2),
             LayerSpec("gla", window=window, n_latent_heads=2, sinks=True),
         ],
+        "linear": [
+            LayerSpec("linear", gqa_heads, window),
+            LayerSpec("linear", gqa_heads),
+            LayerSpec("linear", gqa_heads, window),
+            gqa,
+        ],
+        "deltanet": [LayerSpec("deltanet", gqa_heads)] * 3 + [LayerSpec("mla")],
     }
     changes = {
         "pattern": patterns[form],
         "layers": None,
         "n_kv_heads": gqa_heads if form != "mha" else base.n_heads,
     }
-    if form in ("mla", "mix", "sinks", "gla"):
+    if form in ("mla", "mix", "sinks", "gla", "deltanet"):
         changes.update(mla_sizes)
     return dataclasses.replace(base, **changes)

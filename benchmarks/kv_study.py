@@ -30,6 +30,8 @@ Calibration text = the corpus's first 32 × 256 tokens, inside the training 80 %
 | chunked-nope | chunks of 64 on layers 0-3, layer 4 global and NoPE (``--rows``)            | yes       |
 | gta-4       | mean-pool to 4 KV heads (exact), to_gta: 4 tied states + rotary key 4 = 36 values (``--rows``) | yes |
 | gla-2       | to_mla latent 24 + rope 8, to_gla: 2 latent heads of 12 (``--rows``)         | yes       |
+| linear-1:1, -3:1, -7:1 | to_linear (window 64), keep=ends: 2 / 1 / 0 of 5 softmax layers kept (``--rows``) | yes |
+| deltanet-1:1, -3:1, -7:1 | to_deltanet, keep=ends: 2 / 1 / 0 of 5 softmax layers kept (``--rows``) | yes |
 
 | measurement             | meaning                                                                       |
 |-------------------------|-------------------------------------------------------------------------------|

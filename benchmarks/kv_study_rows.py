@@ -57,7 +57,19 @@ ROWS: dict[str, Row] = {
         ({"to": "mla", "kv_lora_rank": 24, "rope_dims": 8}, {"to": "gla", "n_latent_heads": 2}),
     ),
 }
+# Issue 29's constant-state hybrids (only with --rows, see STATE_ROWS): r converted : 1 kept is
+# n_layers // (r + 1) softmax layers kept, so on 5 layers 1:1 keeps 2, 3:1 keeps 1 and 7:1 none. Kept
+# layers are the first and last ones (keep=ends: the best measured default, docs/transforms.md).
+for _form in ("linear", "deltanet"):
+    for _ratio in (1, 3, 7):
+        ROWS[f"{_form}-{_ratio}:1"] = Row(
+            f"to_{_form}, {_ratio} converted : 1 kept (ends), attention transfer",
+            ({"to": _form, "ratio": _ratio, "keep": "ends"},),
+        )
+STATE_ROWS = tuple(f"{form}-{ratio}:1" for form in ("linear", "deltanet") for ratio in (1, 3, 7))
 NEW_FORM_ROWS = ("swa-32", "swa-32-sinks", "swa-64-trained", "swa-64-sinks", "chunked-nope", "gta-4", "gla-2")
-DEFAULT_ROWS = [name for name in ROWS if name not in ("gqa-2-mean", "mha-control", *NEW_FORM_ROWS)]
+DEFAULT_ROWS = [
+    name for name in ROWS if name not in ("gqa-2-mean", "mha-control", *NEW_FORM_ROWS, *STATE_ROWS)
+]
 # TARGETS.md "Uptraining recovery": the largest allowed held-out loss increase over the source, in %.
 TARGET_INCREASE_PERCENT = {"gqa-2": 1.0, "mla-1/4": 2.0, "cla-2": 3.0}

@@ -58,7 +58,7 @@ class Row:
 
 def _convert(source: Path, *args: str) -> Callable[[Path], Path]:
     def build(scratch: Path) -> Path:
-        from kvforge.training.cli import main
+        from kvforge.cli.main import main
 
         out = scratch / "-".join(["converted", source.name, *args]).replace("/", "_")
         calibration = [] if "--calib" in args else ["--calib", "none"]  # parity needs no quality

@@ -2,7 +2,7 @@
 
     kvforge convert SRC OUT --to TRANSFORM [its options: see the groups below, docs/transforms.md]
                     [--calib self|FILE|none --calib-tokens N] [--refine-steps N] [--device auto|cpu|cuda]
-                    [--family auto] [--dtype bf16] [--overwrite]
+                    [--family auto] [--dtype bf16] [--overwrite] [--fail-if-noop]
 
 Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
 
@@ -10,6 +10,8 @@ Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
     kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --refine-steps 200
     kvforge convert stories260K cla --to cla --factor 2 --calib botchan.txt   # kvforge-typed
     kvforge convert stories260K swa --to window --windows 64,64,64,64,none
+    kvforge convert stories260K gdn --to deltanet --ratio 3                   # 3 Gated DeltaNet : 1 kept
+    kvforge convert stories260K lin --to linear --layers 0,1,2,4 --window 64  # LoLCATs-style, kvforge-typed
 
 The recipe that meets every zero-shot target on stories260K (docs/transforms.md) is self-calibration
 (the default: text sampled from SRC itself, so it never overlaps your evaluation text) plus
@@ -18,9 +20,13 @@ CUDA and for small models (d_model <= 512) on the CPU; none for larger models on
 more than the conversion (figures: docs/results.md, "Refinement cost"). ``--calib FILE`` fits on a text
 file instead; ``--calib none`` uses the weights alone (much worse). SRC is read one layer at a time from its safetensors (validated from their headers
 first) and the math runs on ``--device`` (default: CUDA when available): host memory stays near one
-layer, not the model. Options are checked against SRC's config before any weight is read; OUT is
-written shard by shard into a temporary sibling and renamed into place (a failure leaves nothing
-behind). The result is a stock class (Llama, Mistral, Qwen2, DeepseekV3, ...) when one holds the new
+layer, not the model. Every check SRC's config and weight headers allow runs before anything is
+printed or sampled: a source the transform can never convert is refused before a missing option, a bad
+count before a missing one. A conversion that would change nothing (``--to mqa`` on an MQA model) says
+"nothing to change" and writes an unchanged copy without calibrating (``--fail-if-noop``: writes nothing,
+exit status 3). OUT is written layer by layer into a temporary sibling, packed as ``kvforge export``
+packs (one ``model.safetensors`` up to 5GB, else 5GB shards) and renamed into place (a failure leaves
+nothing behind). The result is a stock class (Llama, Mistral, Qwen2, DeepseekV3, ...) when one holds the new
 form, else a kvforge-typed directory that stock servers will not load - the command says which.
 Python: ``kvforge.conversion.convert.convert_checkpoint(src, out, transform, options, device=...)``.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -39,10 +46,11 @@ from rich.console import Console
 
 from kvforge.arch import kv_bytes_per_token
 from kvforge.conversion import gguf, plan_export
-from kvforge.conversion.convert import convert_checkpoint
+from kvforge.conversion.convert import ConversionStart, convert_checkpoint
 from kvforge.conversion.loading import resolve_device
 from kvforge.conversion.pretrained import load_config
 from kvforge.conversion.transforms import TRANSFORMS, Transform
+from kvforge.conversion.transforms.targets import source_check
 
 from .export import FAMILY_CHOICES
 
@@ -50,6 +58,22 @@ RECIPE_REFINE_STEPS = 200
 CPU_REFINE_MAX_D_MODEL = 512
 # Options the command itself reads (``--refine-steps auto``), not generated from the dataclasses.
 COMMAND_OPTIONS = ("refine_steps",)
+NOOP_EXIT = 3  # --fail-if-noop: the conversion would change nothing
+# Options that count something (heads, ranks, layers, tokens): a value below 1 is named before any missing
+# option is asked for.
+COUNT_OPTIONS = (
+    "n_kv_heads",
+    "kv_lora_rank",
+    "rope_dims",
+    "factor",
+    "chunk",
+    "global_every",
+    "n_latent_heads",
+)
+
+
+class NothingToChange(Exception):
+    """--fail-if-noop, and the conversion would leave SRC as it is."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="store tensors in this dtype"
     )
     group.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    group.add_argument(
+        "--fail-if-noop",
+        action="store_true",
+        help="exit 3 and write nothing when --to would leave SRC as it is (default: say 'nothing to change' "
+        "and write an unchanged copy, exit 0)",
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -200,6 +230,10 @@ def transform_options(args: argparse.Namespace, device=None, d_model: int = 0) -
     ]
     if foreign:
         raise ValueError(f"--to {args.to} takes no {', '.join(foreign)} (other transforms' options)")
+    for name in COUNT_OPTIONS:  # a bad value is named before any missing option is asked for
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{_flag(name)} {value}: must be a positive integer")
     for name in record.required():
         if getattr(args, name, None) is None:
             raise ValueError(f"--to {args.to} needs {_flag(name)}")
@@ -227,38 +261,55 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     src = gguf.model_directory(src, log=console.print)  # a .gguf file: its import, cached
     device = resolve_device(args.device)
-    d_model = load_config(src)[0].d_model
-    options = transform_options(
-        args, device, d_model
-    )  # checked against SRC's config before any weight is read
-    record = TRANSFORMS[args.to]
-    if calibration is not None and record.uses_calibration(record.parse(options)):
-        what = (
-            f"{args.calib_tokens} tokens sampled from {src} (seed {args.seed})"
-            if calibration == "self"
-            else calibration
-        )
-        console.print(f"Calibration: {what}; converting one layer at a time on {device}")
-        if "refine_steps" in options:
-            source = (
-                "--refine-steps auto on " + device.type if args.refine_steps == "auto" else "--refine-steps"
+    config = load_config(src)[0]
+    source_check(args.to, config)  # a source no options could convert, before asking for options
+    options = transform_options(args, device, config.d_model)
+
+    def announce(start: ConversionStart) -> None:
+        """Start-up lines, printed once SRC's config, the options and the weight headers passed every check."""
+        if start.noop:
+            message = (
+                f"nothing to change: --to {args.to} leaves {src} as it is (its config is already the target)"
             )
-            console.print(f"Refinement: {options['refine_steps']} Adam steps per layer ({source})")
-    _, config, new_config = convert_checkpoint(
-        src,
-        out,
-        args.to,
-        options,
-        device=device,
-        calibration=calibration,
-        calib_tokens=args.calib_tokens,
-        calib_seq_len=args.calib_seq_len,
-        seed=args.seed,
-        family=None if args.family == "auto" else args.family,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        progress=True,
-    )
+            if args.fail_if_noop:
+                raise NothingToChange(message + " (--fail-if-noop: nothing written)")
+            console.print(f"{message}; writing an unchanged copy (no calibration)")
+            return
+        if start.calibrates:
+            what = (
+                f"{args.calib_tokens} tokens sampled from {src} (seed {args.seed})"
+                if calibration == "self"
+                else calibration
+            )
+            console.print(f"Calibration: {what}; converting one layer at a time on {device}")
+            if "refine_steps" in options:
+                source = (
+                    "--refine-steps auto on " + device.type
+                    if args.refine_steps == "auto"
+                    else "--refine-steps"
+                )
+                console.print(f"Refinement: {options['refine_steps']} Adam steps per layer ({source})")
+
+    try:
+        _, config, new_config = convert_checkpoint(
+            src,
+            out,
+            args.to,
+            options,
+            device=device,
+            calibration=calibration,
+            calib_tokens=args.calib_tokens,
+            calib_seq_len=args.calib_seq_len,
+            seed=args.seed,
+            family=None if args.family == "auto" else args.family,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            progress=True,
+            on_ready=announce,
+        )
+    except NothingToChange as stop:
+        print(f"kvforge convert: {stop}", file=sys.stderr)
+        return NOOP_EXIT
     plan = plan_export(new_config, None if args.family == "auto" else args.family)
     before = kv_bytes_per_token(config, config.max_seq_len, "bf16")
     after = kv_bytes_per_token(new_config, config.max_seq_len, "bf16")

@@ -14,6 +14,7 @@ import torch
 
 from kvforge.conversion import gguf
 from kvforge.conversion.loading import load_for_eval, resolve_device
+from kvforge.evaluation.needles import NeedleSettings
 from kvforge.evaluation.passkey import PasskeySettings
 from kvforge.evaluation.plots import write_plots
 from kvforge.evaluation.report import EvalReport, new_report, print_report, write_json
@@ -68,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--passkey-filler", default="classic", help="'classic' or a text file of haystack sentences"
     )
     parser.add_argument(
+        "--needle-keys", type=int, default=4, help="needles per multi-key needle prompt (--tasks needles)"
+    )
+    parser.add_argument(
+        "--needle-depths",
+        type=_floats,
+        default=[0.0, 0.5, 1.0],
+        help="queried needle depths (--tasks needles)",
+    )
+    parser.add_argument(
         "--passkey-finetune",
         action="store_true",
         help="teach a copy of each model the format first (small models)",
@@ -106,6 +116,14 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
             key_digits=args.passkey_digits,
             seed=args.passkey_seed,
             filler=args.passkey_filler,
+        ),
+        needles=NeedleSettings(
+            contexts=args.passkey_contexts,
+            depths=args.needle_depths,
+            n_keys=args.needle_keys,
+            trials=args.passkey_trials,
+            key_digits=args.passkey_digits,
+            seed=args.passkey_seed,
         ),
         passkey_finetune=args.passkey_finetune,
         latency_batches=args.latency_batches,

@@ -33,6 +33,7 @@ from kvforge.conversion import load_config, load_pretrained, plan_export, save_p
 from kvforge.conversion.convert import open_checkpoint
 from kvforge.conversion.gguf import export_gguf
 from kvforge.conversion.loading import is_training_checkpoint
+from kvforge.conversion.serving_lint import lint_serving
 from kvforge.conversion.weights import weight_shards
 from kvforge.training.export import export_checkpoint
 
@@ -120,8 +121,6 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(f"Wrote {out} as {family.architecture} (model_type {family.model_type!r})")
     if family.stock:
-        from kvforge.conversion.serving_lint import lint_serving
-
         findings = lint_serving(out)
         verdict = "passes" if not findings else f"{len(findings)} finding(s)"
         console.print(

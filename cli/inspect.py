@@ -1,16 +1,20 @@
 """Show what a model directory holds: per-layer attention forms, parameters and KV-cache bytes.
 
     kvforge inspect DIR [--seq-len 4096] [--dtype bf16] [--batch 8] [--shards 8] [--teacher self|DIR]
-                    [--activation-checkpointing] [--json]
+                    [--activation-checkpointing] [--json] [--config-only]
 
 Reads config.json and the weights' headers (never the tensor data), for HF (Llama, Mistral, Qwen2,
 Qwen3, DeepSeek-V2/V3) and kvforge-typed directories. The weight files are validated - every
 safetensors header parses and its byte ranges lie inside its file, the shard index names files
-inside the directory and agrees with them, every tensor the config implies is there with its shape -
-and the report says whether they match the config (exit status 1 when they do not). The config's
+inside the directory and agrees with them, every tensor the config implies is there with its shape,
+every value is finite (each tensor read once, one at a time) - and the report says whether they match
+the config. Exit status 1 after the report for anything else: weights missing, only pickles (never
+opened), invalid, mismatched or holding NaN/inf; ``--config-only`` plans from config.json alone and
+never looks at the weights (exit 0). The config's
 sizes are checked against the headers before anything is built from it. Per layer: the form (mha, gqa-N, mqa, mla), its sliding window, the layer
-whose K/V it reads (cross-layer sharing), values cached per token and the layer's cache bytes at
---seq-len tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
+whose K/V it reads (cross-layer sharing), values cached per token, the fixed state bytes per sequence of
+a constant-state layer (linear, deltanet: no per-token cache) and the layer's cache bytes at --seq-len
+tokens. Totals: parameters, KV bytes per token (averaged over --seq-len: windows cap what a
 layer keeps) and the ratio to the same model with plain multi-head attention on every layer. Memory
 (``kvforge.arch.memory``): training per device for micro-batches of --batch × --seq-len tokens (fp32
 weights, gradients and AdamW state, --dtype activations, as under ``bf16-mixed``; FSDP2 over --shards
@@ -35,6 +39,7 @@ from kvforge.arch.memory import estimate_inference_memory, estimate_training_mem
 from kvforge.conversion import load_config
 from kvforge.conversion import weights as weight_files
 from kvforge.conversion.checkpoint import CheckpointWeights, checkpoint_entries
+from kvforge.conversion.pretrained import EMBEDDINGS, LM_HEAD
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--activation-checkpointing", action="store_true", help="training recomputes each decoder layer"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument(
+        "--config-only",
+        action="store_true",
+        help="plan from config.json alone: the weights are not looked at (exit 0 without any); by default "
+        "anything but safetensors weights that match the config and are finite exits 1",
+    )
 
 
 def summarize(
@@ -77,15 +88,21 @@ def summarize(
     shards: int = 1,
     teacher: str | None = None,
     activation_checkpointing: bool = False,
+    config_only: bool = False,
 ) -> dict:
-    """The inspect report as plain data (what --json prints)."""
-    weights, entries = check_weights(path)
+    """The inspect report as plain data (what --json prints); ``config_only`` never looks at the weights."""
+    if config_only:
+        weights, entries = {"status": "skipped", "problem": "--config-only: the weights were not read"}, None
+    else:
+        weights, entries = check_weights(path)
     config, family, hf = load_config(path, entries)  # sizes checked against the headers first
     if entries is not None:
         try:
-            CheckpointWeights(path, config, family, hf, entries)
+            stored = CheckpointWeights(path, config, family, hf, entries)
         except ValueError as err:
             weights.update(status="mismatch", problem=str(err))
+        else:
+            weights.update(scan_finite(stored))
     seq_len = seq_len or config.max_seq_len
     if seq_len <= 0:
         raise ValueError(f"--seq-len={seq_len}: must be a positive number of tokens")
@@ -135,7 +152,8 @@ def check_weights(path: str) -> tuple[dict, dict | None]:
         weight_files.PICKLE_INDEX,
     )
     if not any((Path(path) / name).exists() for name in names):
-        return {"status": "none", "problem": "no weight files (config only)"}, None
+        problem = "no weight files (pass --config-only to plan from config.json alone)"
+        return {"status": "none", "problem": problem}, None
     try:
         files = weight_files.weight_shards(Path(path), allow_pickle=True)
     except (ValueError, FileNotFoundError) as err:
@@ -153,10 +171,25 @@ def check_weights(path: str) -> tuple[dict, dict | None]:
     return {"status": "match", "files": len(files), "bytes": size, "tensors": len(entries)}, entries
 
 
+def scan_finite(stored: CheckpointWeights) -> dict:
+    """Read every stored tensor once (one in memory at a time) and refuse NaN/inf: ``{}`` when all are
+    finite, else the status and the first offending tensor."""
+    tied = stored.config.tie_embeddings and EMBEDDINGS in stored.entries
+    for name in stored:
+        if tied and name == LM_HEAD:  # the embeddings, read already
+            continue
+        try:
+            stored.read(name)
+        except ValueError as err:
+            return {"status": "nonfinite" if "non-finite" in str(err) else "invalid", "problem": str(err)}
+    return {}
+
+
 def _memory(estimate) -> dict:
     return {**dataclasses.asdict(estimate), "total": estimate.total, "suggestion": estimate.suggestion()}
 
 
+EXIT_ZERO = ("match", "skipped")
 MEMORY_ROWS = (
     ("parameters", "parameters"),
     ("gradients", "gradients"),
@@ -183,24 +216,33 @@ def run(args: argparse.Namespace) -> int:
         args.shards,
         args.teacher,
         args.activation_checkpointing,
+        args.config_only,
     )
-    failed = int(report["weights"]["status"] in ("invalid", "mismatch"))
+    # 0 only for what inspect vouches for: matching finite safetensors weights, or an explicit plan
+    failed = int(report["weights"]["status"] not in EXIT_ZERO)
     if args.json:
         print(json.dumps(report, indent=2))
         return failed
     console = Console(highlight=False)
     table = Table(title=f"{report['path']}: {report['architecture']} ({report['model_type']})")
-    for column in ("layer", "form", "window", "K/V from", "values/token", f"KV bytes @ {report['seq_len']}"):
+    stateful = any(row["state_bytes"] for row in report["layers"])  # the column only where it says something
+    columns = ["layer", "form", "window", "K/V from", "values/token", f"KV bytes @ {report['seq_len']}"]
+    if stateful:
+        columns.insert(5, "state bytes")
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("form", "K/V from") else "left")
     for row in report["layers"]:
-        table.add_row(
+        cells = [
             str(row["layer"]),
             row["form"],
-            str(row["window"]) if row["window"] is not None else "global",
+            str(row["window"]) if row["window"] is not None else "-" if row["state_bytes"] else "global",
             f"shared from layer {row['kv_from']}" if row["kv_from"] is not None else "own",
             f"{row['values_per_token']:,}",
             f"{row['bytes']:,}",
-        )
+        ]
+        if stateful:
+            cells.insert(5, f"{row['state_bytes']:,}")
+        table.add_row(*cells)
     console.print(table)
     console.print(
         f"parameters {report['parameters']:,} · KV cache {report['kv_bytes_per_token']:,.1f} bytes/token "
@@ -222,10 +264,10 @@ def run(args: argparse.Namespace) -> int:
     if weights["status"] == "match":
         console.print(
             f"weights: {weights['files']} safetensors file(s), {_size(weights['bytes'])}, {weights['tensors']} "
-            "tensors - headers valid, they match the config"
+            "tensors - headers valid, they match the config, every value finite"
         )
     else:
-        style = "bold yellow" if weights["status"] == "none" else "bold red"
+        style = "bold yellow" if weights["status"] == "skipped" else "bold red"
         console.print(f"[{style}]weights {weights['status'].upper()}:[/] {weights['problem']}")
     if not report["stock"]:
         console.print(

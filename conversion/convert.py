@@ -4,8 +4,10 @@
 config and the config against SRC's safetensors headers (nothing large is allocated before), reads
 one layer's tensors at a time (:class:`~kvforge.conversion.checkpoint.CheckpointWeights`), runs the
 transform's math in fp32 on ``device`` (default: CUDA when available), carries the calibration
-hidden states from layer to layer, and writes each converted layer as its own safetensors shard
-into a temporary sibling of OUT that is renamed into place at the end (a failure leaves nothing).
+hidden states from layer to layer, and writes each converted layer as its own safetensors part
+into a temporary sibling of OUT; the parts are then packed by size as ``kvforge export`` writes
+(one ``model.safetensors`` up to 5GB, else 5GB shards) and the sibling renamed into place at the end
+(a failure leaves nothing).
 The whole model never exists in fp32; host memory is about one layer plus the embeddings, except
 while ``calibration="self"`` samples text, which runs the model in its stored dtype.
 """
@@ -13,11 +15,11 @@ while ``calibration="self"`` samples text, which runs the model in its stored dt
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +34,10 @@ from .families import plan_export
 from .host import one_cpu_thread, pin_mmap_threshold
 from .loading import resolve_device
 from .pretrained import EMBEDDINGS, LM_HEAD, export_config, load_config, write_directory_files
-from .transforms import TRANSFORMS, check_options
+from .streamed_write import repack
+from .transforms import TRANSFORMS
 from .transforms.record import Transform
-from .weights import SAFETENSORS, SAFETENSORS_INDEX
+from .transforms.targets import COPY_THROUGH, is_noop
 
 log = logging.getLogger(__name__)
 CALIBRATION_SEQ_LEN = 512
@@ -76,25 +79,28 @@ class ShardWriter:
         self.parts.append((path, list(tensors)))
 
     def finish(self, config: ModelConfig, tokenizer_from: Path) -> None:
-        """Check the written shapes against ``config``, name the shards as transformers expects, and write
-        the index, config.json, tokenizer and generation config."""
+        """Check the written shapes against ``config``, pack the parts into ``model.safetensors`` or
+        shards of at most 5GB (:func:`~.streamed_write.repack`, export's rule), and write the index,
+        config.json, tokenizer and generation config."""
         if self.config is None:
             raise ValueError("the transform wrote no tensors")
         if self.config.tie_embeddings and EMBEDDINGS in self.shapes:
             self.shapes.setdefault(LM_HEAD, self.shapes[EMBEDDINGS])
         check_tensors(config, self.shapes, "converted model")
         hf = export_config(self.plan.family, config, self.stored)
-        total = len(self.parts)
-        weight_map, size = {}, 0
-        for number, (path, names) in enumerate(self.parts, start=1):
-            name = SAFETENSORS if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
-            os.replace(path, self.directory / name)
-            size += (self.directory / name).stat().st_size
-            weight_map.update(dict.fromkeys(names, name))
-        if total > 1:
-            index = {"metadata": {"total_size": size}, "weight_map": weight_map}
-            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        # one layer per part while converting; the directory gets export's one rule (by size)
+        repack(self.parts, self.directory)
         write_directory_files(self.directory, self.plan.family, hf, tokenizer_from)
+
+
+@dataclass
+class ConversionStart:
+    """What :func:`convert_checkpoint` is about to do, once every check on SRC has passed."""
+
+    config: ModelConfig  # the source's
+    device: torch.device
+    noop: bool  # the transform would leave the config as it is: the weights are copied through
+    calibrates: bool  # calibration text is read or sampled next
 
 
 def convert_checkpoint(
@@ -112,6 +118,7 @@ def convert_checkpoint(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    on_ready: Callable[[ConversionStart], None] | None = None,
 ) -> tuple[Path, ModelConfig, ModelConfig]:
     """Convert the model directory ``src`` with ``TRANSFORMS[transform](**options)`` and export it to ``out``.
     ``options`` are the transform's (checked by its options dataclass; ``device`` and ``progress`` may be
@@ -121,7 +128,11 @@ def convert_checkpoint(
     sequences of ``calib_seq_len``, seed ``seed``), a text file (not your evaluation text), a
     ``(batch, seq)`` tensor of token ids, or None (from the weights alone). ``family``: export family
     (None: the simplest stock class that holds the result, else kvforge-typed). ``dtype``: stored dtype
-    of the output (default: the source's). Returns ``(out, source config, converted config)``."""
+    of the output (default: the source's). ``on_ready`` is called once SRC's config, the options and the
+    weight headers are all validated, before any calibration or writing (a command prints its start-up
+    lines there; raising stops the conversion). A no-op (the target config is SRC's, e.g. ``mqa`` on
+    an MQA model) samples nothing and copies the weights through. Returns ``(out, source config,
+    converted config)``."""
 
     # process-wide: every freed layer-sized tensor leaves the process (.host); a training run's own
     # host_allocator setting, made before, stands
@@ -135,11 +146,15 @@ def convert_checkpoint(
     record = TRANSFORMS.get(transform)
     entries = checkpoint_entries(src)  # headers only, each checked against its file
     config, source_family, hf = load_config(src, entries)  # sizes checked against the headers
-    options = check_options(transform, config, **options)  # the typed options dataclass
+    noop = is_noop(transform, config, **options)  # the options checked against the config first
+    options = record.parse(options)  # the typed options dataclass
     weights = CheckpointWeights(src, config, source_family, hf, entries)  # every shape checked
     device = runtime["device"] = resolve_device(runtime["device"])
+    calibrates = calibration is not None and not noop and record.uses_calibration(options)
+    if on_ready is not None:
+        on_ready(ConversionStart(config, device, noop, calibrates))
     ids = None
-    if calibration is not None and record.uses_calibration(options):
+    if calibrates:
         sampled = isinstance(calibration, str) and calibration == "self"
         seq_len = calib_seq_len or min(CALIBRATION_SEQ_LEN, config.max_seq_len - sampled)  # BOS comes first
         if isinstance(calibration, torch.Tensor):
@@ -166,6 +181,8 @@ def convert_checkpoint(
     stored = parse_dtype(dtype) if dtype is not None else None
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, family, stored)
+        if noop:  # every tensor passes through unchanged
+            record, options = COPY_THROUGH, COPY_THROUGH.options()
         new_config = _run_transform(record, config, weights, ids, options, runtime, writer)
         writer.finish(new_config, src)
     return out, config, new_config

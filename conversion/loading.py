@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 
 from kvforge.arch import CausalLM, ModelConfig, parse_dtype
 
-from .pretrained import load_pretrained
+from .checkpoint import CheckpointWeights
+from .pretrained import load_config
 from .transforms.calibration import build_model
 
 MODEL_PREFIX = "model."  # KVForgeLM holds the CausalLM as ``self.model``
@@ -35,7 +36,7 @@ class ModelWeights:
     """What a model directory or training checkpoint holds."""
 
     config: ModelConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # a directory's: read from disk one tensor at a time, on access
     tokenizer_dir: Path | None  # where its tokenizer lives (None: it has none)
     family: str  # the HF family of a directory, or "checkpoint"
 
@@ -177,8 +178,10 @@ def load_weights(path: str | Path) -> ModelWeights:
     if is_training_checkpoint(path):
         config, state_dict, tokenizer_dir = load_training_checkpoint(path)
         return ModelWeights(config, state_dict, Path(tokenizer_dir) if tokenizer_dir else None, "checkpoint")
-    pretrained = load_pretrained(path)
-    return ModelWeights(pretrained.config, pretrained.state_dict, path, pretrained.family)
+    config, family, hf = load_config(path)  # first: a directory without config.json is no model directory
+    # lazy: build_model reads one tensor at a time into the model, never the whole stored copy beside it
+    weights = CheckpointWeights(path, config, family, hf)
+    return ModelWeights(config, weights, path, family.model_type)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -23,6 +23,7 @@ from kvforge.arch import ModelConfig, parse_dtype
 
 from .atomic import atomic_directory
 from .checkpoint import EMBEDDINGS, LM_HEAD, check_config_sizes, check_tensors
+from .config_bounds import check_config_bounds
 from .families import Family, family_of, plan_export
 from .families.schema import ConfigReader
 from .streamed_write import source_meta, write_streamed
@@ -71,8 +72,11 @@ def load_config(path: str | Path, weights: Mapping | None = None) -> tuple[Model
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: no config.json")
     hf = _read_json(config_file)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
     if weights is not None:
         check_config_sizes(hf, weights, str(config_file))
+    check_config_bounds(hf, str(config_file))  # the raw JSON, before anything is allocated from it
     reader = ConfigReader(hf, config_file)
     family = family_of(reader)
     return family.read_config(reader), family, hf

@@ -21,10 +21,16 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
 
 from .weights import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors name
+# The one sharding rule of every directory kvforge writes (export, convert): a single model.safetensors
+# up to this size, else shards of at most this size with an index, split by huggingface_hub as
+# transformers' save_pretrained splits (its own default is 50GB since transformers 5; 5GB keeps files
+# under the Hub's per-file recommendation).
+MAX_SHARD_SIZE = "5GB"
 
 
 def source_meta(source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,7 +69,7 @@ def write_streamed(
     *,
     dtype: torch.dtype | None = None,
     skip: frozenset[str] = frozenset(),
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     progress: bool = False,
     meta: dict[str, torch.Tensor] | None = None,
 ) -> list[Path]:
@@ -100,6 +106,40 @@ def write_streamed(
         index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return [file.path for file in files.values()]
+
+
+def repack(
+    parts: list[tuple[Path, list[str]]], out: Path, max_shard_size: int | str = MAX_SHARD_SIZE
+) -> dict[str, str]:
+    """Copy the tensors of the safetensors files ``parts`` (``(path, tensor names in the order written)``,
+    one layer each, as a converter writes them) into the directory ``out`` as :func:`write_streamed`
+    lays the same tensors out: ``model.safetensors``, or shards of at most ``max_shard_size`` and their
+    index. One tensor is in memory at a time; each part is removed once copied. Returns the weight map
+    (tensor name -> file name)."""
+    meta: dict[str, torch.Tensor] = {}
+    for path, names in parts:
+        with safe_open(path, framework="pt") as handle:
+            for name in names:
+                view = handle.get_slice(name)
+                meta[name] = torch.empty(
+                    view.get_shape(), dtype=SAFETENSORS_DTYPES[view.get_dtype()], device="meta"
+                )
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    files = {
+        filename: _ShardFile(out / filename, {name: meta[name] for name in names})
+        for filename, names in split.filename_to_tensors.items()
+    }
+    for path, names in parts:
+        with safe_open(path, framework="pt") as handle:
+            for name in names:
+                files[split.tensor_to_filename[name]].write(name, handle.get_tensor(name))
+        path.unlink()
+    for file in files.values():
+        file.check_complete()
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return dict(split.tensor_to_filename)
 
 
 class _ShardFile:

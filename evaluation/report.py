@@ -21,7 +21,7 @@ from kvforge.evaluation.schema import documented
 
 from .runner import EvalSettings, ModelReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: KV figures at `kv_context` in `kv_dtype` (1: at max_seq_len)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def summary_rows(models: list[ModelReport]) -> list[list[str]]:
             [
                 m.name,
                 f"{m.n_parameters:,}",
-                f"{m.kv_bytes_per_token:,.0f}",
+                f"{m.kv_bytes_per_token:,.0f} ({m.kv_context}, {m.kv_dtype})",
                 f"{m.kv_ratio_vs_mha:.3f}",
                 f"{ppl.nll:.4f} ({ppl.context})" if ppl else "-",
                 f"{m.passkey.accuracy:.2f}" if m.passkey else "-",
@@ -105,7 +105,15 @@ def print_report(report: EvalReport, console: Console | None = None) -> None:
     console.print(
         _table(
             "kvforge eval",
-            ["model", "params", "KV bytes/token", "vs MHA", "NLL (context)", "passkey acc", "decode tok/s"],
+            [
+                "model",
+                "params",
+                "KV bytes/token (context, dtype)",
+                "vs MHA",
+                "NLL (context)",
+                "passkey acc",
+                "decode tok/s",
+            ],
             summary_rows(models),
         )
     )
@@ -136,15 +144,19 @@ def print_report(report: EvalReport, console: Console | None = None) -> None:
                     [["NLL", *(f"{r.nll:.4f}" for r in m.perplexity_vs_context)]],
                 )
             )
-        if m.passkey:
-            depths = m.passkey.settings.depths
+        for title, task in (
+            ("passkey", m.passkey),
+            (f"{m.needles.settings.n_keys}-key needle" if m.needles else "", m.needles),
+        ):
+            if task is None:
+                continue
             console.print(
                 _table(
-                    f"{m.name}: passkey exact-match accuracy ({m.passkey.settings.trials} prompts per cell)",
-                    ["context \\ depth", *(f"{d:g}" for d in depths)],
+                    f"{m.name}: {title} exact-match accuracy ({task.settings.trials} prompts per cell)",
+                    ["context \\ depth", *(f"{d:g}" for d in task.settings.depths)],
                     [
-                        [str(c), *(f"{cell.accuracy:.2f}" for cell in m.passkey.cells if cell.context == c)]
-                        for c in m.passkey.settings.contexts
+                        [str(c), *(f"{cell.accuracy:.2f}" for cell in task.cells if cell.context == c)]
+                        for c in task.settings.contexts
                     ],
                 )
             )

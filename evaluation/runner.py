@@ -19,19 +19,21 @@ from kvforge.evaluation.schema import documented
 from .corpus import load_corpus, read_text
 from .kv_memory import MemoryRow
 from .latency import LatencyRow, measure_decode
+from .needles import NeedleReport, NeedleSettings, NeedleTask, needle_accuracy
 from .passkey import CLASSIC_FILLER, PasskeyReport, PasskeySettings, PasskeyTask, retrieval_accuracy
 from .perplexity import PerplexityRow, check_context, default_contexts, perplexity, perplexity_vs_context
 
-TASKS = ("perplexity", "context", "passkey", "memory")  # "memory" also times prefill and decode
-TEXT_TASKS = ("perplexity", "context", "passkey")
+TASKS = ("perplexity", "context", "passkey", "needles", "memory")  # "memory" also times prefill and decode
+DEFAULT_TASKS = ("perplexity", "context", "passkey", "memory")
+TEXT_TASKS = ("perplexity", "context", "passkey", "needles")
 
 
 @dataclass
 class EvalSettings:
     tasks: list[str] = documented(
         "what was run: perplexity (at `context`), context (perplexity versus context length), passkey, "
-        "memory (KV bytes, peak memory, prefill/decode latency)",
-        default_factory=lambda: list(TASKS),
+        "needles (multi-key needle retrieval), memory (KV bytes, peak memory, prefill/decode latency)",
+        default_factory=lambda: list(DEFAULT_TASKS),
     )
     corpora: list[str] = documented(
         "evaluation text files (.txt, or .json/.jsonl/.csv/.parquet rows)", default_factory=list
@@ -51,6 +53,9 @@ class EvalSettings:
     )
     batch_size: int = documented("windows (perplexity) or prompts (passkey) per forward pass", 8)
     passkey: PasskeySettings = documented("passkey prompt generation", default_factory=PasskeySettings)
+    needles: NeedleSettings = documented(
+        "multi-key needle prompt generation (the passkey filler)", default_factory=NeedleSettings
+    )
     passkey_finetune: bool = documented(
         "whether a copy of each model got the staged passkey fine-tune (PasskeyFinetuneConfig defaults, "
         "600 steps on prompts up to 128 tokens) before the passkey task; false = zero-shot",
@@ -73,7 +78,10 @@ class LayerRow:
     window: int | None = documented("sliding window in tokens; null = global attention")
     kv_from: int | None = documented("layer whose K/V this layer reads (cross-layer sharing); null = its own")
     values_per_token: int = documented("cached values one token adds to this layer (0 when shared)")
-    bytes: int = documented("cache bytes of this layer for one sequence of max_seq_len tokens")
+    bytes: int = documented(
+        "cache bytes of this layer for one sequence of `kv_context` tokens in `kv_dtype` (state included)"
+    )
+    state_bytes: int = documented("fixed state bytes per sequence (constant-state layers; 0 for others)", 0)
 
 
 @dataclass
@@ -83,14 +91,21 @@ class ModelReport:
     family: str = documented("checkpoint family it was read as (llama, ...)")
     n_parameters: int = documented("parameters (tied weights counted once)")
     max_seq_len: int = documented("positions the model supports (max_position_embeddings)")
+    kv_context: int = documented(
+        "tokens per sequence the KV figures (kv_bytes_per_token, layers[].bytes) are for: the perplexity "
+        "task's context (`settings.context`, else max_seq_len)"
+    )
+    kv_dtype: str = documented("cache element type the KV figures are for (`settings.cache_dtype`)")
     kv_bytes_per_token: float = documented(
-        "analytic KV-cache bytes per token of a max_seq_len sequence, all layers"
+        "analytic KV-cache bytes per token of one `kv_context`-token sequence in `kv_dtype`, all layers "
+        "(a sliding window caps what its layer holds)"
     )
     kv_ratio_vs_mha: float = documented("kv_bytes_per_token divided by the same for plain MHA of this width")
     layers: list[LayerRow] = documented("one entry per layer: its form and cache bytes")
     perplexity: list[PerplexityRow] = documented("one entry per corpus, at `settings.context`")
     perplexity_vs_context: list[PerplexityRow] = documented("first corpus at each of `settings.contexts`")
     passkey: PasskeyReport | None = documented("passkey retrieval; null when not run")
+    needles: NeedleReport | None = documented("multi-key needle retrieval; null when not run")
     memory: list[MemoryRow] = documented("one entry per (batch, context) of the memory task")
     latency: list[LatencyRow] = documented("one entry per (batch, context) of the memory task")
     elapsed_s: float = documented("wall-clock seconds this model's evaluation took")
@@ -139,29 +154,47 @@ def evaluate_model(loaded: EvalModel, settings: EvalSettings) -> ModelReport:
     passkey = None
     if "passkey" in settings.tasks:
         passkey = run_passkey(loaded, settings, contexts)
+    needles = run_needles(loaded, settings, contexts) if "needles" in settings.tasks else None
     latency, memory = [], []
     if "memory" in settings.tasks:
         latency, memory = measure_decode(
             model, settings.latency_batches, contexts, settings.decode_steps, settings.repeats, cache_dtype
         )
-    per_token = kv_bytes_per_token(config, config.max_seq_len, cache_dtype)
+    # the KV figures are at the context the loss was measured at, in the cache's dtype
+    per_token = kv_bytes_per_token(config, context, cache_dtype)
     return ModelReport(
         name=loaded.name,
         source=str(loaded.source),
         family=loaded.family,
         n_parameters=model.num_parameters(),
         max_seq_len=config.max_seq_len,
+        kv_context=context,
+        kv_dtype=str(cache_dtype).removeprefix("torch."),
         kv_bytes_per_token=per_token,
-        kv_ratio_vs_mha=per_token
-        / kv_bytes_per_token(mha_equivalent(config), config.max_seq_len, cache_dtype),
-        layers=[LayerRow(**row) for row in describe_layers(config, config.max_seq_len, cache_dtype)],
+        kv_ratio_vs_mha=per_token / kv_bytes_per_token(mha_equivalent(config), context, cache_dtype),
+        layers=[LayerRow(**row) for row in describe_layers(config, context, cache_dtype)],
         perplexity=rows,
         perplexity_vs_context=curve,
         passkey=passkey,
+        needles=needles,
         memory=memory,
         latency=latency,
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def run_needles(loaded: EvalModel, settings: EvalSettings, contexts: list[int]) -> NeedleReport:
+    """Multi-key needle accuracy (zero-shot), with the passkey task's filler."""
+    needles = dataclasses.replace(
+        settings.needles, contexts=settings.needles.contexts or settings.passkey.contexts or contexts
+    )
+    for length in needles.contexts:
+        check_context(loaded.model, length, "needle contexts")
+    filler = (
+        CLASSIC_FILLER if settings.passkey.filler == "classic" else read_text(Path(settings.passkey.filler))
+    )
+    task = NeedleTask(loaded.tokenizer, filler, needles.key_digits, needles.n_keys)
+    return needle_accuracy(loaded.model, task, needles, batch_size=settings.batch_size)
 
 
 def run_passkey(loaded: EvalModel, settings: EvalSettings, contexts: list[int]) -> PasskeyReport:

@@ -96,3 +96,55 @@ def linear_cross_entropy(
 def check_softcap(softcap: float | None, name: str = "softcap") -> None:
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{name}={softcap!r} must be a positive number (the logit cap) or None")
+
+
+# Evaluation's logit block: 64 MiB of float32 (256 rows of a 65,536-token vocabulary, 64 of Gemma's 262,144).
+TOKEN_NLL_BLOCK_BYTES = 64 * 2**20
+
+
+@torch.no_grad()
+def token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    softcap: float | None = None,
+    block_bytes: int = TOKEN_NLL_BLOCK_BYTES,
+) -> torch.Tensor:
+    """Per-token NLL ``logsumexp(z) − z[target]`` of ``z = hidden @ weight.T`` (soft-capped by
+    ``softcap``), of shape ``targets.shape``, in float32 (float64 for float64 inputs); no gradient.
+
+    The logits are computed one block of at most ``block_bytes`` of float32 at a time: a block is a
+    chunk of rows and, when a single row is over budget, a slice of the vocabulary whose log-sum-exp is
+    folded into a running one. Memory is O(block) whatever the vocabulary and the number of tokens -
+    evaluation's counterpart of :func:`linear_cross_entropy`."""
+    check_softcap(softcap)
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} must agree on leading dims"
+        )
+    vocab = weight.shape[0]
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if flat_targets.numel() and not 0 <= int(flat_targets.min()) <= int(flat_targets.max()) < vocab:
+        raise ValueError(f"targets must be token ids in 0..{vocab - 1}")
+    budget = max(1, block_bytes // 4)  # float32 elements per block
+    rows_per_block = max(1, min(flat_hidden.shape[0], budget // vocab))
+    columns = max(1, min(vocab, budget // rows_per_block))
+    acc_dtype = _at_least_fp32(flat_hidden[:0]).dtype
+    out = torch.empty(flat_targets.shape, dtype=acc_dtype, device=hidden.device)
+    for start in range(0, flat_hidden.shape[0], rows_per_block):
+        h = flat_hidden[start : start + rows_per_block]
+        t = flat_targets[start : start + rows_per_block]
+        lse = target_logit = torch.empty(t.shape, dtype=acc_dtype, device=h.device)
+        for first in range(0, vocab, columns):
+            logits, _ = capped_logits(_at_least_fp32(h @ weight[first : first + columns].t()), softcap)
+            lse = (
+                torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+                if first
+                else torch.logsumexp(logits, -1)
+            )
+            inside = (t >= first) & (t < first + logits.shape[1])
+            picked = logits.gather(1, (t - first).clamp(0, logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
+            target_logit = torch.where(inside, picked, target_logit)
+        out[start : start + rows_per_block] = lse - target_logit
+    return out.reshape(targets.shape)

@@ -35,7 +35,7 @@ from .base import StockFamily
 from .layers import FULL, SLIDING, GQALayers, single_window
 from .llama import size_keys
 from .rope import Rope, _scaling_dict
-from .schema import TRANSFORMERS, Codec, ConfigReader, Const, Key, SharedBias, TokenKey
+from .schema import TRANSFORMERS, Codec, ConfigReader, Const, Key, OtherTokenIds, SharedBias, TokenKey
 
 # Gemma's decoder-layer names -> kvforge's (Llama's) names; export inverts it.
 NORM_RENAMES = {
@@ -241,6 +241,7 @@ def gemma_keys(*, bidirectional_off: bool | None) -> tuple[Codec, ...]:
         TokenKey("bos_token_id", "bos_token_id"),
         TokenKey("eos_token_id", "eos_token_id"),
         TokenKey("pad_token_id", "pad_token_id"),
+        OtherTokenIds(),
         Key("hidden_activation", "mlp_activation", str, TRANSFORMERS),
         QueryScale(),
         Key("final_logit_softcapping", "final_logit_softcap", float, TRANSFORMERS, nullable=True),

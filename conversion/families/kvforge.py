@@ -59,6 +59,7 @@ class KVForgeFamily:
             "bos_token_id": config.bos_token_id,
             "eos_token_id": config.eos_token_id,
             "pad_token_id": config.pad_token_id,
+            **config.special_token_ids,
             "kvforge": config.to_dict(),
         }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .base import StockFamily
 from .layers import GQALayers, NoWindows, UniformWindow
 from .rope import Rope
-from .schema import TRANSFORMERS, Codec, Const, Fixed, Key, SharedBias, TokenKey
+from .schema import TRANSFORMERS, Codec, Const, Fixed, Key, OtherTokenIds, SharedBias, TokenKey
 
 
 def size_keys() -> tuple[Codec, ...]:
@@ -34,6 +34,7 @@ def decoder_keys() -> tuple[Codec, ...]:
         TokenKey("bos_token_id", "bos_token_id"),
         TokenKey("eos_token_id", "eos_token_id"),
         TokenKey("pad_token_id", "pad_token_id"),
+        OtherTokenIds(),
         Fixed("hidden_act", "silu"),
         Rope(),
         *LLAMA_RECIPE,

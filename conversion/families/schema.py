@@ -149,6 +149,30 @@ class TokenKey(Key):
 
 
 @dataclass(frozen=True)
+class OtherTokenIds:
+    """Every ``*_token_id`` key of config.json besides bos/eos/pad (``unk_token_id``, ``sep_token_id``,
+    ...): read as they are into ``ModelConfig.special_token_ids`` and written back, so an export keeps
+    what it read."""
+
+    handled: tuple[str, ...] = ("bos_token_id", "eos_token_id", "pad_token_id")
+    fields: tuple[str, ...] = ("special_token_ids",)
+
+    def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
+        fields["special_token_ids"] = {
+            key: reader.token_ids(key, None)
+            for key in sorted(reader.data)
+            if key.endswith("_token_id") and key not in self.handled
+        }
+
+    def write(self, config: ModelConfig, hf: dict[str, Any]) -> None:
+        for key, value in config.special_token_ids.items():
+            hf.setdefault(key, value)
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
 class Const:
     """This family always has ``ModelConfig.<field> == value`` (no config.json key carries it)."""
 

@@ -20,6 +20,7 @@ from kvforge.arch import ModelConfig
 from .calibration import load_calibration_ids, sample_calibration_ids
 from .chunked import CHUNKED, to_chunked
 from .cla import CLA, to_cla
+from .constant_state import DELTANET, LINEAR, to_deltanet, to_linear
 from .gla import GLA, to_gla
 from .gqa import GQA, MQA, to_gqa, to_mqa
 from .gta import GTA, to_gta
@@ -28,7 +29,7 @@ from .record import Transform
 from .window import WINDOW, to_window
 
 TRANSFORMS: dict[str, Transform] = {
-    record.name: record for record in (GQA, MQA, MLA, CLA, WINDOW, CHUNKED, GTA, GLA)
+    record.name: record for record in (GQA, MQA, MLA, CLA, WINDOW, CHUNKED, GTA, GLA, LINEAR, DELTANET)
 }
 
 
@@ -56,9 +57,11 @@ __all__ = [
     "sample_calibration_ids",
     "to_chunked",
     "to_cla",
+    "to_deltanet",
     "to_gla",
     "to_gqa",
     "to_gta",
+    "to_linear",
     "to_mla",
     "to_mqa",
     "to_window",

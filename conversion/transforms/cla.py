@@ -50,10 +50,6 @@ def cla_layout(
         raise ValueError(f"to_cla: init={init!r}: allowed values are {list(INITS)}")
     if not is_count(offset) or not 0 <= offset <= config.n_layers - 2:
         raise ValueError(f"to_cla: offset={offset} must be in 0..n_layers-2={config.n_layers - 2}")
-    if init == "fit" and config.qk_norm:
-        raise ValueError(
-            "to_cla: init='fit' needs keys that are linear in the input; with qk_norm use init='first'"
-        )
     groups = [[index] for index in range(offset)] + [
         list(range(start, min(start + factor, config.n_layers)))
         for start in range(offset, config.n_layers, factor)
@@ -66,10 +62,17 @@ def cla_layout(
             values = {getattr(config.layers[i], attribute) for i in group}
             if len(values) != 1:
                 raise ValueError(
-                    f"to_cla: layers {group} have different {attribute} {sorted(values, key=str)}"
+                    f"to_cla: layers {group} have different {attribute} {sorted(values, key=str)}: layers "
+                    f"sharing one K/V cache need the same {attribute}, which no init changes (allowed: a "
+                    "factor/offset whose groups each have one)"
                 )
         for member in group[1:]:
             layers[member] = dataclasses.replace(layers[member], kv_from=group[0], n_kv_heads=None)
+    # after the layout checks: no init can pair layers of different windows, so that refusal comes first
+    if init == "fit" and config.qk_norm:
+        raise ValueError(
+            "to_cla: init='fit' needs keys that are linear in the input; with qk_norm use init='first'"
+        )
     return dataclasses.replace(config, layers=layers, pattern=None), groups
 
 

@@ -123,21 +123,30 @@ def refine_attention(
     rows_per_step: int = 4,
     seed: int = 0,
     progress=None,
+    parameters: list[nn.Parameter] | None = None,
+    relative_lr: bool = True,
 ) -> float:
-    """Adam on the summed relative reconstruction error of ``units`` (cosine-decayed); returns the final
-    relative error.
+    """Adam on the summed relative reconstruction error of ``units`` (cosine-decayed) through
+    ``parameters`` (default: every parameter of the units' modules); returns the final relative error.
 
     ``lr`` is relative: each tensor steps by about ``lr × its RMS`` (Adam's steps are scale-free, so one
     absolute rate would move small tensors, e.g. a latent scaled into its norm's linear regime, by many
-    times their size). The closed form is kept when refining does not lower the error on the
-    calibration data."""
-    params = list({id(p): p for unit in units for p in unit.module.parameters()}.values())
+    times their size). ``relative_lr=False``: one absolute rate for every tensor (attention transfer,
+    whose new parameters may start at zero, where a relative step is none). The closed form is kept
+    when refining does not lower the error on the calibration data."""
+    if parameters is None:
+        parameters = [p for unit in units for p in unit.module.parameters()]
+    params = list({id(p): p for p in parameters}.values())
     before = relative_error(units)
     start = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
     groups = [
-        {"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))} for p in params
+        {
+            "params": [p],
+            "lr": lr * (float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12)) if relative_lr else 1.0),
+        }
+        for p in params
     ]
     optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)

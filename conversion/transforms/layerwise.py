@@ -111,7 +111,7 @@ def convert_attention(
                     module,
                     ctx.inputs,
                     ctx.targets,
-                    ropes[rotary_key(new_config, new_config.layers[ctx.index])],
+                    ropes.get(rotary_key(new_config, new_config.layers[ctx.index])),
                 )
                 for module, ctx in zip(modules, contexts)
             ]
@@ -172,7 +172,7 @@ def _calibrated_contexts(config, new_config, layers, group, source_stream, new_s
     contexts: list[LayerContext] = []
     for position, index in enumerate(group):
         layer = layers[index]
-        source_rope = source_ropes[rotary_key(config, config.layers[index])]
+        source_rope = source_ropes.get(rotary_key(config, config.layers[index]))
         source_inputs = src.attention_inputs(layer)
         inputs = source_inputs if new is src else new.attention_inputs(layer)
         targets = [layer.self_attn(x, source_rope, None, 0, None)[0] for x in source_inputs]
@@ -180,7 +180,7 @@ def _calibrated_contexts(config, new_config, layers, group, source_stream, new_s
             inputs = source_inputs
         elif REPAIR:  # repair the residual-stream error accumulated before this layer
             targets = [t + (hs - hn) for t, hs, hn in zip(targets, src.hidden, new.hidden)]
-        rope = ropes[rotary_key(new_config, new_config.layers[index])]
+        rope = ropes.get(rotary_key(new_config, new_config.layers[index]))
         contexts.append(_context(layers, index, source_inputs, inputs, targets, source_rope, rope))
         if position + 1 < len(group):
             src.advance(layer, source_rope)
@@ -205,7 +205,7 @@ def _advance(config: ModelConfig, layers, group, modules, stream: LayerStream, r
             layer = _with_attention(layer, modules[position], config.layers[index])
         stream.advance(
             layer,
-            ropes[rotary_key(config, config.layers[index])],
+            ropes.get(rotary_key(config, config.layers[index])),
             reads=config.layers[index].kv_from,
             keep_view=index in readers,
         )

@@ -267,7 +267,7 @@ def _rope_statistics(config: ModelConfig, state_dict: StateDict, calibration: to
         inputs = stream.attention_inputs(layer)
         stats = rope_statistics(linearised(layer.self_attn, inputs), inputs, freqs)
         statistics[index] = stats
-        stream.advance(layer, ropes[rotary_key(config, config.layers[index])])
+        stream.advance(layer, ropes.get(rotary_key(config, config.layers[index])))
     return statistics
 
 

@@ -99,7 +99,7 @@ class SinkFitStage:
         fit = spec.sinks and name not in tensors
         out = {**tensors, name: torch.zeros(self.target.n_heads)} if fit else dict(tensors)
         layer = source_layer(self.target, out, index, self.device)
-        rope = self.ropes[rotary_key(self.target, spec)]
+        rope = self.ropes.get(rotary_key(self.target, spec))
         if fit:
             stats = []
             for x in self.stream.attention_inputs(layer):

@@ -55,7 +55,7 @@ class MeasuredStage:
         if self.stream is not None:
             layer = source_layer(self.config, tensors, index, self.device)
             measured = self.measure(layer, self.stream.attention_inputs(layer))
-            self.stream.advance(layer, self.ropes[rotary_key(self.config, self.config.layers[index])])
+            self.stream.advance(layer, self.ropes.get(rotary_key(self.config, self.config.layers[index])))
         return self.convert(index, tensors, measured)
 
     def measure(self, layer: torch.nn.Module, inputs: list[torch.Tensor]):

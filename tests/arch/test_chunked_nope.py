@@ -76,7 +76,10 @@ def test_chunk_cache_holds_at_most_chunk_positions(seq_len):
     [
         ([LayerSpec(chunk=0)], r"layers\[0\]\.chunk=0: must be a positive"),
         ([LayerSpec(chunk=4, window=4)], r"layers\[0\]\.chunk=4: this layer also has window=4"),
-        ([LayerSpec("mla", rope=False)], r"layers\[0\]\.rope=False: NoPE is for gqa layers"),
+        (
+            [LayerSpec("mla", rope=False)],
+            r"layers\[0\]\.rope=False: NoPE is for gqa, linear, deltanet layers",
+        ),
         ([LayerSpec(chunk=4), LayerSpec(kv_from=-1)], r"layers\[1\]\.kv_from=0: layer 0 has chunk=4"),
         ([LayerSpec(rope=False), LayerSpec(kv_from=-1)], r"layers\[1\]\.kv_from=0: layer 0 has rope=False"),
     ],

@@ -35,7 +35,7 @@ MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4)
         ({"pattern": [LayerSpec(window=-3)]}, r"layers\[0\]\.window=-3"),
         (
             {"pattern": [LayerSpec(attention="mqa")]},
-            r"layers\[0\]\.attention='mqa'.*\['gqa', 'mla', 'gta', 'gla'\]",
+            r"layers\[0\]\.attention='mqa'.*\['gqa', 'mla', 'gta', 'gla', 'linear', 'deltanet'\]",
         ),
         ({"pattern": [LayerSpec("mla")]}, r"kv_lora_rank is required"),
         ({"pattern": [LayerSpec("mla")], "kv_lora_rank": 8}, r"qk_rope_head_dim"),

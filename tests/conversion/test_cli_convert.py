@@ -45,6 +45,15 @@ def test_convert_to_cla_says_the_result_is_kvforge_typed(tmp_path, capsys):
     assert [spec.kv_from for spec in config.layers] == [None, 0, None, 2, None]
 
 
+def test_convert_to_deltanet_writes_a_kvforge_typed_hybrid(tmp_path, capsys):
+    out = tmp_path / "gdn"
+    args = ["convert", STORIES, str(out), "--to", "deltanet", "--ratio", "3", "--transfer-steps", "2"]
+    assert main([*args, "--calib", BOTCHAN, "--calib-tokens", "256", "--calib-seq-len", "128"]) == 0
+    assert "kvforge-typed" in capsys.readouterr().out
+    config = load_pretrained(out).config
+    assert [spec.attention for spec in config.layers] == ["gqa"] + ["deltanet"] * 4  # keep=ends: layer 0
+
+
 def test_convert_to_window_keeps_the_weights(tmp_path):
     out = tmp_path / "swa"
     assert main(["convert", STORIES, str(out), "--to", "window", "--windows", "64,64,64,64,none"]) == 0
@@ -67,6 +76,8 @@ def test_convert_to_window_keeps_the_weights(tmp_path):
         (["--to", "window", "--windows", "100000"], "100000"),
         (["--to", "window", "--windows", "64,abc"], "'abc'"),
         (["--to", "gqa", "--n-kv-heads", "2", "--calib", "/no/such/file.txt"], "no such file"),
+        (["--to", "deltanet", "--layers", "0,7"], "layers=[0, 7]"),
+        (["--to", "linear", "--layers", "0,x"], "--layers '0,x'"),
     ],
 )
 def test_bad_options_are_clear_errors_and_write_nothing(tmp_path, capsys, options, message):

@@ -29,6 +29,8 @@ TABLE = [
     ),
     ("gemma2", "chunked", {"chunk": 4, "global_every": 3, "nope": False}, WORKS, "kvforge"),
     ("gemma2", "gta", {}, WORKS, "kvforge"),
+    ("gemma2", "linear", {"transfer_steps": 0}, REFUSED, r"attn_logit_softcap=\S+: layer \d is 'linear'"),
+    ("gemma2", "deltanet", {"transfer_steps": 0}, REFUSED, r"is 'deltanet', whose attention does not"),
     ("gemma2", "cla", {"factor": 3, "init": "mean"}, REFUSED, r"have different window"),
     ("gemma2", "mla", {"kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"layer 0 is 'mla', whose attention"),
     ("gemma2", "gla", {"n_latent_heads": 2, "kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"'mla', whose"),
@@ -47,6 +49,21 @@ TABLE = [
     ),
     ("gemma3_text", "cla", {"factor": 3, "init": "mean"}, REFUSED, r"have different window"),
     ("gemma3_text", "gta", {}, REFUSED, r"qk_norm=True is not supported"),
+    (
+        "gemma3_text",
+        "linear",
+        {"layers": [0, 2], "transfer_steps": 2},
+        WORKS,
+        "kvforge",
+    ),  # sliding stay sliding
+    (
+        "gemma3_text",
+        "linear",
+        {"layers": [1], "transfer_steps": 0},
+        REFUSED,
+        r"layer 1 would change from global",
+    ),
+    ("gemma3_text", "deltanet", {"transfer_steps": 0}, REFUSED, r"is 'deltanet', whose attention does not"),
     ("gemma3_text", "mla", {"kv_lora_rank": 16, "rope_dims": 4}, REFUSED, r"sources with window_rope_theta"),
     (
         "gemma3_text",

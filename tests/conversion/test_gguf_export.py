@@ -11,9 +11,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.gguf import export_gguf, import_gguf
-from kvforge.training.cli import main
 from tests.conftest import shared_path
 from tests.conversion.gguf_files import FAMILIES, SIZES, write_tokenizer
 from tests.conversion.hf_tiny import VOCAB, randomize_

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kvforge.cli.main import main
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.gguf import PROVENANCE_FILE, import_gguf, model_directory, read_provenance
-from kvforge.training.cli import main
 from tests.conftest import shared_path
 from tests.conversion.gguf_files import VOCAB, tiny_llama, write_llama_gguf
 

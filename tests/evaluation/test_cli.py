@@ -77,7 +77,10 @@ def test_unknown_task_is_a_clear_error(tmp_path, capsys):
     err = _error(
         capsys, str(shared_path("stories260K")), "--tasks", "perplexity,mmlu", "--out", str(tmp_path)
     )
-    assert "tasks ['mmlu'] are not known; allowed: ['perplexity', 'context', 'passkey', 'memory']" in err
+    assert (
+        "tasks ['mmlu'] are not known; allowed: ['perplexity', 'context', 'passkey', 'needles', 'memory']"
+        in err
+    )
 
 
 def test_existing_report_is_not_overwritten_without_the_flag(tmp_path, capsys):

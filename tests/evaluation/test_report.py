@@ -79,3 +79,24 @@ def test_pareto_front_keeps_models_no_other_beats_on_bytes_and_quality():
 def test_json_reference_in_docs_is_up_to_date():
     reference = (REPO / "docs" / "evaluation-json.md").read_text()
     assert schema_markdown(EvalReport) in reference, "regenerate the table with `kvforge eval --schema`"
+
+
+def test_kv_figures_are_at_the_evaluated_context_and_cache_dtype():
+    """A window-5 bf16 model evaluated at 16 tokens: its KV bytes/token are those of 16 tokens in bf16
+    (its cache's dtype), not of max_seq_len (64) tokens in fp32, and the summary says which."""
+    from kvforge.arch import describe_layers, kv_bytes_per_token
+    from kvforge.evaluation.report import summary_rows
+    from tests.evaluation.helpers import tiny_eval_model
+
+    loaded = tiny_eval_model("swa")
+    loaded.model.to(torch.bfloat16)
+    config = loaded.model.config
+    settings = quick_settings(tasks=["memory"], corpora=[], context=16, contexts=[16], decode_steps=1)
+    report = evaluate_model(loaded, settings)
+    assert (report.kv_context, report.kv_dtype) == (16, "bfloat16")
+    assert report.kv_bytes_per_token == kv_bytes_per_token(config, 16, "bf16")
+    assert report.kv_bytes_per_token != kv_bytes_per_token(config, config.max_seq_len, "fp32")
+    assert [row.bytes for row in report.layers] == [
+        row["bytes"] for row in describe_layers(config, 16, "bf16")
+    ]
+    assert summary_rows([report])[0][2] == f"{report.kv_bytes_per_token:,.0f} (16, bfloat16)"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.arch import CausalLM
-from kvforge.kernels.cross_entropy import linear_cross_entropy
+from kvforge.kernels.cross_entropy import linear_cross_entropy, token_nll
 from tests.conftest import tiny_form
 
 
@@ -53,3 +53,28 @@ def test_no_gradient_work_under_no_grad():
 def test_mismatched_shapes_are_rejected():
     with pytest.raises(ValueError, match="must agree"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(10, 4), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("block_bytes", [4, 4 * 50, 4 * 101 * 3, 2**30])  # one logit .. whole matrix
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_token_nll_equals_cross_entropy_of_full_logits_for_any_block(block_bytes, softcap):
+    """Blocks of rows, and of the vocabulary when one row is over budget (4 bytes: one logit at a time)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 7, 24), torch.randn(101, 24)
+    targets = torch.randint(0, 101, (3, 7))
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    reference = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    got = token_nll(hidden, weight, targets, softcap=softcap, block_bytes=block_bytes)
+    assert got.shape == (3, 7) and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_token_nll_keeps_float64_and_refuses_out_of_range_targets():
+    hidden, weight = torch.randn(5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    targets = torch.randint(0, 11, (5,))
+    reference = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    torch.testing.assert_close(token_nll(hidden, weight, targets, block_bytes=64), reference)
+    with pytest.raises(ValueError, match=r"token ids in 0\.\.10"):
+        token_nll(hidden, weight, torch.full((5,), 11))
