@@ -35,7 +35,6 @@ from .rotary import from_pairs, pair_frequencies, scale_pairs
 from .whitening import Whitening, flat_inputs, head_targets, rows_with_bias, split_bias
 
 INITS = ("fit", "first", "mean")
-VALUE_METRIC = True
 KV_LEAVES = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight")
 
 
@@ -146,7 +145,7 @@ def _fit_group(
             per_layer.append(head_targets(ctx.source, whitening, source_whitening, cross))
     targets = _concat(per_layer)
     metric = None  # values merged in the metric their errors reach each layer's output in (.key_metric)
-    if VALUE_METRIC and owner.inputs is not None:
+    if owner.inputs is not None:
         sources = [(ctx.source, ctx.source_inputs) for ctx in contexts]
         metric = value_metric(sources, owner.inputs, whitening, pair_frequencies(config), bias)
         targets = dataclasses.replace(targets, value=targets.value @ metric[0])

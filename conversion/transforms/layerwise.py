@@ -34,7 +34,6 @@ from .fitting import FitUnit, refine_attention, refit_output_projection, relativ
 # Relative reconstruction error below which a block counts as exact (fp32 round-off is ~1e-14):
 # nothing is refitted, so lossless conversions stay bit-for-bit close to the source.
 EXACT = 1e-10
-REPAIR = True
 
 
 @dataclass
@@ -178,7 +177,7 @@ def _calibrated_contexts(config, new_config, layers, group, source_stream, new_s
         targets = [layer.self_attn(x, source_rope, None, 0, None)[0] for x in source_inputs]
         if _same_up_to_roundoff(src.hidden, new.hidden):  # the converted prefix is exact so far
             inputs = source_inputs
-        elif REPAIR:  # repair the residual-stream error accumulated before this layer
+        else:  # sequential: repair the residual-stream error accumulated before this layer
             targets = [t + (hs - hn) for t, hs, hn in zip(targets, src.hidden, new.hidden)]
         rope = ropes.get(rotary_key(new_config, new_config.layers[index]))
         contexts.append(_context(layers, index, source_inputs, inputs, targets, source_rope, rope))
