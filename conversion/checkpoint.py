@@ -20,7 +20,14 @@ import torch
 
 from kvforge.arch import CausalLM, ModelConfig
 
-from .weights import SAFETENSORS, SAFETENSORS_DTYPES, SAFETENSORS_INDEX, weight_shards
+from .weights import (
+    JSON_ERRORS,
+    SAFETENSORS,
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_INDEX,
+    refuse_non_finite,
+    weight_shards,
+)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 EMBEDDINGS, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -56,7 +63,7 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
             )
         try:
             header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except JSON_ERRORS as err:
             raise ValueError(f"{path}: not a valid safetensors file (header is not JSON: {err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a valid safetensors file (header is not an object)")
@@ -97,7 +104,7 @@ def read_entry(
     entry: TensorEntry, name: str, check_finite: bool = True, into: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Read one tensor into a buffer of its exact size; non-finite values are an error naming it (unless
-    ``check_finite`` is False: an export copies what it is given). ``into``: a contiguous uint8 CPU
+    ``check_finite`` is False: a tensor already scanned). ``into``: a contiguous uint8 CPU
     tensor of at least ``entry.nbytes`` (its start aligned to the element size) that is read into
     instead of a new buffer; the result is then a view of it."""
     if into is None:
@@ -118,12 +125,8 @@ def read_entry(
         if handle.readinto(buffer.numpy()) != entry.nbytes:
             raise ValueError(f"{entry.file}: tensor {name!r} is cut short; truncated download?")
     tensor = buffer.view(entry.dtype).reshape(entry.shape)
-    if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(
-            f"{entry.file}: tensor {name!r} holds {bad} non-finite values (NaN/inf) of {tensor.numel()}; "
-            "the checkpoint is corrupt or diverged - conversion needs finite weights"
-        )
+    if check_finite:
+        refuse_non_finite(tensor, name, entry.file)
     return tensor
 
 

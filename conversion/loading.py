@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from kvforge.arch import CausalLM, ModelConfig, parse_dtype
 
-from .checkpoint import CheckpointWeights
+from .checkpoint import CheckpointWeights, checkpoint_entries
 from .pretrained import load_config
 from .transforms.calibration import build_model
 
@@ -178,10 +178,19 @@ def load_weights(path: str | Path) -> ModelWeights:
     if is_training_checkpoint(path):
         config, state_dict, tokenizer_dir = load_training_checkpoint(path)
         return ModelWeights(config, state_dict, Path(tokenizer_dir) if tokenizer_dir else None, "checkpoint")
-    config, family, hf = load_config(path)  # first: a directory without config.json is no model directory
+    load_config(path)  # first: a directory without config.json is no model directory
     # lazy: build_model reads one tensor at a time into the model, never the whole stored copy beside it
-    weights = CheckpointWeights(path, config, family, hf)
-    return ModelWeights(config, weights, path, family.model_type)
+    weights = open_checkpoint(path)
+    return ModelWeights(weights.config, weights, path, weights.family.model_type)
+
+
+def open_checkpoint(path: str | Path, check_finite: bool = True) -> CheckpointWeights:
+    """A model directory's weights as a lazy read-only mapping: headers validated, the config's sizes
+    checked against them, every shape checked against the config, each tensor read from disk only when
+    asked for (NaN/inf refused unless not ``check_finite``)."""
+    entries = checkpoint_entries(path)
+    config, family, hf = load_config(path, entries)
+    return CheckpointWeights(path, config, family, hf, entries, check_finite)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -217,6 +226,12 @@ def load_tokenizer(source: str | Path | None, *, optional: bool = False):
         return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except OSError as err:
         raise FileNotFoundError(f"data.tokenizer={str(source)!r}: cannot load a tokenizer ({err})") from err
+    except (
+        Exception
+    ) as err:  # broken tokenizer files: the parsers (JSON, tokenizers' Rust) raise their own types
+        raise ValueError(
+            f"{source}: its tokenizer files cannot be read ({type(err).__name__}: {' '.join(str(err).split())})"
+        ) from err
 
 
 @dataclass
