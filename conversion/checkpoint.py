@@ -185,7 +185,8 @@ def check_config_sizes(hf: dict, entries: Mapping[str, TensorEntry], where: str)
 def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every tensor the model needs is there with the right shape, and nothing else."""
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in CausalLM(config).state_dict().items()}
+        model = CausalLM(config).state_dict()
+    expected = {name: tuple(t.shape) for name, t in model.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [
@@ -193,11 +194,18 @@ def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: 
         for name, shape in expected.items()
         if name in tensors and tuple(tensors[name].shape) != shape
     ]
+    # weights stored as integers or bools would be cast into numbers no model was trained with
+    not_float = [
+        f"{name} {str(tensors[name].dtype).removeprefix('torch.')}"
+        for name, t in model.items()
+        if name in tensors and t.is_floating_point() and not tensors[name].is_floating_point()
+    ]
     problems = []
     for label, names in (
         ("missing tensors", missing),
         ("unexpected tensors", unexpected),
         ("wrong shapes", wrong),
+        ("not floating point", not_float),
     ):
         if names:
             shown = ", ".join(names[:6]) + (f", … ({len(names)} in all)" if len(names) > 6 else "")

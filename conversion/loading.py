@@ -9,6 +9,7 @@ unpickled) and brings the tokenizer directory its run used. Reading it needs tor
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader, load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from kvforge.arch import CausalLM, ModelConfig, parse_dtype
 
 from .checkpoint import CheckpointWeights, checkpoint_entries
 from .pretrained import load_config
 from .transforms.calibration import build_model
+from .weights import JSON_ERRORS
 
 MODEL_PREFIX = "model."  # KVForgeLM holds the CausalLM as ``self.model``
 CHECKPOINT_KEY = "kvforge"  # KVForgeLM.on_save_checkpoint's entry: model config + tokenizer directory
@@ -223,15 +225,32 @@ def load_tokenizer(source: str | Path | None, *, optional: bool = False):
     if Path(source).is_dir() and not has_tokenizer(source):
         raise FileNotFoundError(f"data.tokenizer: {source} has no tokenizer.json / tokenizer.model")
     try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False, **_model_type_only(source))
     except OSError as err:
         raise FileNotFoundError(f"data.tokenizer={str(source)!r}: cannot load a tokenizer ({err})") from err
     except (
         Exception
     ) as err:  # broken tokenizer files: the parsers (JSON, tokenizers' Rust) raise their own types
+        why = " ".join(str(err).split())
         raise ValueError(
-            f"{source}: its tokenizer files cannot be read ({type(err).__name__}: {' '.join(str(err).split())})"
+            f"{source}: its tokenizer files cannot be read ({type(err).__name__}: {why})"
         ) from err
+
+
+def _model_type_only(source: str | Path) -> dict:
+    """``config=``: the default config of the directory's model_type. AutoTokenizer otherwise builds the
+    whole config.json with transformers, so a value kvforge never reads (``layer_types=-1`` on a Llama)
+    would fail the tokenizer; the tokenizer class depends on the model_type alone."""
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+        return {"config": AutoConfig.for_model(model_type)}
+    except (
+        OSError,
+        *JSON_ERRORS,
+        AttributeError,
+        TypeError,
+    ):  # no or no such model_type: transformers decides
+        return {}
 
 
 @dataclass

@@ -29,6 +29,16 @@ from tests.conversion.capped_runner import TRAIN, CappedRunner, Expectation, Out
 T = TypeVar("T")
 # A config value the weights disagree with may be named through the tensors it gives the wrong shapes.
 SHAPE_ERRORS = ("wrong shapes: ", "missing tensors: ", "unexpected tensors: ")
+# config.json keys -> the ModelConfig field read from them (an error about the model may name that)
+FIELDS = {
+    "hidden_size": "d_model",
+    "intermediate_size": "ffn_dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "max_position_embeddings": "max_seq_len",
+    "rms_norm_eps": "norm_eps",
+}
 SAFETENSORS, CONFIG, INDEX = "model.safetensors", "config.json", "model.safetensors.index.json"
 MARKER = "UNPICKLED"  # a pickle's payload touches this file: it must never exist
 # Values a JSON field may hold that no field should: wrong types, signs, sizes, nesting.
@@ -132,7 +142,7 @@ def _edit_config(model: Path, change: Callable[[dict], None]) -> None:
 def config_field(model: Path, draw: Draw) -> Expectation:
     key, value = draw.choice(CONFIG_KEYS), draw.choice(HOSTILE_VALUES)
     _edit_config(model, lambda config: config.__setitem__(key, value))
-    return Expectation(f"config.json {key}={value!r}", names=(key, *SHAPE_ERRORS))
+    return Expectation(f"config.json {key}={value!r}", names=(key, FIELDS.get(key, key), *SHAPE_ERRORS))
 
 
 def config_missing(model: Path, draw: Draw) -> Expectation:

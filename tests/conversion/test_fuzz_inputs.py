@@ -23,6 +23,7 @@ from tests.conversion.hostile_inputs import (
     config_field,
     config_nested,
     file_set,
+    header_field,
     non_finite,
     try_case,
     write_base_gguf,
@@ -30,7 +31,9 @@ from tests.conversion.hostile_inputs import (
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is Linux's")
-EXAMPLES = {"import": 12, "convert": 12, "eval": 12}  # the rest: 10 each; the whole file ~1 min on 2 cores
+# Cases per command: the whole file (~400 cases, most refused within milliseconds) takes about 35 s on 2
+# shared cores, 8 s of it the worker's start-up.
+EXAMPLES = 40
 _ids = itertools.count()
 
 
@@ -62,18 +65,18 @@ def runner():
 def test_every_command_refuses_hostile_inputs_cleanly(command, bases, runner, tmp_path_factory):
     root = tmp_path_factory.mktemp(command.replace(" ", "_").replace("-", ""))
 
-    @settings(
-        max_examples=EXAMPLES.get(command, 10),
-        deadline=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    )
-    @given(data=st.data())
     def fuzz(data):
         work = root / f"case-{next(_ids)}"
         expected, outcome, problems = try_case(command, bases, runner, work, HypothesisDraw(data))
         assert not problems, f"{command} on {expected.what}: {problems}\n{outcome.error_line}"
 
-    fuzz()
+    # derandomized (CI) examples are seeded from the function's name: one stream of cases per command
+    fuzz.__name__ = fuzz.__qualname__ = f"fuzz_{command.replace(' ', '_').replace('-', '')}"
+    settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )(given(data=st.data())(fuzz))()
 
 
 class ScriptedDraw:
@@ -94,6 +97,8 @@ class ScriptedDraw:
 
 
 NAN_IN_WEIGHTS = [non_finite, "model.layers.2.mlp.up_proj.weight", 5, math.nan]
+# name -> (command, its choices): each was refused without the invariant (a traceback, a hang, exit 0 on
+# NaN weights, an error naming neither key nor file) before its fix; now a clean refusal.
 FOUND = {
     "config nested past the recursion limit": ("inspect", [config_nested, 100_000, None]),
     "GGUF declaring more layers than it holds (hung)": (
@@ -109,12 +114,17 @@ FOUND = {
         [config_field, "num_attention_heads", 7],
     ),
     "empty tokenizer.json": ("eval", [file_set, "empty tokenizer"]),
+    "empty tokenizer.json into a GGUF": ("export --format gguf", [file_set, "empty tokenizer"]),
     "NaN weights exported": ("export", NAN_IN_WEIGHTS),
     "NaN weights as train's init_from": ("train", NAN_IN_WEIGHTS),
     "a config size below 1": ("inspect --config-only", [config_field, "num_attention_heads", 0]),
     "a ModelConfig check naming its own field": ("inspect --config-only", [config_field, "rms_norm_eps", -1]),
     "legacy rope_scaling not an object": ("generate", [config_field, "rope_scaling", [[[1]]]]),
     "config sizes the weights disagree with (train)": ("train", [config_field, "intermediate_size", 1]),
+    "integer weights (perplexity overflowed)": (
+        "eval",
+        [header_field, "model.embed_tokens.weight", "dtype", "I32"],
+    ),
 }
 
 
@@ -123,3 +133,11 @@ def test_what_the_fuzzer_found_stays_fixed(command, choices, bases, runner, tmp_
     expected, outcome, problems = try_case(command, bases, runner, tmp_path / "case", ScriptedDraw(choices))
     assert not problems, f"{command} on {expected.what}: {problems}\n{outcome.error_line}"
     assert outcome.rc != 0
+
+
+def test_a_config_value_only_transformers_reads_does_not_break_the_tokenizer(bases, runner, tmp_path):
+    """AutoTokenizer builds config.json with transformers unless given a config: it gets its model_type's
+    default, so `layer_types=-1`, which no Llama reader looks at, no longer fails eval's tokenizer."""
+    choices = [config_field, "layer_types", -1]
+    _, outcome, problems = try_case("eval", bases, runner, tmp_path / "case", ScriptedDraw(choices))
+    assert not problems and outcome.rc == 0, outcome.error_line
