@@ -121,6 +121,7 @@ FOUND = {
     "a ModelConfig check naming its own field": ("inspect --config-only", [config_field, "rms_norm_eps", -1]),
     "legacy rope_scaling not an object": ("generate", [config_field, "rope_scaling", [[[1]]]]),
     "config sizes the weights disagree with (train)": ("train", [config_field, "intermediate_size", 1]),
+    "a negative bos id into a GGUF": ("export --format gguf", [config_field, "bos_token_id", -1]),
     "integer weights (perplexity overflowed)": (
         "eval",
         [header_field, "model.embed_tokens.weight", "dtype", "I32"],
