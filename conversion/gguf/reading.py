@@ -40,6 +40,7 @@ from .deepseek2 import ARCH as DEEPSEEK2
 from .deepseek2 import deepseek2_config, deepseek2_names, join_kv_b
 from .granite_swa import ARCH as GRANITE_SWA
 from .granite_swa import granite_swa_config, sink_layers, with_windows_and_sinks
+from .header_check import check_gguf_header
 
 PROVENANCE_FILE = "kvforge_provenance.json"
 # GGUF architecture -> what kvforge imports it as (transformers' reader covers these and kvforge has the family).
@@ -126,6 +127,7 @@ class GGUFSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        check_gguf_header(self.path)  # the reader trusts its counts (an array of 3e9 elements: hours)
         try:
             self.reader = GGUFReader(self.path)
         except (ValueError, IndexError, OSError) as err:

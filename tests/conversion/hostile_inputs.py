@@ -245,6 +245,18 @@ def header_bytes(model: Path, draw: Draw) -> Expectation:
     return Expectation(f"safetensors header: {how}", must_fail=True, names=(SAFETENSORS,))
 
 
+def header_flips(model: Path, draw: Draw) -> Expectation:
+    """A few random bytes of the JSON header overwritten (any value): whatever it parses to."""
+    path = model / SAFETENSORS
+    data = bytearray(path.read_bytes())
+    length = struct.unpack("<Q", data[:8])[0]
+    places = [(draw.integer(8, 8 + length - 1), draw.integer(0, 255)) for _ in range(draw.integer(1, 4))]
+    for at, value in places:
+        data[at] = value
+    path.write_bytes(bytes(data))
+    return Expectation(f"safetensors header bytes {places}", names=(SAFETENSORS, *SHAPE_ERRORS))
+
+
 def truncated(model: Path, draw: Draw) -> Expectation:
     path = model / SAFETENSORS
     data = path.read_bytes()
@@ -373,6 +385,7 @@ DIRECTORY_DAMAGE = (
     header_field,
     header_entry,
     header_bytes,
+    header_flips,
     truncated,
     non_finite,
     file_set,
@@ -383,7 +396,9 @@ DIRECTORY_DAMAGE = (
 # ----------------------------------------------------------------------------- GGUF
 def gguf_damage(path: Path, draw: Draw) -> Expectation:
     data = bytearray(path.read_bytes())
-    how = draw.choice(("untouched", "cut short", "metadata value", "tensor dims", "counts", "architecture"))
+    how = draw.choice(
+        ("untouched", "cut short", "metadata value", "tensor dims", "counts", "architecture", "header bytes")
+    )
     must_fail = how in ("cut short", "counts")
     if how == "cut short":
         cut = draw.integer(0, len(data) - 1)
@@ -406,6 +421,11 @@ def gguf_damage(path: Path, draw: Draw) -> Expectation:
         data[which : which + 8] = struct.pack("<Q", value)
         must_fail = value != 0 or which == 8
         how = f"{'tensor' if which == 8 else 'metadata'} count {value}"
+    elif how == "header bytes":  # metadata and tensor infos fill the first few kB
+        places = [(draw.integer(4, 4095), draw.integer(0, 255)) for _ in range(draw.integer(1, 4))]
+        for at, value in places:
+            data[at] = value
+        how = f"header bytes {places}"
     elif how == "architecture":
         at = data.find(b"llama")
         data[at : at + 5] = draw.choice((b"llamb", b"\x00lama", b"qwen2"))
@@ -423,6 +443,7 @@ def command_line(command: str, source: Path, out: Path, text: Path) -> list[str]
         "inspect --config-only": ["inspect", src, "--config-only"],
         "convert": ["convert", src, str(out), "--to", "mqa", "--calib", "none", "--device", "cpu"],
         "export": ["export", src, str(out)],
+        "export --allow-pickle": ["export", src, str(out), "--allow-pickle"],
         "export --format gguf": ["export", src, str(out) + ".gguf", "--format", "gguf"],
         "eval": [
             "eval",
@@ -452,13 +473,20 @@ COMMANDS = (
     "inspect --config-only",
     "convert",
     "export",
+    "export --allow-pickle",
     "export --format gguf",
     "eval",
     "generate",
     "import",
     TRAIN,
 )
-WRITES = {"convert": "", "export": "", "export --format gguf": ".gguf", "import": ""}  # command -> OUT suffix
+WRITES = {
+    "convert": "",
+    "export": "",
+    "export --allow-pickle": "",
+    "export --format gguf": ".gguf",
+    "import": "",
+}  # command -> OUT suffix
 
 
 def make_case(
@@ -476,6 +504,8 @@ def make_case(
         expected = draw.choice(DIRECTORY_DAMAGE)(source, draw)
         if command == "inspect --config-only":  # plans from config.json: damaged weights are not its business
             expected.must_fail = expected.must_fail and CONFIG in expected.names
+        if command == "export --allow-pickle" and expected.what == "only a pickle":  # it asked for them
+            expected.must_fail = False
     out = work / "out"
     return command_line(command, source, out, text), expected, Path(str(out) + WRITES.get(command, ""))
 

@@ -121,6 +121,14 @@ FOUND = {
     "a ModelConfig check naming its own field": ("inspect --config-only", [config_field, "rms_norm_eps", -1]),
     "legacy rope_scaling not an object": ("generate", [config_field, "rope_scaling", [[[1]]]]),
     "config sizes the weights disagree with (train)": ("train", [config_field, "intermediate_size", 1]),
+    "a pickle that runs code, --allow-pickle (a multi-line error)": (
+        "export --allow-pickle",
+        [file_set, "only a pickle that runs code"],
+    ),
+    "a GGUF array count of 3e9 in a 300 kB file (hung in gguf's reader)": (
+        "import",
+        ["header bytes", 1, 1571, 178],
+    ),
     "a negative bos id into a GGUF": ("export --format gguf", [config_field, "bos_token_id", -1]),
     "integer weights (perplexity overflowed)": (
         "eval",
