@@ -13,7 +13,7 @@ import mmap
 import struct
 from pathlib import Path
 
-# GGUF value type -> byte size of one value (None: a string; 9: an array)
+# GGUF value type -> byte size of one value; STRING and ARRAY values are walked
 SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 STRING, ARRAY = 8, 9
 MAX_DIMS = 4  # GGML_MAX_DIMS

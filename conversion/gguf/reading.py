@@ -74,9 +74,9 @@ def import_gguf(
     source = GGUFSource(path)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-import-", dir=out.resolve().parent) as extras:
-        source.save_tokenizer(Path(extras))
-        (Path(extras) / PROVENANCE_FILE).write_text(json.dumps(source.provenance(), indent=2) + "\n")
-        try:
+        try:  # transformers' tokenizer conversion and the tensors may disagree with the metadata: name the file
+            source.save_tokenizer(Path(extras))
+            (Path(extras) / PROVENANCE_FILE).write_text(json.dumps(source.provenance(), indent=2) + "\n")
             return save_pretrained(
                 source.config,
                 source.weights(),
@@ -87,7 +87,7 @@ def import_gguf(
                 dtype=dtype or source.natural_dtype,
                 progress=progress,
             )
-        except ValueError as err:  # the tensors disagree with the metadata: name the file they came from
+        except ValueError as err:
             raise ValueError(f"{source.path}: {err}") from err
 
 

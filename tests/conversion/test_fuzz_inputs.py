@@ -129,6 +129,8 @@ FOUND = {
         "import",
         ["header bytes", 1, 1571, 178],
     ),
+    "a GGUF tokenizer model transformers cannot convert": ("import", ["header bytes", 1, 536, 97]),
+    "several eos ids, generate": ("generate", [config_field, "eos_token_id", [1, 2]]),
     "a negative bos id into a GGUF": ("export --format gguf", [config_field, "bos_token_id", -1]),
     "integer weights (perplexity overflowed)": (
         "eval",
