@@ -37,7 +37,10 @@ class NLLResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean)
+        try:
+            return math.exp(self.mean)
+        except OverflowError:  # a mean NLL above ~709 nats: a broken model, still a result
+            return math.inf
 
 
 @torch.no_grad()

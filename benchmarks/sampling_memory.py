@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     ensure_kvforge_importable()
     import torch
 
-    from kvforge.conversion.convert import _streamed_while_sampling, open_checkpoint
+    from kvforge.conversion.convert import _streamed_while_sampling
     from kvforge.conversion.host import one_cpu_thread, pin_mmap_threshold
+    from kvforge.conversion.loading import open_checkpoint
     from kvforge.conversion.transforms import calibration
 
     pinned = False if args.no_pin else pin_mmap_threshold()

@@ -50,6 +50,7 @@ from kvforge.conversion.convert import ConversionStart, convert_checkpoint
 from kvforge.conversion.loading import resolve_device
 from kvforge.conversion.pretrained import load_config
 from kvforge.conversion.transforms import TRANSFORMS, Transform
+from kvforge.conversion.transforms.record import COUNT_OPTIONS
 from kvforge.conversion.transforms.targets import source_check
 
 from .export import FAMILY_CHOICES
@@ -59,17 +60,6 @@ CPU_REFINE_MAX_D_MODEL = 512
 # Options the command itself reads (``--refine-steps auto``), not generated from the dataclasses.
 COMMAND_OPTIONS = ("refine_steps",)
 NOOP_EXIT = 3  # --fail-if-noop: the conversion would change nothing
-# Options that count something (heads, ranks, layers, tokens): a value below 1 is named before any missing
-# option is asked for.
-COUNT_OPTIONS = (
-    "n_kv_heads",
-    "kv_lora_rank",
-    "rope_dims",
-    "factor",
-    "chunk",
-    "global_every",
-    "n_latent_heads",
-)
 
 
 class NothingToChange(Exception):

@@ -30,9 +30,8 @@ from pathlib import Path
 from rich.console import Console
 
 from kvforge.conversion import load_config, load_pretrained, plan_export, save_pretrained
-from kvforge.conversion.convert import open_checkpoint
 from kvforge.conversion.gguf import export_gguf
-from kvforge.conversion.loading import is_training_checkpoint
+from kvforge.conversion.loading import is_training_checkpoint, open_checkpoint
 from kvforge.conversion.serving_lint import lint_serving
 from kvforge.conversion.weights import weight_shards
 from kvforge.training.export import export_checkpoint
@@ -153,10 +152,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 def open_source(src: Path, allow_pickle: bool):
     """``(config, family name, weights)`` of a model directory. Safetensors weights stay on disk, read
     tensor by tensor as the export writes them (headers and shapes checked first); pickle weights are
-    read whole (``torch.load`` has no partial read)."""
+    read whole (``torch.load`` has no partial read). Either way a NaN/inf weight is an error naming it."""
     load_config(src)  # a missing or unreadable config.json is the first thing to say
     if any(Path(file).suffix == ".safetensors" for file in weight_shards(src, allow_pickle=allow_pickle)):
-        weights = open_checkpoint(src, check_finite=False)
+        weights = open_checkpoint(src)  # NaN/inf refused, as every command does
         return weights.config, weights.family.model_type, weights
     pretrained = load_pretrained(src, allow_pickle=allow_pickle, progress=True)
     return pretrained.config, pretrained.family, pretrained.state_dict

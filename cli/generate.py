@@ -81,7 +81,7 @@ def _eos_id(args: argparse.Namespace, config) -> int | None:
     if isinstance(eos, list):
         if len(eos) != 1:
             raise ValueError(
-                f"the model has several eos ids {eos}; choose one with --eos-id (or --ignore-eos)"
+                f"the model's eos_token_id={eos} lists several ids; choose one with --eos-id (or --ignore-eos)"
             )
         eos = eos[0]
     return eos

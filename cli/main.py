@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args._module.run(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"kvforge {args.command}: error: {err}", file=sys.stderr)
+        # one line, whatever the message quotes (torch's unpickling errors span several)
+        print(f"kvforge {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

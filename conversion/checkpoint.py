@@ -20,7 +20,14 @@ import torch
 
 from kvforge.arch import CausalLM, ModelConfig
 
-from .weights import SAFETENSORS, SAFETENSORS_DTYPES, SAFETENSORS_INDEX, weight_shards
+from .weights import (
+    JSON_ERRORS,
+    SAFETENSORS,
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_INDEX,
+    refuse_non_finite,
+    weight_shards,
+)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 EMBEDDINGS, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -56,7 +63,7 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
             )
         try:
             header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except JSON_ERRORS as err:
             raise ValueError(f"{path}: not a valid safetensors file (header is not JSON: {err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a valid safetensors file (header is not an object)")
@@ -97,7 +104,7 @@ def read_entry(
     entry: TensorEntry, name: str, check_finite: bool = True, into: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Read one tensor into a buffer of its exact size; non-finite values are an error naming it (unless
-    ``check_finite`` is False: an export copies what it is given). ``into``: a contiguous uint8 CPU
+    ``check_finite`` is False: a tensor already scanned). ``into``: a contiguous uint8 CPU
     tensor of at least ``entry.nbytes`` (its start aligned to the element size) that is read into
     instead of a new buffer; the result is then a view of it."""
     if into is None:
@@ -118,12 +125,8 @@ def read_entry(
         if handle.readinto(buffer.numpy()) != entry.nbytes:
             raise ValueError(f"{entry.file}: tensor {name!r} is cut short; truncated download?")
     tensor = buffer.view(entry.dtype).reshape(entry.shape)
-    if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(
-            f"{entry.file}: tensor {name!r} holds {bad} non-finite values (NaN/inf) of {tensor.numel()}; "
-            "the checkpoint is corrupt or diverged - conversion needs finite weights"
-        )
+    if check_finite:
+        refuse_non_finite(tensor, name, entry.file)
     return tensor
 
 
@@ -182,7 +185,8 @@ def check_config_sizes(hf: dict, entries: Mapping[str, TensorEntry], where: str)
 def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every tensor the model needs is there with the right shape, and nothing else."""
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in CausalLM(config).state_dict().items()}
+        model = CausalLM(config).state_dict()
+    expected = {name: tuple(t.shape) for name, t in model.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [
@@ -190,11 +194,18 @@ def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], where: 
         for name, shape in expected.items()
         if name in tensors and tuple(tensors[name].shape) != shape
     ]
+    # weights stored as integers or bools would be cast into numbers no model was trained with
+    not_float = [
+        f"{name} {str(tensors[name].dtype).removeprefix('torch.')}"
+        for name, t in model.items()
+        if name in tensors and t.is_floating_point() and not tensors[name].is_floating_point()
+    ]
     problems = []
     for label, names in (
         ("missing tensors", missing),
         ("unexpected tensors", unexpected),
         ("wrong shapes", wrong),
+        ("not floating point", not_float),
     ):
         if names:
             shown = ", ".join(names[:6]) + (f", … ({len(names)} in all)" if len(names) > 6 else "")

@@ -28,11 +28,13 @@ MAX_PARAMETERS = 10**13  # what the sizes imply (embeddings + dense layers): 40 
 
 def check_config_bounds(hf: object, where: str) -> None:
     """Raise ``ValueError`` naming the key when config.json is not a JSON object, or declares a size
-    beyond :data:`SIZE_BOUNDS` or one implying more than :data:`MAX_PARAMETERS` parameters."""
+    below 1, beyond :data:`SIZE_BOUNDS` or one implying more than :data:`MAX_PARAMETERS` parameters."""
     if not isinstance(hf, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     sizes = {key: hf[key] for key in SIZE_BOUNDS if _is_int(hf.get(key))}
     for key, value in sizes.items():
+        if value < 1:  # the family's reader would name its own field (n_heads), not the key
+            raise ValueError(f"{where}: {key}={value}: must be a positive integer")
         if value > SIZE_BOUNDS[key]:
             raise ValueError(
                 f"{where}: {key}={value} is beyond what any model has (allowed: at most {SIZE_BOUNDS[key]:,})"

@@ -236,15 +236,6 @@ def convert_chain(
     return out, source_config, new_config
 
 
-def open_checkpoint(path: str | Path, check_finite: bool = True) -> CheckpointWeights:
-    """A model directory's weights as a lazy read-only mapping: headers validated, every shape checked
-    against its config, each tensor read from disk only when asked for (NaN/inf refused unless not
-    ``check_finite``)."""
-    entries = checkpoint_entries(path)
-    config, family, hf = load_config(path, entries)
-    return CheckpointWeights(path, config, family, hf, entries, check_finite)
-
-
 def _streamed_while_sampling(config: ModelConfig, weights: CheckpointWeights, device: torch.device) -> range:
     """Sampling runs the whole model at every step. On the host, a checkpoint over 1 GiB keeps its
     first half of layers resident and re-reads the second half at each step, so host memory stays

@@ -9,6 +9,7 @@ unpickled) and brings the tokenizer directory its run used. Reading it needs tor
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader, load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from kvforge.arch import CausalLM, ModelConfig, parse_dtype
 
-from .checkpoint import CheckpointWeights
+from .checkpoint import CheckpointWeights, checkpoint_entries
 from .pretrained import load_config
 from .transforms.calibration import build_model
+from .weights import JSON_ERRORS
 
 MODEL_PREFIX = "model."  # KVForgeLM holds the CausalLM as ``self.model``
 CHECKPOINT_KEY = "kvforge"  # KVForgeLM.on_save_checkpoint's entry: model config + tokenizer directory
@@ -178,10 +180,19 @@ def load_weights(path: str | Path) -> ModelWeights:
     if is_training_checkpoint(path):
         config, state_dict, tokenizer_dir = load_training_checkpoint(path)
         return ModelWeights(config, state_dict, Path(tokenizer_dir) if tokenizer_dir else None, "checkpoint")
-    config, family, hf = load_config(path)  # first: a directory without config.json is no model directory
+    load_config(path)  # first: a directory without config.json is no model directory
     # lazy: build_model reads one tensor at a time into the model, never the whole stored copy beside it
-    weights = CheckpointWeights(path, config, family, hf)
-    return ModelWeights(config, weights, path, family.model_type)
+    weights = open_checkpoint(path)
+    return ModelWeights(weights.config, weights, path, weights.family.model_type)
+
+
+def open_checkpoint(path: str | Path, check_finite: bool = True) -> CheckpointWeights:
+    """A model directory's weights as a lazy read-only mapping: headers validated, the config's sizes
+    checked against them, every shape checked against the config, each tensor read from disk only when
+    asked for (NaN/inf refused unless not ``check_finite``)."""
+    entries = checkpoint_entries(path)
+    config, family, hf = load_config(path, entries)
+    return CheckpointWeights(path, config, family, hf, entries, check_finite)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -214,9 +225,32 @@ def load_tokenizer(source: str | Path | None, *, optional: bool = False):
     if Path(source).is_dir() and not has_tokenizer(source):
         raise FileNotFoundError(f"data.tokenizer: {source} has no tokenizer.json / tokenizer.model")
     try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False, **_model_type_only(source))
     except OSError as err:
         raise FileNotFoundError(f"data.tokenizer={str(source)!r}: cannot load a tokenizer ({err})") from err
+    except (
+        Exception
+    ) as err:  # broken tokenizer files: the parsers (JSON, tokenizers' Rust) raise their own types
+        why = " ".join(str(err).split())
+        raise ValueError(
+            f"{source}: its tokenizer files cannot be read ({type(err).__name__}: {why})"
+        ) from err
+
+
+def _model_type_only(source: str | Path) -> dict:
+    """``config=``: the default config of the directory's model_type. AutoTokenizer otherwise builds the
+    whole config.json with transformers, so a value kvforge never reads (``layer_types=-1`` on a Llama)
+    would fail the tokenizer; the tokenizer class depends on the model_type alone."""
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+        return {"config": AutoConfig.for_model(model_type)}
+    except (
+        OSError,
+        *JSON_ERRORS,
+        AttributeError,
+        TypeError,
+    ):  # no or no such model_type: transformers decides
+        return {}
 
 
 @dataclass

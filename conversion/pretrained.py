@@ -27,7 +27,7 @@ from .config_bounds import check_config_bounds
 from .families import Family, family_of, plan_export
 from .families.schema import ConfigReader
 from .streamed_write import source_meta, write_streamed
-from .weights import read_weights
+from .weights import JSON_ERRORS, read_weights
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -59,7 +59,7 @@ class Pretrained:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except JSON_ERRORS as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
@@ -87,6 +87,7 @@ def load_pretrained(path: str | Path, *, allow_pickle: bool = False, progress: b
     path = Path(path)
     config, family, hf = load_config(path)
     tensors = read_weights(path, allow_pickle=allow_pickle, progress=progress)
+    check_config_sizes(hf, tensors, str(path / "config.json"))  # the key named before any shape
     family.to_kvforge(tensors, config, hf)
     if config.tie_embeddings and EMBEDDINGS in tensors:
         tensors[LM_HEAD] = tensors[EMBEDDINGS]  # transformers ties (and ignores a stored lm_head) too

@@ -20,6 +20,9 @@ from safetensors import SafetensorError, safe_open
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 StateDict = dict[str, torch.Tensor]
+# What reading a JSON file kvforge was given may raise: invalid JSON or UTF-8 (both ValueErrors), or
+# nesting deeper than the interpreter's recursion limit (``[[[[...`` of 100k levels: a RecursionError).
+JSON_ERRORS = (ValueError, RecursionError)
 
 # safetensors' dtype names (its header's "dtype" field) -> torch dtypes
 SAFETENSORS_DTYPES = {
@@ -66,7 +69,7 @@ def _read_index(root: Path, index_file: Path) -> dict[str, list[str]]:
     """Shard path → tensor names, from an HF ``*.index.json``."""
     try:
         weight_map = json.loads(index_file.read_text()).get("weight_map")
-    except (json.JSONDecodeError, AttributeError) as err:
+    except (*JSON_ERRORS, AttributeError) as err:
         raise ValueError(f"{index_file}: not a valid shard index ({err})") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(
@@ -98,6 +101,16 @@ def weight_shards(root: Path, *, allow_pickle: bool = False) -> dict[str, list[s
     raise FileNotFoundError(
         f"{root}: no weights found (looked for {SAFETENSORS}, {SAFETENSORS_INDEX}, {PICKLE}, {PICKLE_INDEX})"
     )
+
+
+def refuse_non_finite(tensor: torch.Tensor, name: str, file: str | Path) -> None:
+    """The one check every reader of model weights makes: NaN/inf is an error naming file and tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"{file}: tensor {name!r} holds {bad} non-finite values (NaN/inf) of {tensor.numel()}; "
+            "the checkpoint is corrupt or diverged - kvforge reads finite weights only"
+        )
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -134,6 +147,8 @@ def read_weights(root: str | Path, *, allow_pickle: bool = False, progress: bool
     tensors: StateDict = {}
     for file in _progress(list(shards), "Loading shards", progress):
         loaded = dict(_read_file(Path(file)))
+        for name, tensor in loaded.items():
+            refuse_non_finite(tensor, name, file)
         expected = shards[file]
         if expected is None:
             tensors.update(loaded)

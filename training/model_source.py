@@ -21,8 +21,8 @@ import torch
 
 from kvforge.arch import ModelConfig
 from kvforge.conversion import Pretrained, load_config, load_pretrained
-from kvforge.conversion.convert import convert_chain, open_checkpoint
-from kvforge.conversion.loading import load_tokenizer
+from kvforge.conversion.convert import convert_chain
+from kvforge.conversion.loading import load_tokenizer, open_checkpoint
 from kvforge.conversion.transforms import transform
 
 from .data.documents import iter_pieces, resolve_files

@@ -8,15 +8,17 @@ that differ are :class:`TensorLayout` objects whose export direction is the inve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from kvforge.arch import ModelConfig
 
-from .schema import Codec, ConfigReader, class_defaults
+from .schema import DERIVED_FROM, Codec, ConfigReader, Key, class_defaults
 
 StateDict = dict[str, torch.Tensor]
 
@@ -101,14 +103,30 @@ class StockFamily:
         for key, why in REFUSED_KEYS.items():
             if reader.data.get(key):
                 raise reader.error(f"{key} is set: {why}")
-        reader = ConfigReader(reader.data, reader.source, class_defaults(self.model_type, reader.data))
+        try:
+            defaults = class_defaults(self.model_type, reader.data)
+        except (ValueError, TypeError, StrictDataclassError) as err:  # its own validation of the sizes
+            why = " ".join(str(err).split())
+            given = ", ".join(f"{key}={reader.data[key]!r}" for key in DERIVED_FROM if key in reader.data)
+            raise reader.error(
+                f"refused by transformers' {self.model_type} config ({given}): {why}"
+            ) from None
+        reader = ConfigReader(reader.data, reader.source, defaults)
         fields: dict[str, Any] = {}
         for entry in self.table:
             entry.read(reader, fields)
         try:
             return ModelConfig(**fields)
-        except ValueError as err:
-            raise reader.error(f"describes an invalid {self.model_type} model: {err}") from None
+        except ValueError as err:  # it names ModelConfig's fields: add the keys they were read from
+            keys = [
+                f"{entry.hf}={reader.data[entry.hf]!r}"
+                for entry in self.table
+                if isinstance(entry, Key)
+                and entry.hf in reader.data
+                and re.search(rf"\b{entry.field}\b", str(err))
+            ]
+            read_from = f" (read from {', '.join(keys)})" if keys else ""
+            raise reader.error(f"describes an invalid {self.model_type} model: {err}{read_from}") from None
 
     def why_not(self, config: ModelConfig) -> str | None:
         for entry in self.table:

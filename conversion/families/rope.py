@@ -25,10 +25,11 @@ class Rope:
     fields: tuple[str, ...] = ("rope_theta", "rope_scaling")
 
     def read(self, reader: ConfigReader, fields: dict[str, Any]) -> None:
-        raw = reader.data.get("rope_scaling") or reader.data.get("rope_parameters") or {}
+        key = "rope_scaling" if reader.data.get("rope_scaling") else "rope_parameters"
+        raw = reader.data.get(key) or {}
         if not isinstance(raw, dict):
-            raise reader.error(f"rope_parameters={raw!r}: expected an object")
-        params = ConfigReader(raw, f"{reader.source} rope_parameters")
+            raise reader.error(f"{key}={raw!r}: expected an object")
+        params = ConfigReader(raw, f"{reader.source} {key}")
         if "rope_theta" in params:  # inside the dict it wins over the top-level key
             fields["rope_theta"] = params.get("rope_theta", float)
         else:  # absent everywhere: the config class's default

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import transformers
 from gguf import GGMLQuantizationType, GGUFReader
+from huggingface_hub.errors import StrictDataclassError
 
+from ..config_bounds import check_config_bounds
 from ..families import Family, family_of
 from ..families.schema import ConfigReader
 from ..pretrained import save_pretrained
@@ -38,6 +40,7 @@ from .deepseek2 import ARCH as DEEPSEEK2
 from .deepseek2 import deepseek2_config, deepseek2_names, join_kv_b
 from .granite_swa import ARCH as GRANITE_SWA
 from .granite_swa import granite_swa_config, sink_layers, with_windows_and_sinks
+from .header_check import check_gguf_header
 
 PROVENANCE_FILE = "kvforge_provenance.json"
 # GGUF architecture -> what kvforge imports it as (transformers' reader covers these and kvforge has the family).
@@ -71,18 +74,21 @@ def import_gguf(
     source = GGUFSource(path)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-import-", dir=out.resolve().parent) as extras:
-        source.save_tokenizer(Path(extras))
-        (Path(extras) / PROVENANCE_FILE).write_text(json.dumps(source.provenance(), indent=2) + "\n")
-        return save_pretrained(
-            source.config,
-            source.weights(),
-            out,
-            family=source.export_family,
-            tokenizer_from=extras,
-            overwrite=overwrite,
-            dtype=dtype or source.natural_dtype,
-            progress=progress,
-        )
+        try:  # transformers' tokenizer conversion and the tensors may disagree with the metadata: name the file
+            source.save_tokenizer(Path(extras))
+            (Path(extras) / PROVENANCE_FILE).write_text(json.dumps(source.provenance(), indent=2) + "\n")
+            return save_pretrained(
+                source.config,
+                source.weights(),
+                out,
+                family=source.export_family,
+                tokenizer_from=extras,
+                overwrite=overwrite,
+                dtype=dtype or source.natural_dtype,
+                progress=progress,
+            )
+        except ValueError as err:
+            raise ValueError(f"{source.path}: {err}") from err
 
 
 def read_provenance(directory: str | Path) -> dict | None:
@@ -121,6 +127,7 @@ class GGUFSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        check_gguf_header(self.path)  # the reader trusts its counts (an array of 3e9 elements: hours)
         try:
             self.reader = GGUFReader(self.path)
         except (ValueError, IndexError, OSError) as err:
@@ -129,6 +136,7 @@ class GGUFSource:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(_unsupported_architecture(self.path, self.architecture))
         self._check_types()
+        self._check_block_count()
         if self.architecture == DEEPSEEK2:
             self.hf_config = deepseek2_config(self.reader, _field)
         elif self.architecture == GRANITE_SWA:
@@ -156,6 +164,16 @@ class GGUFSource:
                 f"{self.path}: tensor type(s) {bad} cannot be dequantised (tensors {names[:4]}, "
                 f"{len(names)} in all). Supported types: {supported_types()}"
             )
+
+    def _check_block_count(self) -> None:
+        """The layer count the metadata declares is the one the tensors (``blk.N.*``) hold, checked before
+        transformers builds a model of that many layers."""
+        key = f"{self.architecture}.block_count"
+        declared = _field(self.reader, key, None)
+        indices = [t.name.split(".")[1] for t in self.reader.tensors if t.name.startswith("blk.")]
+        held = 1 + max((int(i) for i in indices if i.isdigit()), default=-1)
+        if declared != held:
+            raise ValueError(f"{self.path}: {key}={declared} but the tensors hold {held} layers (blk.N)")
 
     def _map_tensors(self) -> dict[str, object]:
         """kvforge name -> the reader's tensor, through transformers' GGUF→HF name map."""
@@ -330,7 +348,12 @@ def _transformers_config(path: Path, attention_bias: bool, head_dim: int | None)
         parsed.setdefault("head_dim", int(head_dim))
     if attention_bias and parsed.get("model_type") in ("llama", "mistral"):
         parsed["attention_bias"] = True
-    return AutoConfig.for_model(**parsed)
+    where = f"{path} (config from its metadata)"
+    check_config_bounds(parsed, where)  # before transformers builds anything from the sizes
+    try:
+        return AutoConfig.for_model(**parsed)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise ValueError(f"{where}: refused by transformers: {' '.join(str(err).split())}") from None
 
 
 def _field(reader: GGUFReader, key: str, default: object = ...) -> object:

@@ -10,6 +10,7 @@ recorded when the directory was imported from a GGUF (``kvforge_provenance.json`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, directory: Path | None, vocab_size: i
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    special = SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
+    with _named(directory):
+        special = SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
     if vocab.tokenizer_model == "gpt2" and not special.merges:
         writer.add_token_merges(
@@ -68,7 +70,20 @@ def _open_vocab(directory: Path):
         if kind is SentencePieceVocab and not (Path(directory) / "tokenizer.model").is_file():
             continue  # (it would look for one in the parent folder too)
         try:
-            return kind(Path(directory))
+            with _named(directory):
+                return kind(Path(directory))
         except (FileNotFoundError, TypeError):
             continue
     return None
+
+
+@contextlib.contextmanager
+def _named(directory: Path):
+    """gguf's vocab readers parse the tokenizer files as they are: a broken one is an error naming the directory."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, AttributeError, RecursionError) as err:
+        why = " ".join(str(err).split())
+        raise ValueError(
+            f"{directory}: its tokenizer files cannot be read ({type(err).__name__}: {why})"
+        ) from err

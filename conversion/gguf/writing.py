@@ -222,6 +222,12 @@ def _write_metadata(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in arch.hparams(config).items():
         _add_value(writer, f"{arch.name}.{key}", value)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # named before gguf's "bos: -1"
+        value = getattr(config, key)
+        if any(i is not None and i < 0 for i in (value if isinstance(value, list) else [value])):
+            raise ValueError(
+                f"{tokenizer_from or 'the model'}: {key}={value!r}: a GGUF stores token ids >= 0"
+            )
     return [add_tokenizer(writer, Path(tokenizer_from) if tokenizer_from else None, config.vocab_size)]
 
 

@@ -18,6 +18,18 @@ from typing import Any, Literal
 
 from kvforge.arch import ModelConfig
 
+# Options that count something (heads, ranks, layers, tokens): a value below 1 is named before any missing
+# option is asked for (``--kv-lora-rank 0`` is about the rank, whatever else is missing).
+COUNT_OPTIONS = (
+    "n_kv_heads",
+    "kv_lora_rank",
+    "rope_dims",
+    "factor",
+    "chunk",
+    "global_every",
+    "n_latent_heads",
+)
+
 
 def option(default: Any = MISSING, *, help: str, parse: Callable[[str], Any] | None = None) -> Any:
     """A field of a transform's options dataclass: ``help`` documents it (``--help``, docs table);
@@ -113,15 +125,17 @@ class Transform:
             raise ValueError(
                 f"{where}: option(s) {unknown} unknown to transform {self.name!r}; allowed are {allowed}"
             )
+        hints = typing.get_type_hints(self.options)
+        for name, value in values.items():  # what was given is named before what is missing
+            if not matches(value, hints[name]):
+                raise ValueError(f"{where}: {name}={value!r} is not {describe(hints[name])}")
+            if name in COUNT_OPTIONS and isinstance(value, int) and value < 1:
+                raise ValueError(f"{where}: {name}={value}: must be a positive integer")
         missing = [name for name in self.required() if name not in values]
         if missing:
             raise ValueError(
                 f"{where}: transform {self.name!r} needs option(s) {missing}; allowed are {allowed}"
             )
-        hints = typing.get_type_hints(self.options)
-        for name, value in values.items():
-            if not matches(value, hints[name]):
-                raise ValueError(f"{where}: {name}={value!r} is not {describe(hints[name])}")
         return self.options(**values)
 
     def kwargs(self, options: Any) -> dict[str, Any]:

@@ -71,10 +71,16 @@ def test_missing_tensor_is_named(llama_copy):
 
 
 def test_tensor_of_the_wrong_shape_is_named(llama_copy):
-    edit_config(llama_copy, intermediate_size=95)
+    edit_config(llama_copy, num_key_value_heads=4)
     with pytest.raises(
-        ValueError, match=r"wrong shapes: model\.layers\.0\.mlp\.gate_proj\.weight \(96, 64\)"
+        ValueError, match=r"wrong shapes: model\.layers\.0\.self_attn\.k_proj\.weight \(16, 64\)"
     ):
+        load_pretrained(llama_copy)
+
+
+def test_a_config_size_the_weights_disagree_with_names_the_key(llama_copy):
+    edit_config(llama_copy, intermediate_size=95)
+    with pytest.raises(ValueError, match=r"config.json has intermediate_size=95 but the weights hold 96"):
         load_pretrained(llama_copy)
 
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from kvforge.cli.main import main
 from kvforge.conversion import checkpoint
 from kvforge.conversion.checkpoint import read_header
-from kvforge.conversion.convert import convert_checkpoint, open_checkpoint
+from kvforge.conversion.convert import convert_checkpoint
+from kvforge.conversion.loading import open_checkpoint
 from tests.conftest import shared_path
 
 STORIES = shared_path("stories260K")

@@ -102,3 +102,14 @@ def test_inspect_exits_1_on_weights_it_cannot_vouch_for_and_0_with_config_only(m
 def test_inspect_of_a_sound_checkpoint_reads_every_value_and_exits_0(capsys):
     assert main(["inspect", str(STORIES)]) == 0
     assert "every value finite" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "step", [{"to": "mla", "kv_lora_rank": 0}, {"to": "mla", "kv_lora_rank": 0, "rope_dims": 0}]
+)
+def test_a_yaml_convert_step_names_a_count_below_one_before_a_missing_option(step):
+    """train's model.convert reads the options as `kvforge convert` does: the bad rank, not 'needs rope_dims'."""
+    from kvforge.training.model_source import transform_and_options
+
+    with pytest.raises(ValueError, match=r"kv_lora_rank=0: must be a positive integer"):
+        transform_and_options(step)

@@ -186,7 +186,7 @@ def test_sampling_with_streamed_layers_writes_the_same_text():
 def test_sampling_streamed_from_disk_reads_into_one_reused_slab(monkeypatch):
     """Layers streamed from the safetensors are read into one reused buffer (no new allocation per
     tensor and step) and write the same text as the held model."""
-    from kvforge.conversion.convert import open_checkpoint
+    from kvforge.conversion.loading import open_checkpoint
     from kvforge.conversion.transforms import calibration, sample_calibration_ids
 
     weights = open_checkpoint(shared_path("stories260K"))

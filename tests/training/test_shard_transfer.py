@@ -55,7 +55,7 @@ def _rank(rank: int, port: int, source: str, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from kvforge.conversion.convert import open_checkpoint
+    from kvforge.conversion.loading import open_checkpoint
     from kvforge.training.fsdp import apply_fsdp2, load_full_state
     from kvforge.training.shard_transfer import GatheredWeights
     from kvforge.training.teacher import build_teacher
