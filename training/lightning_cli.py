@@ -12,6 +12,9 @@ logs, ``checkpoints/`` (so ``--ckpt_path last`` finds them) and the exported ``h
 
 from __future__ import annotations
 
+import os
+import sys
+
 from pathlib import Path
 
 import torch
@@ -144,4 +147,13 @@ class KVForgeCLI(LightningCLI):
 
 
 def main(args=None) -> None:
-    KVForgeCLI(args=args)
+    """``train.py``: what the input is wrong about (a checkpoint, a config value, a data file) is one
+    line on stderr and exit status 2, as every ``kvforge`` command does; ``KVFORGE_TRACEBACK=1`` shows
+    the traceback instead."""
+    try:
+        KVForgeCLI(args=args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("KVFORGE_TRACEBACK"):
+            raise
+        print(f"train.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -80,3 +80,24 @@ def test_resuming_from_a_truncated_checkpoint_is_a_clear_error(trained, tmp_path
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"truncated\.ckpt: not a complete checkpoint"):
         _resume(trained[0], tmp_path / "run", truncated)
+
+
+def test_train_py_reports_a_bad_source_in_one_line(tmp_path, capsys, monkeypatch):
+    """``train.py`` (lightning_cli.main) answers a broken ``init_from`` as the kvforge commands do:
+    one line naming the file, exit status 2, no traceback."""
+    from kvforge.training.lightning_cli import main as train_main
+
+    monkeypatch.delenv("KVFORGE_TRACEBACK", raising=False)
+    source = tmp_path / "broken"
+    source.mkdir()
+    (source / "config.json").write_text("[1, 2, 3]")
+    config = tiny_yaml(tmp_path, tiny_corpus(tmp_path, chars=3_000), tmp_path / "cache", max_steps=1)
+    args = cli_args(
+        "fit", config, tmp_path / "run", "--model.model", "null", "--model.init_from", str(source)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err.startswith("train.py: error:") and "config.json" in err and "\n" not in err
+    assert "Traceback" not in err
