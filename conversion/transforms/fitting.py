@@ -152,8 +152,8 @@ def refine_attention(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     n_chunks = len(units[0].inputs)
-    # a step is a few small matmuls: a second thread mostly spins (stories260K MQA, 200 steps a layer,
-    # on shared cores: 52 s wall / 24 s CPU on one thread, 319 s / 150 s on two)
+    # a step is a few small matmuls: a second thread mostly spins (docs/results.md, "One CPU thread for
+    # small fits and for sampling")
     with one_cpu_thread(params[0].device.type == "cpu"):
         for _ in range(steps):
             chunk = int(torch.randint(n_chunks, (), generator=generator))

@@ -9,9 +9,8 @@ Independent calibration (default): every layer is fitted on the source model's o
 layer. Sequential calibration (``sequential=True``): layer ``l`` is fitted on the inputs the
 *converted* layers ``0..l-1`` produce, and its target is the source block's output plus the
 residual-stream error accumulated so far (``h_src - h_new``), so every layer also repairs what earlier
-layers lost. On SmolLM2-135M, independent fits lost less at every form (MQA +2.09 vs +3.31 nats,
-CLA-2 +2.14 vs +3.85, MLA-128 +0.39 vs +0.52 with 4,096 calibration tokens); the repair
-targets appear to overfit the calibration set (docs/transforms.md).
+layers lost. Independent fits lost less on a real checkpoint (docs/transforms.md, "Which inputs each
+layer is fitted on").
 """
 
 from __future__ import annotations
