@@ -10,9 +10,8 @@ Which layers convert: ``layers`` (explicit indices), else a ratio ``r`` converte
 - ``error``: the layers whose attention transfer fits worst (a first pass fits every layer on the
   calibration tokens and measures each one's relative error).
 
-Measured on stories260K-mha (docs/constant_state.md): ``ends`` beats ``even`` in all four cases (linear
-and deltanet, 1:1 and 3:1) by 0.015-0.058 nats zero-shot, 0.033 on average; ``error`` is 0.008 better than
-``ends`` on average but not in every case, and fits every layer twice.
+``ends`` is the default because it measured best of the free choices (docs/constant_state.md); ``error``
+fits every layer twice.
 
 Initialisation keeps the source's ``q_proj, k_proj, v_proj, o_proj`` (and biases): a linear layer keeps
 its RoPE and starts from identity feature maps; a deltanet layer drops RoPE (its short convolutions and
