@@ -18,7 +18,6 @@ losses there (the export computes what kvforge measured).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,8 @@ import torch
 
 from benchmarks.common import markdown_table, print_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 WIKITEXT = DATA / "corpora" / "wikitext2_test.txt"
 
 
@@ -74,16 +74,18 @@ def kvforge_command() -> list[str]:
 
 
 def run_measured(command: list[str], log: Path) -> tuple[int, float, float, float]:
-    """``(returncode, wall seconds, CPU seconds, peak RSS GiB)`` of one command (its own rusage, via
-    ``wait4``). CPU time (user + system) is what the command costs on shared cores, where the wall
-    time also counts the other jobs; on idle cores the wall time is about CPU time / threads used."""
+    """``(returncode, wall seconds, CPU seconds, peak RSS GiB)`` of one command: its own rusage, taken by
+    :mod:`benchmarks.rusage` so that this process's memory (it holds the models it scores) is not
+    counted. CPU time (user + system) is what the command costs on shared cores, where the wall time
+    also counts the other jobs; on idle cores the wall time is about CPU time / threads used."""
+    result = log.with_suffix(".rusage.json")
     start = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    cpu = usage.ru_utime + usage.ru_stime
-    return process.returncode, time.perf_counter() - start, cpu, usage.ru_maxrss / 2**20
+        launcher = [sys.executable, "-m", "benchmarks.rusage", str(result), "--", *command]
+        code = subprocess.run(launcher, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    wall = time.perf_counter() - start
+    usage = json.loads(result.read_text()) if result.is_file() else {"cpu_s": 0.0, "peak_rss_gib": 0.0}
+    return code, wall, usage["cpu_s"], usage["peak_rss_gib"]
 
 
 def wikitext_ids(source: Path) -> torch.Tensor:
