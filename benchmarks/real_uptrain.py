@@ -116,7 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rows", help="comma list of mqa, mla-128, cla-2, swa-hybrid, control (default: all)"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "real_uptrain")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default runs/real_uptrain; smoke: a temp dir)"
+    )
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per row")
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
     parser.add_argument("--block", type=int, default=256, help="tokens per training sequence")
@@ -131,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redo", action="store_true", help="forget the saved results")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
+        "--plots", type=Path, help="write real_pareto.png (loss vs KV bytes) into this folder"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="stories260K-mha, mqa + control, 2 steps, 1 window, temp dir"
     )
     args = parser.parse_args(argv)
@@ -139,7 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.steps, args.batch, args.block, args.warmup = 2, 2, 64, 1
         args.windows, args.calib_tokens, args.window = 1, 512, 64
         args.rows = args.rows or "mqa,control"  # mla-128's rank and rope dims need SmolLM2's 64-dim heads
-        args.out = Path(tempfile.mkdtemp(prefix="real-uptrain-smoke-"))
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="real-uptrain-smoke-"))
+    args.out = args.out or REPO / "runs" / "real_uptrain"
     if args.src is None:
         args.src = real_models_root() / "smollm2-135m-instruct"
         if not (args.src / "config.json").exists():
@@ -238,6 +244,24 @@ def report(rows: dict[str, dict], settings: Settings, source_loss: float, source
     return columns, table
 
 
+def write_plot(
+    rows: dict[str, dict], source_loss: float, source_bytes: float, windows: int, out: Path
+) -> Path:
+    from kvforge.evaluation.plots import plot_recovery_vs_bytes
+
+    points = {
+        name: (r["kv_bytes_per_token"], r["zero_shot"], r["uptrained"])
+        for name, r in rows.items()
+        if name != "control"
+    }
+    control = rows.get("control", {}).get("uptrained")
+    label = f"WikiText-2 test NLL, first {windows} x {CONTEXT} tokens"
+    out.mkdir(parents=True, exist_ok=True)
+    return plot_recovery_vs_bytes(
+        points, (source_bytes, source_loss), control, out / "real_pareto.png", label
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -298,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Tokens per row {tokens:,} vs {ANCHORS}")
     if args.markdown:
         print(markdown_table(columns, table))
+    if args.plots:
+        done = {r.name: results[r.name] for r in rows if r.name in results}
+        print(f"wrote {write_plot(done, source_loss, source_bytes, args.windows, args.plots)}")
     return 0
 
 
