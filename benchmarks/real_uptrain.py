@@ -1,7 +1,7 @@
 """Uptraining on a real pretrained checkpoint, with a CPU budget (issue 26, item 4).
 
     python -m benchmarks.real_uptrain [--src DIR] [--rows mqa,mla-128,cla-2,swa-hybrid,control]
-        [--steps 30] [--batch 2] [--block 256] [--lr 3e-4] [--windows 8] [--markdown] [--smoke]
+        [--steps 30] [--batch 2] [--block 256] [--lr 3e-5] [--windows 8] [--markdown] [--plots DIR] [--smoke]
 
 Every row converts the source once with ``kvforge convert SRC OUT --to ... --calib FILE --calib-tokens N``
 (the user's path; calibration on training text, never the evaluation text), scores the result, then
@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per row")
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
     parser.add_argument("--block", type=int, default=256, help="tokens per training sequence")
-    parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=3e-5, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=3, help="linear warmup steps, then cosine to lr/10")
     parser.add_argument(
         "--alpha", type=float, default=0.5, help="weight of the CE (the rest: KL to the source)"
