@@ -168,17 +168,18 @@ def save_results(path: Path, settings: Settings, rows: dict[str, dict]) -> None:
     os.replace(temporary, path)
 
 
-def convert(src: Path, row: Row, out: Path, calib_tokens: int) -> tuple[float, float]:
-    """``kvforge convert`` into ``out`` (kept for reruns); ``(wall s, peak RSS GiB)``."""
+def convert(src: Path, row: Row, out: Path, calib_tokens: int) -> float:
+    """``kvforge convert`` into ``out`` (kept for reruns); its wall seconds. No peak RSS: the child's
+    ``ru_maxrss`` starts at this process's RSS at fork (Linux), which holds the models by then."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
     flags = ["--calib", str(CORPORA / CALIBRATION_TEXT), "--calib-tokens", str(calib_tokens)]
-    code, wall, peak = run_measured(
+    code, wall, _ = run_measured(
         [*kvforge_command(), "convert", str(src), str(out), *row.flags, *flags, "--overwrite"], log
     )
     if code != 0:
         raise SystemExit(f"{row.name}: kvforge convert failed (exit {code}):\n{log.read_text()[-2000:]}")
-    return wall, peak
+    return wall
 
 
 def measure_row(
@@ -190,7 +191,7 @@ def measure_row(
     if row.flags:
         start = out / "converted" / row.name
         if not (start / "config.json").exists():
-            record["convert_s"], record["convert_peak_gib"] = convert(src, row, start, settings.calib_tokens)
+            record["convert_s"] = convert(src, row, start, settings.calib_tokens)
     record["zero_shot"], config = kvforge_loss(start, eval_ids, CONTEXT)
     record["kv_bytes_per_token"] = kv_bytes_per_token(config, CONTEXT, "bf16")
     run = Uptraining(
