@@ -92,6 +92,8 @@ class Uptraining:
     temperature: float = 1.0
     converted_only_steps: int = 0  # first steps updating only what the transform created or changed
     threads: int = 1  # torch CPU threads; 0 = leave torch's default
+    trainable: str = "all"  # training.trainable.TRAINABLE: all, or attention only
+    teacher: str | None = None  # teacher directory; None = the unconverted source
 
 
 def uptrain(
@@ -109,7 +111,9 @@ def uptrain(
         torch.set_num_threads(run.threads)
     torch.manual_seed(0)
     distill = (
-        DistillationConfig(alpha=run.alpha, temperature=run.temperature) if run.alpha is not None else None
+        DistillationConfig(alpha=run.alpha, temperature=run.temperature, teacher=run.teacher)
+        if run.alpha is not None
+        else None
     )
     optim = OptimizerConfig(lr=run.lr, warmup_steps=run.warmup, weight_decay=0.0, min_lr_ratio=0.1)
     module = KVForgeLM(
@@ -119,6 +123,7 @@ def uptrain(
         distill=distill,
         optim=optim,
         converted_only_steps=run.converted_only_steps,
+        trainable=run.trainable,
     )
     trainer = pl.Trainer(
         max_steps=run.steps,

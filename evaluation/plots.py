@@ -9,6 +9,8 @@ through Agg when saved), so no display is needed and the caller's pyplot backend
 
 The KV study (``benchmarks/kv_study.py``) adds, per study row: ``uptraining.png`` (held-out NLL as
 converted, after CE-only and after distilled uptraining) and ``decode_speed.png`` (a bar per row).
+``benchmarks/real_uptrain.py`` adds ``real_pareto.png`` (``plot_recovery_vs_bytes``): each conversion as
+converted and after the budget, against the source and the source put through the same budget.
 """
 
 from __future__ import annotations
@@ -59,6 +61,40 @@ def plot_quality_vs_bytes(points: list[tuple[str, float, float]], path: Path, qu
     axes.set_title("Quality versus KV-cache size")
     axes.grid(alpha=0.3)
     axes.legend()
+    return _save(figure, path)
+
+
+def plot_recovery_vs_bytes(
+    rows: dict[str, tuple[float, float, float]],
+    source: tuple[float, float],
+    control: float | None,
+    path: Path,
+    quality_label: str,
+) -> Path:
+    """Loss against KV bytes per token: each row ``name -> (bytes, as converted, after the budget)`` as an
+    arrow from the zero-shot point to the uptrained one; ``source`` ``(bytes, loss)`` as a star and the
+    source after the same budget (``control``) as a dashed line."""
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    axes = figure.subplots()
+    xs = [r[0] for r in rows.values()]
+    axes.scatter(xs, [r[1] for r in rows.values()], marker="o", facecolors="none", edgecolors="tab:gray")
+    axes.scatter(xs, [r[2] for r in rows.values()], marker="o", color="tab:blue", zorder=3)
+    for name, (x, zero, trained) in rows.items():
+        axes.annotate("", (x, trained), (x, zero), arrowprops={"arrowstyle": "->", "color": "tab:blue"})
+        axes.annotate(name, (x, trained), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    axes.scatter([source[0]], [source[1]], marker="*", s=120, color="black", zorder=3)
+    axes.annotate("source", source, textcoords="offset points", xytext=(-10, 8), fontsize=8)
+    if control is not None:
+        axes.axhline(control, color="tab:red", linestyle="--", linewidth=1)
+    axes.plot([], [], "o", mfc="none", mec="tab:gray", label="as converted (zero-shot)")
+    axes.plot([], [], "o", color="tab:blue", label="after the uptraining budget")
+    if control is not None:
+        axes.plot([], [], "--", color="tab:red", label=f"source after the same budget ({control:.3f})")
+    axes.set_xlabel("KV cache bytes per token (all layers, bf16)")
+    axes.set_ylabel(quality_label)
+    axes.set_title("Recovery under a fixed uptraining budget")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
     return _save(figure, path)
 
 

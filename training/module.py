@@ -49,6 +49,7 @@ from .model_source import (
 from .optim import OptimizerConfig, build_optimizer
 from .setup_once import conversion_recipe, prepare_converted, read_converted
 from .teacher import build_teacher, teacher_head_inputs
+from .trainable import apply_trainable_, check_trainable
 
 
 class KVForgeLM(pl.LightningModule):
@@ -62,6 +63,8 @@ class KVForgeLM(pl.LightningModule):
     optim: AdamW and its learning-rate schedule.
     converted_only_steps: optimizer steps at the start that update only the parameters the transform
         created or changed (the rest keep their weights: their gradients are dropped), then all.
+    trainable: which parameters train at all (``TRAINABLE``): ``all``, or ``attention`` (every
+        ``self_attn`` parameter; the rest frozen, without weight gradients: cheap CPU uptraining).
     attention_backend: overrides the model's attention backend (``eager``, ``sdpa``, ``flash``, ...).
     activation_checkpointing: recompute each decoder layer in the backward pass (less memory).
     compile: ``torch.compile`` each decoder layer.
@@ -80,6 +83,7 @@ class KVForgeLM(pl.LightningModule):
         distill: DistillationConfig | None = None,
         optim: OptimizerConfig | None = None,
         converted_only_steps: int = 0,
+        trainable: str = "all",
         attention_backend: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
@@ -103,6 +107,7 @@ class KVForgeLM(pl.LightningModule):
             raise ValueError(f"converted_only_steps={converted_only_steps}: must be >= 0")
         if convert:
             check_convert(convert)
+        check_trainable(trainable)
         if converted_only_steps and not convert:
             raise ValueError(
                 f"converted_only_steps={converted_only_steps} trains only the parameters a conversion created or "
@@ -114,6 +119,7 @@ class KVForgeLM(pl.LightningModule):
         self.tokenizer_source = init_from
         self.tokenizer_dir: str | None = init_from
         self.converted_only_steps = converted_only_steps
+        self.trainable = trainable
         self.activation_checkpointing, self.compile_layers = activation_checkpointing, compile
         self.prepare_data_per_node = False  # the one-time conversion runs on global rank 0 only
         self.model: CausalLM | None = None
@@ -129,6 +135,7 @@ class KVForgeLM(pl.LightningModule):
                     "distill": dataclasses.asdict(self.distill) if self.distill else None,
                     "optim": dataclasses.asdict(self.optim),
                     "converted_only_steps": converted_only_steps,
+                    "trainable": trainable,
                 }
             )
         )
@@ -214,6 +221,7 @@ class KVForgeLM(pl.LightningModule):
         elif start.has_weights:
             model.load_state_dict(start.weights())
         start.state_dict = None
+        apply_trainable_(model, self.trainable)
         self.model = model
         if start.teacher_config is not None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvforge.evaluation import evaluate_model
-from kvforge.evaluation.plots import PLOTS, pareto_front, write_plots
+from kvforge.evaluation.plots import PLOTS, pareto_front, plot_recovery_vs_bytes, write_plots
 from kvforge.evaluation.report import EvalReport, new_report, write_json
 from kvforge.evaluation.schema import schema_markdown, schema_paths
 from tests.conftest import REPO
@@ -69,6 +69,14 @@ def test_no_plot_is_written_without_its_data(model_report, tmp_path):
     )
     assert write_plots([bare], tmp_path) == {}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recovery_plot_is_written_with_and_without_a_control(tmp_path):
+    rows = {"mqa": (7680.0, 4.9, 3.6), "mla": (11520.0, 4.1, 3.5)}
+    for control in (3.4, None):
+        path = plot_recovery_vs_bytes(rows, (23040.0, 3.3), control, tmp_path / f"{control}.png", "NLL")
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 100 and width > 100
 
 
 def test_pareto_front_keeps_models_no_other_beats_on_bytes_and_quality():

@@ -110,6 +110,11 @@ def test_staged_training_without_a_conversion_is_refused():
         KVForgeLM(model=tiny_config(), converted_only_steps=10)
 
 
+def test_unknown_trainable_lists_the_allowed_values():
+    with pytest.raises(ValueError, match=r"trainable='mlp': allowed values are \['all', 'attention'\]"):
+        KVForgeLM(model=tiny_config(), trainable="mlp")
+
+
 def test_missing_init_from_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model\.init_from=.* is not a directory"):
         KVForgeLM(init_from=str(tmp_path / "missing"))

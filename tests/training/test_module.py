@@ -119,6 +119,25 @@ def test_converted_only_steps_update_only_the_converted_parameters_first(stories
     assert not torch.equal(snapshots[1][q], snapshots[2][q])  # everything trains from step 3
 
 
+def test_trainable_attention_updates_only_attention_parameters(stories, tmp_path):
+    module = KVForgeLM(
+        init_from=str(shared_path("stories260K-mha")),
+        convert={"to": "gqa", "n_kv_heads": 2, "method": "mean"},
+        distill=DistillationConfig(alpha=0.5),
+        optim=OptimizerConfig(lr=1e-2, warmup_steps=0, total_steps=2),
+        trainable="attention",
+    )
+    data = _stories_data(stories, block_size=64, batch_size=2, val_fraction=0.0)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer(tmp_path, 2).fit(module, datamodule=data)
+    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    attention = {n for n in before if ".self_attn." in n}
+    assert moved and moved <= attention  # embeddings, MLPs, norms and the head keep their weights
+    assert "model.layers.0.self_attn.q_proj.weight" in moved  # unconverted attention weights train too
+    assert all(p.requires_grad == (n in attention) for n, p in module.model.named_parameters())
+
+
 def test_the_teacher_stays_frozen_and_out_of_the_checkpoint(stories, tmp_path):
     module = KVForgeLM(
         init_from=str(shared_path("stories260K-mha")),
