@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from benchmarks.tiny_hf import SIZES, VOCAB, randomize_
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -176,9 +176,9 @@ def main() -> None:
             )
             print(*table[-1], sep=" | ", flush=True)
     columns = ["source", "form", "method", "NLL", "KL from source", "CPU s"]
-    print_table("Qwen2 biases / Qwen3 q/k norm through to_gqa and to_mla", columns, table)
-    if args.markdown:
-        print(markdown_table(columns, table))
+    print_table(
+        "Qwen2 biases / Qwen3 q/k norm through to_gqa and to_mla", columns, table, markdown=args.markdown
+    )
     print(f"total CPU seconds: {time.process_time() - started:.1f}")
 
 

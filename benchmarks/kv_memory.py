@@ -62,9 +62,9 @@ def main() -> None:
             mha, args.contexts[-1], args.dtype
         )
         rows.append([name, *per_token, f"{ratio:.4f}"])
-    print_table("Analytic KV-cache bytes per token of context (all layers)", columns, rows)
-    if args.markdown:
-        print(markdown_table(columns, rows))
+    print_table(
+        "Analytic KV-cache bytes per token of context (all layers)", columns, rows, markdown=args.markdown
+    )
 
     # Measured: allocate a real cache of a small model of each form at 4k context.
     small = dict(vocab_size=512, d_model=256, n_layers=8, n_heads=8, max_seq_len=4096)
