@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from kvforge.arch import CausalLM, LayerSpec, ModelConfig, kv_bytes_per_token, kv_cache_bytes
 
 GQA8 = LayerSpec("gqa", 8)
@@ -102,10 +102,11 @@ def main() -> None:
         "vs MHA",
     ]
     print_table(
-        "Measured: KVCache.nbytes() of an allocated bf16 cache, batch 1, 4096 tokens", columns, measured_rows
+        "Measured: KVCache.nbytes() of an allocated bf16 cache, batch 1, 4096 tokens",
+        columns,
+        measured_rows,
+        markdown=args.markdown,
     )
-    if args.markdown:
-        print(markdown_table(columns, measured_rows))
 
 
 if __name__ == "__main__":
