@@ -28,7 +28,8 @@ def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(samples)
 
 
-def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
+def print_table(title: str, columns: list[str], rows: list[list[object]], markdown: bool = False) -> None:
+    """A rich table on the terminal; with ``markdown`` the same rows again as a Markdown table (for docs)."""
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="right" if column != columns[0] else "left")
@@ -36,6 +37,8 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
         table.add_row(*(f"{cell:,.2f}" if isinstance(cell, float) else str(cell) for cell in row))
     # Piped into a log or a README: wide enough for every column instead of rich's 80-column default.
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if markdown:
+        print(markdown_table(columns, rows))
 
 
 def markdown_table(columns: list[str], rows: list[list[object]]) -> str:

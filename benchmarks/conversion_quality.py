@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Adam steps per layer on the block's reconstruction error after the closed-form fit (FitOptions).
@@ -206,9 +206,7 @@ def main() -> None:
         )
         print(" | ".join(str(cell) for cell in table[-1]), flush=True)
     title = f"Zero-shot conversion of stories260K ({eval_ids.numel():,} eval tokens; calibration {calibration.numel():,} tokens of {args.calib})"
-    print_table(title, columns, table)
-    if args.markdown:
-        print(markdown_table(columns, table))
+    print_table(title, columns, table, markdown=args.markdown)
 
 
 if __name__ == "__main__":

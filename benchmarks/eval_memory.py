@@ -42,32 +42,8 @@ SHARED = REPO.parent / "shared" / "data"
 TEXT = SHARED / "corpora" / "tinystories_val_prefix.txt"
 TOKENIZER = SHARED / "stories260K"
 
-# Gemma 3 270M's config.json, weights aside (google/gemma-3-270m).
-GEMMA3_270M = dict(
-    vocab_size=262_144,
-    hidden_size=640,
-    intermediate_size=2048,
-    num_hidden_layers=18,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=256,
-    query_pre_attn_scalar=256,
-    sliding_window=512,
-    max_position_embeddings=32_768,
-    rms_norm_eps=1e-6,
-    hidden_activation="gelu_pytorch_tanh",
-    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
-    rope_parameters={
-        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-    },
-    attn_logit_softcapping=None,
-    final_logit_softcapping=None,
-    bos_token_id=2,
-    eos_token_id=1,
-    pad_token_id=0,
-    tie_word_embeddings=True,
-)
+# Gemma 3 270M's config.json, weights aside (google/gemma-3-270m): data, kept as the JSON it is.
+GEMMA3_270M = json.loads(Path(__file__).with_name("gemma3_270m_config.json").read_text())
 
 # Runs in each child: optionally put back the old scorer, run `kvforge eval`, report the process's peak.
 CHILD = """

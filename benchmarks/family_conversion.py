@@ -26,23 +26,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
+from benchmarks.tiny_hf import SIZES, VOCAB, randomize_
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VOCAB = 101
-TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=None,
-)
+TINY = dict(SIZES, num_key_value_heads=8, max_position_embeddings=512)
 
 
 def tiny_source(family: str):
@@ -58,13 +46,7 @@ def tiny_source(family: str):
         "qwen3": (transformers.Qwen3Config, {"head_dim": 16}),
     }[family]
     model = transformers.AutoModelForCausalLM.from_config(config_class(**TINY, **extra), dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # as tests/conversion/hf_tiny.randomize_
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            scale = {"norm.weight": 0.2, ".bias": 0.1}
-            kind = next((k for k in scale if name.endswith(k)), None)
-            param.copy_((1 if kind == "norm.weight" else 0) + scale.get(kind, 0.08) * noise)
+    randomize_(model)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         return load_pretrained(tmp)
@@ -194,9 +176,9 @@ def main() -> None:
             )
             print(*table[-1], sep=" | ", flush=True)
     columns = ["source", "form", "method", "NLL", "KL from source", "CPU s"]
-    print_table("Qwen2 biases / Qwen3 q/k norm through to_gqa and to_mla", columns, table)
-    if args.markdown:
-        print(markdown_table(columns, table))
+    print_table(
+        "Qwen2 biases / Qwen3 q/k norm through to_gqa and to_mla", columns, table, markdown=args.markdown
+    )
     print(f"total CPU seconds: {time.process_time() - started:.1f}")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from kvforge.arch import CausalLM, generate
 from kvforge.conversion import load_pretrained, plan_export, save_pretrained
 from tests.conversion.hf_tiny import VARIANTS, load_hf, save_hf_model
@@ -70,9 +70,9 @@ def main() -> None:
             rows.append(measure(variant, save_hf_model(variant, scratch / variant), scratch))
         if STORIES.is_dir():
             rows.append(measure("stories260K (real)", STORIES, scratch))
-    print_table("kvforge vs transformers 5 on the same directory (fp32, CPU)", columns, rows)
-    if args.markdown:
-        print(markdown_table(columns, rows))
+    print_table(
+        "kvforge vs transformers 5 on the same directory (fp32, CPU)", columns, rows, markdown=args.markdown
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from kvforge.arch import CausalLM, LayerSpec, ModelConfig, kv_bytes_per_token, kv_cache_bytes
 
 GQA8 = LayerSpec("gqa", 8)
@@ -62,9 +62,9 @@ def main() -> None:
             mha, args.contexts[-1], args.dtype
         )
         rows.append([name, *per_token, f"{ratio:.4f}"])
-    print_table("Analytic KV-cache bytes per token of context (all layers)", columns, rows)
-    if args.markdown:
-        print(markdown_table(columns, rows))
+    print_table(
+        "Analytic KV-cache bytes per token of context (all layers)", columns, rows, markdown=args.markdown
+    )
 
     # Measured: allocate a real cache of a small model of each form at 4k context.
     small = dict(vocab_size=512, d_model=256, n_layers=8, n_heads=8, max_seq_len=4096)
@@ -102,10 +102,11 @@ def main() -> None:
         "vs MHA",
     ]
     print_table(
-        "Measured: KVCache.nbytes() of an allocated bf16 cache, batch 1, 4096 tokens", columns, measured_rows
+        "Measured: KVCache.nbytes() of an allocated bf16 cache, batch 1, 4096 tokens",
+        columns,
+        measured_rows,
+        markdown=args.markdown,
     )
-    if args.markdown:
-        print(markdown_table(columns, measured_rows))
 
 
 if __name__ == "__main__":

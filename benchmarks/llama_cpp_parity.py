@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from kvforge.arch import CausalLM
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.gguf import export_gguf
@@ -303,10 +303,11 @@ def main() -> None:
                 except (ValueError, RuntimeError) as err:  # a row that fails is a row of the table
                     rows.append([ROWS[key].name, ROWS[key].form, outtype, f"FAILED: {err}", *["-"] * 6])
     print_table(
-        f"llama.cpp (llama-cpp-python) vs kvforge on the same {args.tokens} tokens, CPU", COLUMNS, rows
+        f"llama.cpp (llama-cpp-python) vs kvforge on the same {args.tokens} tokens, CPU",
+        COLUMNS,
+        rows,
+        markdown=args.markdown,
     )
-    if args.markdown:
-        print(markdown_table(COLUMNS, rows))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from kvforge.arch import CausalLM, LayerSpec, ModelConfig
 from kvforge.evaluation import measure_decode
 
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ]
             )
     title = f"Decode vs context, batch 1, CPU, {torch.get_num_threads()} thread(s), fp32"
-    print_table(title, columns, rows)
-    if args.markdown:
-        print(markdown_table(columns, rows))
+    print_table(title, columns, rows, markdown=args.markdown)
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")

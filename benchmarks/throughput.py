@@ -13,7 +13,7 @@ import argparse
 import torch
 import transformers
 
-from benchmarks.common import markdown_table, print_table, timed
+from benchmarks.common import print_table, timed
 from benchmarks.stock import build_stock
 from kvforge.arch import CausalLM, ModelConfig, generate
 
@@ -135,9 +135,8 @@ def main() -> None:
         f"Throughput on {'CUDA' if torch.cuda.is_available() else 'CPU'} ({shape}, {torch.get_num_threads()} threads)",
         columns,
         rows,
+        markdown=args.markdown,
     )
-    if args.markdown:
-        print(markdown_table(columns, rows))
 
 
 if __name__ == "__main__":

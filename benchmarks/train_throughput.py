@@ -20,7 +20,7 @@ import transformers
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from benchmarks.stock import build_stock
 from kvforge.arch import ModelConfig, flops_per_token
 from kvforge.arch.presets import PRESETS, with_form
@@ -152,9 +152,7 @@ def main() -> None:
         f"Training throughput, {args.shape} shape, {args.batch}×{args.seq} tokens/step, {precision}, "
         f"{'CUDA' if cuda else f'CPU ({torch.get_num_threads()} threads)'}"
     )
-    print_table(title, columns, rows)
-    if args.markdown:
-        print(markdown_table(columns, rows))
+    print_table(title, columns, rows, markdown=args.markdown)
 
 
 if __name__ == "__main__":

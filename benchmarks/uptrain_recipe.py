@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, print_table
+from benchmarks.common import print_table
 from kvforge.arch import CausalLM
 from kvforge.arch.evaluate import windowed_nll
 from kvforge.conversion import load_pretrained
@@ -199,9 +199,7 @@ def main() -> None:
         )
     columns = ["run", "steps", "eval loss", "vs source", "train s"]
     title = f"Uptraining recipe (TARGETS.md), {args.batch}×{args.block} tokens/step, lr {args.lr}"
-    print_table(title, columns, rows)
-    if args.markdown:
-        print(markdown_table(columns, rows))
+    print_table(title, columns, rows, markdown=args.markdown)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from kvforge.conversion.transforms import TRANSFORMS, Transform
 from kvforge.conversion.transforms.record import COUNT_OPTIONS
 from kvforge.conversion.transforms.targets import source_check
 
-from .export import FAMILY_CHOICES
+from .export import FAMILY_CHOICES, add_output_arguments
 
 RECIPE_REFINE_STEPS = 200
 CPU_REFINE_MAX_D_MODEL = 512
@@ -108,10 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=FAMILY_CHOICES,
         help="export family (default auto: the simplest stock class that holds the result, else kvforge-typed)",
     )
-    group.add_argument(
-        "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="store tensors in this dtype"
-    )
-    group.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    add_output_arguments(group, dtype_help="store tensors in this dtype")
     group.add_argument(
         "--fail-if-noop",
         action="store_true",

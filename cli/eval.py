@@ -8,6 +8,7 @@ OUT/eval.json (every field: `kvforge eval --schema`) and PNG plots.
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -99,39 +100,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """A flag named as a settings field fills that field (``--tasks`` split on commas); the needle task
+    takes the passkey task's contexts, trials, key length and seed."""
+    flags = {
+        field.name: getattr(args, field.name) for field in fields(EvalSettings) if hasattr(args, field.name)
+    }
+    flags["tasks"] = [task for task in args.tasks.split(",") if task]
+    prompts = dict(
+        contexts=args.passkey_contexts,
+        trials=args.passkey_trials,
+        key_digits=args.passkey_digits,
+        seed=args.passkey_seed,
+    )
     return EvalSettings(
-        tasks=[task for task in args.tasks.split(",") if task],
+        **flags,
         corpora=list(args.text),
-        text_field=args.text_field,
-        context=args.context,
-        stride=args.stride,
-        max_tokens=args.max_tokens,
-        contexts=args.contexts,
-        context_stride_fraction=args.context_stride_fraction,
-        batch_size=args.batch_size,
-        passkey=PasskeySettings(
-            contexts=args.passkey_contexts,
-            depths=args.passkey_depths,
-            trials=args.passkey_trials,
-            key_digits=args.passkey_digits,
-            seed=args.passkey_seed,
-            filler=args.passkey_filler,
-        ),
-        needles=NeedleSettings(
-            contexts=args.passkey_contexts,
-            depths=args.needle_depths,
-            n_keys=args.needle_keys,
-            trials=args.passkey_trials,
-            key_digits=args.passkey_digits,
-            seed=args.passkey_seed,
-        ),
-        passkey_finetune=args.passkey_finetune,
-        latency_batches=args.latency_batches,
-        decode_steps=args.decode_steps,
-        repeats=args.repeats,
-        cache_dtype=args.cache_dtype,
-        device=args.device,
-        dtype=args.dtype,
+        passkey=PasskeySettings(**prompts, depths=args.passkey_depths, filler=args.passkey_filler),
+        needles=NeedleSettings(**prompts, depths=args.needle_depths, n_keys=args.needle_keys),
     )
 
 

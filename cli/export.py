@@ -51,6 +51,12 @@ FAMILY_CHOICES = (
 )
 
 
+def add_output_arguments(parser: argparse._ActionsContainer, dtype_help: str) -> None:
+    """``--dtype`` and ``--overwrite``, the same two flags in every command that writes a model to OUT."""
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help=dtype_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="model directory to read (HF or kvforge-typed)")
     parser.add_argument("out", metavar="OUT", help="directory to write; must not exist unless --overwrite")
@@ -61,14 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="target family (default auto: the simplest stock class that holds the model, else kvforge-typed); "
         "a named family that cannot hold the model is an error that lists the ones that can",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16", "fp16"),
-        default=None,
-        help="store floating-point tensors in this dtype (default: keep the dtype SRC has; a training checkpoint: "
-        "bf16 when its run trained in bf16)",
+    add_output_arguments(
+        parser,
+        dtype_help="store floating-point tensors in this dtype (default: keep the dtype SRC has; a training "
+        "checkpoint: bf16 when its run trained in bf16)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     parser.add_argument(
         "--allow-pickle",
         action="store_true",

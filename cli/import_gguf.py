@@ -19,18 +19,17 @@ from pathlib import Path
 
 from kvforge.conversion.gguf import import_gguf, read_provenance
 
+from .export import add_output_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("gguf", metavar="GGUF", help="llama.cpp GGUF file to import")
     parser.add_argument("out", metavar="OUT", help="directory to write; must not exist unless --overwrite")
-    parser.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16", "fp16"),
-        default=None,
-        help="stored dtype (default: fp32 for quantised files - dequantised values are exact in it; "
+    add_output_arguments(
+        parser,
+        dtype_help="stored dtype (default: fp32 for quantised files - dequantised values are exact in it; "
         "else the file's own float type)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,6 +39,16 @@ def tiny_base(**overrides):
     return ModelConfig(**fields)
 
 
+# Every Gemma 3 trait of ModelConfig: GeGLU (tanh), 1 + w norms, sandwich norms, scaled embeddings, q/k norms.
+GEMMA3_TRAITS = dict(
+    mlp_activation="gelu_pytorch_tanh",
+    norm_unit_offset=True,
+    sandwich_norms=True,
+    embed_scale=True,
+    qk_norm=True,
+)
+
+
 def tiny_form(form: str, **overrides):
     from kvforge.arch.presets import with_form
 

@@ -16,7 +16,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import Sink, StateDict, check_rope_kept, is_count, map_layers
+from .common import Sink, StateDict, is_count, map_layers, with_layers_rope_kept
 from .record import Transform, option
 
 
@@ -50,9 +50,7 @@ def chunked_config(
             )
         rope = spec.rope and not (is_global and nope)
         layers.append(dataclasses.replace(spec, chunk=None if is_global else chunk, window=None, rope=rope))
-    target = dataclasses.replace(config, layers=layers, pattern=None)
-    check_rope_kept(config, target, "to_chunked")
-    return target
+    return with_layers_rope_kept(config, layers, "to_chunked")
 
 
 def to_chunked(

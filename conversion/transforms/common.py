@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -114,3 +115,11 @@ def check_rope_kept(source: ModelConfig, target: ModelConfig, what: str) -> None
                 f"{becomes}): this model rotates sliding and global layers differently (Gemma 3). Change only "
                 "the window sizes of the layers that already slide"
             )
+
+
+def with_layers_rope_kept(config: ModelConfig, layers: list, what: str) -> ModelConfig:
+    """``config`` with these layers (its pattern dropped), refused by :func:`check_rope_kept` where a
+    layer would change between sliding and global attention on a model that rotates them differently."""
+    target = dataclasses.replace(config, layers=layers, pattern=None)
+    check_rope_kept(config, target, what)
+    return target

@@ -9,7 +9,7 @@ import torch
 
 from kvforge.arch import ModelConfig
 
-from .common import Sink, StateDict, check_rope_kept, is_count, map_layers
+from .common import Sink, StateDict, is_count, map_layers, with_layers_rope_kept
 from .record import Transform, option
 from .sinks import SinkFitStage
 from .stages import run_stage
@@ -56,9 +56,7 @@ def window_config(
         dataclasses.replace(spec, window=w, sinks=spec.sinks or (sinks and w is not None))
         for spec, w in zip(config.layers, tiled)
     ]
-    target = dataclasses.replace(config, layers=layers, pattern=None)
-    check_rope_kept(config, target, "to_window")
-    return target
+    return with_layers_rope_kept(config, layers, "to_window")
 
 
 def to_window(

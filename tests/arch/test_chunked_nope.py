@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvforge.arch import CausalLM, ChunkLayerCache, LayerSpec, ModelConfig, kv_cache_bytes
+from kvforge.arch import CausalLM, ChunkLayerCache, LayerSpec, kv_cache_bytes
 from tests.arch.test_cached_decode import TOL, _cached_logits
 from tests.conftest import tiny_base, tiny_form
 
@@ -86,12 +86,4 @@ def test_chunk_cache_holds_at_most_chunk_positions(seq_len):
 )
 def test_invalid_chunk_and_rope_name_the_layer_and_field(pattern, match):
     with pytest.raises(ValueError, match=match):
-        ModelConfig(
-            vocab_size=97,
-            d_model=64,
-            n_layers=2,
-            n_heads=8,
-            kv_lora_rank=16,
-            qk_rope_head_dim=4,
-            pattern=pattern,
-        )
+        tiny_base(n_layers=2, kv_lora_rank=16, qk_rope_head_dim=4, pattern=pattern)

@@ -10,6 +10,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, Gemma3Text
 from kvforge.arch import CausalLM, ModelConfig
 from kvforge.arch.layers import RMSNorm
 from kvforge.arch.model import embedding_multiplier
+from tests.conftest import GEMMA3_TRAITS
 
 
 def test_unit_offset_rmsnorm_equals_gemma3_rmsnorm_bit_for_bit_in_bf16():
@@ -85,17 +86,7 @@ def test_activation_estimate_counts_sandwich_norms_within_20_percent_of_measured
     from tests.arch.test_memory import _saved_activation_bytes
 
     config = ModelConfig(
-        vocab_size=64,
-        d_model=128,
-        n_layers=4,
-        n_heads=8,
-        max_seq_len=512,
-        ffn_dim=352,
-        mlp_activation="gelu_pytorch_tanh",
-        norm_unit_offset=True,
-        sandwich_norms=True,
-        embed_scale=True,
-        qk_norm=True,
+        vocab_size=64, d_model=128, n_layers=4, n_heads=8, max_seq_len=512, ffn_dim=352, **GEMMA3_TRAITS
     )
     measured = _saved_activation_bytes(CausalLM(config), torch.randint(0, 64, (2, 257)))
     estimate = estimate_training_memory(config, batch=2, seq_len=256).activations

@@ -1,8 +1,6 @@
-"""Tiny random checkpoints of every supported family, built and saved by transformers itself (fp32).
-
-Norm weights and biases are randomised too (transformers initialises them to one and zero, which
-would hide a mix-up of norms or biases). Sliding windows are 5 tokens, shorter than the test
-sequences, so windowed layers really drop keys.
+"""Tiny random checkpoints of every supported family, built and saved by transformers itself (fp32),
+on the sizes and randomisation of benchmarks/tiny_hf.py (norm weights and biases included). Sliding
+windows are 5 tokens, shorter than the test sequences, so windowed layers really drop keys.
 """
 
 from __future__ import annotations
@@ -12,20 +10,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from benchmarks.tiny_hf import SIZES as _SIZES
+from benchmarks.tiny_hf import VOCAB as VOCAB  # re-exported: the tests' token ids are below it
+from benchmarks.tiny_hf import randomize_
+
 WINDOW = 5
-VOCAB = 101
-_SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=8,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=None,
-)
 _MLA = dict(
     num_attention_heads=4,
     num_key_value_heads=4,
@@ -127,20 +116,6 @@ VARIANTS: dict[str, tuple[type, dict]] = {
         ),
     ),
 }
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=generator)
-        if name.endswith("norm.weight"):
-            param.copy_(1 + 0.2 * noise)
-        elif name.endswith(".bias"):
-            param.copy_(0.1 * noise)
-        else:
-            param.copy_(0.08 * noise)
-    return model
 
 
 def hf_config(variant: str) -> transformers.PretrainedConfig:

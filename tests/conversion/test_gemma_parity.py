@@ -14,7 +14,7 @@ from kvforge.arch import CausalLM, kv_cache_bytes
 from kvforge.conversion import load_pretrained, plan_export, save_pretrained
 from kvforge.conversion.convert import convert_checkpoint
 from kvforge.conversion.transforms import to_window
-from tests.conftest import tiny_form
+from tests.conftest import GEMMA3_TRAITS, tiny_form
 from tests.conversion.hf_tiny import load_hf, randomize_, save_hf_model
 from tests.conversion.test_import_parity import LOGITS_ATOL, kvforge_model, token_ids
 
@@ -158,15 +158,7 @@ def test_llama_window_hybrid_cannot_be_a_stock_gemma3_and_the_refusal_names_qwen
 def test_window_hybrid_with_the_gemma3_recipe_exports_as_stock_gemma3(tmp_path):
     """Exactly the models with every Gemma 3 trait export as Gemma 3: a window hybrid built with them
     (here one RoPE base for all layers: sliding layers get rope_theta, which Gemma 3 can express)."""
-    config = tiny_form(
-        "gqa",
-        mlp_activation="gelu_pytorch_tanh",
-        norm_unit_offset=True,
-        sandwich_norms=True,
-        embed_scale=True,
-        qk_norm=True,
-        tie_embeddings=True,
-    ).replace(pattern=[{"window": 5}, {}])
+    config = tiny_form("gqa", **GEMMA3_TRAITS, tie_embeddings=True).replace(pattern=[{"window": 5}, {}])
     model = randomize_(CausalLM(config)).eval()
     assert plan_export(config).family.model_type == "gemma3_text"
     out = save_pretrained(config, model.state_dict(), tmp_path / "g3")

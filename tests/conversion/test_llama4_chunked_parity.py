@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import transformers
 
-from kvforge.arch import CausalLM, LayerSpec, ModelConfig, generate
+from kvforge.arch import CausalLM, LayerSpec, generate
+from tests.conftest import tiny_base
 
 CHUNK = 4
 HEAD_DIM = 8
@@ -49,17 +50,10 @@ def _twins():
         for name, param in hf.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)  # not all ones: a mixed-up norm must show
-    config = ModelConfig(
-        vocab_size=101,
-        d_model=64,
-        n_layers=4,
-        n_heads=8,
-        n_kv_heads=2,
-        head_dim=HEAD_DIM,
-        ffn_dim=96,
-        max_seq_len=64,
-        norm_eps=1e-5,
-        pattern=[LayerSpec(chunk=CHUNK)] * 3 + [LayerSpec(rope=False)],
+    pattern = [LayerSpec(chunk=CHUNK)] * 3 + [LayerSpec(rope=False)]
+    # tiny_base's shape (64 wide, 4 layers of 8 heads, 64 positions) with the twin's vocabulary and K/V heads
+    config = tiny_base(
+        vocab_size=101, n_kv_heads=2, head_dim=HEAD_DIM, ffn_dim=96, init_std=0.02, pattern=pattern
     )
     model = CausalLM(config).eval()
     order = _pair_order(HEAD_DIM)

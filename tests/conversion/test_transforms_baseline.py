@@ -9,13 +9,7 @@ from kvforge.arch import CausalLM
 from kvforge.conversion import load_pretrained
 from kvforge.conversion.transforms import to_cla, to_gqa, to_window
 from tests.conftest import shared_path, tiny_form
-
-
-def _logits(config, state_dict, ids):
-    model = CausalLM(config).eval()
-    model.load_state_dict(state_dict)
-    with torch.no_grad():
-        return model(ids)
+from tests.conversion.stories_data import logits
 
 
 def test_stories260k_mha_to_gqa4_reproduces_stories260k():
@@ -23,8 +17,8 @@ def test_stories260k_mha_to_gqa4_reproduces_stories260k():
     gqa = load_pretrained(shared_path("stories260K"))
     config, state_dict = to_gqa(mha.config, mha.state_dict, n_kv_heads=4)
     ids = torch.randint(0, 512, (2, 64))
-    expected = _logits(gqa.config, gqa.state_dict, ids)
-    assert (_logits(config, state_dict, ids) - expected).abs().max().item() <= 1e-5
+    expected = logits(gqa.config, gqa.state_dict, ids)
+    assert (logits(config, state_dict, ids) - expected).abs().max().item() <= 1e-5
 
 
 def test_to_gqa_with_all_heads_is_identity():

@@ -15,7 +15,7 @@ from kvforge.conversion.transforms.merge import HeadTargets, merge_keys
 from kvforge.conversion.transforms.mla_rope import check_exportable, exported_theta, select_pairs
 from kvforge.conversion.transforms.rotary import as_pairs
 from tests.conversion.hf_tiny import load_hf
-from tests.conversion.stories_data import calibration_ids, evaluation_ids, logits, loss, stories
+from tests.conversion.stories_data import calibration_ids, evaluation_ids, logits, loss, model_of, stories
 
 LOSSLESS_ATOL = 1e-4
 
@@ -68,25 +68,15 @@ def test_carrying_the_rotary_residual_in_the_latent_beats_dropping_it():
 def test_latent_norm_calibration_flattens_the_rms_of_real_latents():
     """(b) kv_a_layernorm: a basis in which rms(latent) varies least; the spread left is the error."""
     source = stories()
-    report: dict = {}
-    from kvforge.conversion.transforms import mla
-
-    config, state_dict = to_mla(
-        source.config,
-        source.state_dict,
-        calibration_ids(),
-        kv_lora_rank=24,
-        rope_dims=8,
-        latent_norm="flatten",
+    ids = calibration_ids()
+    _, state_dict = to_mla(
+        source.config, source.state_dict, ids, kv_lora_rank=24, rope_dims=8, latent_norm="flatten"
     )
     # the same latents, measured again through the public pieces: the spread before and after
-    ids = calibration_ids()
-    model = CausalLM(source.config).eval()
-    model.load_state_dict(source.state_dict)
+    model = model_of(source.config, source.state_dict)
     x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids)).reshape(-1, 64).double()
     rows = state_dict["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"][:24].double()
     norm = fit_latent_norm(x @ rows.mT)
-    del report, mla, config
     assert norm.spread_after < norm.spread_before
     assert norm.spread_before < 0.3  # measured: the whitened latent's rms varies by ~15 %
 

@@ -16,6 +16,7 @@ from kvforge.conversion.transforms import to_gqa, to_mla
 from kvforge.conversion.transforms.qk_norm import linearised
 from kvforge.conversion.transforms.rotary import scale_pairs
 from tests.conftest import tiny_base
+from tests.conversion.stories_data import logits
 
 TOLERANCE = 1e-5  # fp32 logits of two exactly equal functions
 
@@ -43,13 +44,6 @@ def _duplicate_kv_heads(config, state_dict, factor: int):
     return dataclasses.replace(config, n_kv_heads=config.n_kv_heads * factor, layers=layers), out
 
 
-def _logits(config, state_dict, ids):
-    model = CausalLM(config).eval()
-    model.load_state_dict(state_dict)
-    with torch.no_grad():
-        return model(ids)
-
-
 def test_aligned_gqa_merges_copied_qk_norm_heads_exactly():
     config, state_dict = _qk_norm_model(n_kv_heads=2)
     mha_config, mha = _duplicate_kv_heads(config, state_dict, 4)
@@ -57,8 +51,8 @@ def test_aligned_gqa_merges_copied_qk_norm_heads_exactly():
     calibration = torch.randint(0, config.vocab_size, (4, 32))
     new_config, converted = to_gqa(mha_config, mha, calibration, n_kv_heads=2)
     assert new_config.qk_norm and new_config.n_kv_heads == 2
-    expected = _logits(config, state_dict, ids)
-    assert (_logits(new_config, converted, ids) - expected).abs().max().item() <= TOLERANCE
+    expected = logits(config, state_dict, ids)
+    assert (logits(new_config, converted, ids) - expected).abs().max().item() <= TOLERANCE
 
 
 def test_a_sign_per_rotary_pair_passes_through_q_norm_and_rope_and_a_rotation_does_not():
@@ -93,9 +87,9 @@ def test_aligned_gqa_of_a_qk_norm_model_beats_mean_pooling_in_logit_error():
     config, state_dict = _qk_norm_model(n_kv_heads=8, seed=1)
     ids = torch.randint(0, config.vocab_size, (2, 48))
     calibration = torch.randint(0, config.vocab_size, (16, 64))
-    source = _logits(config, state_dict, ids)
+    source = logits(config, state_dict, ids)
     errors = {
-        method: (_logits(*to_gqa(config, state_dict, calibration, n_kv_heads=2, method=method), ids) - source)
+        method: (logits(*to_gqa(config, state_dict, calibration, n_kv_heads=2, method=method), ids) - source)
         .pow(2)
         .mean()
         .item()
@@ -141,13 +135,13 @@ def test_mla_of_a_qk_norm_model_has_no_norms_left_and_the_stand_ins_beat_droppin
     (MSE / variance) is measured 0.33 with the stand-ins against 0.68 with the norms dropped."""
     config, state_dict = _qk_norm_model(n_kv_heads=2)
     ids = torch.randint(0, config.vocab_size, (2, 48))
-    source = _logits(config, state_dict, ids)
+    source = logits(config, state_dict, ids)
 
     def relative_error():
         new_config, converted = to_mla(config, state_dict, kv_lora_rank=16, rope_dims=8, layout="kvforge")
         assert not new_config.qk_norm
         assert not any("norm" in name and "self_attn" in name for name in converted)
-        return ((_logits(new_config, converted, ids) - source).pow(2).mean() / source.var()).item()
+        return ((logits(new_config, converted, ids) - source).pow(2).mean() / source.var()).item()
 
     stand_ins = relative_error()
     monkeypatch.setattr(mla_module, "linearised", _norms_dropped)
