@@ -37,7 +37,7 @@ def test_keep_rope_and_no_global_layer():
 @pytest.mark.parametrize(
     ("form", "options", "match"),
     [
-        ("gqa", {"chunk": 0}, r"chunk=0 must be an integer in 1\.\.63"),
+        ("gqa", {"chunk": 0}, r"chunk=0: must be a positive integer"),
         ("gqa", {"chunk": 64}, r"chunk=64 must be an integer in 1\.\.63"),
         ("gqa", {"chunk": 8, "global_every": 1}, r"global_every=1 must be in 2\.\.n_layers=4"),
         ("cla", {"chunk": 8}, r"layer 1 reads layer 0's K/V"),
