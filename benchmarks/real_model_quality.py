@@ -113,10 +113,10 @@ def kvforge_loss(directory: Path, ids: torch.Tensor, context: int) -> tuple[floa
 
 def stock_loss(directory: Path, ids: torch.Tensor, context: int) -> float | None:
     """Loss of the export in stock transformers on ``ids``, or None when it is kvforge-typed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if AutoConfig.from_pretrained(directory).model_type == "kvforge":
-        return None
+    if json.loads((directory / "config.json").read_text()).get("model_type") == "kvforge":
+        return None  # no stock class; AutoConfig would ask for trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
