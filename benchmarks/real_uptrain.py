@@ -169,12 +169,12 @@ def save_results(path: Path, settings: Settings, rows: dict[str, dict]) -> None:
 
 
 def convert(src: Path, row: Row, out: Path, calib_tokens: int) -> float:
-    """``kvforge convert`` into ``out`` (kept for reruns); its wall seconds. No peak RSS: the child's
-    ``ru_maxrss`` starts at this process's RSS at fork (Linux), which holds the models by then."""
+    """``kvforge convert`` into ``out`` (kept for reruns); its wall seconds (the conversions' peaks are
+    the quality benchmark's: ``python -m benchmarks.real_models quality``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
     flags = ["--calib", str(CORPORA / CALIBRATION_TEXT), "--calib-tokens", str(calib_tokens)]
-    code, wall, _ = run_measured(
+    code, wall, _, _ = run_measured(
         [*kvforge_command(), "convert", str(src), str(out), *row.flags, *flags, "--overwrite"], log
     )
     if code != 0:
