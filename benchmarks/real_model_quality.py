@@ -3,8 +3,8 @@
     python -m benchmarks.real_models quality [--rows mla-320,mqa] [--windows 64] [--src DIR] [--markdown]
 
 Every row runs ``kvforge convert SRC OUT --to ...`` in a subprocess exactly as a user would (only the
-form's own flags, every other option at its default), records the command's wall time and peak RSS
-(``wait4`` on that process: the interpreter, torch and the conversion), then scores the output: mean
+form's own flags, every other option at its default), records the command's wall time, CPU time and peak RSS
+(the interpreter, torch and the conversion; measured by :mod:`benchmarks.rusage`), then scores the output: mean
 next-token loss on WikiText-2 test (``shared/data/corpora/wikitext2_test.txt``, the model's tokenizer,
 no special tokens, one stream cut into non-overlapping windows of 512 tokens (2,048 for the rows that
 change how far attention reaches), no BOS), the procedure of TARGETS.md. ``--windows N`` scores the

@@ -17,19 +17,21 @@ import subprocess
 import sys
 
 
+def wait_measured(process: subprocess.Popen) -> tuple[int, float, float]:
+    """Wait for ``process``; its ``(returncode, CPU seconds (user + system), peak RSS GiB)``, from
+    ``wait4``. The peak is its own only where the caller's resident set at fork was small (above)."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # KiB on Linux
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print(__doc__, file=sys.stderr)
         return 2
     result, command = argv[0], argv[2:]
-    process = subprocess.Popen(command)
-    _, status, usage = os.wait4(process.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    record = {
-        "returncode": code,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_gib": usage.ru_maxrss / 2**20,  # KiB on Linux
-    }
+    code, cpu, peak = wait_measured(subprocess.Popen(command))
+    record = {"returncode": code, "cpu_s": cpu, "peak_rss_gib": peak}
     with open(result, "w") as handle:
         json.dump(record, handle)
     return code

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.rusage import wait_measured
 from benchmarks.source_tree import REPO, ensure_kvforge_importable
 
 GIB = 2**30
@@ -59,15 +60,11 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    code, cpu, peak = wait_measured(process)  # this parent imports no torch: its fork-time RSS is small
     elapsed = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)} failed with exit code {process.returncode}:\n{output[-2000:]}"
-        )
-    cpu = usage.ru_utime + usage.ru_stime
-    return elapsed, cpu, usage.ru_maxrss * 1024 / GIB, output  # ru_maxrss is in KiB on Linux
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {code}:\n{output[-2000:]}")
+    return elapsed, cpu, peak, output
 
 
 def convert_worker(args: argparse.Namespace) -> None:
