@@ -17,21 +17,28 @@ import sys
 from benchmarks import real_model_quality, real_uptrain
 from benchmarks.real_model_fetch import fetch, real_model_dir, real_models_root
 
+# Subcommands with a parser, flags and --help of their own: (what it prints, how to run the rest of argv)
+DELEGATED = {
+    "quality": (
+        "zero-shot conversion quality table (see its --help)",
+        lambda rest: real_model_quality.main(rest, source=real_model_dir()),
+    ),
+    "uptrain": ("uptraining recovery table against the control (see its --help)", real_uptrain.main),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["quality"]:  # its own parser, flags and --help
-        return real_model_quality.main(argv[1:], source=real_model_dir())
-    if argv[:1] == ["uptrain"]:
-        return real_uptrain.main(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]][1](argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_models", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "fetch",
         help=f"download and import SmolLM2-135M-Instruct into {real_models_root()} ($KVFORGE_REAL_MODELS)",
     )
-    commands.add_parser("quality", help="zero-shot conversion quality table (see its --help)")
-    commands.add_parser("uptrain", help="uptraining recovery table against the control (see its --help)")
+    for name, (help_text, _) in DELEGATED.items():
+        commands.add_parser(name, help=help_text)
     args = parser.parse_args(argv)
     if args.command == "fetch":
         print(f"ready: {fetch()}")
