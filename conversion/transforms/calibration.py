@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvforge.arch import CausalLM, ModelConfig, generate
+from kvforge.arch import CausalLM, ModelConfig, generate, kv_cache_bytes
 from kvforge.arch.cache import KVView
 from kvforge.arch.model import DecoderLayer, embedding_multiplier, rotary_embeddings
 from kvforge.arch.rope import RotaryEmbedding
@@ -24,6 +24,10 @@ from kvforge.arch.rope import RotaryEmbedding
 from .common import layer_prefix
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+
+# Self-calibration samples at most this many bytes of KV cache at once: rows beyond it are sampled in
+# further batches. 16,384 tokens of a 0.95B MHA model in bf16 would hold a 2 GiB cache in one batch.
+SAMPLING_CACHE_BYTES = 768 * 2**20
 
 
 def check_calibration(
@@ -226,13 +230,15 @@ def sample_calibration_ids(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     streamed: Iterable[int] = (),
+    max_cache_bytes: int = SAMPLING_CACHE_BYTES,
 ) -> torch.Tensor:
     """Calibration text written by the source model itself: ``n_tokens // seq_len`` sequences sampled
     at temperature 1 (the start token dropped). No corpus is read, so it cannot overlap an evaluation
     text. Sequences start from BOS; a model without one starts where packed pretraining starts a
     document, after EOS; with neither, from a random token. The model runs in ``dtype`` on ``device``
     (the stored dtype keeps host memory at the checkpoint's size); ``streamed`` layers are read at
-    every step instead of held (:func:`build_model`)."""
+    every step instead of held (:func:`build_model`). Rows are sampled in batches whose KV cache fits
+    ``max_cache_bytes``; all rows at once when they fit (the result depends on the batching)."""
     if not 0 < seq_len < config.max_seq_len or n_tokens < seq_len:
         raise ValueError(
             f"self-generated calibration: seq_len={seq_len} must be in 1..max_seq_len-1={config.max_seq_len - 1} "
@@ -246,5 +252,9 @@ def sample_calibration_ids(
         start = torch.full((rows, 1), first, dtype=torch.long, device=device)
     else:
         start = torch.randint(config.vocab_size, (rows, 1), generator=generator, device=device)
-    ids = generate(model, start, seq_len, temperature=1.0, generator=generator)
-    return ids[:, 1:].cpu()
+    per_row = kv_cache_bytes(config, seq_len + 1, dtype)
+    batch = max(1, min(rows, max_cache_bytes // per_row))
+    ids = [
+        generate(model, part, seq_len, temperature=1.0, generator=generator) for part in start.split(batch)
+    ]
+    return torch.cat(ids)[:, 1:].cpu()

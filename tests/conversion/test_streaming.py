@@ -183,6 +183,32 @@ def test_sampling_with_streamed_layers_writes_the_same_text():
     assert torch.equal(held, streamed)
 
 
+def test_sampling_keeps_its_cache_under_the_budget(monkeypatch):
+    """Rows whose caches would exceed ``max_cache_bytes`` together are sampled in batches that fit it;
+    with room for all rows there is one batch, and the rows come back in order, each from BOS."""
+    from kvforge.arch import kv_cache_bytes
+    from kvforge.conversion.transforms import calibration, sample_calibration_ids
+
+    source = stories("stories260K")
+    per_row = kv_cache_bytes(source.config, 64 + 1, torch.float32)
+    batches = []
+    generate = calibration.generate
+
+    def recording(model, start, *args, **kwargs):
+        batches.append(len(start))
+        return generate(model, start, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "generate", recording)
+    ids = sample_calibration_ids(source.config, source.state_dict, 7 * 64, 64, 0, max_cache_bytes=3 * per_row)
+    assert batches == [3, 3, 1] and ids.shape == (7, 64)
+    batches.clear()
+    whole = sample_calibration_ids(
+        source.config, source.state_dict, 7 * 64, 64, 0, max_cache_bytes=7 * per_row
+    )
+    assert batches == [7] and whole.shape == (7, 64)
+    assert torch.equal(whole, sample_calibration_ids(source.config, source.state_dict, 7 * 64, 64, 0))
+
+
 def test_sampling_streamed_from_disk_reads_into_one_reused_slab(monkeypatch):
     """Layers streamed from the safetensors are read into one reused buffer (no new allocation per
     tensor and step) and write the same text as the held model."""
