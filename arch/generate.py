@@ -4,7 +4,7 @@ reference the cached paths are tested against). All three share one sampling loo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,7 @@ class Sampling:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | Sequence[int] | None = None
     generator: torch.Generator | None = None
 
 
@@ -66,7 +66,7 @@ def decode_loop(
     batch, prompt_len = input_ids.shape
     tokens = input_ids.new_empty(batch, prompt_len + max_new_tokens)
     tokens[:, :prompt_len] = input_ids
-    eos_token_id = sampling.eos_token_id
+    stops = _stop_ids(sampling.eos_token_id, input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     steps_taken = torch.zeros((), dtype=torch.long, device=input_ids.device)  # before all rows finished
     logits = first_logits
@@ -74,18 +74,29 @@ def decode_loop(
         next_ids = sample_next(
             logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.generator
         )
-        if eos_token_id is not None:
+        if stops is not None:
             steps_taken += ~finished.all()
-            next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
-            finished |= next_ids == eos_token_id
+            next_ids = torch.where(finished, tokens[:, prompt_len + step - 1], next_ids)  # repeats its stop
+            finished |= torch.isin(next_ids, stops)
         tokens[:, prompt_len + step] = next_ids
         if step + 1 == max_new_tokens:
             break
-        if eos_token_id is not None and (step + 1) % eos_check_every == 0 and bool(finished.all()):
+        if stops is not None and (step + 1) % eos_check_every == 0 and bool(finished.all()):
             break
         logits = next_logits(next_ids, tokens, step)
-    new = max_new_tokens if eos_token_id is None else int(steps_taken)
+    new = max_new_tokens if stops is None else int(steps_taken)
     return tokens[:, : prompt_len + new]
+
+
+def _stop_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    """The ids that end a row as a 1-D tensor (None: no stop id). Several ids, as Llama-3's and Qwen's
+    configs list them, all stop a row (as ``transformers``' ``generate`` does)."""
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id={eos_token_id!r} must be a token id or a non-empty list of token ids")
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
@@ -97,7 +108,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     cache_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
@@ -105,7 +116,8 @@ def generate(
     cuda_graph: bool | None = None,
     decoder: StaticDecoder | None = None,
 ) -> torch.Tensor:
-    """Prompt + continuation ``(batch, prompt + new)``. Rows that emit ``eos_token_id`` keep emitting it;
+    """Prompt + continuation ``(batch, prompt + new)``. Rows that emit ``eos_token_id`` (an id, or a list
+    of ids any of which stops a row) keep emitting it;
     generation stops early once every row has. ``use_cache=False`` recomputes the whole prefix each step
     (the reference that cached decoding is tested against). ``static=True`` decodes with fixed shapes
     (:class:`StaticDecoder`; ``cuda_graph`` as there); pass a ``decoder`` to reuse one (and its graph)."""

@@ -33,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations decoded together (batch)")
-    parser.add_argument("--eos-id", type=int, default=None, help="stop token (default: the model's eos)")
+    parser.add_argument(
+        "--eos-id",
+        type=int,
+        nargs="+",
+        default=None,
+        help="stop token id(s): any of them ends a sample (default: the model's eos, every id it lists)",
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument(
@@ -72,19 +78,11 @@ def _prompt_ids(args: argparse.Namespace, tokenizer, bos_token_id: int | None) -
     return [bos_token_id]
 
 
-def _eos_id(args: argparse.Namespace, config) -> int | None:
+def _eos_id(args: argparse.Namespace, config) -> int | list[int] | None:
+    """The stop ids: ``--eos-id``, else every id the model's ``eos_token_id`` lists (Llama-3 lists several)."""
     if args.ignore_eos:
         return None
-    if args.eos_id is not None:
-        return args.eos_id
-    eos = config.eos_token_id
-    if isinstance(eos, list):
-        if len(eos) != 1:
-            raise ValueError(
-                f"the model's eos_token_id={eos} lists several ids; choose one with --eos-id (or --ignore-eos)"
-            )
-        eos = eos[0]
-    return eos
+    return args.eos_id if args.eos_id is not None else config.eos_token_id
 
 
 def run(args: argparse.Namespace) -> int:

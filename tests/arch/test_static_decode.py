@@ -44,6 +44,28 @@ def test_static_generation_stops_at_eos_exactly_like_dynamic():
     assert torch.equal(generate(model, prompt, 24, eos_token_id=eos, static=True), dynamic)
 
 
+def test_any_of_several_eos_ids_ends_a_row_and_the_row_repeats_its_own():
+    """Llama-3 and Qwen configs list several end ids: each row stops at the first of any of them (as
+    transformers' generate does), keeps repeating the one it emitted, and static decode agrees."""
+    model = CausalLM(tiny_form("gqa")).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    greedy = generate(model, prompt, 24, use_cache=False)
+    first, second = int(greedy[0, 4 + 3]), int(greedy[1, 4 + 9])
+    stops = [first, second]
+    out = generate(model, prompt, 24, eos_token_id=stops)
+    ends = []
+    for row in range(2):
+        new = greedy[row, 4:].tolist()
+        end = min(i for i, token in enumerate(new) if token in stops)
+        ends.append(end)
+        assert out[row, 4 : 4 + end + 1].tolist() == new[: end + 1]
+        assert (out[row, 4 + end :] == new[end]).all()  # its own stop id, repeated
+    assert out.shape[1] == 4 + max(ends) + 1
+    assert torch.equal(generate(model, prompt, 24, eos_token_id=stops, static=True), out)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, prompt, 4, eos_token_id=[])
+
+
 def test_one_decoder_serves_prompts_of_different_lengths():
     model = CausalLM(tiny_form("swa")).eval()
     decoder = StaticDecoder(model, batch=2, max_len=40)

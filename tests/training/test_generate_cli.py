@@ -40,6 +40,16 @@ def test_sampling_with_a_seed_is_reproducible(capsys):
     assert len(first.strip().splitlines()) == 2
 
 
+def test_several_eos_ids_any_of_them_stops(capsys):
+    reference = _reference()["greedy_65_ids_from_bos"]
+    later, sooner = reference[30], reference[12]
+    stops = [later, sooner]
+    end = min(i for i, token in enumerate(reference) if i > 0 and token in stops)
+    args = ["generate", str(shared_path("stories260K")), "--max-new-tokens", "64", "--print-ids"]
+    assert main([*args, "--eos-id", str(later), str(sooner)]) == 0
+    assert [int(i) for i in capsys.readouterr().out.strip().split(",")] == reference[: end + 1]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
