@@ -49,6 +49,7 @@ from kvforge.conversion import gguf, plan_export
 from kvforge.conversion.convert import ConversionStart, convert_checkpoint
 from kvforge.conversion.loading import resolve_device
 from kvforge.conversion.pretrained import load_config
+from kvforge.conversion.tokenizer_check import tokenizer_mismatch
 from kvforge.conversion.transforms import TRANSFORMS, Transform
 from kvforge.conversion.transforms.record import COUNT_OPTIONS
 from kvforge.conversion.transforms.targets import source_check
@@ -310,4 +311,6 @@ def run(args: argparse.Namespace) -> int:
         )
     for note in plan.notes:
         console.print(f"[bold yellow]note:[/] {note}")
+    if plan.family.stock and (mismatch := tokenizer_mismatch(src, out)):
+        console.print(f"[bold red]WARNING:[/] {mismatch}")
     return 0

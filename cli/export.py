@@ -33,6 +33,7 @@ from kvforge.conversion import load_config, load_pretrained, plan_export, save_p
 from kvforge.conversion.gguf import export_gguf
 from kvforge.conversion.loading import is_training_checkpoint, open_checkpoint
 from kvforge.conversion.serving_lint import lint_serving
+from kvforge.conversion.tokenizer_check import tokenizer_mismatch
 from kvforge.conversion.weights import weight_shards
 from kvforge.training.export import export_checkpoint
 
@@ -131,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         )
         for finding in findings:
             console.print(f"[bold {'red' if finding.level == 'error' else 'yellow'}]{finding}[/]")
+        if mismatch := tokenizer_mismatch(src, out):
+            console.print(f"[bold red]WARNING:[/] {mismatch}")
     for note in plan.notes:
         style = "bold yellow" if family.stock else "bold red"
         console.print(f"[{style}]{'note' if family.stock else 'WARNING'}:[/] {note}")

@@ -54,13 +54,24 @@ def test_convert_to_deltanet_writes_a_kvforge_typed_hybrid(tmp_path, capsys):
     assert [spec.attention for spec in config.layers] == ["gqa"] + ["deltanet"] * 4  # keep=ends: layer 0
 
 
-def test_convert_to_window_keeps_the_weights(tmp_path):
+def test_convert_to_window_keeps_the_weights(tmp_path, capsys):
     out = tmp_path / "swa"
     assert main(["convert", STORIES, str(out), "--to", "window", "--windows", "64,64,64,64,none"]) == 0
+    # per-layer windows export as Qwen2, and transformers builds Qwen2Tokenizer for any qwen2 config:
+    # stories260K's SentencePiece-style vocabulary would be split differently, and the command says so
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Qwen2ForCausalLM" in printed and "WARNING: stock AutoTokenizer loads Qwen2Tokenizer" in printed
+    assert "--tokenizer SRC" in printed
     converted, source = load_pretrained(out), load_pretrained(STORIES)
     assert [spec.window for spec in converted.config.layers] == [64, 64, 64, 64, None]
     for name, tensor in source.state_dict.items():
         assert torch.equal(converted.state_dict[name], tensor), name
+
+
+def test_one_window_exports_as_mistral_and_keeps_the_tokenizer(tmp_path, capsys):
+    assert main(["convert", STORIES, str(tmp_path / "w"), "--to", "window", "--windows", "64"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "MistralForCausalLM" in printed and "AutoTokenizer" not in printed
 
 
 @pytest.mark.parametrize(
