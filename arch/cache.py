@@ -50,7 +50,9 @@ class _LayerBuffers:
     def append(self, new: tuple[torch.Tensor, ...], start: int | torch.Tensor, window: int | None) -> KVView:
         """Write the new positions and return what the layer attends over. ``start`` is the position
         of the first new token: a host int (prefill, dynamic decode) or, for a static cache's
-        one-token step, a ``(1,)`` device tensor."""
+        one-token step, a ``(1,)`` device tensor. The new values are stored in the buffers' dtype, and a
+        block attends over them as stored, as it does over the earlier positions."""
+        new = tuple(values.to(buffer.dtype) for buffer, values in zip(self.buffers, new))
         if isinstance(start, torch.Tensor):
             return self.append_at(new, start, window)
         return self.append_block(new, start, window)

@@ -210,6 +210,8 @@ def attention(
     never does (it falls back, saying so once).
     """
     _validate(q, k, v, causal, window, document_ids, kv_lens, sinks, chunk, softcap)
+    # A cache stored narrower than the model (``--cache-dtype bf16`` under fp32) is read in the queries' dtype.
+    k, v = (t if t.dtype == q.dtype else t.to(q.dtype) for t in (k, v))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     kwargs = dict(

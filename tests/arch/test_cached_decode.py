@@ -12,9 +12,11 @@ from tests.conftest import tiny_form
 TOL = 1e-5
 
 
-def _cached_logits(model: CausalLM, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+def _cached_logits(
+    model: CausalLM, ids: torch.Tensor, chunks: list[int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Feed ``ids`` through the cache in blocks of the given sizes (1 = token by token)."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1], dtype=torch.float32)
+    cache = model.new_cache(ids.shape[0], ids.shape[1], dtype=dtype)
     outs, pos = [], 0
     for size in chunks:
         outs.append(model(ids[:, pos : pos + size], cache=cache))
@@ -41,6 +43,19 @@ def test_token_by_token_decode_matches_uncached_forward(form):
 def test_prefill_then_blocks_then_tokens_matches_uncached_forward(form):
     # A 7-token prefill (longer than the window), a 3-token block over a wrapped ring, then single tokens.
     assert _cached_error(form, [7, 3, 1, 1, 6, 1, 1]) <= TOL
+
+
+@pytest.mark.parametrize("form", PRESETS)
+def test_a_bf16_cache_under_an_fp32_model_decodes_every_form(form):
+    """``--cache-dtype bf16`` (eval, generate) on an fp32 model: every cache kind stores bf16 (ring and
+    chunk buffers included, which once refused the fp32 keys) and stays close to the fp32 answer."""
+    model = CausalLM(tiny_form(form)).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        reference = model(ids)
+        cached = _cached_logits(model, ids, [7, 3, 1, 1, 6, 1, 1], dtype=torch.bfloat16)
+    assert cached.dtype == torch.float32
+    assert (cached - reference).abs().max().item() <= 0.05 * reference.abs().max().item()
 
 
 @pytest.mark.parametrize("absorb", ["always", "never"])
