@@ -30,7 +30,7 @@ from benchmarks.common import print_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Adam steps per layer on the block's reconstruction error after the closed-form fit (FitOptions).
-REFINE = 200
+REFINE = 100
 TARGETS = {"gqa-2": 0.50, "mqa": 1.00, "mla-32": 0.50, "cla-2": 1.00}
 
 

@@ -7,7 +7,7 @@
 Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
 
     kvforge convert stories260K gqa2 --to gqa --n-kv-heads 2                # self-calibrated (default)
-    kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --refine-steps 200
+    kvforge convert stories260K mla --to mla --kv-lora-rank 24 --rope-dims 8 --refine-steps 100
     kvforge convert stories260K cla --to cla --factor 2 --calib botchan.txt   # kvforge-typed
     kvforge convert stories260K swa --to window --windows 64,64,64,64,none
     kvforge convert stories260K gdn --to deltanet --ratio 3                   # 3 Gated DeltaNet : 1 kept
@@ -15,7 +15,7 @@ Examples (stories260K: 8 query heads, 4 K/V heads of 8 dims, 5 layers):
 
 The recipe that meets every zero-shot target on stories260K (docs/transforms.md) is self-calibration
 (the default: text sampled from SRC itself, so it never overlaps your evaluation text) plus
-``--refine-steps 200``. ``--refine-steps auto`` (the default) refines where it is cheap: 200 steps on
+``--refine-steps 100``. ``--refine-steps auto`` (the default) refines where it is cheap: 100 steps on
 CUDA and for small models (d_model <= 512) on the CPU; none for larger models on the CPU, where it costs
 more than the conversion (figures: docs/results.md, "Refinement cost"). ``--calib FILE`` fits on a text
 file instead; ``--calib none`` uses the weights alone (much worse). SRC is read one layer at a time from its safetensors (validated from their headers
@@ -56,7 +56,7 @@ from kvforge.conversion.transforms.targets import source_check
 
 from .export import FAMILY_CHOICES, add_output_arguments
 
-RECIPE_REFINE_STEPS = 200
+RECIPE_REFINE_STEPS = 100
 CPU_REFINE_MAX_D_MODEL = 512
 # Options the command itself reads (``--refine-steps auto``), not generated from the dataclasses.
 COMMAND_OPTIONS = ("refine_steps",)

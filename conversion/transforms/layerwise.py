@@ -56,7 +56,11 @@ class FitOptions:
     sequential: bool = False
     refit_output: bool = True
     refine_steps: int = 0
-    refine_lr: float = 1e-2  # relative to each tensor's RMS (see .fitting.refine_attention)
+    refine_lr: float = 2e-2  # relative to each tensor's RMS (see .fitting.refine_attention)
+    # Calibration sequences per Adam step. Attention's backward dominates a step: one sequence costs a
+    # quarter of four, and 100 steps of one sequence at 2e-2 kept stories260K's GQA-2/MQA at +0.35/+0.77
+    # (200 steps of four at 1e-2: +0.28/+0.64; docs/results.md, "Refinement cost").
+    refine_rows: int = 1
     progress: bool = False
     device: str | torch.device = "cpu"  # where the layers run and the fits are computed
 
@@ -120,7 +124,7 @@ def convert_attention(
             if options.refit_output and not exact:
                 refit_output_projection(units)
             if options.refine_steps and not exact:
-                refine_attention(units, options.refine_steps, options.refine_lr)
+                refine_attention(units, options.refine_steps, options.refine_lr, options.refine_rows)
             if report is not None:
                 report[tuple(group)] = relative_error(units)
             if new_stream is not source_stream:

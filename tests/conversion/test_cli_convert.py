@@ -32,7 +32,7 @@ def test_convert_to_mla_self_calibrates_by_default_and_writes_a_stock_deepseek_v
     assert main([*args, "--calib-tokens", "128", "--calib-seq-len", "64"]) == 0
     printed = capsys.readouterr().out
     assert "128 tokens sampled from" in printed and "DeepseekV3ForCausalLM" in printed
-    assert "Refinement: 200 Adam steps per layer (--refine-steps auto on cpu)" in printed  # d_model 64
+    assert "Refinement: 100 Adam steps per layer (--refine-steps auto on cpu)" in printed  # d_model 64
     hf = json.loads((out / "config.json").read_text())
     assert (hf["kv_lora_rank"], hf["qk_rope_head_dim"]) == (28, 4)
 
@@ -136,8 +136,8 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
 @pytest.mark.parametrize(
     "value, device, d_model, steps",
     [
-        ("auto", "cuda", 4096, 200),  # a GPU refines an 8B model in minutes
-        ("auto", "cpu", 512, 200),  # small models: seconds on the CPU
+        ("auto", "cuda", 4096, 100),  # a GPU refines an 8B model in minutes
+        ("auto", "cpu", 512, 100),  # small models: seconds on the CPU
         ("auto", "cpu", 2048, 0),  # 0.95B on 2 cores: ~1 h of refinement against ~15 min of conversion
         (0, "cuda", 4096, 0),
         (50, "cpu", 4096, 50),
