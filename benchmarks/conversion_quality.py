@@ -99,15 +99,16 @@ def rows() -> list[Row]:
 
 
 class StockLM(torch.nn.Module):
-    """A transformers causal LM behind the ``windowed_nll`` interface (``model(ids) -> logits``)."""
+    """A transformers causal LM behind the ``windowed_nll`` interface: final hidden states (after the
+    final norm) and the head's weight, which the chunked loss multiplies itself."""
 
     def __init__(self, hf: torch.nn.Module, config) -> None:
         super().__init__()
         self.hf, self.config = hf, config
-        self.model = hf.model
+        self.model, self.lm_head = hf.model, hf.get_output_embeddings()  # model.embed_tokens: the device
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(ids).logits
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf.model(ids).last_hidden_state
 
 
 def stock_loss(config, state_dict, eval_ids: torch.Tensor, source: Path) -> tuple[float | None, str]:
