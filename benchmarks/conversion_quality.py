@@ -1,6 +1,6 @@
 """Zero-shot quality of the checkpoint transforms on stories260K (TARGETS.md, "Conversion quality").
 
-    python -m benchmarks.conversion_quality [--rows gqa-2,mla-32] [--calib botchan.txt]
+    python -m benchmarks.conversion_quality [--rows gqa-2,mla-32] [--methods refined] [--calib botchan.txt]
                                             [--calib-tokens 16384] [--no-export] [--markdown]
 
 Every row converts the real stories260K checkpoint (8 query heads, 4 K/V heads of 8 dims, 5 layers)
@@ -138,6 +138,9 @@ def main() -> None:
         help="calibration corpus in shared/data/corpora, or 'self' (default): sampled from the source model",
     )
     parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--methods", help="score only the rows whose method contains this text (e.g. refined)"
+    )
     parser.add_argument("--no-export", action="store_true", help="skip the stock-transformers column")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args()
@@ -179,6 +182,8 @@ def main() -> None:
     table, source_nll = [], None
     for row in rows():
         if wanted is not None and row.name not in wanted:
+            continue
+        if args.methods and row.name != "source" and args.methods not in row.method:
             continue
         start = time.perf_counter()
         config, state_dict = row.build(source.config, source.state_dict, calibration)
