@@ -12,9 +12,14 @@ from kvforge.conversion.transforms import layerwise, to_cla, to_gqa
 from kvforge.conversion.transforms.balance import power_of_two
 from tests.conversion.stories_data import calibration_ids, evaluation_ids, logits, stories
 
+# transform -> (source, conversion); CLA from the 4-K/V-head stories260K: its fit pairs the heads of a
+# group's layers over every permutation (8! for stories260K-mha's 8, minutes).
 TRANSFORMS = {
-    "mqa": lambda config, weights: to_gqa(config, weights, calibration_ids(), n_kv_heads=1),
-    "cla-2": lambda config, weights: to_cla(config, weights, calibration_ids(), factor=2),
+    "mqa": (
+        "stories260K-mha",
+        lambda config, weights: to_gqa(config, weights, calibration_ids(), n_kv_heads=1),
+    ),
+    "cla-2": ("stories260K", lambda config, weights: to_cla(config, weights, calibration_ids(), factor=2)),
 }
 
 
@@ -24,12 +29,13 @@ def _rms(tensor: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module", params=list(TRANSFORMS))
 def converted(request):
-    """(source, balanced, unbalanced) for one merge of stories260K-mha."""
-    source = stories("stories260K-mha")
-    balanced = TRANSFORMS[request.param](source.config, source.state_dict)
+    """(source, balanced, unbalanced) for one merge of stories260K(-mha)."""
+    name, convert = TRANSFORMS[request.param]
+    source = stories(name)
+    balanced = convert(source.config, source.state_dict)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(layerwise, "balance_values", lambda *args: [])
-        unbalanced = TRANSFORMS[request.param](source.config, source.state_dict)
+        unbalanced = convert(source.config, source.state_dict)
     return source, balanced, unbalanced
 
 
