@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention_mla
-from .attention_mla import MLA_NORM_EPS, MLAAttention
+from .attention_mla import MLAAttention
 from .checks import divisors
 from .form_record import AttentionForm
 from .layers import RMSNorm
@@ -51,7 +51,9 @@ class GLAAttention(MLAAttention):
         out = self.n_heads * (self.nope_dim + self.v_dim)
         self.kv_b_proj = nn.Linear(self.latent_head_dim, out, bias=False)
         if self.owns_kv and config.mla_latent_norm:
-            self.kv_a_layernorm = GroupedRMSNorm(self.kv_lora_rank, self.n_latent_heads, MLA_NORM_EPS)
+            self.kv_a_layernorm = GroupedRMSNorm(
+                self.kv_lora_rank, self.n_latent_heads, config.mla_latent_norm_eps
+            )
 
     def _up_project(self, c_kv: torch.Tensor) -> torch.Tensor:
         batch, length, _ = c_kv.shape

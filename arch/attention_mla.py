@@ -34,7 +34,8 @@ from .rope import apply_rope, yarn_mscale
 if TYPE_CHECKING:  # annotations only: config.py imports the form registry, which imports this module
     from .config import LayerSpec, ModelConfig
 
-# DeepSeek's latent and query norms use a fixed epsilon, not the model's rms_norm_eps.
+# DeepSeek's latent and query norms use a fixed epsilon, not the model's rms_norm_eps (kvforge's latent norm
+# reads ModelConfig.mla_latent_norm_eps, this by default).
 MLA_NORM_EPS = 1e-6
 # With a cache, query blocks up to this long use the absorbed form (decode, speculative blocks).
 ABSORB_MAX_QUERY_LEN = 16
@@ -69,7 +70,9 @@ class MLAAttention(nn.Module):
             self.kv_a_proj_with_mqa = nn.Linear(
                 d_model, self.kv_lora_rank + self.rope_heads * self.rope_dim, bias=bias
             )
-            self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, MLA_NORM_EPS) if config.mla_latent_norm else None
+            self.kv_a_layernorm = (
+                RMSNorm(self.kv_lora_rank, config.mla_latent_norm_eps) if config.mla_latent_norm else None
+            )
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, d_model, bias=config.o_proj_bias)
         # Sinks act on the softmax of each query head, the same in the expanded and absorbed forms.

@@ -138,6 +138,10 @@ class ModelConfig:
     mla_rope_heads: int = 1
     mla_latent_norm: bool = True
     mla_rope_theta: float | None = None
+    # kv_a_layernorm's eps. DeepSeek fixes it at 1e-6 (attention_mla.MLA_NORM_EPS); to_mla's linear-regime latent
+    # norm raises it with the latent's scale (RMSNorm(s·c; eps·s²) = RMSNorm(c; eps)) so kv_a_proj_with_mqa keeps
+    # trainable weights; a stock DeepSeek export scales those rows back to 1e-6 (families.deepseek).
+    mla_latent_norm_eps: float = 1e-6
     # A bias on MLA's q_proj (q_lora_rank=None): a Qwen2 query bias through to_mla (b_q·k varies with the key,
     # so nothing else holds it). DeepseekV3's q_proj has none: such a model exports kvforge-typed.
     mla_q_bias: bool = False
@@ -177,7 +181,16 @@ class ModelConfig:
         if self.ffn_dim is None:
             self.ffn_dim = _default_ffn_dim(self.d_model)
         check_positive(
-            self, ("head_dim", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps", "mla_rope_heads")
+            self,
+            (
+                "head_dim",
+                "n_kv_heads",
+                "ffn_dim",
+                "rope_theta",
+                "norm_eps",
+                "mla_rope_heads",
+                "mla_latent_norm_eps",
+            ),
         )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(

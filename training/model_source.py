@@ -202,19 +202,11 @@ def check_convert(convert: Convert) -> None:
         transform_and_options(step)
 
 
-# Where uptraining needs another default than a conversion for serving. MLA's default latent norm puts the
-# latent in the norm's linear regime, exact for serving but scaled so small (rows of kv_a_proj ~1e-6) that
-# one Adam step is many times their size and uptraining diverges (docs/results.md, "Uptraining on the
-# real model"); the calibrated basis (``flatten``) trains.
-TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {"mla": {"latent_norm": "flatten"}}
-
-
 def transform_and_options(convert: dict[str, Any]) -> tuple[Any, Any]:
     """The transform record of one ``model.convert`` step and its typed options dataclass (with
-    :data:`TRANSFORMS`'s defaults, except :data:`TRAINING_DEFAULTS`)."""
+    :data:`TRANSFORMS`'s defaults: the same as ``kvforge convert``'s)."""
     options = dict(convert)
     record = transform(options.pop("to", None), "model.convert.to")
-    options = {**TRAINING_DEFAULTS.get(record.name, {}), **options}
     return record, record.parse(options, "model.convert")
 
 

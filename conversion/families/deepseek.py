@@ -13,6 +13,11 @@ class's default; tests compare with the pinned transformers):
   DeepSeek MLA with ``is_neox_style=False`` whatever ``rope_interleave`` says, so that is the only
   layout stock transformers *and* the servers compute identically.
 - ``num_key_value_heads`` must equal ``num_attention_heads`` (keys are expanded per head).
+- kvforge's ``mla_latent_norm_eps`` (kv_a_layernorm's eps) may exceed 1e-6 (to_mla's linear regime, scaled
+  for training): export multiplies the latent rows of ``kv_a_proj_with_mqa`` by ``√(1e-6 / eps)``, since
+  ``RMSNorm(s·c; eps·s²) = RMSNorm(c; eps)``, and records eps under ``kvforge_mla_latent_norm_eps`` (stock
+  readers ignore the key); import undoes both, so a converted directory trains as the in-memory
+  conversion does. Without the key (any other DeepSeek checkpoint) eps is 1e-6 and nothing changes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from kvforge.arch import LayerSpec, ModelConfig
 
-from .base import RowPermutation, StockFamily
+from .base import RowPermutation, StateDict, StockFamily
 from .layers import kvforge_only_problem
 from .llama import decoder_keys
 from .schema import TRANSFORMERS, ConfigReader, Fixed, SharedBias
@@ -32,6 +37,8 @@ MLA_SIZES = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim
 # kvforge's MLA latent/query norm eps (arch.attention_mla.MLA_NORM_EPS), as in transformers
 LATENT_NORM_EPS = 1e-6
 EXPORT_ROPE_INTERLEAVED = True
+# config.json key recording kvforge's raised latent-norm eps, so kvforge reads its trainable scale back
+KVFORGE_LATENT_EPS_KEY = "kvforge_mla_latent_norm_eps"
 
 
 def _rope_rows(config: ModelConfig, name: str, n_rows: int) -> torch.Tensor:
@@ -61,6 +68,35 @@ INTERLEAVED_ROPE = RowPermutation(
 
 
 @dataclass(frozen=True)
+class LatentNormEps:
+    """kvforge's ``mla_latent_norm_eps`` ↔ DeepSeek's fixed 1e-6: the latent rows of ``kv_a_proj_with_mqa``
+    (weight and bias) scale by ``√(1e-6 / eps)`` on export (exact when that is a power of two, as to_mla
+    chooses it) and by its inverse on import (eps from ``kvforge_mla_latent_norm_eps``; 1e-6 without it)."""
+
+    suffixes: tuple[str, ...] = ("kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias")
+
+    def _apply(self, tensors: StateDict, config: ModelConfig, power: float) -> None:
+        factor = (LATENT_NORM_EPS / config.mla_latent_norm_eps) ** (power / 2)
+        if factor == 1.0:
+            return
+        for name in [n for n in tensors if n.endswith(self.suffixes)]:
+            tensor = tensors[name]
+            scale = torch.ones(tensor.shape[0], dtype=torch.float64, device=tensor.device)
+            scale[: config.kv_lora_rank] = factor
+            shape = (-1,) + (1,) * (tensor.dim() - 1)
+            tensors[name] = (tensor.double() * scale.view(shape)).to(tensor.dtype)
+
+    def to_kvforge(self, tensors: StateDict, config: ModelConfig) -> None:
+        self._apply(tensors, config, -1.0)
+
+    def to_hf(self, tensors: StateDict, config: ModelConfig) -> None:
+        self._apply(tensors, config, 1.0)
+
+
+LATENT_NORM = LatentNormEps()
+
+
+@dataclass(frozen=True)
 class MLALayers:
     """MLA sizes → one ``LayerSpec("mla")`` per layer with DeepSeek's shared rotary key and latent norm."""
 
@@ -75,6 +111,7 @@ class MLALayers:
         "mla_latent_norm",
         "mla_rope_theta",
         "mla_q_bias",
+        "mla_latent_norm_eps",
         *MLA_SIZES,
     )
 
@@ -92,11 +129,14 @@ class MLALayers:
         # themselves use the sizes above. transformers overwrites config.head_dim with the rope dim.
         fields.update(n_kv_heads=fields["n_heads"], head_dim=fields["v_head_dim"])
         fields["layers"] = [LayerSpec("mla") for _ in range(fields["n_layers"])]
+        fields["mla_latent_norm_eps"] = reader.get(KVFORGE_LATENT_EPS_KEY, float, LATENT_NORM_EPS)
 
     def write(self, config: ModelConfig, hf: dict) -> None:
         hf.update({name: getattr(config, name) for name in (*MLA_SIZES, "q_lora_rank")})
         hf["num_key_value_heads"] = config.n_heads
         hf["head_dim"] = config.qk_rope_head_dim
+        if config.mla_latent_norm_eps != LATENT_NORM_EPS:  # stock readers ignore it (LatentNormEps)
+            hf[KVFORGE_LATENT_EPS_KEY] = config.mla_latent_norm_eps
 
     def why_not(self, config: ModelConfig) -> str | None:
         for index, spec in enumerate(config.layers):
@@ -182,7 +222,7 @@ def _deepseek(model_type: str, architecture: str, *, v3: bool) -> StockFamily:
 
     def layouts(hf: dict) -> tuple:
         interleaved = bool(hf.get("rope_interleave", True)) if v3 else True
-        return (INTERLEAVED_ROPE,) if interleaved else ()
+        return (INTERLEAVED_ROPE, LATENT_NORM) if interleaved else (LATENT_NORM,)
 
     return StockFamily(model_type, architecture, tuple(table), layouts=layouts, notes=_notes)
 

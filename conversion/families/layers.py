@@ -30,6 +30,7 @@ MLA_FIELDS = (
     "mla_latent_norm",
     "mla_rope_theta",
     "mla_q_bias",
+    "mla_latent_norm_eps",
 )
 
 

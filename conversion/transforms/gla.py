@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from kvforge.arch import ModelConfig
+from kvforge.arch.attention_mla import MLA_NORM_EPS
 
 from .calibration import check_calibration
 from .common import Sink, StateDict, attn_prefix, is_count, map_layers
@@ -72,7 +73,8 @@ def gla_config(config: ModelConfig, *, n_latent_heads: int, **mla_options) -> Mo
         layers = [
             dataclasses.replace(s, attention="gla", n_latent_heads=n_latent_heads) for s in config.layers
         ]
-        return dataclasses.replace(config, layers=layers, pattern=None)
+        # GLA's per-head norms are fitted in their normalising regime, at DeepSeek's eps (see _split_layer)
+        return dataclasses.replace(config, layers=layers, pattern=None, mla_latent_norm_eps=MLA_NORM_EPS)
     return config
 
 
@@ -137,6 +139,12 @@ def _split_layer(config, target, state_dict, index, latents) -> dict[str, torch.
             continue
         raw, normed = latents
         pre = (raw * scale) @ project.mT
+        # The fit treats GLA's norm as u/rms(u); at unit rms its eps (1e-6) is negligible, whatever scale the
+        # source latent had (an MLA in the linear regime has it tiny, or large with a raised eps).
+        size = pre.square().mean().sqrt().clamp_min(1e-300)
+        rows_a[-1] = rows_a[-1] / size
+        if bias is not None:
+            biases[-1] = biases[-1] / size
         unit = pre / pre.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
         wanted = normed @ project.mT
         norms.append(((unit * wanted).sum() / unit.square().sum()) * torch.ones(r, dtype=torch.float64))

@@ -27,6 +27,11 @@ MAX_TOKENS = 4096
 # "linear" regime: the largest calibration latent's mean square is this fraction of the norm's eps, so
 # ``rms(c)`` is eps-dominated for every token and the norm is a constant scale to within MARGIN / 2.
 LINEAR_MARGIN = 1e-3
+# kv_a_layernorm's eps in kvforge's own model in the "linear" regime: DeepSeek's 1e-6 times a power of four
+# (the stock export's rescaling, √(1e-6 / eps) = 2^-17, is then exact). With the latent at its natural scale
+# (:func:`key_scale`) the norm stays eps-dominated with room for mean squares ~6x above calibration's
+# largest on SmolLM2-135M (docs/transforms.md, "At a trainable scale").
+LINEAR_EPS = 1e-6 * 4.0**17
 # Ridges of the token kernel's Cholesky solve, in units of its round-off level, tried in order.
 KERNEL_RIDGES = (1.0, 100.0, 10000.0)
 
@@ -130,6 +135,14 @@ def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
     gram += 1e-9 * gram.diagonal().mean() * eye
     readout = torch.linalg.solve(gram, normed.mT @ mapped).mT  # E[c' nᵀ] E[n nᵀ]⁻¹
     return LatentNorm(basis, basis_inv, readout, weight, _spread(latent), _spread(mapped))
+
+
+def key_scale(latent_rows: torch.Tensor, key_rows: torch.Tensor) -> float:
+    """The factor that gives the latent rows the RMS of the source's key rows: Adam's steps (an absolute
+    size) are then as large, relative to ``kv_a_proj_with_mqa``, as they were relative to ``k_proj``."""
+    latent = float(latent_rows.detach().to(torch.float64).pow(2).mean().sqrt())
+    key = float(key_rows.detach().to(torch.float64).pow(2).mean().sqrt())
+    return key / max(latent, 1e-300)
 
 
 def linear_regime_scale(latent: torch.Tensor | None, rows: torch.Tensor, eps: float) -> float:

@@ -26,6 +26,7 @@ from kvforge.arch import ModelConfig
 from kvforge.arch.model import DecoderLayer, rotary_key
 
 from ..host import one_cpu_thread
+from .balance import balance_values
 from .calibration import LayerStream, Rope, rope_tables, source_layer
 from .common import EMBEDDINGS, DictSink, Sink, StateDict, attn_prefix, layer_names, sink_result
 from .fitting import FitUnit, refine_attention, refit_output_projection, relative_error
@@ -107,6 +108,7 @@ def convert_attention(
             )
         with one_cpu_thread(device.type == "cpu"):  # small dense fits: threads only spin (..host)
             modules = build(contexts)
+        exact = False
         if calibration is not None:
             units = [
                 FitUnit(
@@ -130,6 +132,9 @@ def convert_attention(
             if new_stream is not source_stream:
                 _advance(new_config, layers, group, modules, new_stream, ropes)
             _advance(config, layers, group, None, source_stream, source_ropes)
+        if not exact:  # merged values at the source's scale, o_proj compensating (exact: powers of two)
+            readers = [_position(group, new_config.layers[index].kv_from) for index in group]
+            balance_values(modules, [ctx.source for ctx in contexts], readers)
         for module, index in zip(modules, group):
             kept = {
                 name: state_dict[name]
@@ -143,6 +148,10 @@ def convert_attention(
             out.write({**kept, **new}, new_config)
         del layers, contexts, modules
     return sink_result(out)
+
+
+def _position(group: list[int], kv_from: int | None) -> int | None:
+    return None if kv_from is None else group.index(kv_from)
 
 
 def state_dict_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:

@@ -15,10 +15,14 @@ Per layer:
    head's output so that score and output errors are in one currency) and ``O_h`` is the head's
    slice of ``o_proj``. ``kv_b_proj`` holds the least-squares coefficients of every head's key and
    value on the latent.
-4. **Latent RMSNorm** (``deepseek`` layout; stock DeepseekV3 always has ``kv_a_layernorm``): the
-   latent coordinates are whitened (``E[c cᵀ] = I``), so ``rms(c)`` stays near 1 and the norm is
-   *calibrated*, not removed: its weight is the least-squares constant ``ρ`` with
-   ``ρ·c/rms(c) ≈ c`` on calibration data; the remaining error is the spread of ``rms(c)``.
+4. **Latent RMSNorm** (``deepseek`` layout; stock DeepseekV3 always has ``kv_a_layernorm``). Default
+   (``latent_norm="linear"``): the latent stays in the norm's eps-dominated regime, where
+   ``RMSNorm(c) = c/√(eps + ms(c))`` is a constant scale (exact to ``LINEAR_MARGIN``). kvforge's model
+   keeps the latent rows at the source key rows' scale and raises the eps instead
+   (``mla_latent_norm_eps``; ``RMSNorm(s·c; eps·s²) = RMSNorm(c; eps)``), so the weights train; a stock
+   export scales the rows back to DeepSeek's 1e-6. ``flatten``/``weight``: the norm is *calibrated*:
+   its weight is the least-squares constant ``ρ`` with ``ρ·c/rms(c) ≈ c`` (``flatten`` first picks the
+   latent basis where ``rms(c)`` varies least), see :mod:`.latent_norm`.
 5. With calibration, ``o_proj`` is refitted by least squares (and optionally refined) against the
    source block's outputs, through the real MLA module (norm included), see :mod:`.layerwise`.
 
@@ -47,7 +51,7 @@ from kvforge.arch.model import rotary_key
 from .calibration import LayerStream, check_calibration, rope_tables, source_layer
 from .common import EMBEDDINGS, Sink, StateDict, check_gqa_source
 from .key_metric import centered_output_energy, centered_readout, to_metric, white_mean
-from .latent_norm import LatentNorm, fit_latent_norm, linear_regime_scale
+from .latent_norm import LINEAR_EPS, LatentNorm, fit_latent_norm, key_scale, linear_regime_scale
 from .layerwise import FitOptions, LayerContext, convert_attention, new_attention
 from .merge import merge_keys
 from .mla_rope import (
@@ -210,6 +214,7 @@ def to_mla(
 
 def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLAPlan) -> ModelConfig:
     deepseek = plan.layout == "deepseek"
+    linear = deepseek and plan.latent_norm == "linear"
     return dataclasses.replace(
         config,
         n_kv_heads=config.n_heads,
@@ -224,7 +229,10 @@ def mla_config(config: ModelConfig, kv_lora_rank: int, rope_dims: int, plan: MLA
         mla_latent_norm=deepseek,
         # In the linear regime the latent norm divides by sqrt(eps): servers that take its eps from
         # rms_norm_eps (vLLM, SGLang, llama.cpp) must see the one transformers and kvforge fix.
-        norm_eps=MLA_NORM_EPS if deepseek and plan.latent_norm == "linear" else config.norm_eps,
+        norm_eps=MLA_NORM_EPS if linear else config.norm_eps,
+        # ... while kvforge's own model keeps the latent at a trainable scale with a larger eps (exported as
+        # 1e-6 with the latent rows scaled back, see families.deepseek).
+        mla_latent_norm_eps=LINEAR_EPS if linear else MLA_NORM_EPS,
         # Every layer is MLA now: rope_theta only drives the kept pairs (DeepseekV3 reads rope_theta).
         rope_theta=plan.theta,
         mla_rope_theta=None,
@@ -352,9 +360,11 @@ def _mla_layer(config: ModelConfig, new_config: ModelConfig, plan: MLAPlan, ctx:
     weights = {}
     if new_config.mla_latent_norm:
         latent = flat_inputs(ctx.inputs, bias) @ latent_rows.mT if ctx.inputs is not None else None
-        if plan.latent_norm == "linear":
-            scale = linear_regime_scale(latent, latent_rows, MLA_NORM_EPS)
-            latent_rows, rho = latent_rows * scale, MLA_NORM_EPS**0.5 / scale
+        if plan.latent_norm == "linear":  # the source key rows' scale, unless the regime needs smaller
+            eps = new_config.mla_latent_norm_eps
+            natural = key_scale(latent_rows[:, : config.d_model], attn.k_proj.weight)
+            scale = min(natural, linear_regime_scale(latent, latent_rows, eps))
+            latent_rows, rho = latent_rows * scale, eps**0.5 / scale
         else:
             norm = (
                 fit_latent_norm(latent, flatten=plan.latent_norm == "flatten") if latent is not None else None

@@ -83,7 +83,8 @@ def test_merging_values_in_the_attention_metric_beats_the_uniform_metric_on_stor
 
 
 def test_linear_latent_norm_keeps_the_latent_in_the_eps_dominated_regime():
-    """latent_norm='linear': on calibration inputs kv_a_layernorm is a constant scale to 1e-3."""
+    """latent_norm='linear': on calibration inputs kv_a_layernorm (at kvforge's raised eps) is a constant
+    scale to 1e-3."""
     source, calibration = stories(), calibration_ids()
     config, state_dict = to_mla(source.config, source.state_dict, calibration, kv_lora_rank=24, rope_dims=8)
     assert config.norm_eps == 1e-6  # what servers reading rms_norm_eps need for the latent norm
@@ -97,8 +98,10 @@ def test_linear_latent_norm_keeps_the_latent_in_the_eps_dominated_regime():
         model(calibration)
     latent = captured[0].double()
     normed = attn.kv_a_layernorm(captured[0]).double()
-    linear = latent * attn.kv_a_layernorm.weight.double() / 1e-6**0.5
-    assert float(latent.pow(2).mean(-1).max()) <= 1.01 * latent_norm.LINEAR_MARGIN * 1e-6
+    eps = config.mla_latent_norm_eps
+    assert eps == latent_norm.LINEAR_EPS
+    linear = latent * attn.kv_a_layernorm.weight.double() / eps**0.5
+    assert float(latent.pow(2).mean(-1).max()) <= 1.01 * latent_norm.LINEAR_MARGIN * eps
     assert ((normed - linear).norm(dim=-1) / linear.norm(dim=-1)).max() < 1e-3
 
 

@@ -10,7 +10,7 @@ import torch
 from kvforge.arch import CausalLM, LayerSpec, kv_cache_bytes
 from kvforge.conversion.transforms import check_options, to_gla, to_mla
 from tests.conftest import tiny_base, tiny_form
-from tests.conversion.stories_data import calibration_ids, loss, stories
+from tests.conversion.stories_data import calibration_ids, loss, model_of, stories
 
 MLA_SIZES = dict(kv_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
 
@@ -90,3 +90,25 @@ def test_cli_converts_gqa_to_gla_and_says_there_is_no_stock_class(tmp_path, caps
     assert main([*args, "--kv-lora-rank", "28", "--rope-dims", "4"]) == 0
     assert "layer 0 is 'gla'" in capsys.readouterr().out
     assert load_pretrained(tmp_path / "gla").config.layers[0].n_latent_heads == 2
+
+
+def test_latent_heads_are_split_at_unit_scale_and_deepseeks_eps():
+    """GLA's per-head norm weights are fitted as if the norm were u/rms(u): the split puts every latent
+    head at unit rms on calibration and the eps back at 1e-6, whatever scale (and eps) the MLA's latent
+    had - to_mla's linear regime has it raised (test_transforms_mla)."""
+    pretrained = stories("stories260K")
+    calibration = calibration_ids(4, 256)
+    mla = to_mla(pretrained.config, pretrained.state_dict, calibration, kv_lora_rank=28, rope_dims=4)
+    assert mla[0].mla_latent_norm_eps > 1.0
+    config, state_dict = to_gla(*mla, calibration, n_latent_heads=2)
+    assert config.mla_latent_norm_eps == 1e-6
+    model = model_of(config, state_dict)
+    captured = []
+    norm = model.model.layers[1].self_attn.kv_a_layernorm
+    norm.register_forward_pre_hook(lambda module, args: captured.append(args[0].double()))
+    with torch.no_grad():
+        model(calibration)
+    mean_square = captured[0].unflatten(-1, (2, -1)).pow(2).mean(-1)  # per token and latent head
+    assert mean_square.mean((0, 1)).tolist() == pytest.approx(
+        [1.0, 1.0], rel=0.1
+    )  # fitted on MLA-layer inputs

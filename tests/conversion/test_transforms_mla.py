@@ -1,16 +1,22 @@
 """to_mla: the lossless bound, the two DeepseekV3 layout facts (shared rotary key, latent RMSNorm)
-with their residual errors, exportability to stock DeepseekV3, and bad options."""
+with their residual errors, exportability to stock DeepseekV3, the linear-regime latent's trainable
+parametrisation (raised eps) and its exact export, and bad options."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kvforge.arch import CausalLM, ModelConfig
+from kvforge.arch.attention_mla import MLA_NORM_EPS
 from kvforge.arch.rope import rope_frequencies
-from kvforge.conversion import save_pretrained
+from kvforge.conversion import load_pretrained, save_pretrained
+from kvforge.conversion.gguf import export_gguf, import_gguf
 from kvforge.conversion.transforms import to_gqa, to_mla
-from kvforge.conversion.transforms.latent_norm import fit_latent_norm
+from kvforge.conversion.transforms.latent_norm import LINEAR_EPS, fit_latent_norm
 from kvforge.conversion.transforms.merge import HeadTargets, merge_keys
 from kvforge.conversion.transforms.mla_rope import check_exportable, exported_theta, select_pairs
 from kvforge.conversion.transforms.rotary import as_pairs
@@ -203,3 +209,78 @@ def test_mla_refuses_sources_it_cannot_express():
     yarn = source.config.replace(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 64})
     with pytest.raises(ValueError, match="rope_scaling of type yarn"):
         to_mla(yarn, source.state_dict, kv_lora_rank=16, rope_dims=4)
+
+
+# ------------------------------------------------------------------ the linear regime, at a trainable scale
+def _rms(tensor: torch.Tensor) -> float:
+    return float(tensor.double().pow(2).mean().sqrt())
+
+
+def _linear_mla(rope_selection: str = "contribution"):
+    source = stories()
+    converted = to_mla(
+        source.config,
+        source.state_dict,
+        calibration_ids(),
+        kv_lora_rank=24,
+        rope_dims=8,
+        rope_selection=rope_selection,
+    )
+    return source, *converted
+
+
+def test_linear_latent_rows_have_the_source_key_rows_scale():
+    """The rule: kv_a_proj_with_mqa's latent rows get the RMS of the source's k_proj rows, so Adam's
+    steps (an absolute size) are as large relative to them as they were to k_proj; the norm's eps rises
+    to keep the latent eps-dominated (tested in test_key_metric)."""
+    source, config, state_dict = _linear_mla()
+    assert config.mla_latent_norm_eps == LINEAR_EPS
+    for index in range(config.n_layers):
+        prefix = f"model.layers.{index}.self_attn."
+        rows = state_dict[prefix + "kv_a_proj_with_mqa.weight"][: config.kv_lora_rank]
+        key = source.state_dict[prefix + "k_proj.weight"]
+        assert _rms(rows) == pytest.approx(_rms(key), rel=1e-5), index
+
+
+def _at_deepseek_eps(config: ModelConfig, state_dict: dict) -> tuple[ModelConfig, dict]:
+    """The same model with DeepSeek's fixed eps: latent rows scaled by √(1e-6 / eps)."""
+    factor = (MLA_NORM_EPS / config.mla_latent_norm_eps) ** 0.5
+    stock = dict(state_dict)
+    for index in range(config.n_layers):
+        name = f"model.layers.{index}.self_attn.kv_a_proj_with_mqa.weight"
+        rows = stock[name].clone()
+        rows[: config.kv_lora_rank] *= factor
+        stock[name] = rows
+    return dataclasses.replace(config, mla_latent_norm_eps=MLA_NORM_EPS), stock
+
+
+def test_raised_latent_eps_computes_what_deepseeks_eps_does_on_rows_scaled_back():
+    """RMSNorm(s·c; eps·s²) = RMSNorm(c; eps): the trainable and the stock parametrisation agree."""
+    _, config, state_dict = _linear_mla()
+    assert (MLA_NORM_EPS / config.mla_latent_norm_eps) ** 0.5 == 2.0**-17  # exact rescaling
+    ids = evaluation_ids(257)[None, :256]
+    expected = logits(*_at_deepseek_eps(config, state_dict), ids)
+    assert (logits(config, state_dict, ids) - expected).abs().max().item() <= 1e-5  # fp32 round-off
+
+
+def test_stock_export_scales_the_latent_rows_back_exactly_and_import_restores_them(tmp_path):
+    source, config, state_dict = _linear_mla("uniform")
+    out = save_pretrained(config, state_dict, tmp_path / "mla", tokenizer_from=source.source)
+    stored = load_file(out / "model.safetensors")
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    rank = config.kv_lora_rank
+    assert torch.equal(stored[name][:rank], state_dict[name][:rank] * 2.0**-17)  # what stock readers see
+    back = load_pretrained(out)
+    assert back.config.mla_latent_norm_eps == config.mla_latent_norm_eps
+    assert torch.equal(back.state_dict[name], state_dict[name])
+
+
+def test_gguf_export_of_the_linear_regime_matches_kvforge_logits(tmp_path):
+    """llama.cpp's deepseek2 reads the latent norm at 1e-6: the export scales the rows back."""
+    source, config, state_dict = _linear_mla("uniform")
+    path, _ = export_gguf(config, state_dict, tmp_path / "mla.gguf", tokenizer_from=source.source)
+    back = load_pretrained(import_gguf(path, tmp_path / "back"))
+    assert back.config.mla_latent_norm_eps == MLA_NORM_EPS
+    ids = evaluation_ids(257)[None, :256]
+    expected = logits(config, state_dict, ids)
+    assert (logits(back.config, back.state_dict, ids) - expected).abs().max().item() <= 1e-4
