@@ -61,6 +61,11 @@ ROWS = [
         0.35,
         note="half the source's",
     ),
+    Row(
+        "mla-32",
+        ["--to", "mla", "--kv-lora-rank", "32", "--rope-dims", "64"],
+        note="the DeltaNet 3:1 hybrid's cache at 8k",
+    ),
     Row("mqa", ["--to", "mqa"], 0.70),
     Row("cla-2", ["--to", "cla", "--factor", "2"], 0.70),
     Row("mqa-mean", ["--to", "gqa", "--n-kv-heads", "1", "--method", "mean"], note="GQA paper's mean-pool"),
