@@ -10,6 +10,10 @@ no special tokens, one stream cut into non-overlapping windows of 512 tokens (2,
 change how far attention reaches), no BOS), the procedure of TARGETS.md. ``--windows N`` scores the
 first N windows only (the whole text is ~600 windows of 512: about 20 min per row on 2 cores).
 
+The KV column is the cache's bytes per token at the row's context in bf16 against the source's, a
+constant-state layer's fixed state amortised over that context; ``state bytes/seq`` is that fixed
+part alone (float32 recurrent states and convolution inputs: :func:`kvforge.arch.kv_bytes.state_bytes`).
+
 Stock exports (Llama, DeepseekV3, ...) are reloaded with ``transformers.AutoModelForCausalLM`` and
 scored on the first two windows beside kvforge: the ``stock |Δ|`` column is the difference of the two
 losses there (the export computes what kvforge measured).
@@ -57,6 +61,11 @@ ROWS = [
         0.35,
         note="half the source's",
     ),
+    Row(
+        "mla-32",
+        ["--to", "mla", "--kv-lora-rank", "32", "--rope-dims", "64"],
+        note="the DeltaNet 3:1 hybrid's cache at 8k",
+    ),
     Row("mqa", ["--to", "mqa"], 0.70),
     Row("cla-2", ["--to", "cla", "--factor", "2"], 0.70),
     Row("mqa-mean", ["--to", "gqa", "--n-kv-heads", "1", "--method", "mean"], note="GQA paper's mean-pool"),
@@ -65,6 +74,12 @@ ROWS = [
     Row("window-512", ["--to", "window", "--windows", "512"], context=2048),
     Row("window-512-sinks", ["--to", "window", "--windows", "512", "--sinks"], context=2048),
     Row("chunked-512", ["--to", "chunked", "--chunk", "512", "--global-every", "4"], context=2048),
+    # Constant-state hybrids (issue 29): 100 attention-transfer steps a layer, not the CLI's 300, which
+    # cost over an hour per conversion on 2 shared CPU cores at this size (docs/constant_state.md).
+    Row("deltanet-3:1", ["--to", "deltanet", "--transfer-steps", "100"], note="7 of 30 layers kept (ends)"),
+    Row("linear-3:1", ["--to", "linear", "--transfer-steps", "100"], note="Hedgehog + window 64, 7 kept"),
+    Row("deltanet-1:1", ["--to", "deltanet", "--ratio", "1", "--transfer-steps", "100"], note="15 kept"),
+    Row("linear-1:1", ["--to", "linear", "--ratio", "1", "--transfer-steps", "100"], note="15 kept"),
 ]
 
 
@@ -132,6 +147,7 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
     import argparse
 
     from kvforge.arch import kv_bytes_per_token
+    from kvforge.arch.kv_bytes import state_bytes
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_models quality", description=__doc__)
     parser.add_argument(
@@ -158,6 +174,7 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
     columns = [
         "conversion",
         "KV bytes/tok vs source",
+        "state bytes/seq",
         "loss",
         "Δ loss",
         "target",
@@ -182,6 +199,7 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
                 table.append(
                     [
                         row.name,
+                        "",
                         "",
                         "failed",
                         "",
@@ -215,6 +233,7 @@ def main(argv: list[str] | None = None, source: Path | None = None) -> int:
                 [
                     row.name + (f" @{row.context}" if row.context != 512 else ""),
                     f"{ratio:.3f}",
+                    f"{state_bytes(config, 'bf16'):,}",
                     f"{loss:.4f}",
                     f"{delta:+.4f}",
                     met,
