@@ -24,16 +24,14 @@ import math
 import torch
 from torch import nn
 
+from .common import rms
+
 
 def power_of_two(ratio: float) -> float:
     """The power of two nearest ``ratio`` (in log scale); 1 for a ratio that is not positive and finite."""
     if not math.isfinite(ratio) or ratio <= 0:
         return 1.0
     return 2.0 ** round(math.log2(ratio))
-
-
-def _rms(tensor: torch.Tensor) -> float:
-    return float(tensor.detach().double().pow(2).mean().sqrt())
 
 
 def _columns(module: nn.Module, head: int, group: int) -> torch.Tensor:
@@ -65,15 +63,15 @@ def balance_values(
             continue
         readers_of_this = [module] + [m for m, owner in zip(modules, readers) if owner == position]
         reader_sources = [source] + [s for s, owner in zip(sources, readers) if owner == position]
-        value_target = _rms(source_value.weight)
-        output_target = _rms(torch.cat([s.o_proj.weight.detach().double().flatten() for s in reader_sources]))
+        value_target = rms(source_value.weight)
+        output_target = rms(torch.cat([s.o_proj.weight.detach().double().flatten() for s in reader_sources]))
         rows = value.weight.view(module.n_kv_heads, module.head_dim, -1)
         group = module.n_heads // module.n_kv_heads
         scales = []
         for head in range(module.n_kv_heads):
             columns = torch.cat([_columns(reader, head, group).flatten() for reader in readers_of_this])
-            value_ratio = _rms(rows[head]) / value_target
-            output_ratio = _rms(columns) / output_target
+            value_ratio = rms(rows[head]) / value_target
+            output_ratio = rms(columns) / output_target
             scales.append(power_of_two((output_ratio / max(value_ratio, 1e-300)) ** 0.5))
         for head, scale in enumerate(scales):
             if scale == 1.0:

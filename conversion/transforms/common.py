@@ -91,6 +91,11 @@ def check_gqa_source(config: ModelConfig, what: str) -> None:
             )
 
 
+def rms(tensor: torch.Tensor) -> float:
+    """Root mean square of every element, in float64 (a weight's scale)."""
+    return float(tensor.detach().to(torch.float64).pow(2).mean().sqrt())
+
+
 def is_count(value: object) -> bool:
     """An int that is not a bool (YAML ``true`` and ``"2"`` must not pass as a head count)."""
     return isinstance(value, int) and not isinstance(value, bool)

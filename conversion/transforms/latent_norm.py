@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .common import rms
+
 # Directions of P below this fraction of its largest eigenvalue are clipped to it: keeps M well
 # conditioned (kv_b absorbs M⁻¹) at a small cost in flatness.
 EIGEN_FLOOR = 1e-2
@@ -140,9 +142,7 @@ def fit_latent_norm(latent: torch.Tensor, flatten: bool = True) -> LatentNorm:
 def key_scale(latent_rows: torch.Tensor, key_rows: torch.Tensor) -> float:
     """The factor that gives the latent rows the RMS of the source's key rows: Adam's steps (an absolute
     size) are then as large, relative to ``kv_a_proj_with_mqa``, as they were relative to ``k_proj``."""
-    latent = float(latent_rows.detach().to(torch.float64).pow(2).mean().sqrt())
-    key = float(key_rows.detach().to(torch.float64).pow(2).mean().sqrt())
-    return key / max(latent, 1e-300)
+    return rms(key_rows) / max(rms(latent_rows), 1e-300)
 
 
 def linear_regime_scale(latent: torch.Tensor | None, rows: torch.Tensor, eps: float) -> float:
