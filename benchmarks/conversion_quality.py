@@ -108,7 +108,7 @@ class StockLM(torch.nn.Module):
         self.model, self.lm_head = hf.model, hf.get_output_embeddings()  # model.embed_tokens: the device
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf.model(ids).last_hidden_state
+        return self.model(ids).last_hidden_state
 
 
 def stock_loss(config, state_dict, eval_ids: torch.Tensor, source: Path) -> tuple[float | None, str]:
